@@ -1,0 +1,1 @@
+"""sagaflow: durable sagas (process managers) for asyncio and trio."""

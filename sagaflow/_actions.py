@@ -1,0 +1,105 @@
+"""The values a handler returns, and the event the runtime sends when a command fails."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Generic, TypeAlias, TypeVar
+
+import attrs
+
+__all__ = [
+    "Action",
+    "CommandFailed",
+    "Compensate",
+    "Complete",
+    "Schedule",
+    "Send",
+    "Unschedule",
+]
+
+T = TypeVar("T")
+
+
+def _to_seconds(after: timedelta | float) -> float:
+    seconds = after.total_seconds() if isinstance(after, timedelta) else float(after)
+    if not seconds >= 0:
+        raise ValueError(f"Schedule(after={after!r}) must not be negative")
+    return seconds
+
+
+@attrs.frozen
+class Send(Generic[T]):
+    """Dispatch `command` once the state change that returned this is durable.
+
+    Commands of one instance are dispatched in the order they were produced.
+    """
+
+    command: T
+
+
+@attrs.frozen
+class Schedule(Generic[T]):
+    """Deliver `message` after a delay; durable across restarts.
+
+    Args:
+        message: The command to dispatch when due or, with `to_self=True`, the event to
+            deliver back to this instance.
+        after: A `timedelta` or a number of seconds, not negative.
+        name: Scheduling a name that is already pending replaces it; `Unschedule(name)`
+            cancels it. Unnamed schedules cannot be cancelled one by one.
+        to_self: Deliver the message to this same instance as an event instead of
+            dispatching it.
+    """
+
+    message: T
+    after: float = attrs.field(kw_only=True, converter=_to_seconds)
+    name: str | None = attrs.field(default=None, kw_only=True)
+    to_self: bool = attrs.field(default=False, kw_only=True)
+
+
+@attrs.frozen
+class Unschedule:
+    """Cancel this instance's pending schedule called `name` (no error if none is pending)."""
+
+    name: str
+
+
+def _to_tuple(commands: Iterable[object]) -> tuple[object, ...]:
+    return tuple(commands)
+
+
+@attrs.frozen
+class Compensate:
+    """Dispatch `commands` strictly in order, each only after the previous one succeeded.
+
+    Each command has its own retry budget. One that fails for good stops the chain and
+    leaves the instance in the "compensation failed" status for an operator.
+    """
+
+    commands: tuple[object, ...] = attrs.field(converter=_to_tuple)
+
+
+@attrs.frozen
+class Complete:
+    """End the instance: its schedules are dropped, then its state is deleted once its
+    outstanding commands have been dispatched."""
+
+
+@attrs.frozen
+class CommandFailed(Generic[T]):
+    """Delivered to an instance when a command it sent failed for good.
+
+    Attributes:
+        command: The command that failed.
+        error: The last error, as `"ExceptionType: message"` (a string, so it survives
+            a restart).
+        attempts: How many times it was tried.
+    """
+
+    command: T
+    error: str
+    attempts: int
+
+
+Action: TypeAlias = "Send[object] | Schedule[object] | Unschedule | Compensate | Complete"

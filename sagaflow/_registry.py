@@ -1,0 +1,387 @@
+"""The `Registry`: collects sagas, validates them at registration and routes events."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+import attrs
+
+from ._actions import CommandFailed
+from ._decorators import CORRELATE_ATTR, HANDLER_ATTR, CorrelateMark, HandlerMark
+from ._serialization import Serializer
+from .exceptions import RegistrationError, RegistrationErrors, SerializationError
+
+__all__ = ["HandlerSpec", "Registry", "Route", "SagaSpec"]
+
+C = TypeVar("C", bound=type)
+O = TypeVar("O")
+
+
+@attrs.frozen
+class HandlerSpec:
+    """One `@on` handler of a saga, bound to the saga object."""
+
+    saga: str
+    method: str
+    types: tuple[type, ...]
+    start: bool
+    internal: bool
+    is_async: bool
+    fn: Callable[[Any, Any], Any] = attrs.field(repr=False)
+
+
+@attrs.frozen
+class Route:
+    """Where one event goes: a saga, its handler and the instance key."""
+
+    saga: SagaSpec
+    handler: HandlerSpec
+    key: str
+
+
+@attrs.define(eq=False)
+class SagaSpec:
+    """A registered saga: its name, object, state class, handlers and correlate functions."""
+
+    name: str
+    obj: object = attrs.field(repr=False)
+    state_type: type
+    handlers: dict[type, HandlerSpec] = attrs.field(repr=False)
+    correlates: dict[type, Callable[[Any], Any]] = attrs.field(repr=False)
+    default_correlate: Callable[[Any], Any] | None = attrs.field(repr=False)
+    _handler_cache: dict[type, HandlerSpec | None] = attrs.field(
+        factory=dict, init=False, repr=False
+    )
+
+    def handler_for(self, event_type: type) -> HandlerSpec | None:
+        """The most specific handler of `event_type` (walking its base classes), if any."""
+        try:
+            return self._handler_cache[event_type]
+        except KeyError:
+            pass
+        found = None
+        for base in event_type.__mro__:
+            found = self.handlers.get(base)
+            if found is not None:
+                break
+        self._handler_cache[event_type] = found
+        return found
+
+    def correlate_for(self, event_type: type) -> Callable[[Any], Any] | None:
+        """The correlate function that applies to `event_type`, if any."""
+        for base in event_type.__mro__:
+            fn = self.correlates.get(base)
+            if fn is not None:
+                return fn
+        return self.default_correlate
+
+    def new_state(self) -> Any:
+        """A fresh default state for a new instance."""
+        return self.state_type()
+
+
+def _positional_arity(fn: Callable[..., Any]) -> tuple[int, bool]:
+    """How many positional parameters `fn` requires, and whether it accepts more."""
+    sig = inspect.signature(fn)
+    required = 0
+    for p in sig.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty:
+            required += 1
+        elif p.kind is p.VAR_POSITIONAL:
+            return required, True
+        elif p.kind is p.KEYWORD_ONLY and p.default is p.empty:
+            return -1, False
+    return required, False
+
+
+@attrs.define(eq=False)
+class Registry:
+    """Collects sagas, validates them when they are registered, and routes events.
+
+    Args:
+        allow: More package prefixes whose attrs and dataclass classes may be read back
+            from a store by name. The top-level packages of registered sagas, their states
+            and handled events are always allowed.
+    """
+
+    _sagas: dict[str, SagaSpec] = attrs.field(factory=dict, init=False)
+    _serializer: Serializer = attrs.field(factory=Serializer, init=False)
+    _routes: dict[type, tuple[tuple[SagaSpec, HandlerSpec], ...]] = attrs.field(
+        factory=dict, init=False
+    )
+    _allow: tuple[str, ...] = attrs.field(default=(), alias="allow", converter=tuple)
+
+    def __attrs_post_init__(self) -> None:
+        self._serializer.allow(self._allow)
+
+    @property
+    def sagas(self) -> dict[str, SagaSpec]:
+        """The registered sagas by name (a copy)."""
+        return dict(self._sagas)
+
+    @property
+    def serializer(self) -> Serializer:
+        """The serializer, with the type allow-list this registry built."""
+        return self._serializer
+
+    def saga(self, *, state: type, name: str | None = None) -> Callable[[C], C]:
+        """Class decorator: instantiate the class with no arguments and register it.
+
+        Args:
+            state: The per-instance state class (attrs or dataclass, default-constructible,
+                round-trips through cattrs).
+            name: The saga's stable name; defaults to the class name.
+
+        Returns:
+            A decorator that registers the class and returns it unchanged.
+        """
+
+        def decorate(cls: C) -> C:
+            try:
+                obj = cls()
+            except TypeError as exc:
+                raise RegistrationError(
+                    f"saga class {cls.__qualname__} cannot be created without arguments "
+                    f"({exc}); create it yourself and call registry.register(obj, state=...)",
+                    saga=name or cls.__name__,
+                ) from exc
+            self.register(obj, state=state, name=name)
+            return cls
+
+        return decorate
+
+    def register(self, obj: O, *, state: type, name: str | None = None) -> O:
+        """Register a saga object (so it can carry collaborators).
+
+        Args:
+            obj: An instance of a class with `@on` handlers and `@correlate` functions.
+            state: The per-instance state class.
+            name: The saga's stable name; defaults to the class name.
+
+        Returns:
+            `obj`, unchanged.
+
+        Raises:
+            RegistrationError: One problem was found (the message says which and how to
+                fix it).
+            RegistrationErrors: Several problems were found.
+        """
+        if isinstance(obj, type):
+            raise RegistrationError(
+                f"register() takes a saga object, got the class {obj.__qualname__}; "
+                "use @registry.saga(state=...) on the class or register an instance"
+            )
+        cls = type(obj)
+        name = name or cls.__name__
+        problems: list[RegistrationError] = []
+
+        def problem(msg: str) -> None:
+            problems.append(RegistrationError(f"saga {name!r}: {msg}", saga=name))
+
+        if not name or not name.isprintable() or name.strip() != name:
+            problem("the name must be a non-empty printable string without edge spaces")
+        if name in self._sagas:
+            problem("a saga of this name is already registered; pass name=... to tell them apart")
+
+        handlers: dict[type, HandlerSpec] = {}
+        correlates: dict[type, Callable[[Any], Any]] = {}
+        default_correlate: Callable[[Any], Any] | None = None
+        for attr_name in dir(cls):
+            raw = inspect.getattr_static(cls, attr_name, None)
+            fn = raw.__func__ if isinstance(raw, staticmethod | classmethod) else raw
+            hmarks: tuple[HandlerMark, ...] = getattr(fn, HANDLER_ATTR, ())
+            cmark: CorrelateMark | None = getattr(fn, CORRELATE_ATTR, None)
+            if not hmarks and cmark is None:
+                continue
+            if raw is not fn:
+                problem(f"{attr_name} must be a plain method, not a static or class method")
+                continue
+            if hmarks and cmark is not None:
+                problem(f"{attr_name} is marked both @on and @correlate; split it in two")
+                continue
+            arity, varargs = _positional_arity(fn)
+            bound = getattr(obj, attr_name)
+            if cmark is not None:
+                if arity != 2 and not (varargs and arity <= 2):
+                    problem(
+                        f"correlate function {attr_name} must take (self, event), "
+                        f"it takes {arity} required positional parameter(s)"
+                    )
+                    continue
+                if not cmark.types:
+                    if default_correlate is not None:
+                        problem(f"two bare @correlate functions; {attr_name} is the second")
+                    default_correlate = bound
+                for t in cmark.types:
+                    if t in correlates:
+                        problem(f"two correlate functions for {t.__qualname__}")
+                    correlates[t] = bound
+                continue
+            if arity != 3 and not (varargs and arity <= 3):
+                problem(
+                    f"handler {attr_name} must take (self, state, event), "
+                    f"it takes {arity} required positional parameter(s)"
+                )
+                continue
+            for mark in hmarks:
+                if mark.start and mark.internal:
+                    problem(f"handler {attr_name} cannot be both start=True and internal=True")
+                for t in mark.types:
+                    if t in handlers:
+                        problem(
+                            f"two handlers for {t.__qualname__}: {handlers[t].method} "
+                            f"and {attr_name}; one type has one handler per saga"
+                        )
+                        continue
+                    if issubclass(t, CommandFailed) and mark.start:
+                        problem(f"handler {attr_name}: CommandFailed cannot start an instance")
+                    handlers[t] = HandlerSpec(
+                        saga=name,
+                        method=attr_name,
+                        types=mark.types,
+                        start=mark.start,
+                        internal=mark.internal,
+                        is_async=inspect.iscoroutinefunction(fn),
+                        fn=bound,
+                    )
+
+        if not handlers:
+            problem(f"{cls.__qualname__} has no @on handlers")
+        elif not any(h.start for h in handlers.values()):
+            problem("no handler has start=True, so no instance could ever be created")
+        spec = SagaSpec(
+            name=name,
+            obj=obj,
+            state_type=state,
+            handlers=handlers,
+            correlates=correlates,
+            default_correlate=default_correlate,
+        )
+        for t, h in handlers.items():
+            if h.internal or issubclass(t, CommandFailed):
+                continue
+            if spec.correlate_for(t) is None:
+                problem(
+                    f"handled event type {t.__qualname__} ({h.method}) has no correlate "
+                    "function: add a bare @correlate, list the type in @correlate(...), "
+                    "or mark the handler internal=True if it only gets to_self schedules"
+                )
+        problems.extend(self._check_state(name, state))
+
+        if problems:
+            if len(problems) == 1:
+                raise problems[0]
+            raise RegistrationErrors(f"saga {name!r} has {len(problems)} problems", problems)
+
+        try:
+            for t in handlers:
+                if not issubclass(t, CommandFailed):
+                    self._serializer.register(t)
+        except SerializationError as exc:
+            raise RegistrationError(f"saga {name!r}: {exc}", saga=name) from exc
+        self._serializer.allow(
+            {
+                c.__module__.split(".")[0]
+                for c in (cls, state, *handlers)
+                if c.__module__ != "builtins"
+            }
+        )
+        self._sagas[name] = spec
+        self._routes.clear()
+        return obj
+
+    def _check_state(self, name: str, state: object) -> list[RegistrationError]:
+        if not isinstance(state, type):
+            return [RegistrationError(f"saga {name!r}: state must be a class, got {state!r}")]
+        try:
+            default = state()
+        except Exception as exc:
+            return [
+                RegistrationError(
+                    f"saga {name!r}: state class {state.__qualname__} cannot be created "
+                    f"without arguments ({type(exc).__name__}: {exc}); give every field "
+                    "a default",
+                    saga=name,
+                )
+            ]
+        conv = self._serializer.converter
+        try:
+            back = conv.loads(conv.dumps(default), state)
+        except Exception as exc:
+            return [
+                RegistrationError(
+                    f"saga {name!r}: state class {state.__qualname__} does not round-trip "
+                    f"through sagaflow's cattrs converter ({type(exc).__name__}: {exc}); "
+                    "use attrs or dataclass fields of JSON-friendly types",
+                    saga=name,
+                )
+            ]
+        if back != default:
+            return [
+                RegistrationError(
+                    f"saga {name!r}: state class {state.__qualname__} does not round-trip: "
+                    f"{default!r} came back as {back!r}; make it an attrs or dataclass "
+                    "class with comparable fields",
+                    saga=name,
+                )
+            ]
+        return []
+
+    @overload
+    def message(self, cls: C, /, *, name: str | None = None) -> C: ...
+    @overload
+    def message(self, *, name: str | None = None) -> Callable[[C], C]: ...
+    def message(self, cls: type | None = None, /, *, name: str | None = None) -> Any:
+        """Put a message class on the type allow-list, optionally under a stable name.
+
+        Usable as `registry.message(Cls)`, `registry.message(Cls, name="orders.v1.Cls")`
+        or as a class decorator (`@registry.message(name=...)`). Needed for classes that
+        are not found by package prefix, such as classes defined inside functions, and to
+        keep stored rows readable across a rename.
+
+        Raises:
+            RegistrationError: The name is taken by another class.
+        """
+
+        def decorate(c: type) -> type:
+            try:
+                self._serializer.register(c, name)
+            except SerializationError as exc:
+                raise RegistrationError(str(exc)) from exc
+            return c
+
+        return decorate if cls is None else decorate(cls)
+
+    def routes(self, event_type: type) -> tuple[tuple[SagaSpec, HandlerSpec], ...]:
+        """The sagas and handlers a published event of `event_type` goes to."""
+        try:
+            return self._routes[event_type]
+        except KeyError:
+            pass
+        found = []
+        if issubclass(event_type, CommandFailed):
+            # The runtime routes CommandFailed to the instance that sent the command.
+            self._routes[event_type] = ()
+            return ()
+        for spec in self._sagas.values():
+            handler = spec.handler_for(event_type)
+            if handler is not None and not handler.internal:
+                found.append((spec, handler))
+        routes = tuple(found)
+        self._routes[event_type] = routes
+        return routes
+
+    def get(self, name: str) -> SagaSpec:
+        """The saga registered under `name`.
+
+        Raises:
+            LookupError: No saga has that name.
+        """
+        try:
+            return self._sagas[name]
+        except KeyError:
+            raise LookupError(
+                f"no saga named {name!r} is registered (known: {sorted(self._sagas)})"
+            ) from None

@@ -1,0 +1,217 @@
+"""JSON encoding of states, events and commands, and the allow-list of type names.
+
+A name read back from a store is resolved only through the allow-list: types registered
+explicitly (optionally under a stable name that survives renames), plus attrs and dataclass
+classes of modules that are already imported and sit under an allowed package prefix.
+Nothing is imported because a store named it, and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+from cattrs.preconf.json import JsonConverter, make_converter
+
+from .exceptions import DecodeError, SerializationError, UnknownTypeError
+
+__all__ = ["Serializer", "default_type_name"]
+
+T = TypeVar("T")
+
+
+def default_type_name(cls: type) -> str:
+    """The name a class is stored under unless it was registered with a stable one."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_message_class(obj: object) -> bool:
+    return isinstance(obj, type) and (attrs.has(obj) or dataclasses.is_dataclass(obj))
+
+
+def _first_field(exc: BaseException) -> tuple[str | None, str]:
+    """The dotted path and reason of the first leaf error cattrs reported."""
+    try:
+        messages = cattrs.transform_error(exc, path="")  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - fall back to the plain message
+        messages = []
+    if messages:
+        reason, _, where = messages[0].rpartition(" @ ")
+        field = where.lstrip("$.").strip() or None
+        return field, reason or messages[0]
+    return None, f"{type(exc).__name__}: {exc}"
+
+
+@attrs.define(eq=False)
+class Serializer:
+    """Turns messages and states into `(type name, JSON text)` and back.
+
+    Args:
+        prefixes: Top-level package prefixes whose attrs and dataclass classes may be
+            resolved by name (`"myapp"` allows `"myapp.orders.OrderPlaced"`).
+    """
+
+    _prefixes: set[str] = attrs.field(factory=set, alias="prefixes", converter=set)
+    _converter: JsonConverter = attrs.field(factory=make_converter, init=False)
+    _by_name: dict[str, type] = attrs.field(factory=dict, init=False)
+    _names: dict[type, str] = attrs.field(factory=dict, init=False)
+
+    @property
+    def converter(self) -> JsonConverter:
+        """The cattrs converter sagaflow owns (never cattrs' global one)."""
+        return self._converter
+
+    @property
+    def prefixes(self) -> frozenset[str]:
+        """The package prefixes whose classes are on the allow-list."""
+        return frozenset(self._prefixes)
+
+    def allow(self, prefixes: Iterable[str]) -> None:
+        """Put the classes of more package prefixes on the allow-list."""
+        self._prefixes.update(prefixes)
+
+    def register(self, cls: type, name: str | None = None) -> str:
+        """Put `cls` on the allow-list under `name` (default: module and qualified name).
+
+        Raises:
+            SerializationError: `name` is taken by another class, or `cls` already has
+                another name.
+        """
+        name = name or default_type_name(cls)
+        known = self._by_name.get(name)
+        if known is not None and known is not cls:
+            raise SerializationError(
+                f"type name {name!r} is already used by {known!r}; "
+                f"give {cls!r} another stable name"
+            )
+        other = self._names.get(cls)
+        if other is not None and other != name:
+            raise SerializationError(
+                f"{cls!r} is already registered as {other!r}, cannot rename it to {name!r}"
+            )
+        self._by_name[name] = cls
+        self._names[cls] = name
+        return name
+
+    def name_of(self, cls: type) -> str:
+        """The stable name of `cls`, checking that it resolves back to `cls`.
+
+        Raises:
+            UnknownTypeError: The class would not be found again when read back.
+        """
+        name = self._names.get(cls)
+        if name is not None:
+            return name
+        name = default_type_name(cls)
+        if self._resolve_by_prefix(name) is not cls:
+            raise UnknownTypeError(
+                f"{cls!r} is not on sagaflow's type allow-list, so it could not be read "
+                f"back after a restart: register it with registry.message({cls.__name__}) "
+                f"or allow its package with Registry(allow=[{cls.__module__.split('.')[0]!r}])",
+                type_name=name,
+            )
+        self._names[cls] = name
+        return name
+
+    def resolve(self, name: str) -> type:
+        """The class stored under `name`.
+
+        Raises:
+            UnknownTypeError: `name` is not on the allow-list.
+        """
+        cls = self._by_name.get(name)
+        if cls is None:
+            cls = self._resolve_by_prefix(name)
+            if cls is None:
+                raise UnknownTypeError(
+                    f"type name {name!r} is not on sagaflow's allow-list: register the "
+                    "class with registry.message(...) or allow its package with "
+                    "Registry(allow=[...]), and make sure its module is imported",
+                    type_name=name,
+                )
+            self._by_name[name] = cls
+        return cls
+
+    def _resolve_by_prefix(self, name: str) -> type | None:
+        if "<locals>" in name:
+            return None
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            module_name = ".".join(parts[:cut])
+            module = sys.modules.get(module_name)
+            if module is None:
+                continue
+            if not any(
+                module_name == p or module_name.startswith(p + ".") for p in self._prefixes
+            ):
+                return None
+            obj: Any = module
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr, None)
+            return obj if _is_message_class(obj) else None
+        return None
+
+    def encode(self, value: object) -> tuple[str, str]:
+        """Encode a message as `(type name, JSON text)`.
+
+        Raises:
+            UnknownTypeError: Its class is not on the allow-list.
+            SerializationError: The value cannot be turned into JSON.
+        """
+        name = self.name_of(type(value))
+        return name, self.dumps(value, name)
+
+    def dumps(self, value: object, name: str) -> str:
+        """Encode `value` as JSON text; `name` names it in errors."""
+        try:
+            return self._converter.dumps(value)
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot encode a {name!r} value as JSON: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def decode(self, name: str, data: str) -> object:
+        """Decode a message stored as `(type name, JSON text)`.
+
+        Raises:
+            UnknownTypeError: `name` is not on the allow-list.
+            DecodeError: The payload does not fit the class.
+        """
+        return self.loads(data, self.resolve(name), name)
+
+    def loads(
+        self,
+        data: str,
+        cls: type[T],
+        name: str,
+        *,
+        saga: str | None = None,
+        key: str | None = None,
+    ) -> T:
+        """Decode JSON text as `cls`; errors name `name`, `saga`, `key` and the field.
+
+        Raises:
+            DecodeError: The text is not JSON or does not fit `cls`.
+        """
+        try:
+            return self._converter.loads(data, cls)
+        except Exception as exc:
+            if isinstance(exc, json.JSONDecodeError):
+                field, reason = None, f"corrupt JSON ({exc})"
+            else:
+                field, reason = _first_field(exc)
+            where = f" of saga {saga!r} key {key!r}" if saga is not None else ""
+            at = f" at field {field!r}" if field else ""
+            raise DecodeError(
+                f"stored {name!r}{where} cannot be decoded{at}: {reason}; the row is kept, "
+                "fix the class (or migrate the data) and retry",
+                type_name=name,
+                field=field,
+                saga=saga,
+                key=key,
+            ) from exc

@@ -1,0 +1,232 @@
+"""`MemoryStore`: the store protocol in process memory, for tests and ephemeral runs."""
+
+from __future__ import annotations
+
+import heapq
+
+import anyio.lowlevel
+import attrs
+
+from ..exceptions import ConflictError
+from ._protocol import (
+    Changes,
+    DeadLetter,
+    InstanceRecord,
+    LoadRequest,
+    Loaded,
+    OutboxRecord,
+    ScheduleRecord,
+)
+
+__all__ = ["MemoryStore"]
+
+_Ref = tuple[str, str]
+
+
+@attrs.define(eq=False)
+class MemoryStore:
+    """Keeps everything in dictionaries; nothing survives the process.
+
+    It implements the whole store protocol, dedup marks included (kept until they
+    expire), so code tested on it behaves as on a durable store. Several runtimes may
+    share one `MemoryStore` object; optimistic versions keep them apart.
+    """
+
+    _instances: dict[_Ref, InstanceRecord] = attrs.field(factory=dict, init=False)
+    _outbox: dict[str, OutboxRecord] = attrs.field(factory=dict, init=False)
+    _outbox_of: dict[_Ref, set[str]] = attrs.field(factory=dict, init=False)
+    _schedules: dict[tuple[str, str, str], ScheduleRecord] = attrs.field(
+        factory=dict, init=False
+    )
+    _schedule_ids: dict[str, tuple[str, str, str]] = attrs.field(factory=dict, init=False)
+    _schedule_names: dict[_Ref, set[str]] = attrs.field(factory=dict, init=False)
+    _due: list[tuple[float, int, str]] = attrs.field(factory=list, init=False)
+    _dead: dict[str, DeadLetter] = attrs.field(factory=dict, init=False)
+    _marks: dict[tuple[str, str, str], float] = attrs.field(factory=dict, init=False)
+    _loads: int = attrs.field(default=0, init=False)
+
+    async def open(self) -> None:
+        """Nothing to open."""
+        await anyio.lowlevel.checkpoint()
+
+    async def close(self) -> None:
+        """Nothing to close; the data stays for the next runtime using this object."""
+        await anyio.lowlevel.checkpoint()
+
+    async def load(self, request: LoadRequest) -> Loaded:
+        """Read instances, unexpired dedup marks and pending schedule ids."""
+        await anyio.lowlevel.checkpoint()
+        instances = {ref: self._instances[ref] for ref in request.instances if ref in self._instances}
+        marks = {
+            m for m in request.marks if self._marks.get(m, float("-inf")) >= request.now
+        }
+        ids = {i for i in request.schedule_ids if i in self._schedule_ids}
+        self._loads += 1
+        if self._loads % 4096 == 0:
+            self._marks = {m: t for m, t in self._marks.items() if t >= request.now}
+        return Loaded(instances=instances, marks=marks, schedule_ids=ids)
+
+    async def commit(self, changes: Changes) -> None:
+        """Apply `changes` atomically; raise `ConflictError` on a version mismatch."""
+        await anyio.lowlevel.checkpoint()
+        conflicts: list[_Ref] = []
+        for w in changes.writes:
+            ref = (w.record.saga, w.record.key)
+            if self._version(ref) != w.expected_version:
+                conflicts.append(ref)
+        for d in changes.deletes:
+            if self._version((d.saga, d.key)) != d.expected_version:
+                conflicts.append((d.saga, d.key))
+        if conflicts:
+            raise ConflictError(conflicts)
+
+        for d in changes.deletes:
+            ref = (d.saga, d.key)
+            del self._instances[ref]
+            self._clear_schedules(ref)
+            for oid in self._outbox_of.pop(ref, ()):
+                self._outbox.pop(oid, None)
+        for w in changes.writes:
+            self._instances[(w.record.saga, w.record.key)] = w.record
+        for ref in changes.schedule_clears:
+            self._clear_schedules(ref)
+        for sd in changes.schedule_deletes:
+            self._drop_schedule((sd.saga, sd.key, sd.name))
+        for s in changes.schedule_puts:
+            skey = (s.saga, s.key, s.name)
+            self._drop_schedule(skey)
+            self._schedules[skey] = s
+            self._schedule_ids[s.id] = skey
+            self._schedule_names.setdefault((s.saga, s.key), set()).add(s.name)
+            heapq.heappush(self._due, (s.due, s.seq, s.id))
+        for oid in changes.outbox_deletes:
+            self._drop_outbox(oid)
+        for o in changes.outbox_adds:
+            self._outbox[o.id] = o
+            self._outbox_of.setdefault((o.saga, o.key), set()).add(o.id)
+        for u in changes.outbox_updates:
+            row = self._outbox.get(u.id)
+            if row is not None:
+                self._outbox[u.id] = attrs.evolve(
+                    row, attempts=u.attempts, due=u.due, error=u.error
+                )
+        for did in changes.dead_letter_deletes:
+            self._dead.pop(did, None)
+        for dl in changes.dead_letters:
+            self._dead[dl.id] = dl
+        for m in changes.marks:
+            self._marks[(m.saga, m.key, m.event_id)] = m.expires_at
+
+    def _version(self, ref: _Ref) -> int:
+        rec = self._instances.get(ref)
+        return 0 if rec is None else rec.version
+
+    def _drop_schedule(self, skey: tuple[str, str, str]) -> None:
+        old = self._schedules.pop(skey, None)
+        if old is not None:
+            self._schedule_ids.pop(old.id, None)
+            names = self._schedule_names.get((old.saga, old.key))
+            if names is not None:
+                names.discard(old.name)
+                if not names:
+                    del self._schedule_names[(old.saga, old.key)]
+
+    def _clear_schedules(self, ref: _Ref) -> None:
+        for name in list(self._schedule_names.get(ref, ())):
+            self._drop_schedule((*ref, name))
+
+    def _drop_outbox(self, oid: str) -> None:
+        row = self._outbox.pop(oid, None)
+        if row is not None:
+            ids = self._outbox_of.get((row.saga, row.key))
+            if ids is not None:
+                ids.discard(oid)
+                if not ids:
+                    del self._outbox_of[(row.saga, row.key)]
+
+    def _prune_due(self) -> None:
+        due = self._due
+        while due:
+            when, _, sid = due[0]
+            skey = self._schedule_ids.get(sid)
+            if skey is not None and self._schedules[skey].due == when:
+                return
+            heapq.heappop(due)
+
+    async def next_due(self) -> float | None:
+        """The earliest due time of any pending schedule, or `None`."""
+        await anyio.lowlevel.checkpoint()
+        self._prune_due()
+        return self._due[0][0] if self._due else None
+
+    async def due_schedules(self, now: float, limit: int) -> list[ScheduleRecord]:
+        """Up to `limit` schedules due at or before `now`, earliest first."""
+        await anyio.lowlevel.checkpoint()
+        self._prune_due()
+        found: list[ScheduleRecord] = []
+        # The heap may hold stale entries (replaced or deleted schedules): look a little
+        # further than `limit`, and scan everything only if that was not enough.
+        window = heapq.nsmallest(limit * 2 + 16, self._due)
+        for when, _, sid in window:
+            if when > now or len(found) == limit:
+                return found
+            skey = self._schedule_ids.get(sid)
+            if skey is not None and self._schedules[skey].id == sid:
+                found.append(self._schedules[skey])
+        if len(window) < len(self._due):
+            found = sorted(
+                (s for s in self._schedules.values() if s.due <= now),
+                key=lambda s: (s.due, s.seq),
+            )[:limit]
+        return found
+
+    async def list_instances(
+        self, *, saga: str | None = None, status: str | None = None, limit: int | None = None
+    ) -> list[InstanceRecord]:
+        """Instances, optionally of one saga or status, ordered by saga and key."""
+        await anyio.lowlevel.checkpoint()
+        rows = sorted(
+            (
+                r
+                for r in self._instances.values()
+                if (saga is None or r.saga == saga) and (status is None or r.status == status)
+            ),
+            key=lambda r: (r.saga, r.key),
+        )
+        return rows if limit is None else rows[:limit]
+
+    async def list_outbox(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[OutboxRecord]:
+        """Pending outbox rows, ordered by saga, key and seq."""
+        await anyio.lowlevel.checkpoint()
+        return sorted(
+            (
+                o
+                for o in self._outbox.values()
+                if (saga is None or o.saga == saga) and (key is None or o.key == key)
+            ),
+            key=lambda o: (o.saga, o.key, o.seq),
+        )
+
+    async def list_schedules(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[ScheduleRecord]:
+        """Pending schedules, ordered by due time, then seq."""
+        await anyio.lowlevel.checkpoint()
+        return sorted(
+            (
+                s
+                for s in self._schedules.values()
+                if (saga is None or s.saga == saga) and (key is None or s.key == key)
+            ),
+            key=lambda s: (s.due, s.seq),
+        )
+
+    async def list_dead_letters(self, *, saga: str | None = None) -> list[DeadLetter]:
+        """Dead letters, oldest first."""
+        await anyio.lowlevel.checkpoint()
+        return sorted(
+            (d for d in self._dead.values() if saga is None or d.saga == saga),
+            key=lambda d: d.failed_at,
+        )

@@ -1,0 +1,317 @@
+"""The store protocol: one atomic, batched `commit` plus the reads the runtime needs.
+
+Stores see only plain records: states, events and commands arrive already encoded as
+JSON text with a stable type name, so a store never imports user classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import attrs
+
+__all__ = [
+    "ACTIVE",
+    "COMPENSATION_FAILED",
+    "COMPLETING",
+    "Changes",
+    "DeadLetter",
+    "DedupMark",
+    "InstanceDelete",
+    "InstanceRecord",
+    "InstanceWrite",
+    "LoadRequest",
+    "Loaded",
+    "OutboxRecord",
+    "OutboxUpdate",
+    "ScheduleDelete",
+    "ScheduleRecord",
+    "Store",
+]
+
+ACTIVE = "active"
+"""Instance status: takes events."""
+COMPLETING = "completing"
+"""Instance status: completed, waiting for its outstanding commands to be dispatched."""
+COMPENSATION_FAILED = "compensation_failed"
+"""Instance status: a compensation failed for good; kept for an operator."""
+
+SEND = "send"
+COMPENSATE = "compensate"
+
+
+@attrs.frozen
+class InstanceRecord:
+    """One saga instance as stored.
+
+    Attributes:
+        saga: The saga's name.
+        key: The correlation key.
+        version: Incremented by every write; 1 for a new instance.
+        status: `"active"`, `"completing"` or `"compensation_failed"`.
+        state: The state as JSON text.
+        instance_id: Unique per incarnation of `(saga, key)`; command ids derive from it.
+        created_at: Wall-clock seconds when the instance started.
+        updated_at: Wall-clock seconds of the last write.
+        last_event: The type name of the last event handled.
+    """
+
+    saga: str
+    key: str
+    version: int
+    status: str
+    state: str
+    instance_id: str
+    created_at: float
+    updated_at: float
+    last_event: str | None = None
+
+
+@attrs.frozen
+class OutboxRecord:
+    """A command waiting to be dispatched, in its instance's order.
+
+    Attributes:
+        id: The stable command id (the same on every attempt and after a restart).
+        seq: Orders the commands of one instance; lower goes first.
+        kind: `"send"` or `"compensate"`.
+        attempts: Failed attempts so far.
+        due: Not to be dispatched before this wall-clock time (retry backoff).
+        error: The last error, if an attempt failed.
+    """
+
+    id: str
+    saga: str
+    key: str
+    seq: int
+    kind: str
+    type_name: str
+    payload: str
+    attempts: int = 0
+    due: float = 0.0
+    error: str | None = None
+
+
+@attrs.frozen
+class OutboxUpdate:
+    """Record a failed attempt of an outbox row (a no-op if the row is gone)."""
+
+    id: str
+    attempts: int
+    due: float
+    error: str | None
+
+
+@attrs.frozen
+class ScheduleRecord:
+    """A durable timer of an instance; `(saga, key, name)` is unique.
+
+    Attributes:
+        id: Stable id; the command id when it is dispatched, the event id when it is
+            delivered to the instance.
+        name: The schedule's name (the id for unnamed schedules).
+        due: Wall-clock seconds when it falls due.
+        to_self: Deliver to the instance as an event instead of dispatching it.
+        seq: Orders schedules that fall due at the same time.
+    """
+
+    id: str
+    saga: str
+    key: str
+    name: str
+    due: float
+    to_self: bool
+    type_name: str
+    payload: str
+    seq: int = 0
+
+
+@attrs.frozen
+class ScheduleDelete:
+    """Remove the schedule `(saga, key, name)` if present."""
+
+    saga: str
+    key: str
+    name: str
+
+
+@attrs.frozen
+class DeadLetter:
+    """A command that failed for good, or an event whose handler kept failing.
+
+    Attributes:
+        id: The command id, or an id made for the event.
+        kind: `"send"`, `"compensate"` or `"event"`.
+        seq: For commands, the outbox position to resume from on retry.
+        attempts: How many times it was tried.
+        failed_at: Wall-clock seconds of the last failure.
+    """
+
+    id: str
+    saga: str
+    key: str
+    kind: str
+    type_name: str
+    payload: str
+    error: str
+    attempts: int
+    failed_at: float
+    seq: int = 0
+
+
+@attrs.frozen
+class DedupMark:
+    """Event `event_id` was applied to instance `(saga, key)`; forget it after `expires_at`."""
+
+    saga: str
+    key: str
+    event_id: str
+    expires_at: float
+
+
+@attrs.frozen
+class InstanceWrite:
+    """Insert or update an instance; `expected_version` 0 means it must not exist yet."""
+
+    record: InstanceRecord
+    expected_version: int
+
+
+@attrs.frozen
+class InstanceDelete:
+    """Delete an instance with its schedules and outbox rows (dead letters stay)."""
+
+    saga: str
+    key: str
+    expected_version: int
+
+
+@attrs.frozen
+class Changes:
+    """Everything one batch changed, committed atomically by `Store.commit`.
+
+    A store checks every `expected_version` first and applies nothing if one does not
+    match (raising `ConflictError`). Then it applies, in this order: instance deletes
+    (with their schedules and outbox rows), instance writes, schedule clears (all
+    schedules of an instance), schedule deletes, schedule puts (replacing the same
+    `(saga, key, name)`), outbox deletes, outbox adds, outbox updates (a no-op for a
+    missing row), dead-letter deletes, dead-letter adds and dedup marks. The runtime
+    never sends two operations on one schedule name in one `Changes`.
+    """
+
+    writes: Sequence[InstanceWrite] = ()
+    deletes: Sequence[InstanceDelete] = ()
+    schedule_clears: Sequence[tuple[str, str]] = ()
+    schedule_deletes: Sequence[ScheduleDelete] = ()
+    schedule_puts: Sequence[ScheduleRecord] = ()
+    outbox_deletes: Sequence[str] = ()
+    outbox_adds: Sequence[OutboxRecord] = ()
+    outbox_updates: Sequence[OutboxUpdate] = ()
+    dead_letter_deletes: Sequence[str] = ()
+    dead_letters: Sequence[DeadLetter] = ()
+    marks: Sequence[DedupMark] = ()
+
+    def __bool__(self) -> bool:
+        return any(
+            (
+                self.writes,
+                self.deletes,
+                self.schedule_clears,
+                self.schedule_deletes,
+                self.schedule_puts,
+                self.outbox_deletes,
+                self.outbox_adds,
+                self.outbox_updates,
+                self.dead_letter_deletes,
+                self.dead_letters,
+                self.marks,
+            )
+        )
+
+
+@attrs.frozen
+class LoadRequest:
+    """What a batch needs to read before it runs its handlers.
+
+    Attributes:
+        instances: `(saga, key)` pairs to load.
+        marks: `(saga, key, event_id)` triples to look up among unexpired dedup marks.
+        schedule_ids: Ids of schedules about to fire, to check they are still pending.
+        now: Wall-clock seconds; marks that expired before it do not count.
+    """
+
+    instances: Sequence[tuple[str, str]] = ()
+    marks: Sequence[tuple[str, str, str]] = ()
+    schedule_ids: Sequence[str] = ()
+    now: float = 0.0
+
+
+@attrs.frozen
+class Loaded:
+    """The answer to a `LoadRequest`; missing instances are simply absent."""
+
+    instances: dict[tuple[str, str], InstanceRecord]
+    marks: set[tuple[str, str, str]]
+    schedule_ids: set[str]
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where instances, the outbox, schedules, dedup marks and dead letters live.
+
+    Every method may be called from any task; a store serializes what it must. Blocking
+    drivers run their calls in worker threads (`anyio.to_thread`), so a store works on
+    asyncio and trio alike. `sagaflow.testing.store_conformance` holds the behaviour every
+    store must show.
+    """
+
+    async def open(self) -> None:
+        """Connect and create or migrate the schema; called when a runtime starts."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; called when a runtime stops."""
+        ...
+
+    async def load(self, request: LoadRequest) -> Loaded:
+        """Read instances, dedup marks and pending schedule ids in one go."""
+        ...
+
+    async def commit(self, changes: Changes) -> None:
+        """Apply `changes` atomically (all or nothing).
+
+        Raises:
+            ConflictError: An `expected_version` did not match; nothing was applied.
+        """
+        ...
+
+    async def next_due(self) -> float | None:
+        """The earliest due time of any pending schedule, or `None`."""
+        ...
+
+    async def due_schedules(self, now: float, limit: int) -> list[ScheduleRecord]:
+        """Up to `limit` schedules due at or before `now`, earliest first."""
+        ...
+
+    async def list_instances(
+        self, *, saga: str | None = None, status: str | None = None, limit: int | None = None
+    ) -> list[InstanceRecord]:
+        """Instances, optionally of one saga or status, ordered by saga and key."""
+        ...
+
+    async def list_outbox(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[OutboxRecord]:
+        """Pending outbox rows, ordered by saga, key and seq."""
+        ...
+
+    async def list_schedules(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[ScheduleRecord]:
+        """Pending schedules, ordered by due time, then seq."""
+        ...
+
+    async def list_dead_letters(self, *, saga: str | None = None) -> list[DeadLetter]:
+        """Dead letters, oldest first."""
+        ...
