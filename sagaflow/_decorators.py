@@ -7,6 +7,8 @@ from typing import Any, TypeVar, overload
 
 import attrs
 
+from ._retry import RetryPolicy
+
 __all__ = ["CorrelateMark", "HandlerMark", "correlate", "on"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -22,6 +24,7 @@ class HandlerMark:
     types: tuple[type, ...]
     start: bool
     internal: bool
+    retry: RetryPolicy | None = None
 
 
 @attrs.frozen
@@ -31,7 +34,12 @@ class CorrelateMark:
     types: tuple[type, ...]
 
 
-def on(*types: type, start: bool = False, internal: bool = False) -> Callable[[F], F]:
+def on(
+    *types: type,
+    start: bool = False,
+    internal: bool = False,
+    retry: RetryPolicy | None = None,
+) -> Callable[[F], F]:
     """Mark a saga method as the handler of one or more event types.
 
     The method is called as `handler(self, state, event)`, may be sync or async, mutates
@@ -43,6 +51,8 @@ def on(*types: type, start: bool = False, internal: bool = False) -> Callable[[F
         internal: The handler only receives messages the runtime routes to the instance
             itself (`Schedule(..., to_self=True)`), so it needs no correlate function and
             published events of these types are not routed to it.
+        retry: How often to try the handler when it raises, instead of the runtime's
+            policy.
 
     Returns:
         A decorator that returns the method unchanged.
@@ -52,7 +62,7 @@ def on(*types: type, start: bool = False, internal: bool = False) -> Callable[[F
     for t in types:
         if not isinstance(t, type):
             raise TypeError(f"@on() takes event classes, got {t!r}")
-    mark = HandlerMark(types=types, start=start, internal=internal)
+    mark = HandlerMark(types=types, start=start, internal=internal, retry=retry)
 
     def decorate(fn: F) -> F:
         marks: tuple[HandlerMark, ...] = getattr(fn, HANDLER_ATTR, ())

@@ -9,11 +9,12 @@ from typing import Any, TypeVar, overload
 import attrs
 
 from ._actions import CommandFailed
+from ._retry import RetryPolicy
 from ._decorators import CORRELATE_ATTR, HANDLER_ATTR, CorrelateMark, HandlerMark
 from ._serialization import Serializer
 from .exceptions import RegistrationError, RegistrationErrors, SerializationError
 
-__all__ = ["HandlerSpec", "Registry", "Route", "SagaSpec"]
+__all__ = ["HandlerSpec", "Registry", "SagaSpec", "Target"]
 
 C = TypeVar("C", bound=type)
 O = TypeVar("O")
@@ -30,15 +31,7 @@ class HandlerSpec:
     internal: bool
     is_async: bool
     fn: Callable[[Any, Any], Any] = attrs.field(repr=False)
-
-
-@attrs.frozen
-class Route:
-    """Where one event goes: a saga, its handler and the instance key."""
-
-    saga: SagaSpec
-    handler: HandlerSpec
-    key: str
+    retry: RetryPolicy | None = None
 
 
 @attrs.define(eq=False)
@@ -82,6 +75,10 @@ class SagaSpec:
         return self.state_type()
 
 
+Target = tuple[SagaSpec, HandlerSpec, Callable[[Any], Any]]
+"""A saga, the handler an event type reaches there, and the correlate function."""
+
+
 def _positional_arity(fn: Callable[..., Any]) -> tuple[int, bool]:
     """How many positional parameters `fn` requires, and whether it accepts more."""
     sig = inspect.signature(fn)
@@ -108,9 +105,7 @@ class Registry:
 
     _sagas: dict[str, SagaSpec] = attrs.field(factory=dict, init=False)
     _serializer: Serializer = attrs.field(factory=Serializer, init=False)
-    _routes: dict[type, tuple[tuple[SagaSpec, HandlerSpec], ...]] = attrs.field(
-        factory=dict, init=False
-    )
+    _routes: dict[type, tuple[Target, ...]] = attrs.field(factory=dict, init=False)
     _allow: tuple[str, ...] = attrs.field(default=(), alias="allow", converter=tuple)
 
     def __attrs_post_init__(self) -> None:
@@ -245,6 +240,7 @@ class Registry:
                         internal=mark.internal,
                         is_async=inspect.iscoroutinefunction(fn),
                         fn=bound,
+                        retry=mark.retry,
                     )
 
         if not handlers:
@@ -308,7 +304,7 @@ class Registry:
             ]
         conv = self._serializer.converter
         try:
-            back = conv.loads(conv.dumps(default), state)
+            back: object = conv.loads(conv.dumps(default), state)
         except Exception as exc:
             return [
                 RegistrationError(
@@ -332,8 +328,8 @@ class Registry:
     @overload
     def message(self, cls: C, /, *, name: str | None = None) -> C: ...
     @overload
-    def message(self, *, name: str | None = None) -> Callable[[C], C]: ...
-    def message(self, cls: type | None = None, /, *, name: str | None = None) -> Any:
+    def message(self, cls: None = None, /, *, name: str | None = None) -> Callable[[C], C]: ...
+    def message(self, cls: Any = None, /, *, name: str | None = None) -> Any:
         """Put a message class on the type allow-list, optionally under a stable name.
 
         Usable as `registry.message(Cls)`, `registry.message(Cls, name="orders.v1.Cls")`
@@ -354,8 +350,8 @@ class Registry:
 
         return decorate if cls is None else decorate(cls)
 
-    def routes(self, event_type: type) -> tuple[tuple[SagaSpec, HandlerSpec], ...]:
-        """The sagas and handlers a published event of `event_type` goes to."""
+    def routes(self, event_type: type) -> tuple[Target, ...]:
+        """The sagas, handlers and correlate functions a published `event_type` goes to."""
         try:
             return self._routes[event_type]
         except KeyError:
@@ -368,7 +364,9 @@ class Registry:
         for spec in self._sagas.values():
             handler = spec.handler_for(event_type)
             if handler is not None and not handler.internal:
-                found.append((spec, handler))
+                correlate = spec.correlate_for(event_type)
+                assert correlate is not None  # checked at registration
+                found.append((spec, handler, correlate))
         routes = tuple(found)
         self._routes[event_type] = routes
         return routes

@@ -46,10 +46,11 @@ class RetryPolicy:
         Returns:
             The delay before attempt `attempt + 1`.
         """
-        base = min(self.initial_delay * 2 ** (attempt - 1), self.max_delay)
+        base: float = min(self.initial_delay * 2.0 ** (attempt - 1), self.max_delay)
         if not self.jitter or base == 0:
             return base
-        return base - (rng or random).uniform(0, base / 2)
+        jitter: float = (rng or random).uniform(0, base / 2)
+        return base - jitter
 
     def gives_up_after(self, attempt: int) -> bool:
         """Whether failed attempt number `attempt` was the last allowed."""

@@ -37,7 +37,7 @@ def _is_message_class(obj: object) -> bool:
 def _first_field(exc: BaseException) -> tuple[str | None, str]:
     """The dotted path and reason of the first leaf error cattrs reported."""
     try:
-        messages = cattrs.transform_error(exc, path="")  # type: ignore[arg-type]
+        messages = cattrs.transform_error(exc, path="")
     except Exception:  # noqa: BLE001 - fall back to the plain message
         messages = []
     if messages:
@@ -86,8 +86,7 @@ class Serializer:
         known = self._by_name.get(name)
         if known is not None and known is not cls:
             raise SerializationError(
-                f"type name {name!r} is already used by {known!r}; "
-                f"give {cls!r} another stable name"
+                f"type name {name!r} is already used by {known!r}; give {cls!r} another stable name"
             )
         other = self._names.get(cls)
         if other is not None and other != name:
@@ -146,9 +145,7 @@ class Serializer:
             module = sys.modules.get(module_name)
             if module is None:
                 continue
-            if not any(
-                module_name == p or module_name.startswith(p + ".") for p in self._prefixes
-            ):
+            if not any(module_name == p or module_name.startswith(p + ".") for p in self._prefixes):
                 return None
             obj: Any = module
             for attr in parts[cut:]:

@@ -58,9 +58,7 @@ class RegistrationError(SagaflowError, TypeError):
 class RegistrationErrors(SagaflowError, ExceptionGroup[RegistrationError]):
     """Several registration problems found at once; each is a `RegistrationError`."""
 
-    def __new__(
-        cls, message: str, exceptions: Sequence[RegistrationError]
-    ) -> RegistrationErrors:
+    def __new__(cls, message: str, exceptions: Sequence[RegistrationError]) -> RegistrationErrors:
         return super().__new__(cls, message, exceptions)
 
     def derive(  # type: ignore[override]

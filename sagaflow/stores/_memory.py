@@ -12,8 +12,8 @@ from ._protocol import (
     Changes,
     DeadLetter,
     InstanceRecord,
-    LoadRequest,
     Loaded,
+    LoadRequest,
     OutboxRecord,
     ScheduleRecord,
 )
@@ -21,6 +21,7 @@ from ._protocol import (
 __all__ = ["MemoryStore"]
 
 _Ref = tuple[str, str]
+_ScheduleKey = tuple[str, str, str]
 
 
 @attrs.define(eq=False)
@@ -35,12 +36,14 @@ class MemoryStore:
     _instances: dict[_Ref, InstanceRecord] = attrs.field(factory=dict, init=False)
     _outbox: dict[str, OutboxRecord] = attrs.field(factory=dict, init=False)
     _outbox_of: dict[_Ref, set[str]] = attrs.field(factory=dict, init=False)
-    _schedules: dict[tuple[str, str, str], ScheduleRecord] = attrs.field(
-        factory=dict, init=False
-    )
-    _schedule_ids: dict[str, tuple[str, str, str]] = attrs.field(factory=dict, init=False)
+    _schedules: dict[_ScheduleKey, ScheduleRecord] = attrs.field(factory=dict, init=False)
+    _schedule_ids: dict[str, _ScheduleKey] = attrs.field(factory=dict, init=False)
     _schedule_names: dict[_Ref, set[str]] = attrs.field(factory=dict, init=False)
-    _due: list[tuple[float, int, str]] = attrs.field(factory=list, init=False)
+    # A heap of (due, seq, id, token, key); an entry counts only while `_tokens[key]` is
+    # still its token, so replaced and deleted schedules leave stale entries behind.
+    _due: list[tuple[float, int, str, int, _ScheduleKey]] = attrs.field(factory=list, init=False)
+    _tokens: dict[_ScheduleKey, int] = attrs.field(factory=dict, init=False)
+    _next_token: int = attrs.field(default=0, init=False)
     _dead: dict[str, DeadLetter] = attrs.field(factory=dict, init=False)
     _marks: dict[tuple[str, str, str], float] = attrs.field(factory=dict, init=False)
     _loads: int = attrs.field(default=0, init=False)
@@ -56,10 +59,10 @@ class MemoryStore:
     async def load(self, request: LoadRequest) -> Loaded:
         """Read instances, unexpired dedup marks and pending schedule ids."""
         await anyio.lowlevel.checkpoint()
-        instances = {ref: self._instances[ref] for ref in request.instances if ref in self._instances}
-        marks = {
-            m for m in request.marks if self._marks.get(m, float("-inf")) >= request.now
+        instances = {
+            ref: self._instances[ref] for ref in request.instances if ref in self._instances
         }
+        marks = {m for m in request.marks if self._marks.get(m, float("-inf")) >= request.now}
         ids = {i for i in request.schedule_ids if i in self._schedule_ids}
         self._loads += 1
         if self._loads % 4096 == 0:
@@ -69,20 +72,13 @@ class MemoryStore:
     async def commit(self, changes: Changes) -> None:
         """Apply `changes` atomically; raise `ConflictError` on a version mismatch."""
         await anyio.lowlevel.checkpoint()
-        conflicts: list[_Ref] = []
-        for w in changes.writes:
-            ref = (w.record.saga, w.record.key)
-            if self._version(ref) != w.expected_version:
-                conflicts.append(ref)
-        for d in changes.deletes:
-            if self._version((d.saga, d.key)) != d.expected_version:
-                conflicts.append((d.saga, d.key))
+        conflicts = self._conflicts(changes)
         if conflicts:
             raise ConflictError(conflicts)
 
         for d in changes.deletes:
             ref = (d.saga, d.key)
-            del self._instances[ref]
+            self._instances.pop(ref, None)
             self._clear_schedules(ref)
             for oid in self._outbox_of.pop(ref, ()):
                 self._outbox.pop(oid, None)
@@ -93,15 +89,13 @@ class MemoryStore:
         for sd in changes.schedule_deletes:
             self._drop_schedule((sd.saga, sd.key, sd.name))
         for s in changes.schedule_puts:
-            skey = (s.saga, s.key, s.name)
-            self._drop_schedule(skey)
-            self._schedules[skey] = s
-            self._schedule_ids[s.id] = skey
-            self._schedule_names.setdefault((s.saga, s.key), set()).add(s.name)
-            heapq.heappush(self._due, (s.due, s.seq, s.id))
+            self._put_schedule(s)
+        if len(self._due) > 2 * len(self._schedules) + 64:
+            self._rebuild_due()
         for oid in changes.outbox_deletes:
             self._drop_outbox(oid)
         for o in changes.outbox_adds:
+            self._drop_outbox(o.id)
             self._outbox[o.id] = o
             self._outbox_of.setdefault((o.saga, o.key), set()).add(o.id)
         for u in changes.outbox_updates:
@@ -117,13 +111,53 @@ class MemoryStore:
         for m in changes.marks:
             self._marks[(m.saga, m.key, m.event_id)] = m.expires_at
 
+    def _conflicts(self, changes: Changes) -> list[_Ref]:
+        """The instances whose expected version does not match, in the order applied.
+
+        Deletes apply before writes, so a write after a delete of the same instance
+        expects version 0 (a new incarnation).
+        """
+        versions: dict[_Ref, int] = {}
+        conflicts: dict[_Ref, None] = {}
+        checks = [((d.saga, d.key), d.expected_version, 0) for d in changes.deletes]
+        checks += [
+            ((w.record.saga, w.record.key), w.expected_version, w.record.version)
+            for w in changes.writes
+        ]
+        for ref, expected, after in checks:
+            current = versions[ref] if ref in versions else self._version(ref)
+            if current != expected:
+                conflicts[ref] = None
+            versions[ref] = after
+        return list(conflicts)
+
     def _version(self, ref: _Ref) -> int:
         rec = self._instances.get(ref)
         return 0 if rec is None else rec.version
 
-    def _drop_schedule(self, skey: tuple[str, str, str]) -> None:
+    def _put_schedule(self, s: ScheduleRecord) -> None:
+        skey = (s.saga, s.key, s.name)
+        self._drop_schedule(skey)
+        other = self._schedule_ids.get(s.id)
+        if other is not None:
+            self._drop_schedule(other)
+        self._schedules[skey] = s
+        self._schedule_ids[s.id] = skey
+        self._schedule_names.setdefault((s.saga, s.key), set()).add(s.name)
+        self._next_token += 1
+        self._tokens[skey] = self._next_token
+        heapq.heappush(self._due, (s.due, s.seq, s.id, self._next_token, skey))
+
+    def _rebuild_due(self) -> None:
+        self._due = [
+            (s.due, s.seq, s.id, self._tokens[skey], skey) for skey, s in self._schedules.items()
+        ]
+        heapq.heapify(self._due)
+
+    def _drop_schedule(self, skey: _ScheduleKey) -> None:
         old = self._schedules.pop(skey, None)
         if old is not None:
+            del self._tokens[skey]
             self._schedule_ids.pop(old.id, None)
             names = self._schedule_names.get((old.saga, old.key))
             if names is not None:
@@ -146,11 +180,7 @@ class MemoryStore:
 
     def _prune_due(self) -> None:
         due = self._due
-        while due:
-            when, _, sid = due[0]
-            skey = self._schedule_ids.get(sid)
-            if skey is not None and self._schedules[skey].due == when:
-                return
+        while due and self._tokens.get(due[0][4]) != due[0][3]:
             heapq.heappop(due)
 
     async def next_due(self) -> float | None:
@@ -163,22 +193,20 @@ class MemoryStore:
         """Up to `limit` schedules due at or before `now`, earliest first."""
         await anyio.lowlevel.checkpoint()
         self._prune_due()
-        found: list[ScheduleRecord] = []
-        # The heap may hold stale entries (replaced or deleted schedules): look a little
-        # further than `limit`, and scan everything only if that was not enough.
-        window = heapq.nsmallest(limit * 2 + 16, self._due)
-        for when, _, sid in window:
-            if when > now or len(found) == limit:
+        # The heap holds stale entries (at most about half of it, see `commit`): look a
+        # little further than `limit`, and further still if that was not enough.
+        window = limit * 2 + 16
+        while True:
+            found: list[ScheduleRecord] = []
+            entries = heapq.nsmallest(window, self._due)
+            for when, _, _, token, skey in entries:
+                if when > now or len(found) >= limit:
+                    return found
+                if self._tokens.get(skey) == token:
+                    found.append(self._schedules[skey])
+            if len(entries) < window:
                 return found
-            skey = self._schedule_ids.get(sid)
-            if skey is not None and self._schedules[skey].id == sid:
-                found.append(self._schedules[skey])
-        if len(window) < len(self._due):
-            found = sorted(
-                (s for s in self._schedules.values() if s.due <= now),
-                key=lambda s: (s.due, s.seq),
-            )[:limit]
-        return found
+            window *= 2
 
     async def list_instances(
         self, *, saga: str | None = None, status: str | None = None, limit: int | None = None
@@ -206,7 +234,7 @@ class MemoryStore:
                 for o in self._outbox.values()
                 if (saga is None or o.saga == saga) and (key is None or o.key == key)
             ),
-            key=lambda o: (o.saga, o.key, o.seq),
+            key=lambda o: (o.saga, o.key, o.seq, o.id),
         )
 
     async def list_schedules(
@@ -220,7 +248,7 @@ class MemoryStore:
                 for s in self._schedules.values()
                 if (saga is None or s.saga == saga) and (key is None or s.key == key)
             ),
-            key=lambda s: (s.due, s.seq),
+            key=lambda s: (s.due, s.seq, s.id),
         )
 
     async def list_dead_letters(self, *, saga: str | None = None) -> list[DeadLetter]:
@@ -228,5 +256,5 @@ class MemoryStore:
         await anyio.lowlevel.checkpoint()
         return sorted(
             (d for d in self._dead.values() if saga is None or d.saga == saga),
-            key=lambda d: d.failed_at,
+            key=lambda d: (d.failed_at, d.id),
         )

@@ -55,6 +55,8 @@ class InstanceRecord:
         created_at: Wall-clock seconds when the instance started.
         updated_at: Wall-clock seconds of the last write.
         last_event: The type name of the last event handled.
+        completed: `Complete()` was returned; the instance ends once its outbox is
+            empty (this survives a "compensation failed" status and an operator's retry).
     """
 
     saga: str
@@ -66,6 +68,7 @@ class InstanceRecord:
     created_at: float
     updated_at: float
     last_event: str | None = None
+    completed: bool = False
 
 
 @attrs.frozen
@@ -114,6 +117,8 @@ class ScheduleRecord:
         due: Wall-clock seconds when it falls due.
         to_self: Deliver to the instance as an event instead of dispatching it.
         seq: Orders schedules that fall due at the same time.
+        attempts: Failed deliveries so far (a `to_self` handler that raised); each
+            failure moves `due` back by the retry policy's delay.
     """
 
     id: str
@@ -125,6 +130,7 @@ class ScheduleRecord:
     type_name: str
     payload: str
     seq: int = 0
+    attempts: int = 0
 
 
 @attrs.frozen

@@ -1,0 +1,345 @@
+"""The outbox dispatcher: per-instance order, bounded concurrency, retries, give-ups."""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import attrs
+
+from ._clock import SystemClock
+from ._retry import RetryPolicy
+from ._serialization import Serializer
+from ._sync import Activity
+from .stores._protocol import Changes, OutboxRecord, OutboxUpdate, Store
+
+__all__ = ["DispatchMeta", "Outbox"]
+
+log = logging.getLogger("sagaflow.outbox")
+
+_Ref = tuple[str, str]
+
+
+@attrs.frozen
+class DispatchMeta:
+    """What the dispatcher is told along with each command.
+
+    Attributes:
+        command_id: Stable and unique: the same on every attempt and after a restart,
+            so receivers can deduplicate.
+        saga: The name of the saga that produced the command.
+        key: The instance key.
+        attempt: 1 for the first call, 2 for the first retry, and so on.
+        kind: `"send"` (a `Send` or a due `Schedule`) or `"compensate"`.
+    """
+
+    command_id: str
+    saga: str
+    key: str
+    attempt: int
+    kind: str
+
+
+@attrs.define(eq=False)
+class Counters:
+    """Mutable counters behind `Runtime.statistics()`."""
+
+    events_handled: int = 0
+    events_duplicate: int = 0
+    events_unmatched: int = 0
+    events_dead_lettered: int = 0
+    handler_retries: int = 0
+    commands_dispatched: int = 0
+    command_retries: int = 0
+    commands_failed: int = 0
+    batches_committed: int = 0
+    conflicts: int = 0
+
+
+@attrs.define(eq=False)
+class _Entry:
+    row: OutboxRecord
+    command: Any = None
+    decoded: bool = False
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception as `"Type: message"`, the form stored and given to `CommandFailed`."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+@attrs.define(eq=False)
+class Outbox:
+    """Dispatches committed commands, one at a time per instance, in their order.
+
+    A command that fails is retried after a backoff; later commands of its instance
+    wait (other instances do not). One that fails for good is handed back to the
+    instance through `on_failed`, and the instance stays held until `release` is called.
+    Delivered rows are removed from the store in batches by a flusher task.
+    """
+
+    store: Store
+    dispatch: Callable[[Any, DispatchMeta], Any]
+    serializer: Serializer
+    policy: RetryPolicy
+    activity: Activity
+    counters: Counters
+    on_failed: Callable[[OutboxRecord, Any], None]
+    on_empty: Callable[[_Ref], None]
+    clock: Any = attrs.field(factory=SystemClock)
+    concurrency: int = 16
+
+    _queues: dict[_Ref, deque[_Entry]] = attrs.field(factory=dict, init=False)
+    _busy: set[_Ref] = attrs.field(factory=set, init=False)
+    _held: set[_Ref] = attrs.field(factory=set, init=False)
+    _completing: set[_Ref] = attrs.field(factory=set, init=False)
+    _ready: deque[_Ref] = attrs.field(factory=deque, init=False)
+    _ready_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+    _retries: list[tuple[float, int, _Ref]] = attrs.field(factory=list, init=False)
+    _retry_seq: int = attrs.field(default=0, init=False)
+    _retry_scope: anyio.CancelScope | None = attrs.field(default=None, init=False)
+    _retry_target: float = attrs.field(default=math.inf, init=False)
+    _retry_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+    _deletes: list[str] = attrs.field(factory=list, init=False)
+    _updates: list[OutboxUpdate] = attrs.field(factory=list, init=False)
+    _flush_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+    _depth: int = attrs.field(default=0, init=False)
+    _closing: bool = attrs.field(default=False, init=False)
+
+    @property
+    def depth(self) -> int:
+        """Commands waiting or in flight."""
+        return self._depth
+
+    def next_wakeup(self) -> float | None:
+        """When the earliest retry falls due, if any waits."""
+        return self._retries[0][0] if self._retries else None
+
+    def has_pending(self, ref: _Ref) -> bool:
+        """Whether the instance still has commands waiting or in flight."""
+        return ref in self._queues
+
+    def add(self, rows: list[OutboxRecord], commands: list[Any] | None = None) -> None:
+        """Hand over committed rows, in their order; `commands` are their decoded values."""
+        for i, row in enumerate(rows):
+            ref = (row.saga, row.key)
+            entry = _Entry(row, commands[i], True) if commands is not None else _Entry(row)
+            queue = self._queues.get(ref)
+            if queue is None:
+                self._queues[ref] = deque((entry,))
+                if ref not in self._held and ref not in self._busy:
+                    self._make_ready(ref)
+            elif queue[-1].row.seq < row.seq:
+                queue.append(entry)
+            else:
+                # An operator's retry puts a dead letter back at its old place.
+                at = next(i for i, e in enumerate(queue) if e.row.seq > row.seq)
+                queue.insert(at, entry)
+            self._depth += 1
+
+    def completing(self, ref: _Ref) -> None:
+        """The instance completed: call `on_empty` once its queue has drained."""
+        if ref in self._queues:
+            self._completing.add(ref)
+        else:
+            self.on_empty(ref)
+
+    def hold(self, ref: _Ref) -> None:
+        """Stop dispatching the instance's commands (compensation failed)."""
+        self._held.add(ref)
+
+    def drop_head(self, ref: _Ref, row_id: str) -> None:
+        """Remove the instance's first command (it failed for good and was handled)."""
+        queue = self._queues.get(ref)
+        if queue and queue[0].row.id == row_id:
+            queue.popleft()
+            self._depth -= 1
+            if not queue:
+                del self._queues[ref]
+
+    def release(self, ref: _Ref) -> None:
+        """Resume dispatching an instance held after a give-up or a failed compensation."""
+        self._held.discard(ref)
+        queue = self._queues.get(ref)
+        if queue is None:
+            if ref in self._completing:
+                self._completing.discard(ref)
+                self.on_empty(ref)
+            return
+        if ref not in self._busy:
+            self._make_ready(ref)
+
+    def forget(self, ref: _Ref) -> None:
+        """Drop everything known about an instance (it was deleted)."""
+        queue = self._queues.pop(ref, None)
+        if queue:
+            self._depth -= len(queue)
+        self._held.discard(ref)
+        self._completing.discard(ref)
+
+    def _make_ready(self, ref: _Ref) -> None:
+        self._busy.add(ref)
+        self.activity.begin()
+        self._ready.append(ref)
+        self._ready_event.set()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the workers, the retry timer and the flusher until cancelled."""
+        async with anyio.create_task_group() as tg:
+            for _ in range(self.concurrency):
+                tg.start_soon(self._worker)
+            tg.start_soon(self._retry_loop)
+            tg.start_soon(self._flush_loop)
+            task_status.started()
+
+    async def _worker(self) -> None:
+        while True:
+            while not self._ready:
+                if self._ready_event.is_set():
+                    self._ready_event = anyio.Event()
+                await self._ready_event.wait()
+            ref = self._ready.popleft()
+            try:
+                await self._dispatch_head(ref)
+            finally:
+                self.activity.end()
+
+    async def _dispatch_head(self, ref: _Ref) -> None:
+        queue = self._queues.get(ref)
+        if not queue or ref in self._held:
+            self._busy.discard(ref)
+            return
+        entry = queue[0]
+        row = entry.row
+        attempt = row.attempts + 1
+        try:
+            if not entry.decoded:
+                entry.command = self.serializer.decode(row.type_name, row.payload)
+                entry.decoded = True
+            await self.dispatch(
+                entry.command,
+                DispatchMeta(row.id, row.saga, row.key, attempt, row.kind),
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
+            self._failed(ref, entry, attempt, exc)
+            return
+        self.counters.commands_dispatched += 1
+        queue.popleft()
+        self._depth -= 1
+        self._deletes.append(row.id)
+        self._mark_dirty()
+        if queue:
+            self._ready.append(ref)
+            self.activity.begin()
+            self._ready_event.set()
+            return
+        del self._queues[ref]
+        self._busy.discard(ref)
+        if ref in self._completing:
+            self._completing.discard(ref)
+            self.on_empty(ref)
+
+    def _failed(self, ref: _Ref, entry: _Entry, attempt: int, exc: Exception) -> None:
+        row = entry.row
+        error = error_text(exc)
+        decodable = entry.decoded
+        extra = {"saga": row.saga, "key": row.key, "command_id": row.id}
+        if decodable and not self.policy.gives_up_after(attempt):
+            due = self.clock.now() + self.policy.delay(attempt)
+            entry.row = attrs.evolve(row, attempts=attempt, due=due, error=error)
+            self._updates.append(OutboxUpdate(row.id, attempt, due, error))
+            self._mark_dirty()
+            self.counters.command_retries += 1
+            log.warning(
+                "command %s of %s/%s failed (attempt %d), retrying: %s",
+                row.type_name,
+                row.saga,
+                row.key,
+                attempt,
+                error,
+                extra=extra,
+            )
+            self._retry_seq += 1
+            heapq.heappush(self._retries, (due, self._retry_seq, ref))
+            if self._retry_scope is not None and due < self._retry_target:
+                self._retry_scope.cancel()
+            self._retry_event.set()
+            return
+        self.counters.commands_failed += 1
+        log.error(
+            "command %s of %s/%s failed for good after %d attempt(s): %s",
+            row.type_name,
+            row.saga,
+            row.key,
+            attempt,
+            error,
+            extra=extra,
+        )
+        self._busy.discard(ref)
+        self._held.add(ref)
+        self.on_failed(
+            attrs.evolve(row, attempts=attempt, error=error),
+            entry.command if decodable else None,
+        )
+
+    async def _retry_loop(self) -> None:
+        while True:
+            if not self._retries:
+                self._retry_event = anyio.Event()
+                await self._retry_event.wait()
+                continue
+            self._retry_target = self._retries[0][0]
+            with anyio.CancelScope() as scope:
+                self._retry_scope = scope
+                await self.clock.sleep_until(self._retry_target)
+            self._retry_scope = None
+            self._retry_target = math.inf
+            now = self.clock.now()
+            while self._retries and self._retries[0][0] <= now:
+                _, _, ref = heapq.heappop(self._retries)
+                self._ready.append(ref)
+                self.activity.begin()
+            self._ready_event.set()
+
+    def _mark_dirty(self) -> None:
+        if not self._flush_event.is_set():
+            self.activity.begin()
+            self._flush_event.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._flush_event.wait()
+            # Let more deliveries pile up behind this flush: one commit for many rows.
+            await anyio.lowlevel.checkpoint()
+            deletes, self._deletes = self._deletes, []
+            updates, self._updates = self._updates, []
+            self._flush_event = anyio.Event()
+            try:
+                await self._commit(Changes(outbox_deletes=deletes, outbox_updates=updates))
+            finally:
+                self.activity.end()
+
+    async def _commit(self, changes: Changes) -> None:
+        for attempt in range(1, self.policy.max_attempts + 1):
+            try:
+                await self.store.commit(changes)
+                return
+            except Exception as exc:  # noqa: BLE001 - a store hiccup must not kill the runtime
+                if attempt == self.policy.max_attempts:
+                    # The rows stay in the store and are dispatched again after a restart
+                    # (at least once): nothing is lost, only repeated.
+                    log.error("could not record delivered commands: %s", error_text(exc))
+                    return
+                await self.clock.sleep_until(self.clock.now() + self.policy.delay(attempt))
+
+    async def recover(self) -> None:
+        """Load the commands a previous run left in the store, in order."""
+        rows = await self.store.list_outbox()
+        self.add(rows)

@@ -1,0 +1,406 @@
+"""`Runtime`: routes events to shards, runs the outbox and the timer, and waits for quiet."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterable, Callable
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import attrs
+
+from ._clock import SystemClock
+from ._outbox import Counters, Outbox
+from ._registry import Registry, SagaSpec
+from ._retry import RetryPolicy
+from ._shard import EVENT, FAILED, FINALIZE, FIRE, Item, Shard, Unmatched
+from ._sync import Ack, Activity, Mailbox
+from ._timer import Timer
+from .exceptions import RuntimeClosedError
+from .stores._protocol import (
+    COMPENSATION_FAILED,
+    COMPLETING,
+    OutboxRecord,
+    ScheduleRecord,
+    Store,
+)
+from .typing import Clock, Dispatch
+
+__all__ = ["Runtime", "Statistics"]
+
+log = logging.getLogger("sagaflow.runtime")
+
+
+@attrs.frozen
+class Statistics:
+    """A snapshot of what a runtime is doing and has done.
+
+    Attributes:
+        queued_events: Items waiting in the shards' mailboxes.
+        in_flight: Units of work under way (batches, dispatches, flushes).
+        outbox_depth: Commands waiting or being dispatched.
+        next_due: The earliest due time the timer knows of, if any.
+        cached_states: Instance states held in memory.
+        events_handled: Handler calls whose result was committed.
+        events_duplicate: Events skipped because their id was already applied.
+        events_unmatched: Events that reached no instance (see `on_unmatched`).
+        events_dead_lettered: Events whose handler kept failing (or could not be applied).
+        handler_retries: Handler calls that raised and were tried again.
+        commands_dispatched: Successful dispatcher calls.
+        command_retries: Dispatcher calls that raised and were tried again.
+        commands_failed: Commands that failed for good.
+        batches_committed: Store commits of handled batches.
+        conflicts: Batches handled again after losing a concurrency race.
+    """
+
+    queued_events: int
+    in_flight: int
+    outbox_depth: int
+    next_due: float | None
+    cached_states: int
+    events_handled: int
+    events_duplicate: int
+    events_unmatched: int
+    events_dead_lettered: int
+    handler_retries: int
+    commands_dispatched: int
+    command_retries: int
+    commands_failed: int
+    batches_committed: int
+    conflicts: int
+
+
+class Runtime:
+    """Runs a registry's sagas: routes events, persists state, dispatches commands.
+
+    Use it as an async context manager; leaving the context drains what is due now
+    (queued events, due schedules, commands not waiting for a retry) and stops.
+
+    Args:
+        registry: The sagas to run.
+        store: Where instances, the outbox and schedules live.
+        dispatch: Called as `await dispatch(command, meta)` for every command; raising
+            means failure (retried per `retry`, then `CommandFailed`).
+        retry: The retry policy for commands and handlers.
+        clock: Time source (`now()` and `sleep_until(t)`); the default is the wall clock.
+        shards: How many shard workers handle events concurrently.
+        max_batch: The most items one shard handles in one commit.
+        queue_size: Items a shard's mailbox holds before `publish` waits (backpressure).
+        cache_size: Instance states kept in memory, over all shards.
+        dispatch_concurrency: Commands dispatched at once (one per instance at a time).
+        dedup_retention: How long an event id stays known after it was applied, so a
+            redelivered event is not applied again (a `timedelta` or seconds).
+        conflict_retries: How often a batch that lost a concurrency race is handled
+            again before its events fail.
+        on_unmatched: Called with an `Unmatched` record when an event reaches a saga but
+            no instance that could take it.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        store: Store,
+        dispatch: Dispatch,
+        retry: RetryPolicy | None = None,
+        clock: Clock | None = None,
+        shards: int = 8,
+        max_batch: int = 256,
+        queue_size: int = 1024,
+        cache_size: int = 10_000,
+        dispatch_concurrency: int = 16,
+        dedup_retention: timedelta | float = timedelta(days=7),
+        conflict_retries: int = 16,
+        on_unmatched: Callable[[Unmatched], None] | None = None,
+    ) -> None:
+        if not registry.sagas:
+            raise ValueError("the registry has no sagas: register at least one first")
+        if shards < 1 or max_batch < 1 or queue_size < 1 or dispatch_concurrency < 1:
+            raise ValueError("shards, max_batch, queue_size, dispatch_concurrency must be >= 1")
+        self._registry = registry
+        self._store = store
+        self._dispatch = dispatch
+        self._policy = retry or RetryPolicy()
+        self._clock: Clock = clock or SystemClock()
+        retention = (
+            dedup_retention.total_seconds()
+            if isinstance(dedup_retention, timedelta)
+            else float(dedup_retention)
+        )
+        self._activity = Activity()
+        self._counters = Counters()
+        self._outbox = Outbox(
+            store=store,
+            dispatch=dispatch,
+            serializer=registry.serializer,
+            policy=self._policy,
+            activity=self._activity,
+            counters=self._counters,
+            on_failed=self._command_failed,
+            on_empty=self._outbox_empty,
+            clock=self._clock,
+            concurrency=dispatch_concurrency,
+        )
+        self._timer = Timer(store, self._clock, self._activity, self._fire)
+        per_shard_cache = max(1, cache_size // shards)
+        self._shards = [
+            Shard(
+                store=store,
+                serializer=registry.serializer,
+                clock=self._clock,
+                policy=self._policy,
+                activity=self._activity,
+                counters=self._counters,
+                outbox=self._outbox,
+                notify_timer=self._timer.notify,
+                on_unmatched=on_unmatched,
+                dedup_retention=retention,
+                max_batch=max_batch,
+                cache_size=per_shard_cache,
+                conflict_retries=conflict_retries,
+                mailbox=Mailbox(queue_size),
+            )
+            for _ in range(shards)
+        ]
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._running = False
+
+    def __repr__(self) -> str:
+        state = "running" if self._running else "stopped"
+        return f"<Runtime {state} sagas={sorted(self._registry.sagas)} store={self._store!r}>"
+
+    @property
+    def store(self) -> Store:
+        """The store this runtime uses."""
+        return self._store
+
+    @property
+    def registry(self) -> Registry:
+        """The registry this runtime runs."""
+        return self._registry
+
+    async def __aenter__(self) -> Self:
+        if self._running:
+            raise RuntimeError("this Runtime is already running")
+        await self._store.open()
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        try:
+            await self._recover()
+            await tg.start(self._outbox.run)
+            for shard in self._shards:
+                tg.start_soon(shard.run)
+            tg.start_soon(self._timer.run)
+        except BaseException as exc:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            await self._store.close()
+            raise
+        self._tg = tg
+        self._running = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        tg = self._tg
+        assert tg is not None
+        try:
+            if exc is None:
+                await self.drain()
+        finally:
+            self._running = False
+            self._tg = None
+            tg.cancel_scope.cancel()
+            try:
+                await tg.__aexit__(exc_type, exc, tb)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self._store.close()
+        return None
+
+    async def _recover(self) -> None:
+        """Pick up what a previous run left: held instances, commands, finished ones."""
+        for record in await self._store.list_instances(status=COMPENSATION_FAILED):
+            self._outbox.hold((record.saga, record.key))
+        await self._outbox.recover()
+        for record in await self._store.list_instances(status=COMPLETING):
+            ref = (record.saga, record.key)
+            if record.saga in self._registry.sagas:
+                self._outbox.completing(ref)
+
+    def _check_running(self) -> None:
+        if not self._running:
+            raise RuntimeClosedError(
+                "the runtime is not running; use it inside `async with Runtime(...)`"
+            )
+
+    def _shard(self, saga: str, key: str) -> Shard:
+        return self._shards[hash((saga, key)) % len(self._shards)]
+
+    def _targets(self, event: object) -> list[tuple[SagaSpec, Any, str]]:
+        targets = []
+        for spec, handler, correlate in self._registry.routes(type(event)):
+            key = correlate(event)
+            if key is None:
+                continue
+            if type(key) is not str:
+                raise TypeError(
+                    f"the correlate function of saga {spec.name!r} returned {key!r} "
+                    f"({type(key).__name__}) for {type(event).__qualname__}; "
+                    "it must return a str key or None"
+                )
+            targets.append((spec, handler, key))
+        return targets
+
+    async def publish(self, event: object, *, id: str | None = None) -> None:
+        """Route an event to its sagas and return once its effects are committed.
+
+        Args:
+            event: The event (any attrs or dataclass instance a saga handles).
+            id: With an id, a redelivered event is applied at most once per instance
+                (for `dedup_retention`).
+
+        Raises:
+            RuntimeClosedError: The runtime is not running.
+            TypeError: A correlate function returned something other than `str`/`None`.
+        """
+        self._check_running()
+        targets = self._targets(event)
+        if not targets:
+            return
+        ack = Ack(len(targets))
+        for spec, handler, key in targets:
+            self._activity.begin()
+            await self._shard(spec.name, key).mailbox.put(
+                Item(EVENT, spec, key, event, handler, id, ack)
+            )
+        await ack.wait()
+
+    async def run(
+        self,
+        source: AsyncIterable[Any],
+        *,
+        id: Callable[[Any], str | None] | None = None,
+    ) -> int:
+        """Feed events from an async iterable or anyio receive stream.
+
+        Publishing waits while the shards' mailboxes are full (backpressure). Returns
+        once every event consumed from `source` is committed.
+
+        Args:
+            source: Events, e.g. a `MemoryObjectReceiveStream` or an async generator.
+            id: Returns the dedup id of an event (or `None`), like `publish(id=...)`.
+
+        Returns:
+            How many events were consumed.
+
+        Raises:
+            RuntimeClosedError: The runtime is not running.
+        """
+        self._check_running()
+        ack = Ack(1)  # held open until the source is exhausted
+        count = 0
+        try:
+            async for event in source:
+                count += 1
+                targets = self._targets(event)
+                event_id = id(event) if id is not None else None
+                ack.add(len(targets))
+                for spec, handler, key in targets:
+                    self._activity.begin()
+                    await self._shard(spec.name, key).mailbox.put(
+                        Item(EVENT, spec, key, event, handler, event_id, ack)
+                    )
+        finally:
+            ack.pending -= 1
+            with anyio.CancelScope(shield=True):
+                await ack.wait()
+        return count
+
+    async def drain(self) -> None:
+        """Wait until no event is queued or being handled and nothing is due now.
+
+        Schedules and retries due later do not hold it.
+        """
+        self._check_running()
+        activity = self._activity
+        while True:
+            await activity.wait_idle()
+            now = self._clock.now()
+            wakeups = [self._timer.next_wakeup(), self._outbox.next_wakeup()]
+            wakeups.extend(s.next_wakeup() for s in self._shards)
+            if all(w is None or w > now for w in wakeups):
+                if activity.count == 0:
+                    return
+                continue
+            # Something is due now but its task has not woken up yet: let it run.
+            await anyio.sleep(0)
+            if activity.count == 0:
+                await activity.wait_begin()
+
+    def statistics(self) -> Statistics:
+        """A frozen snapshot of queue depths and counters."""
+        c = self._counters
+        return Statistics(
+            queued_events=sum(len(s.mailbox) for s in self._shards),
+            in_flight=self._activity.count,
+            outbox_depth=self._outbox.depth,
+            next_due=self._timer.next_wakeup(),
+            cached_states=sum(s.cached for s in self._shards),
+            events_handled=c.events_handled,
+            events_duplicate=c.events_duplicate,
+            events_unmatched=c.events_unmatched,
+            events_dead_lettered=c.events_dead_lettered,
+            handler_retries=c.handler_retries,
+            commands_dispatched=c.commands_dispatched,
+            command_retries=c.command_retries,
+            commands_failed=c.commands_failed,
+            batches_committed=c.batches_committed,
+            conflicts=c.conflicts,
+        )
+
+    # -- callbacks from the outbox and the timer -----------------------------------
+
+    def _spec(self, saga: str) -> SagaSpec | None:
+        return self._registry.sagas.get(saga)
+
+    def _command_failed(self, row: OutboxRecord, command: Any) -> None:
+        spec = self._spec(row.saga)
+        if spec is None:
+            log.error("command %s belongs to unknown saga %r; kept in the outbox", row.id, row.saga)
+            return
+        self._activity.begin()
+        self._shard(row.saga, row.key).mailbox.put_unbounded(
+            Item(FAILED, spec, row.key, command, row=row)
+        )
+
+    def _outbox_empty(self, ref: tuple[str, str]) -> None:
+        spec = self._spec(ref[0])
+        if spec is None:
+            return
+        self._activity.begin()
+        self._shard(*ref).mailbox.put_unbounded(Item(FINALIZE, spec, ref[1]))
+
+    async def _fire(self, rows: list[ScheduleRecord]) -> None:
+        ack = Ack(0)
+        for row in rows:
+            spec = self._spec(row.saga)
+            if spec is None:
+                log.error("schedule %s belongs to unknown saga %r; kept", row.id, row.saga)
+                continue
+            ack.add(1)
+            self._activity.begin()
+            self._shard(row.saga, row.key).mailbox.put_unbounded(
+                Item(FIRE, spec, row.key, ack=ack, schedule=row)
+            )
+        try:
+            await ack.wait()
+        except Exception as exc:  # noqa: BLE001 - the store failed; try again later
+            log.error("could not fire due schedules: %s", exc)
+            await self._clock.sleep_until(self._clock.now() + self._policy.initial_delay)

@@ -1,0 +1,834 @@
+"""Shard workers: take a batch, load states, run handlers, commit once, then hand over.
+
+Every `(saga, key)` hashes to one shard, so the events of one instance are handled one
+at a time and in order, while instances of different shards run concurrently. A batch
+is handled against working copies; only a successful commit makes it visible (cache,
+outbox, timer, publishers), so a failed or conflicting commit leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import anyio
+import attrs
+
+from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
+from ._outbox import Counters, Outbox, error_text
+from ._registry import HandlerSpec, SagaSpec
+from ._retry import RetryPolicy
+from ._serialization import Serializer
+from ._sync import Ack, Activity, Mailbox
+from .exceptions import ActionError, ConflictError, DecodeError, SerializationError
+from .stores._protocol import (
+    ACTIVE,
+    COMPENSATE,
+    COMPENSATION_FAILED,
+    COMPLETING,
+    SEND,
+    Changes,
+    DeadLetter,
+    DedupMark,
+    InstanceDelete,
+    InstanceRecord,
+    InstanceWrite,
+    LoadRequest,
+    Loaded,
+    OutboxRecord,
+    ScheduleDelete,
+    ScheduleRecord,
+    Store,
+)
+
+__all__ = ["EVENT", "FAILED", "FINALIZE", "FIRE", "Item", "Shard", "Unmatched"]
+
+log = logging.getLogger("sagaflow.runtime")
+
+EVENT, FIRE, FAILED, FINALIZE = range(4)
+_SEQ_BITS = 16
+_MAX_OUTPUTS = 1 << _SEQ_BITS
+_Ref = tuple[str, str]
+
+
+@attrs.frozen
+class Unmatched:
+    """An event that reached a saga but no instance that could take it.
+
+    Attributes:
+        event: The event.
+        saga: The saga's name.
+        key: The key the saga's correlate function returned.
+        reason: Why: no live instance and the handler is not `start=True`, or the
+            instance is completing.
+    """
+
+    event: object
+    saga: str
+    key: str
+    reason: str
+
+
+@attrs.define(eq=False, slots=True)
+class Item:
+    """One unit of work for a shard: an event, a due schedule, a failed command, or
+    the end of a completing instance's outbox."""
+
+    kind: int
+    saga: SagaSpec
+    key: str
+    event: Any = None
+    handler: HandlerSpec | None = None
+    event_id: str | None = None
+    ack: Ack | None = None
+    schedule: ScheduleRecord | None = None
+    row: OutboxRecord | None = None
+    attempts: int = 0
+    retry: bool = False
+
+
+@attrs.define(eq=False, slots=True)
+class _Work:
+    """The working copy of one instance during a batch."""
+
+    spec: SagaSpec
+    key: str
+    start_version: int
+    record: InstanceRecord | None
+    state: Any = None
+    broken: DecodeError | None = None
+    dirty: bool = False
+    deleted: bool = False
+    blocked: bool = False
+    rows: list[OutboxRecord] = attrs.field(factory=list)
+    commands: list[Any] = attrs.field(factory=list)
+    failed: OutboxRecord | None = None
+    became_completing: bool = False
+    handler_error: str | None = None
+
+
+class _Rejected(Exception):
+    """A handler's result cannot be applied and retrying will not help."""
+
+
+@attrs.define(eq=False)
+class Shard:
+    """One shard worker with its mailbox, its state cache and its handler retries."""
+
+    store: Store
+    serializer: Serializer
+    clock: Any
+    policy: RetryPolicy
+    activity: Activity
+    counters: Counters
+    outbox: Outbox
+    notify_timer: Callable[[float], None]
+    on_unmatched: Callable[[Unmatched], None] | None
+    dedup_retention: float
+    max_batch: int
+    cache_size: int
+    conflict_retries: int
+    mailbox: Mailbox[Item]
+    _cache: OrderedDict[_Ref, tuple[InstanceRecord, Any]] = attrs.field(
+        factory=OrderedDict, init=False
+    )
+    _held: dict[_Ref, list[Item]] = attrs.field(factory=dict, init=False)
+    _retry_due: list[float] = attrs.field(factory=list, init=False)
+    _tg: anyio.abc.TaskGroup | None = attrs.field(default=None, init=False)
+
+    @property
+    def cached(self) -> int:
+        """How many instance states this shard holds in memory."""
+        return len(self._cache)
+
+    def next_wakeup(self) -> float | None:
+        """When the earliest handler retry of this shard falls due, if any waits."""
+        return self._retry_due[0] if self._retry_due else None
+
+    async def run(self) -> None:
+        """Take batches from the mailbox and handle them, until cancelled."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            while True:
+                await self.mailbox.wait_readable()
+                await self._process(self.mailbox.take(self.max_batch))
+
+    def _expand(self, items: list[Item]) -> list[Item]:
+        """Put items behind a handler retry on hold, and release them behind it."""
+        if not self._held:
+            return items
+        out: list[Item] = []
+        for item in items:
+            ref = (item.saga.name, item.key)
+            if item.retry:
+                held = self._held.pop(ref, [])
+                self.activity.begin(len(held))
+                out.append(item)
+                out.extend(held)
+            elif ref in self._held:
+                self._held[ref].append(item)
+                self.activity.end()
+            else:
+                out.append(item)
+        return out
+
+    async def _process(self, items: list[Item]) -> None:
+        items = self._expand(items)
+        if not items:
+            return
+        for _ in range(self.conflict_retries):
+            batch = _Batch(self, items)
+            try:
+                await batch.run()
+            except ConflictError as exc:
+                self.counters.conflicts += 1
+                self._evict(batch.work)
+                log.debug("batch lost a race on %d instance(s), handling again", len(exc.instances))
+                continue
+            except Exception as exc:  # noqa: BLE001 - the store failed: tell the publishers
+                self._evict(batch.work)
+                log.error("could not commit a batch of %d item(s): %s", len(items), error_text(exc))
+                for item in items:
+                    self._finish(item, exc)
+                return
+            batch.publish()
+            return
+        error = ConflictError([(i.saga.name, i.key) for i in items])
+        log.error("gave up on a batch after %d conflicts", self.conflict_retries)
+        for item in items:
+            self._finish(item, error)
+
+    def _evict(self, work: dict[_Ref, _Work]) -> None:
+        for ref in work:
+            self._cache.pop(ref, None)
+
+    def _finish(self, item: Item, error: BaseException | None = None) -> None:
+        if item.ack is not None:
+            item.ack.done(error)
+        self.activity.end()
+
+    def _remember(self, ref: _Ref, record: InstanceRecord, state: Any) -> None:
+        cache = self._cache
+        cache[ref] = (record, state)
+        cache.move_to_end(ref)
+        if len(cache) > self.cache_size:
+            cache.popitem(last=False)
+
+    def _defer(self, item: Item, due: float) -> None:
+        """Try a failed event again at `due`; later events of its instance wait for it."""
+        assert self._tg is not None
+        ref = (item.saga.name, item.key)
+        self._held.setdefault(ref, [])
+        heapq.heappush(self._retry_due, due)
+        self.activity.end()
+        self._tg.start_soon(self._wake_later, item, due)
+
+    async def _wake_later(self, item: Item, due: float) -> None:
+        await self.clock.sleep_until(due)
+        self._retry_due.remove(due)
+        heapq.heapify(self._retry_due)
+        self.activity.begin()
+        item.retry = True
+        self.mailbox.put_unbounded(item)
+
+
+@attrs.define(eq=False)
+class _Batch:
+    """One pass over a batch of items; thrown away if its commit does not succeed."""
+
+    shard: Shard
+    items: list[Item]
+    work: dict[_Ref, _Work] = attrs.field(factory=dict)
+    now: float = 0.0
+    loaded: Loaded | None = None
+    writes: list[InstanceWrite] = attrs.field(factory=list)
+    schedule_ops: dict[tuple[str, str, str], ScheduleRecord | None] = attrs.field(factory=dict)
+    clears: list[_Ref] = attrs.field(factory=list)
+    dead: list[DeadLetter] = attrs.field(factory=list)
+    marks: dict[tuple[str, str, str], DedupMark] = attrs.field(factory=dict)
+    outbox_deletes: list[str] = attrs.field(factory=list)
+    done: list[Item] = attrs.field(factory=list)
+    deferred: list[tuple[Item, float]] = attrs.field(factory=list)
+    held: list[Item] = attrs.field(factory=list)
+    again: list[Item] = attrs.field(factory=list)
+    unmatched: list[Unmatched] = attrs.field(factory=list)
+    handled: int = 0
+
+    async def run(self) -> None:
+        shard = self.shard
+        self.now = shard.clock.now()
+        cache = shard._cache
+        missing: list[_Ref] = []
+        marks: list[tuple[str, str, str]] = []
+        schedule_ids: list[str] = []
+        for item in self.items:
+            ref = (item.saga.name, item.key)
+            if ref not in self.work:
+                hit = cache.get(ref)
+                if hit is None:
+                    missing.append(ref)
+                    self.work[ref] = _Work(item.saga, item.key, 0, None)
+                else:
+                    cache.move_to_end(ref)
+                    self.work[ref] = _Work(item.saga, item.key, hit[0].version, hit[0], hit[1])
+            if item.event_id is not None:
+                marks.append((*ref, item.event_id))
+            if item.schedule is not None:
+                schedule_ids.append(item.schedule.id)
+        if missing or marks or schedule_ids:
+            self.loaded = await shard.store.load(
+                LoadRequest(missing, marks, schedule_ids, self.now)
+            )
+            for ref, record in self.loaded.instances.items():
+                w = self.work[ref]
+                w.record, w.start_version = record, record.version
+                try:
+                    w.state = shard.serializer.loads(
+                        record.state, w.spec.state_type, w.spec.name, saga=ref[0], key=ref[1]
+                    )
+                except DecodeError as exc:
+                    w.broken = exc
+                    log.error("%s", exc, extra={"saga": ref[0], "key": ref[1]})
+
+        for item in self.items:
+            w = self.work[(item.saga.name, item.key)]
+            if w.blocked:
+                self.held.append(item)
+            elif w.deleted:
+                self.again.append(item)
+            elif item.kind == EVENT:
+                await self._event(w, item)
+            elif item.kind == FIRE:
+                await self._fire(w, item)
+            elif item.kind == FAILED:
+                await self._failed(w, item)
+            else:
+                self._finalize(w, item)
+
+        changes = self._changes()
+        if changes:
+            await shard.store.commit(changes)
+
+    # -- items ---------------------------------------------------------------------
+
+    async def _event(self, w: _Work, item: Item) -> None:
+        assert item.handler is not None
+        saga, key = w.spec.name, w.key
+        if item.event_id is not None:
+            mark = (saga, key, item.event_id)
+            if mark in self.marks or (self.loaded is not None and mark in self.loaded.marks):
+                self.shard.counters.events_duplicate += 1
+                self.done.append(item)
+                return
+        if w.broken is not None:
+            self._dead_event(w, item, str(w.broken))
+            return
+        if w.record is None:
+            if not item.handler.start:
+                self._unmatched(item, "no live instance and the handler is not start=True")
+                return
+        elif w.record.status == COMPLETING:
+            self._unmatched(item, "the instance has completed")
+            return
+        elif w.record.status == COMPENSATION_FAILED:
+            self._dead_event(w, item, "the instance's compensation failed; retry or abort it first")
+            return
+        if await self._handle(w, item, item.handler, item.event, allow_schedule=True):
+            if item.event_id is not None:
+                mark = (saga, key, item.event_id)
+                self.marks[mark] = DedupMark(
+                    saga, key, item.event_id, self.now + self.shard.dedup_retention
+                )
+
+    async def _fire(self, w: _Work, item: Item) -> None:
+        s = item.schedule
+        assert s is not None and self.loaded is not None
+        skey = (s.saga, s.key, s.name)
+        if s.id not in self.loaded.schedule_ids or skey in self.schedule_ops:
+            self.done.append(item)  # replaced, cancelled or already fired
+            return
+        if w.record is None or w.record.status != ACTIVE or w.broken is not None:
+            # Schedules go with Complete; one left over cannot be delivered any more.
+            self.schedule_ops[skey] = None
+            self._dead(
+                w,
+                item,
+                s.type_name,
+                s.payload,
+                "send" if not s.to_self else "event",
+                f"schedule {s.name!r} fell due but the instance is "
+                f"{'gone' if w.record is None else w.record.status}",
+                s.attempts + 1,
+            )
+            self.done.append(item)
+            return
+        try:
+            message = self.shard.serializer.decode(s.type_name, s.payload)
+        except SerializationError as exc:
+            self.schedule_ops[skey] = None
+            self._dead(
+                w,
+                item,
+                s.type_name,
+                s.payload,
+                "send" if not s.to_self else "event",
+                str(exc),
+                s.attempts + 1,
+            )
+            self.done.append(item)
+            return
+        item.event = message
+        if not s.to_self:
+            self.schedule_ops[skey] = None
+            version = w.record.version + 1
+            command = message
+            w.rows.append(
+                OutboxRecord(
+                    s.id, s.saga, s.key, version << _SEQ_BITS, SEND, s.type_name, s.payload
+                )
+            )
+            w.commands.append(command)
+            w.record = attrs.evolve(w.record, version=version, updated_at=self.now)
+            w.dirty = True
+            self.done.append(item)
+            return
+        handler = w.spec.handler_for(type(item.event))
+        if handler is None:
+            self.schedule_ops[skey] = None
+            self._dead(
+                w,
+                item,
+                s.type_name,
+                s.payload,
+                "event",
+                f"saga {w.spec.name!r} has no handler for its scheduled {s.type_name!r} any more",
+                s.attempts + 1,
+            )
+            self.done.append(item)
+            return
+        item.attempts = s.attempts
+        ok = await self._handle(w, item, handler, item.event, allow_schedule=True, fire=s)
+        if ok:
+            self.schedule_ops.setdefault(skey, None)
+
+    async def _failed(self, w: _Work, item: Item) -> None:
+        row = item.row
+        assert row is not None
+        error = row.error or "unknown error"
+        handler = w.spec.handler_for(CommandFailed)
+        usable = w.record is not None and w.broken is None and item.event is not None
+        if usable and handler is not None:
+            assert w.record is not None
+            event = CommandFailed(item.event, error, row.attempts)
+            allow = w.record.status == ACTIVE and not w.record.completed
+            w.handler_error = None
+            await self._handle(w, item, handler, event, allow_schedule=allow, failure=True)
+            if w.blocked:
+                return  # tried again later; nothing of the failure is applied yet
+            if w.handler_error is not None:
+                error = f"{error}; then the CommandFailed handler failed: {w.handler_error}"
+        else:
+            self.done.append(item)
+            if w.record is None:
+                error = f"{error}; the instance is gone"
+        self.outbox_deletes.append(row.id)
+        w.failed = row
+        if row.kind == COMPENSATE or not usable or handler is None or w.handler_error:
+            self._dead(w, item, row.type_name, row.payload, row.kind, error, row.attempts, row.seq)
+        if row.kind == COMPENSATE and w.record is not None:
+            bump = 0 if w.dirty and w.record.version > w.start_version else 1
+            w.record = attrs.evolve(
+                w.record,
+                version=w.record.version + bump,
+                status=COMPENSATION_FAILED,
+                updated_at=self.now,
+            )
+            w.became_completing = False
+            w.dirty = True
+
+    def _finalize(self, w: _Work, item: Item) -> None:
+        ref = (w.spec.name, w.key)
+        if (
+            w.record is not None
+            and w.record.status == COMPLETING
+            and not w.rows
+            and not self.shard.outbox.has_pending(ref)
+        ):
+            w.deleted = True
+        self.done.append(item)
+
+    # -- handling ------------------------------------------------------------------
+
+    async def _handle(
+        self,
+        w: _Work,
+        item: Item,
+        handler: HandlerSpec,
+        event: Any,
+        *,
+        allow_schedule: bool,
+        fire: ScheduleRecord | None = None,
+        failure: bool = False,
+    ) -> bool:
+        """Run a handler on the working copy; returns whether its result was applied."""
+        shard = self.shard
+        spec = w.spec
+        record = w.record
+        if record is None:
+            state = spec.new_state()
+            record = InstanceRecord(
+                spec.name, w.key, 0, ACTIVE, "", uuid.uuid4().hex, self.now, self.now
+            )
+        else:
+            state = w.state
+        version = record.version + 1
+        try:
+            result = handler.fn(state, event)
+            if handler.is_async:
+                result = await result
+            record = self._apply(w, record, state, result, version, allow_schedule, event)
+        except _Rejected as exc:
+            self._restore(w)
+            cause = exc.__cause__ or exc
+            self._give_up(w, item, event, fire, error_text(cause), failure, item.attempts + 1)
+            return False
+        except Exception as exc:  # noqa: BLE001 - a handler may raise anything
+            self._restore(w)
+            attempts = item.attempts + 1
+            policy = handler.retry or shard.policy
+            error = error_text(exc)
+            extra = {"saga": spec.name, "key": w.key, "event_type": type(event).__name__}
+            if policy.gives_up_after(attempts):
+                log.error(
+                    "handler %s of saga %r failed for good on %s (key %r): %s",
+                    handler.method,
+                    spec.name,
+                    type(event).__name__,
+                    w.key,
+                    error,
+                    extra=extra,
+                    exc_info=exc,
+                )
+                self._give_up(w, item, event, fire, error, failure, attempts)
+                return False
+            shard.counters.handler_retries += 1
+            due = self.now + policy.delay(attempts)
+            log.warning(
+                "handler %s of saga %r raised on %s (key %r), attempt %d, retrying: %s",
+                handler.method,
+                spec.name,
+                type(event).__name__,
+                w.key,
+                attempts,
+                error,
+                extra=extra,
+            )
+            if fire is not None:
+                # A due schedule retries durably: it is moved back, not held in memory.
+                self.schedule_ops[(fire.saga, fire.key, fire.name)] = attrs.evolve(
+                    fire, due=due, attempts=attempts
+                )
+                self.done.append(item)
+                return False
+            item.attempts = attempts
+            w.blocked = True
+            self.deferred.append((item, due))
+            return False
+        w.record = record
+        w.state = state
+        w.dirty = True
+        if w.became_completing and not w.rows and not shard.outbox.has_pending((spec.name, w.key)):
+            w.deleted = True  # nothing left to dispatch: the instance ends now
+        self.handled += 1
+        self.done.append(item)
+        return True
+
+    def _restore(self, w: _Work) -> None:
+        """Undo a failed handler's changes to the state object."""
+        if w.record is not None:
+            w.state = self.shard.serializer.loads(
+                w.record.state, w.spec.state_type, w.spec.name, saga=w.spec.name, key=w.key
+            )
+
+    def _give_up(
+        self,
+        w: _Work,
+        item: Item,
+        event: Any,
+        fire: ScheduleRecord | None,
+        error: str,
+        failure: bool,
+        attempts: int,
+    ) -> None:
+        if fire is not None:
+            self.schedule_ops[(fire.saga, fire.key, fire.name)] = None
+        if failure:
+            w.handler_error = error  # _failed dead-letters the command itself
+            self.done.append(item)
+            return
+        self._dead_event(w, item, error, attempts, event)
+
+    def _apply(
+        self,
+        w: _Work,
+        record: InstanceRecord,
+        state: Any,
+        result: Any,
+        version: int,
+        allow_schedule: bool,
+        event: Any,
+    ) -> InstanceRecord:
+        """Turn a handler's result into outbox rows and schedule changes."""
+        spec, key = w.spec, w.key
+        ser = self.shard.serializer
+        iid = record.instance_id
+        rows: list[OutboxRecord] = []
+        commands: list[Any] = []
+        schedules: list[ScheduleRecord] = []
+        unschedules: list[str] = []
+        complete = False
+        index = 0
+
+        def reject(message: str) -> _Rejected:
+            exc = _Rejected(message)
+            exc.__cause__ = ActionError(
+                f"saga {spec.name!r} key {key!r} handling {type(event).__name__}: {message}",
+                saga=spec.name,
+                key=key,
+            )
+            return exc
+
+        def add_row(command: Any, kind: str) -> None:
+            nonlocal index
+            if index >= _MAX_OUTPUTS:
+                raise reject(f"a handler may return at most {_MAX_OUTPUTS} commands")
+            type_name, payload = ser.encode(command)
+            rows.append(
+                OutboxRecord(
+                    f"{iid}.{version}.{index}",
+                    spec.name,
+                    key,
+                    version << _SEQ_BITS | index,
+                    kind,
+                    type_name,
+                    payload,
+                )
+            )
+            commands.append(command)
+            index += 1
+
+        try:
+            for action in _actions(result, reject):
+                cls = type(action)
+                if cls is Send:
+                    add_row(action.command, SEND)
+                elif cls is Compensate:
+                    for command in action.commands:
+                        add_row(command, COMPENSATE)
+                elif cls is Schedule:
+                    if not allow_schedule or complete or record.completed:
+                        raise reject(
+                            "Schedule cannot be returned by a completing instance "
+                            "(or together with Complete)"
+                        )
+                    if action.to_self and spec.handler_for(type(action.message)) is None:
+                        raise reject(
+                            f"Schedule(to_self=True) of {type(action.message).__name__}, "
+                            "which this saga has no handler for"
+                        )
+                    type_name, payload = ser.encode(action.message)
+                    sid = f"{iid}.{version}.{index}"
+                    schedules.append(
+                        ScheduleRecord(
+                            sid,
+                            spec.name,
+                            key,
+                            action.name or sid,
+                            self.now + action.after,
+                            action.to_self,
+                            type_name,
+                            payload,
+                            version << _SEQ_BITS | index,
+                        )
+                    )
+                    index += 1
+                elif cls is Unschedule:
+                    unschedules.append(action.name)
+                elif cls is Complete:
+                    if schedules:
+                        raise reject("Schedule cannot be returned together with Complete")
+                    complete = True
+                else:
+                    raise reject(
+                        f"returned {action!r}, which is not an action (Send, Schedule, "
+                        "Unschedule, Compensate, Complete)"
+                    )
+            state_json = ser.dumps(state, spec.state_type.__qualname__)
+        except SerializationError as exc:
+            raise reject(str(exc)) from exc
+
+        ops = self.schedule_ops
+        for name in unschedules:
+            ops[(spec.name, key, name)] = None
+        for s in schedules:
+            ops[(spec.name, key, s.name)] = s
+        if complete and not record.completed:
+            for skey in [k for k in ops if k[0] == spec.name and k[1] == key]:
+                del ops[skey]
+            self.clears.append((spec.name, key))
+        w.rows.extend(rows)
+        w.commands.extend(commands)
+        status = record.status
+        if complete and status == ACTIVE:
+            status = COMPLETING
+            w.became_completing = True
+        return attrs.evolve(
+            record,
+            version=version,
+            status=status,
+            state=state_json,
+            updated_at=self.now,
+            last_event=ser.name_of(type(event)) if type(event) is not CommandFailed else None,
+            completed=record.completed or complete,
+        )
+
+    # -- outcomes ------------------------------------------------------------------
+
+    def _unmatched(self, item: Item, reason: str) -> None:
+        self.unmatched.append(Unmatched(item.event, item.saga.name, item.key, reason))
+        self.done.append(item)
+
+    def _dead_event(
+        self, w: _Work, item: Item, error: str, attempts: int | None = None, event: Any = None
+    ) -> None:
+        event = item.event if event is None else event
+        try:
+            type_name, payload = self.shard.serializer.encode(event)
+        except SerializationError:
+            type_name, payload = type(event).__qualname__, repr(event)
+        self._dead(
+            w,
+            item,
+            type_name,
+            payload,
+            "event",
+            error,
+            item.attempts + 1 if attempts is None else attempts,
+        )
+        self.done.append(item)
+
+    def _dead(
+        self,
+        w: _Work,
+        item: Item,
+        type_name: str,
+        payload: str,
+        kind: str,
+        error: str,
+        attempts: int,
+        seq: int = 0,
+    ) -> None:
+        did = item.row.id if item.row is not None else item.event_id or uuid.uuid4().hex
+        if kind == "event" and item.event_id is not None:
+            did = f"{w.spec.name}:{w.key}:{item.event_id}"
+        self.dead.append(
+            DeadLetter(
+                did, w.spec.name, w.key, kind, type_name, payload, error, attempts, self.now, seq
+            )
+        )
+        self.shard.counters.events_dead_lettered += kind == "event"
+
+    def _changes(self) -> Changes:
+        writes: list[InstanceWrite] = []
+        deletes: list[InstanceDelete] = []
+        outbox_adds: list[OutboxRecord] = []
+        for w in self.work.values():
+            if w.record is None:
+                continue
+            if w.deleted:
+                if w.start_version:
+                    deletes.append(InstanceDelete(w.spec.name, w.key, w.start_version))
+            elif w.dirty:
+                writes.append(InstanceWrite(w.record, w.start_version))
+                outbox_adds.extend(w.rows)
+        puts = [s for s in self.schedule_ops.values() if s is not None]
+        sdeletes = [ScheduleDelete(*k) for k, s in self.schedule_ops.items() if s is None]
+        return Changes(
+            writes=writes,
+            deletes=deletes,
+            schedule_clears=self.clears,
+            schedule_deletes=sdeletes,
+            schedule_puts=puts,
+            outbox_deletes=self.outbox_deletes,
+            outbox_adds=outbox_adds,
+            dead_letters=self.dead,
+            marks=list(self.marks.values()),
+        )
+
+    def publish(self) -> None:
+        """The commit succeeded: update the cache, hand over commands, wake publishers."""
+        shard = self.shard
+        outbox = shard.outbox
+        for ref, w in self.work.items():
+            if w.deleted:
+                shard._cache.pop(ref, None)
+                outbox.forget(ref)
+                continue
+            if w.record is not None and w.broken is None:
+                shard._remember(ref, w.record, w.state)
+            if w.failed is not None:
+                outbox.drop_head(ref, w.failed.id)
+            if w.rows:
+                outbox.add(w.rows, w.commands)
+            if w.record is None:
+                if w.failed is not None:
+                    outbox.release(ref)
+                continue
+            if w.record.status == COMPENSATION_FAILED:
+                outbox.hold(ref)
+            elif w.failed is not None:
+                outbox.release(ref)
+            if w.became_completing:
+                outbox.completing(ref)
+        due = min((s.due for s in self.schedule_ops.values() if s is not None), default=None)
+        if due is not None:
+            shard.notify_timer(due)
+        counters = shard.counters
+        counters.events_handled += self.handled
+        counters.batches_committed += 1
+        counters.events_unmatched += len(self.unmatched)
+        for u in self.unmatched:
+            log.info(
+                "%s for saga %r key %r matched no instance: %s",
+                type(u.event).__name__,
+                u.saga,
+                u.key,
+                u.reason,
+                extra={"saga": u.saga, "key": u.key, "event_type": type(u.event).__name__},
+            )
+            if shard.on_unmatched is not None:
+                shard.on_unmatched(u)
+        for item in self.done:
+            shard._finish(item)
+        for item, due in self.deferred:
+            shard._defer(item, due)
+        for item in self.held:
+            ref = (item.saga.name, item.key)
+            shard._held.setdefault(ref, []).append(item)
+            shard.activity.end()
+        for item in self.again:
+            shard.mailbox.put_unbounded(item)
+
+
+def _actions(result: Any, reject: Callable[[str], Exception]) -> Iterable[Any]:
+    if result is None:
+        return ()
+    if isinstance(result, Send | Schedule | Unschedule | Compensate | Complete):
+        return (result,)
+    if isinstance(result, str | bytes) or not isinstance(result, Iterable):
+        raise reject(f"returned {result!r}; return None, an action or an iterable of actions")
+    return result

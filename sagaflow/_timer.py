@@ -1,0 +1,83 @@
+"""The timer: sleeps until the earliest pending schedule and hands due ones over."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import attrs
+
+from ._sync import Activity
+from .stores._protocol import ScheduleRecord, Store
+
+__all__ = ["Timer"]
+
+log = logging.getLogger("sagaflow.timer")
+
+
+@attrs.define(eq=False)
+class Timer:
+    """Wakes at the earliest due schedule, read from the store by due time.
+
+    It never polls: it sleeps until the earliest due time it knows, and `notify` wakes it
+    early when a commit adds an earlier one. Due schedules are read in pages of `page`
+    and handed to `fire`, which returns once they are committed.
+    """
+
+    store: Store
+    clock: Any
+    activity: Activity
+    fire: Callable[[list[ScheduleRecord]], Awaitable[None]]
+    page: int = 256
+    _target: float | None = attrs.field(default=None, init=False)
+    _scope: anyio.CancelScope | None = attrs.field(default=None, init=False)
+    _dirty: bool = attrs.field(default=True, init=False)
+    _wake: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+
+    def next_wakeup(self) -> float | None:
+        """The due time the timer is waiting for, or `-inf` if it must look again."""
+        return -math.inf if self._dirty else self._target
+
+    def notify(self, due: float) -> None:
+        """A schedule due at `due` was committed: wake early if it is the earliest."""
+        if self._target is None or due < self._target:
+            self._target = due
+            self._dirty = True
+            if self._scope is not None:
+                self._scope.cancel()
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Fire due schedules until cancelled."""
+        while True:
+            self.activity.begin()
+            try:
+                await self._fire_due()
+            finally:
+                self.activity.end()
+            if self._target is None:
+                self._wake = anyio.Event()
+                if not self._dirty:
+                    await self._wake.wait()
+                continue
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                if not self._dirty:
+                    await self.clock.sleep_until(self._target)
+            self._scope = None
+
+    async def _fire_due(self) -> None:
+        while True:
+            self._dirty = False
+            now = self.clock.now()
+            rows = await self.store.due_schedules(now, self.page)
+            if rows:
+                await self.fire(rows)
+                continue
+            if not self._dirty:
+                self._target = await self.store.next_due()
+            if not self._dirty:
+                return

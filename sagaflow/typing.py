@@ -1,0 +1,39 @@
+"""Protocols and type aliases for the parts of sagaflow you can plug in.
+
+- `Dispatch`: what `Runtime(dispatch=...)` calls for every command.
+- `Clock`: what `Runtime(clock=...)` reads time and waits through.
+- `Store`: where a runtime keeps its data (see `sagaflow.stores`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any, Protocol, TypeAlias
+
+from ._outbox import DispatchMeta
+from .stores._protocol import Store
+
+__all__ = ["Clock", "Dispatch", "DispatchMeta", "Store"]
+
+
+class _DispatchCallable(Protocol):
+    def __call__(self, command: Any, meta: DispatchMeta, /) -> Awaitable[None]: ...
+
+
+Dispatch: TypeAlias = _DispatchCallable
+"""`async def dispatch(command, meta) -> None`, or an object with such an `__call__`.
+
+It reports failure by raising; `meta.command_id` is stable per command.
+"""
+
+
+class Clock(Protocol):
+    """The runtime's only source of time; `sagaflow.testing.VirtualClock` is one."""
+
+    def now(self) -> float:
+        """Wall-clock seconds since the epoch (due times are stored as such)."""
+        ...
+
+    async def sleep_until(self, deadline: float) -> None:
+        """Return once `now()` has reached `deadline` (at once if it already has)."""
+        ...

@@ -1,0 +1,947 @@
+"""The behaviour every `Store` must show, as a reusable test class.
+
+A store's test module subclasses `StoreConformance` and provides a `store` fixture that
+yields an opened, empty store and closes it afterwards:
+
+```python
+class TestMyStore(StoreConformance):
+    @pytest.fixture
+    async def store(self) -> AsyncIterator[Store]:
+        store = MyStore()
+        await store.open()
+        yield store
+        await store.close()
+```
+
+Every test runs on asyncio and trio (the `anyio_backend` fixture of `conftest.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+from sagaflow.exceptions import ConflictError
+from sagaflow.stores import (
+    ACTIVE,
+    COMPENSATION_FAILED,
+    COMPLETING,
+    Changes,
+    DeadLetter,
+    DedupMark,
+    InstanceDelete,
+    InstanceRecord,
+    InstanceWrite,
+    Loaded,
+    LoadRequest,
+    OutboxRecord,
+    OutboxUpdate,
+    ScheduleDelete,
+    ScheduleRecord,
+    Store,
+)
+
+__all__ = ["StoreConformance"]
+
+SAGA = "OrderSaga"
+
+
+def instance(
+    key: str = "k1",
+    *,
+    saga: str = SAGA,
+    version: int = 1,
+    status: str = ACTIVE,
+    state: str = '{"status": "new", "amount": 0}',
+    last_event: str | None = "shop.OrderPlaced",
+    completed: bool = False,
+) -> InstanceRecord:
+    """An instance record with every field set."""
+    return InstanceRecord(
+        saga=saga,
+        key=key,
+        version=version,
+        status=status,
+        state=state,
+        instance_id=f"{saga}/{key}/i{version}",
+        created_at=1000.5,
+        updated_at=1000.5 + version,
+        last_event=last_event,
+        completed=completed,
+    )
+
+
+def outbox_row(
+    id: str,
+    *,
+    saga: str = SAGA,
+    key: str = "k1",
+    seq: int = 1,
+    kind: str = "send",
+    attempts: int = 0,
+    due: float = 0.0,
+    error: str | None = None,
+) -> OutboxRecord:
+    """An outbox row with a payload derived from its id."""
+    return OutboxRecord(
+        id=id,
+        saga=saga,
+        key=key,
+        seq=seq,
+        kind=kind,
+        type_name="shop.ReserveStock",
+        payload=f'{{"command": "{id}"}}',
+        attempts=attempts,
+        due=due,
+        error=error,
+    )
+
+
+def schedule(
+    id: str,
+    *,
+    saga: str = SAGA,
+    key: str = "k1",
+    name: str | None = None,
+    due: float = 10.0,
+    to_self: bool = False,
+    seq: int = 0,
+    attempts: int = 0,
+) -> ScheduleRecord:
+    """A schedule named after its id unless `name` is given."""
+    return ScheduleRecord(
+        id=id,
+        saga=saga,
+        key=key,
+        name=id if name is None else name,
+        due=due,
+        to_self=to_self,
+        type_name="shop.PaymentTimedOut",
+        payload=f'{{"schedule": "{id}"}}',
+        seq=seq,
+        attempts=attempts,
+    )
+
+
+def dead_letter(
+    id: str,
+    *,
+    saga: str = SAGA,
+    key: str = "k1",
+    failed_at: float = 50.0,
+    kind: str = "send",
+    seq: int = 0,
+) -> DeadLetter:
+    """A dead letter with every field set."""
+    return DeadLetter(
+        id=id,
+        saga=saga,
+        key=key,
+        kind=kind,
+        type_name="shop.CapturePayment",
+        payload=f'{{"dead": "{id}"}}',
+        error="ConnectionError: payment gateway down",
+        attempts=5,
+        failed_at=failed_at,
+        seq=seq,
+    )
+
+
+def create(*records: InstanceRecord) -> Changes:
+    """Changes that create `records` as new instances."""
+    return Changes(writes=[InstanceWrite(r, expected_version=0) for r in records])
+
+
+def empty_loaded() -> Loaded:
+    """What `load` answers when nothing asked for is there."""
+    return Loaded(instances={}, marks=set(), schedule_ids=set())
+
+
+async def everything(store: Store) -> tuple[Any, ...]:
+    """Every listing of `store`, to check that a commit changed nothing."""
+    return (
+        await store.list_instances(),
+        await store.list_outbox(),
+        await store.list_schedules(),
+        await store.list_dead_letters(),
+        await store.next_due(),
+    )
+
+
+@pytest.mark.anyio
+class StoreConformance:
+    """Tests of the `Store` protocol; subclasses provide the `store` fixture."""
+
+    # -- basics
+
+    async def test_satisfies_the_store_protocol(self, store: Store) -> None:
+        assert isinstance(store, Store)
+
+    async def test_a_fresh_store_is_empty(self, store: Store) -> None:
+        assert await everything(store) == ([], [], [], [], None)
+        request = LoadRequest(
+            instances=[(SAGA, "k1")],
+            marks=[(SAGA, "k1", "e1")],
+            schedule_ids=["s1"],
+            now=0.0,
+        )
+        assert await store.load(request) == empty_loaded()
+
+    async def test_empty_changes_commit_and_change_nothing(self, store: Store) -> None:
+        await store.commit(create(instance()))
+        before = await everything(store)
+
+        await store.commit(Changes())
+
+        assert bool(Changes()) is False
+        assert await everything(store) == before
+
+    # -- instances and versions
+
+    async def test_a_new_instance_round_trips(self, store: Store) -> None:
+        record = instance(state='{"status": "placed", "note": "caf\\u00e9 \\"x\\"\\n", "a": 1}')
+        other = instance("k2", saga="Shipping", last_event=None)
+
+        await store.commit(create(record, other))
+
+        loaded = await store.load(LoadRequest(instances=[(SAGA, "k1"), ("Shipping", "k2")]))
+        assert loaded == Loaded(
+            instances={(SAGA, "k1"): record, ("Shipping", "k2"): other},
+            marks=set(),
+            schedule_ids=set(),
+        )
+
+    async def test_keys_with_unusual_characters_round_trip(self, store: Store) -> None:
+        records = [instance(k) for k in ["", "a/b", "ünïcødé 🚀", "it's", "x\ny", "%_*"]]
+
+        await store.commit(create(*records))
+
+        refs = [(SAGA, r.key) for r in records]
+        loaded = await store.load(LoadRequest(instances=refs))
+        assert loaded.instances == {(SAGA, r.key): r for r in records}
+
+    async def test_load_leaves_out_missing_instances(self, store: Store) -> None:
+        record = instance()
+        await store.commit(create(record))
+
+        loaded = await store.load(
+            LoadRequest(instances=[(SAGA, "k1"), (SAGA, "missing"), ("Other", "k1")])
+        )
+
+        assert loaded == Loaded(instances={(SAGA, "k1"): record}, marks=set(), schedule_ids=set())
+
+    async def test_an_update_with_the_current_version_replaces_the_record(
+        self, store: Store
+    ) -> None:
+        await store.commit(create(instance()))
+        updated = instance(
+            version=2,
+            status=COMPLETING,
+            state='{"status": "paid"}',
+            last_event=None,
+            completed=True,
+        )
+
+        await store.commit(Changes(writes=[InstanceWrite(updated, expected_version=1)]))
+
+        assert await store.list_instances() == [updated]
+
+    async def test_load_of_many_instances_marks_and_schedules_at_once(self, store: Store) -> None:
+        n = 1500
+        records = [instance(f"k{i:05}") for i in range(n)]
+        schedules = [schedule(f"s{i}", key=f"k{i:05}", due=float(i)) for i in range(n)]
+        marks = [DedupMark(SAGA, f"k{i:05}", f"e{i}", expires_at=100.0) for i in range(n)]
+        await store.commit(Changes(writes=[InstanceWrite(r, 0) for r in records]))
+        await store.commit(Changes(schedule_puts=schedules, marks=marks))
+
+        loaded = await store.load(
+            LoadRequest(
+                instances=[(SAGA, r.key) for r in records] + [(SAGA, "missing")],
+                marks=[(m.saga, m.key, m.event_id) for m in marks] + [(SAGA, "k1", "nope")],
+                schedule_ids=[s.id for s in schedules] + ["nope"],
+                now=50.0,
+            )
+        )
+
+        assert loaded == Loaded(
+            instances={(SAGA, r.key): r for r in records},
+            marks={(m.saga, m.key, m.event_id) for m in marks},
+            schedule_ids={s.id for s in schedules},
+        )
+
+    @pytest.mark.parametrize(
+        ("existing", "write"),
+        [
+            pytest.param(1, InstanceWrite(instance(), expected_version=0), id="create-existing"),
+            pytest.param(1, InstanceWrite(instance(version=3), expected_version=2), id="stale"),
+            pytest.param(2, InstanceWrite(instance(version=2), expected_version=1), id="behind"),
+            pytest.param(None, InstanceWrite(instance(version=2), 1), id="update-missing"),
+        ],
+    )
+    async def test_a_write_with_the_wrong_version_conflicts(
+        self, store: Store, existing: int | None, write: InstanceWrite
+    ) -> None:
+        if existing is not None:
+            await store.commit(create(instance(version=existing)))
+        before = await everything(store)
+
+        with pytest.raises(ConflictError) as caught:
+            await store.commit(Changes(writes=[write]))
+
+        assert caught.value.instances == ((SAGA, "k1"),)
+        assert await everything(store) == before
+
+    @pytest.mark.parametrize(
+        ("existing", "expected_version"),
+        [
+            pytest.param(None, 1, id="missing"),
+            pytest.param(2, 1, id="stale"),
+            pytest.param(1, 2, id="ahead"),
+            pytest.param(1, 0, id="expects-absent"),
+        ],
+    )
+    async def test_a_delete_with_the_wrong_version_conflicts(
+        self, store: Store, existing: int | None, expected_version: int
+    ) -> None:
+        if existing is not None:
+            await store.commit(
+                Changes(
+                    writes=[InstanceWrite(instance(version=existing), 0)],
+                    schedule_puts=[schedule("s1")],
+                    outbox_adds=[outbox_row("c1")],
+                )
+            )
+        before = await everything(store)
+
+        with pytest.raises(ConflictError) as caught:
+            await store.commit(Changes(deletes=[InstanceDelete(SAGA, "k1", expected_version)]))
+
+        assert caught.value.instances == ((SAGA, "k1"),)
+        assert await everything(store) == before
+
+    async def test_a_conflict_names_every_conflicting_instance_and_applies_nothing(
+        self, store: Store
+    ) -> None:
+        await store.commit(
+            Changes(
+                writes=[InstanceWrite(instance("a"), 0), InstanceWrite(instance("b"), 0)],
+                schedule_puts=[schedule("s-a", key="a"), schedule("s-b", key="b", due=20.0)],
+                outbox_adds=[outbox_row("c-a", key="a"), outbox_row("c-b", key="b")],
+                dead_letters=[dead_letter("d1")],
+                marks=[DedupMark(SAGA, "a", "e1", expires_at=100.0)],
+            )
+        )
+        before = await everything(store)
+        marks = [(SAGA, "a", "e1"), (SAGA, "b", "e2")]
+        loaded_before = await store.load(
+            LoadRequest(instances=[(SAGA, "a"), (SAGA, "b"), (SAGA, "new")], marks=marks)
+        )
+
+        with pytest.raises(ConflictError) as caught:
+            await store.commit(
+                Changes(
+                    writes=[
+                        InstanceWrite(instance("new"), 0),  # fine on its own
+                        InstanceWrite(instance("a", version=9), 7),  # conflict
+                        InstanceWrite(instance("b", version=2), 1),  # fine on its own
+                    ],
+                    deletes=[InstanceDelete(SAGA, "gone", 1)],  # conflict: no such instance
+                    schedule_clears=[(SAGA, "a")],
+                    schedule_deletes=[ScheduleDelete(SAGA, "b", "s-b")],
+                    schedule_puts=[schedule("s-new", key="new", due=1.0)],
+                    outbox_deletes=["c-a"],
+                    outbox_adds=[outbox_row("c-new", key="new")],
+                    outbox_updates=[OutboxUpdate("c-b", attempts=1, due=5.0, error="boom")],
+                    dead_letter_deletes=["d1"],
+                    dead_letters=[dead_letter("d2")],
+                    marks=[DedupMark(SAGA, "b", "e2", expires_at=100.0)],
+                )
+            )
+
+        assert sorted(caught.value.instances) == [(SAGA, "a"), (SAGA, "gone")]
+        assert await everything(store) == before
+        loaded_after = await store.load(
+            LoadRequest(instances=[(SAGA, "a"), (SAGA, "b"), (SAGA, "new")], marks=marks)
+        )
+        assert loaded_after == loaded_before
+
+    async def test_the_store_keeps_working_after_a_conflict(self, store: Store) -> None:
+        await store.commit(create(instance()))
+        with pytest.raises(ConflictError):
+            await store.commit(create(instance(), instance("k2")))
+
+        await store.commit(create(instance("k2")))
+
+        assert await store.list_instances() == [instance(), instance("k2")]
+
+    async def test_concurrent_creates_of_one_instance_let_exactly_one_win(
+        self, store: Store
+    ) -> None:
+        outcomes: list[tuple[str, Any]] = []
+
+        async def attempt(i: int) -> None:
+            try:
+                await store.commit(create(instance(state=f'{{"writer": {i}}}')))
+            except ConflictError as exc:
+                outcomes.append(("lost", exc.instances))
+            else:
+                outcomes.append(("won", i))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(attempt, i)
+
+        winners = [i for outcome, i in outcomes if outcome == "won"]
+        assert sorted(outcome for outcome, _ in outcomes) == ["lost"] * 7 + ["won"]
+        assert [lost for outcome, lost in outcomes if outcome == "lost"] == [((SAGA, "k1"),)] * 7
+        assert await store.list_instances() == [instance(state=f'{{"writer": {winners[0]}}}')]
+
+    async def test_concurrent_commits_of_different_instances_all_apply(self, store: Store) -> None:
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(store.commit, create(instance(f"k{i:02}")))
+
+        assert await store.list_instances() == [instance(f"k{i:02}") for i in range(20)]
+
+    # -- deletes
+
+    async def test_a_delete_cascades_to_schedules_and_outbox_but_keeps_dead_letters(
+        self, store: Store
+    ) -> None:
+        await store.commit(
+            Changes(
+                writes=[InstanceWrite(instance("a"), 0), InstanceWrite(instance("b"), 0)],
+                schedule_puts=[
+                    schedule("s-a1", key="a", due=1.0),
+                    schedule("s-a2", key="a", due=2.0),
+                    schedule("s-b", key="b", due=3.0),
+                ],
+                outbox_adds=[
+                    outbox_row("c-a1", key="a", seq=1),
+                    outbox_row("c-a2", key="a", seq=2),
+                    outbox_row("c-b", key="b"),
+                ],
+                dead_letters=[dead_letter("d-a", key="a"), dead_letter("d-b", key="b")],
+                marks=[DedupMark(SAGA, "a", "e1", expires_at=100.0)],
+            )
+        )
+
+        await store.commit(Changes(deletes=[InstanceDelete(SAGA, "a", expected_version=1)]))
+
+        assert await everything(store) == (
+            [instance("b")],
+            [outbox_row("c-b", key="b")],
+            [schedule("s-b", key="b", due=3.0)],
+            [dead_letter("d-a", key="a"), dead_letter("d-b", key="b")],
+            3.0,
+        )
+        loaded = await store.load(
+            LoadRequest(
+                instances=[(SAGA, "a")],
+                marks=[(SAGA, "a", "e1")],
+                schedule_ids=["s-a1", "s-a2", "s-b"],
+                now=0.0,
+            )
+        )
+        # Dedup marks outlive their instance.
+        assert loaded == Loaded(instances={}, marks={(SAGA, "a", "e1")}, schedule_ids={"s-b"})
+
+    async def test_a_delete_does_not_touch_another_saga_with_the_same_key(
+        self, store: Store
+    ) -> None:
+        await store.commit(
+            Changes(
+                writes=[InstanceWrite(instance(), 0), InstanceWrite(instance(saga="Other"), 0)],
+                schedule_puts=[schedule("s1"), schedule("s2", saga="Other")],
+                outbox_adds=[outbox_row("c1"), outbox_row("c2", saga="Other")],
+            )
+        )
+
+        await store.commit(Changes(deletes=[InstanceDelete(SAGA, "k1", 1)]))
+
+        assert await everything(store) == (
+            [instance(saga="Other")],
+            [outbox_row("c2", saga="Other")],
+            [schedule("s2", saga="Other")],
+            [],
+            10.0,
+        )
+
+    async def test_deleting_an_absent_instance_expecting_version_0_drops_its_rows(
+        self, store: Store
+    ) -> None:
+        await store.commit(Changes(schedule_puts=[schedule("s1")], outbox_adds=[outbox_row("c1")]))
+
+        await store.commit(Changes(deletes=[InstanceDelete(SAGA, "k1", expected_version=0)]))
+
+        assert await everything(store) == ([], [], [], [], None)
+
+    async def test_an_instance_deleted_and_created_again_in_one_commit(self, store: Store) -> None:
+        """Deletes apply before writes, so the new incarnation expects version 0."""
+        await store.commit(
+            Changes(
+                writes=[InstanceWrite(instance(version=4), 0)],
+                schedule_puts=[schedule("old")],
+                outbox_adds=[outbox_row("c-old")],
+            )
+        )
+        reborn = instance(state='{"status": "placed", "again": true}')
+
+        await store.commit(
+            Changes(
+                deletes=[InstanceDelete(SAGA, "k1", expected_version=4)],
+                writes=[InstanceWrite(reborn, expected_version=0)],
+                schedule_puts=[schedule("new")],
+                outbox_adds=[outbox_row("c-new")],
+            )
+        )
+
+        assert await everything(store) == (
+            [reborn],
+            [outbox_row("c-new")],
+            [schedule("new")],
+            [],
+            10.0,
+        )
+
+    # -- application order within one commit
+
+    async def test_schedule_clears_apply_before_puts(self, store: Store) -> None:
+        await store.commit(
+            Changes(
+                schedule_puts=[
+                    schedule("s1", due=1.0),
+                    schedule("s2", due=2.0),
+                    schedule("s3", key="k2", due=3.0),
+                ]
+            )
+        )
+
+        await store.commit(
+            Changes(
+                schedule_clears=[(SAGA, "k1")],
+                schedule_puts=[schedule("s4", due=4.0), schedule("s5", key="k2", due=5.0)],
+            )
+        )
+
+        assert await store.list_schedules() == [
+            schedule("s3", key="k2", due=3.0),
+            schedule("s4", due=4.0),
+            schedule("s5", key="k2", due=5.0),
+        ]
+
+    async def test_schedule_deletes_remove_only_the_named_schedule(self, store: Store) -> None:
+        await store.commit(
+            Changes(
+                schedule_puts=[
+                    schedule("s1", name="payment", due=1.0),
+                    schedule("s2", name="reminder", due=2.0),
+                    schedule("s3", key="k2", name="payment", due=3.0),
+                ]
+            )
+        )
+
+        await store.commit(
+            Changes(
+                schedule_deletes=[
+                    ScheduleDelete(SAGA, "k1", "payment"),
+                    ScheduleDelete(SAGA, "k1", "never-scheduled"),
+                ],
+                schedule_puts=[schedule("s4", name="shipping", due=4.0)],
+            )
+        )
+
+        assert await store.list_schedules() == [
+            schedule("s2", name="reminder", due=2.0),
+            schedule("s3", key="k2", name="payment", due=3.0),
+            schedule("s4", name="shipping", due=4.0),
+        ]
+
+    async def test_a_schedule_put_replaces_the_same_saga_key_and_name(self, store: Store) -> None:
+        await store.commit(
+            Changes(
+                schedule_puts=[
+                    schedule("s1", name="payment", due=10.0),
+                    schedule("s-other", key="k2", name="payment", due=30.0),
+                ]
+            )
+        )
+        replacement = schedule("s2", name="payment", due=20.0, to_self=True, seq=3)
+
+        await store.commit(Changes(schedule_puts=[replacement]))
+
+        assert await store.list_schedules() == [
+            replacement,
+            schedule("s-other", key="k2", name="payment", due=30.0),
+        ]
+        loaded = await store.load(LoadRequest(schedule_ids=["s1", "s2", "s-other"]))
+        assert loaded.schedule_ids == {"s2", "s-other"}
+        assert await store.next_due() == 20.0
+        assert await store.due_schedules(15.0, 10) == []
+
+    async def test_instance_deletes_apply_before_the_puts_and_adds_of_the_commit(
+        self, store: Store
+    ) -> None:
+        await store.commit(
+            Changes(
+                writes=[InstanceWrite(instance(), 0)],
+                schedule_puts=[schedule("s-old")],
+                outbox_adds=[outbox_row("c-old", seq=1)],
+            )
+        )
+
+        await store.commit(
+            Changes(
+                deletes=[InstanceDelete(SAGA, "k1", 1)],
+                schedule_puts=[schedule("s-new")],
+                outbox_adds=[outbox_row("c-new", seq=2)],
+            )
+        )
+
+        assert await everything(store) == (
+            [],
+            [outbox_row("c-new", seq=2)],
+            [schedule("s-new")],
+            [],
+            10.0,
+        )
+
+    async def test_outbox_adds_apply_before_updates(self, store: Store) -> None:
+        await store.commit(
+            Changes(
+                outbox_adds=[outbox_row("c1")],
+                outbox_updates=[OutboxUpdate("c1", attempts=1, due=7.5, error="Timeout: slow")],
+            )
+        )
+
+        assert await store.list_outbox() == [
+            outbox_row("c1", attempts=1, due=7.5, error="Timeout: slow")
+        ]
+
+    async def test_outbox_deletes_apply_before_adds(self, store: Store) -> None:
+        await store.commit(Changes(outbox_adds=[outbox_row("c1"), outbox_row("c2", seq=2)]))
+
+        await store.commit(
+            Changes(outbox_deletes=["c1", "c2"], outbox_adds=[outbox_row("c2", seq=5)])
+        )
+
+        assert await store.list_outbox() == [outbox_row("c2", seq=5)]
+
+    async def test_an_outbox_update_records_a_failed_attempt(self, store: Store) -> None:
+        await store.commit(Changes(outbox_adds=[outbox_row("c1"), outbox_row("c2", seq=2)]))
+
+        await store.commit(
+            Changes(outbox_updates=[OutboxUpdate("c1", attempts=2, due=99.0, error="E: x")])
+        )
+        assert await store.list_outbox() == [
+            outbox_row("c1", attempts=2, due=99.0, error="E: x"),
+            outbox_row("c2", seq=2),
+        ]
+
+        await store.commit(
+            Changes(outbox_updates=[OutboxUpdate("c1", attempts=3, due=100.0, error=None)])
+        )
+        assert await store.list_outbox() == [
+            outbox_row("c1", attempts=3, due=100.0),
+            outbox_row("c2", seq=2),
+        ]
+
+    async def test_an_outbox_update_of_a_missing_row_is_a_no_op(self, store: Store) -> None:
+        await store.commit(Changes(outbox_adds=[outbox_row("c1")]))
+
+        await store.commit(
+            Changes(
+                outbox_deletes=["c1"],
+                outbox_updates=[
+                    OutboxUpdate("c1", attempts=1, due=1.0, error="x"),
+                    OutboxUpdate("never", attempts=1, due=1.0, error="x"),
+                ],
+            )
+        )
+
+        assert await store.list_outbox() == []
+
+    async def test_dead_letter_deletes_apply_before_adds(self, store: Store) -> None:
+        await store.commit(Changes(dead_letters=[dead_letter("d1"), dead_letter("d2")]))
+        again = dead_letter("d1", failed_at=60.0, kind="compensate", seq=4)
+
+        await store.commit(Changes(dead_letter_deletes=["d1", "d2"], dead_letters=[again]))
+
+        assert await store.list_dead_letters() == [again]
+
+    # -- schedules by due time
+
+    async def test_next_due_is_the_earliest_pending_schedule(self, store: Store) -> None:
+        assert await store.next_due() is None
+        await store.commit(
+            Changes(
+                schedule_puts=[
+                    schedule("s1", due=30.0),
+                    schedule("s2", key="k2", due=10.0),
+                    schedule("s3", key="k3", due=20.0),
+                ]
+            )
+        )
+        assert await store.next_due() == 10.0
+
+        await store.commit(Changes(schedule_deletes=[ScheduleDelete(SAGA, "k2", "s2")]))
+        assert await store.next_due() == 20.0
+
+        await store.commit(Changes(schedule_puts=[schedule("s3", key="k3", due=40.0)]))
+        assert await store.next_due() == 30.0
+
+        await store.commit(Changes(schedule_puts=[schedule("s4", key="k3", name="s3", due=5.0)]))
+        assert await store.next_due() == 5.0
+
+        await store.commit(Changes(schedule_clears=[(SAGA, "k1"), (SAGA, "k3")]))
+        assert await store.next_due() is None
+
+    async def test_due_schedules_earliest_first_up_to_the_limit(self, store: Store) -> None:
+        s = {
+            "late": schedule("late", due=50.0),
+            "d3": schedule("d3", key="k3", due=3.0),
+            "d1b": schedule("d1b", key="k2", due=1.0, seq=2),
+            "d2": schedule("d2", key="k4", due=2.0),
+            "d1a": schedule("d1a", key="k5", due=1.0, seq=1),
+            "now": schedule("now", key="k6", due=5.0),
+        }
+        await store.commit(Changes(schedule_puts=list(s.values())))
+
+        assert await store.due_schedules(5.0, 100) == [
+            s["d1a"],
+            s["d1b"],
+            s["d2"],
+            s["d3"],
+            s["now"],
+        ]
+        assert await store.due_schedules(5.0, 2) == [s["d1a"], s["d1b"]]
+        assert await store.due_schedules(2.5, 10) == [s["d1a"], s["d1b"], s["d2"]]
+        assert await store.due_schedules(0.5, 10) == []
+        # Reading does not consume: the runtime deletes what it fired.
+        assert await store.due_schedules(1.0, 10) == [s["d1a"], s["d1b"]]
+
+    async def test_due_schedules_skip_replaced_and_deleted_ones(self, store: Store) -> None:
+        await store.commit(
+            Changes(
+                schedule_puts=[
+                    schedule("first", key="k0", due=1.0),
+                    schedule("moved", due=5.0),
+                    schedule("dropped", key="k2", due=6.0),
+                    schedule("cleared", key="k3", due=7.0),
+                    schedule("same", key="k4", due=8.0),
+                ]
+            )
+        )
+        await store.commit(
+            Changes(
+                schedule_clears=[(SAGA, "k3")],
+                schedule_deletes=[ScheduleDelete(SAGA, "k2", "dropped")],
+                schedule_puts=[
+                    schedule("moved", due=50.0),  # same id and name, later
+                    schedule("same", key="k4", due=8.0),  # put again unchanged
+                ],
+            )
+        )
+
+        assert await store.due_schedules(10.0, 10) == [
+            schedule("first", key="k0", due=1.0),
+            schedule("same", key="k4", due=8.0),
+        ]
+        assert await store.due_schedules(100.0, 10) == [
+            schedule("first", key="k0", due=1.0),
+            schedule("same", key="k4", due=8.0),
+            schedule("moved", due=50.0),
+        ]
+
+    async def test_many_replaced_schedules_still_come_out_in_order(self, store: Store) -> None:
+        for round_ in range(5):
+            await store.commit(
+                Changes(
+                    schedule_puts=[
+                        schedule(f"s{i}", key=f"k{i:03}", due=float(100 * round_ + i))
+                        for i in range(100)
+                    ]
+                )
+            )
+
+        due = await store.due_schedules(450.0, 20)
+
+        assert due == [schedule(f"s{i}", key=f"k{i:03}", due=400.0 + i) for i in range(20)]
+        assert await store.next_due() == 400.0
+
+    async def test_load_reports_only_pending_schedule_ids(self, store: Store) -> None:
+        await store.commit(
+            Changes(
+                schedule_puts=[schedule("s1"), schedule("s2"), schedule("s3", key="k2")],
+            )
+        )
+        await store.commit(
+            Changes(
+                schedule_deletes=[ScheduleDelete(SAGA, "k1", "s2")],
+                schedule_clears=[(SAGA, "k2")],
+            )
+        )
+
+        loaded = await store.load(LoadRequest(schedule_ids=["s1", "s2", "s3", "unknown"]))
+
+        assert loaded == Loaded(instances={}, marks=set(), schedule_ids={"s1"})
+
+    # -- dedup marks
+
+    async def test_dedup_marks_are_visible_until_they_expire(self, store: Store) -> None:
+        await store.commit(
+            Changes(
+                marks=[
+                    DedupMark(SAGA, "k1", "e1", expires_at=100.0),
+                    DedupMark(SAGA, "k1", "e2", expires_at=200.0),
+                ]
+            )
+        )
+        asked = [(SAGA, "k1", "e1"), (SAGA, "k1", "e2"), (SAGA, "k1", "e3")]
+
+        async def marks_at(now: float) -> set[tuple[str, str, str]]:
+            return (await store.load(LoadRequest(marks=asked, now=now))).marks
+
+        assert await marks_at(50.0) == {(SAGA, "k1", "e1"), (SAGA, "k1", "e2")}
+        assert await marks_at(100.0) == {(SAGA, "k1", "e1"), (SAGA, "k1", "e2")}
+        assert await marks_at(100.5) == {(SAGA, "k1", "e2")}
+        assert await marks_at(300.0) == set()
+
+    async def test_dedup_marks_belong_to_one_instance(self, store: Store) -> None:
+        await store.commit(Changes(marks=[DedupMark(SAGA, "k1", "e1", expires_at=100.0)]))
+
+        loaded = await store.load(
+            LoadRequest(
+                marks=[(SAGA, "k1", "e1"), (SAGA, "k2", "e1"), ("Other", "k1", "e1")],
+                now=1.0,
+            )
+        )
+
+        assert loaded.marks == {(SAGA, "k1", "e1")}
+
+    async def test_many_expired_marks_do_not_hide_new_ones(self, store: Store) -> None:
+        for batch in range(10):
+            await store.commit(
+                Changes(
+                    marks=[
+                        DedupMark(SAGA, f"k{i}", f"b{batch}", expires_at=float(batch))
+                        for i in range(100)
+                    ]
+                )
+            )
+            await store.load(LoadRequest(now=float(batch)))
+        await store.commit(Changes(marks=[DedupMark(SAGA, "k0", "fresh", expires_at=1000.0)]))
+
+        loaded = await store.load(
+            LoadRequest(
+                marks=[(SAGA, "k0", "fresh"), (SAGA, "k0", "b9"), (SAGA, "k0", "b8")], now=9.0
+            )
+        )
+
+        assert loaded.marks == {(SAGA, "k0", "fresh"), (SAGA, "k0", "b9")}
+
+    # -- listings
+
+    async def test_list_instances_filters_orders_and_limits(self, store: Store) -> None:
+        records = {
+            "b2": instance("2", saga="B"),
+            "a9": instance("9", saga="A", status=COMPLETING),
+            "b1": instance("1", saga="B", status=COMPENSATION_FAILED),
+            "a10": instance("10", saga="A"),
+            "c1": instance("1", saga="C", status=COMPLETING),
+        }
+        await store.commit(create(*records.values()))
+        r = records
+
+        assert await store.list_instances() == [r["a10"], r["a9"], r["b1"], r["b2"], r["c1"]]
+        assert await store.list_instances(saga="A") == [r["a10"], r["a9"]]
+        assert await store.list_instances(status=COMPLETING) == [r["a9"], r["c1"]]
+        assert await store.list_instances(saga="B", status=ACTIVE) == [r["b2"]]
+        assert await store.list_instances(saga="Z") == []
+        assert await store.list_instances(limit=3) == [r["a10"], r["a9"], r["b1"]]
+        assert await store.list_instances(status=COMPLETING, limit=1) == [r["a9"]]
+        assert await store.list_instances(limit=0) == []
+
+    async def test_list_outbox_filters_and_orders_by_saga_key_seq(self, store: Store) -> None:
+        rows = [
+            outbox_row("b-k1-2", saga="B", key="k1", seq=2),
+            outbox_row("a-k2-1", saga="A", key="k2", seq=1, kind="compensate"),
+            outbox_row("a-k1-10", saga="A", key="k1", seq=10, due=3.0),
+            outbox_row("a-k1-9", saga="A", key="k1", seq=9),
+            outbox_row("b-k1-1", saga="B", key="k1", seq=1),
+        ]
+        await store.commit(Changes(outbox_adds=rows))
+        r = {row.id: row for row in rows}
+
+        assert await store.list_outbox() == [
+            r["a-k1-9"],
+            r["a-k1-10"],
+            r["a-k2-1"],
+            r["b-k1-1"],
+            r["b-k1-2"],
+        ]
+        assert await store.list_outbox(saga="A") == [r["a-k1-9"], r["a-k1-10"], r["a-k2-1"]]
+        assert await store.list_outbox(key="k1") == [
+            r["a-k1-9"],
+            r["a-k1-10"],
+            r["b-k1-1"],
+            r["b-k1-2"],
+        ]
+        assert await store.list_outbox(saga="A", key="k2") == [r["a-k2-1"]]
+        assert await store.list_outbox(saga="C") == []
+
+    async def test_list_schedules_filters_and_orders_by_due_then_seq(self, store: Store) -> None:
+        rows = [
+            schedule("s1", saga="B", key="k1", due=5.0),
+            schedule("s2", saga="A", key="k2", due=1.0, to_self=True),
+            schedule("s3", saga="A", key="k1", due=5.0, seq=2),
+            schedule("s4", saga="A", key="k1", name="other", due=5.0, seq=1),
+            schedule("s5", saga="B", key="k2", due=0.5),
+        ]
+        await store.commit(Changes(schedule_puts=rows))
+        r = {row.id: row for row in rows}
+
+        assert await store.list_schedules() == [r["s5"], r["s2"], r["s1"], r["s4"], r["s3"]]
+        assert await store.list_schedules(saga="A") == [r["s2"], r["s4"], r["s3"]]
+        assert await store.list_schedules(key="k1") == [r["s1"], r["s4"], r["s3"]]
+        assert await store.list_schedules(saga="B", key="k2") == [r["s5"]]
+        assert await store.list_schedules(key="nope") == []
+
+    async def test_list_dead_letters_filters_and_orders_oldest_first(self, store: Store) -> None:
+        rows = [
+            dead_letter("d1", saga="B", failed_at=30.0),
+            dead_letter("d2", saga="A", failed_at=10.0, kind="event"),
+            dead_letter("d3", saga="A", failed_at=20.0, kind="compensate", seq=3),
+            dead_letter("d4", saga="B", failed_at=5.0),
+        ]
+        await store.commit(Changes(dead_letters=rows))
+        r = {row.id: row for row in rows}
+
+        assert await store.list_dead_letters() == [r["d4"], r["d2"], r["d3"], r["d1"]]
+        assert await store.list_dead_letters(saga="A") == [r["d2"], r["d3"]]
+        assert await store.list_dead_letters(saga="C") == []
+
+    # -- dead letters
+
+    async def test_dead_letters_are_added_replaced_and_deleted(self, store: Store) -> None:
+        await store.commit(Changes(dead_letters=[dead_letter("d1"), dead_letter("d2")]))
+        replaced = dead_letter("d2", failed_at=70.0, seq=2)
+
+        await store.commit(Changes(dead_letters=[replaced]))
+        assert await store.list_dead_letters() == [dead_letter("d1"), replaced]
+
+        await store.commit(Changes(dead_letter_deletes=["d1", "missing"]))
+        assert await store.list_dead_letters() == [replaced]
+
+    async def test_records_round_trip_with_every_field(self, store: Store) -> None:
+        row = outbox_row("c1", seq=7, kind="compensate", attempts=2, due=1.25, error="E: e")
+        timer = schedule("t1", name="payment", due=1e9 + 0.123, to_self=True, seq=11, attempts=3)
+        dead = dead_letter("d1", kind="event", seq=9, failed_at=1.7e9 + 0.5)
+
+        await store.commit(Changes(outbox_adds=[row], schedule_puts=[timer], dead_letters=[dead]))
+
+        assert await store.list_outbox() == [row]
+        assert await store.list_schedules() == [timer]
+        assert await store.list_dead_letters() == [dead]
