@@ -9,15 +9,15 @@ from typing import Any, TypeVar, overload
 import attrs
 
 from ._actions import CommandFailed
-from ._retry import RetryPolicy
 from ._decorators import CORRELATE_ATTR, HANDLER_ATTR, CorrelateMark, HandlerMark
+from ._retry import RetryPolicy
 from ._serialization import Serializer
 from .exceptions import RegistrationError, RegistrationErrors, SerializationError
 
 __all__ = ["HandlerSpec", "Registry", "SagaSpec", "Target"]
 
 C = TypeVar("C", bound=type)
-O = TypeVar("O")
+S = TypeVar("S")
 
 
 @attrs.frozen
@@ -147,7 +147,7 @@ class Registry:
 
         return decorate
 
-    def register(self, obj: O, *, state: type, name: str | None = None) -> O:
+    def register(self, obj: S, *, state: type, name: str | None = None) -> S:
         """Register a saga object (so it can carry collaborators).
 
         Args:
@@ -293,7 +293,7 @@ class Registry:
             return [RegistrationError(f"saga {name!r}: state must be a class, got {state!r}")]
         try:
             default = state()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure means "not default-constructible"
             return [
                 RegistrationError(
                     f"saga {name!r}: state class {state.__qualname__} cannot be created "
@@ -305,7 +305,7 @@ class Registry:
         conv = self._serializer.converter
         try:
             back: object = conv.loads(conv.dumps(default), state)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure means "does not round-trip"
             return [
                 RegistrationError(
                     f"saga {name!r}: state class {state.__qualname__} does not round-trip "

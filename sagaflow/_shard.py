@@ -37,8 +37,8 @@ from .stores._protocol import (
     InstanceDelete,
     InstanceRecord,
     InstanceWrite,
-    LoadRequest,
     Loaded,
+    LoadRequest,
     OutboxRecord,
     ScheduleDelete,
     ScheduleRecord,
@@ -337,12 +337,12 @@ class _Batch:
         elif w.record.status == COMPENSATION_FAILED:
             self._dead_event(w, item, "the instance's compensation failed; retry or abort it first")
             return
-        if await self._handle(w, item, item.handler, item.event, allow_schedule=True):
-            if item.event_id is not None:
-                mark = (saga, key, item.event_id)
-                self.marks[mark] = DedupMark(
-                    saga, key, item.event_id, self.now + self.shard.dedup_retention
-                )
+        applied = await self._handle(w, item, item.handler, item.event, allow_schedule=True)
+        if applied and item.event_id is not None:
+            mark = (saga, key, item.event_id)
+            self.marks[mark] = DedupMark(
+                saga, key, item.event_id, self.now + self.shard.dedup_retention
+            )
 
     async def _fire(self, w: _Work, item: Item) -> None:
         s = item.schedule
@@ -496,7 +496,7 @@ class _Batch:
             cause = exc.__cause__ or exc
             self._give_up(w, item, event, fire, error_text(cause), failure, item.attempts + 1)
             return False
-        except Exception as exc:  # noqa: BLE001 - a handler may raise anything
+        except Exception as exc:
             self._restore(w)
             attempts = item.attempts + 1
             policy = handler.retry or shard.policy
