@@ -1,0 +1,206 @@
+"""The "orders" workload (shared/bench/WORKLOAD.md) through sagaflow's public API.
+
+Prints one JSON line with the same fields as the hand-written limit programs
+(`events_per_s`, `peak_rss_mib`, `ok`, ...), after checking that the dispatcher
+received exactly the expected commands and that no state or schedule is left.
+
+    python benchmarks/bench_orders.py --store memory --n 20000 --w 1000
+    python benchmarks/bench_orders.py --store sqlite --backend trio
+
+The workload module is read from $SAGAFLOW_BENCH_DIR, else ../shared/bench next to
+the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+
+HERE = Path(__file__).resolve().parent
+BENCH_DIR = Path(os.environ.get("SAGAFLOW_BENCH_DIR", HERE.parent.parent / "shared" / "bench"))
+sys.path.insert(0, str(BENCH_DIR))
+
+import _workload as wl  # noqa: E402
+
+from sagaflow import (  # noqa: E402
+    Compensate,
+    Complete,
+    DispatchMeta,
+    Registry,
+    Runtime,
+    Schedule,
+    Send,
+    correlate,
+    on,
+)
+from sagaflow.stores import MemoryStore, SQLiteStore, Store  # noqa: E402
+
+
+@attrs.define
+class OrderState:
+    status: str = "new"
+    amount: int = 0
+
+
+registry = Registry(allow=["_workload"])
+
+
+@registry.saga(state=OrderState, name="orders")
+class OrderSaga:
+    @correlate
+    def order_id(self, event: Any) -> str:
+        return str(event.order_id)
+
+    @on(wl.OrderPlaced, start=True)
+    def placed(self, st: OrderState, e: wl.OrderPlaced) -> list[Any]:
+        st.status, st.amount = "placed", e.amount
+        return [
+            Send(wl.ReserveStock(e.order_id, e.amount)),
+            Schedule(
+                wl.CancelOrder(e.order_id, wl.TIMEOUT_REASON),
+                after=timedelta(seconds=wl.TIMEOUT_SECONDS),
+                name="timeout",
+            ),
+        ]
+
+    @on(wl.StockReserved)
+    def reserved(self, st: OrderState, e: wl.StockReserved) -> Send[Any]:
+        st.status = "reserved"
+        return Send(wl.CapturePayment(e.order_id, st.amount))
+
+    @on(wl.PaymentCaptured)
+    def captured(self, st: OrderState, e: wl.PaymentCaptured) -> Send[Any]:
+        st.status = "paid"
+        return Send(wl.ShipOrder(e.order_id))
+
+    @on(wl.PaymentFailed)
+    def payment_failed(self, st: OrderState, e: wl.PaymentFailed) -> list[Any]:
+        return [
+            Compensate([wl.ReleaseStock(e.order_id), wl.CancelOrder(e.order_id, e.reason)]),
+            Complete(),
+        ]
+
+    @on(wl.OrderShipped)
+    def shipped(self, st: OrderState, e: wl.OrderShipped) -> Complete:
+        return Complete()
+
+
+class Recorder:
+    """Records every command (or only counts them with --discard)."""
+
+    def __init__(self, discard: bool) -> None:
+        self.sent: list[Any] = []
+        self.count = 0
+        self.discard = discard
+        if discard:
+            del self.sent
+
+    async def __call__(self, command: Any, meta: DispatchMeta) -> None:
+        if self.discard:
+            self.count += 1
+        else:
+            self.sent.append(command)
+
+
+async def events(n: int, w: int) -> AsyncIterator[Any]:
+    for event in wl.stream(n, w):
+        yield event
+
+
+def make_store(kind: str, tmp: str) -> Store:
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "sqlite":
+        return SQLiteStore(Path(tmp) / "bench.db")
+    if kind == "postgres":
+        from sagaflow.stores import PostgresStore  # type: ignore[attr-defined]
+
+        return PostgresStore(os.environ["SAGAFLOW_PG_DSN"])  # type: ignore[no-any-return]
+    raise SystemExit(f"unknown store {kind!r}")
+
+
+async def main(args: argparse.Namespace) -> None:
+    n, w = args.n, args.w
+    recorder = Recorder(args.discard)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DATA_DIR")) as tmp:
+        store = make_store(args.store, tmp)
+        runtime = Runtime(
+            registry,
+            store=store,
+            dispatch=recorder,
+            shards=args.shards,
+            cache_size=max(2 * w, 10_000) if args.cache is None else args.cache,
+        )
+        async with runtime:
+            if args.gc == "off":
+                gc.disable()
+            rss_start = wl.peak_rss_mib()
+            t0 = time.perf_counter()
+            count = await runtime.run(events(n, w))
+            await runtime.drain()
+            seconds = time.perf_counter() - t0
+            peak = wl.peak_rss_mib()
+            stats = runtime.statistics()
+            left = await store.list_instances(limit=5)
+            schedules = await store.list_schedules()
+            outbox = await store.list_outbox()
+    problems = wl.check_commands(n, recorder)
+    if count != wl.total_events(n):
+        problems.append(f"consumed {count} events, expected {wl.total_events(n)}")
+    if stats.events_handled != wl.total_events(n):
+        problems.append(f"handled {stats.events_handled} events")
+    if left:
+        problems.append(f"instance states remain, e.g. {left[0]}")
+    if schedules:
+        problems.append(f"{len(schedules)} schedules pending")
+    if outbox:
+        problems.append(f"{len(outbox)} outbox rows pending")
+    wl.report(
+        system="sagaflow",
+        mode=args.store,
+        n=n,
+        w=w,
+        events=count,
+        seconds=seconds,
+        peak_rss=peak,
+        ok=not problems,
+        problems=problems,
+        backend=args.backend,
+        feed="Runtime.run(async generator)",
+        commands=recorder.count if args.discard else len(recorder.sent),
+        batches=stats.batches_committed,
+        shards=args.shards,
+        gc=args.gc,
+        rss_start_mib=round(rss_start, 1),
+    )
+    if problems:
+        raise SystemExit(1)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--store", choices=("memory", "sqlite", "postgres"), default="memory")
+    p.add_argument("--n", type=int, default=20_000)
+    p.add_argument("--w", type=int, default=1_000)
+    p.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--cache", type=int, default=None, help="state cache size")
+    p.add_argument("--gc", choices=("on", "off"), default="on")
+    p.add_argument("--discard", action="store_true", help="count commands, don't keep them")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    a = parse_args()
+    anyio.run(main, a, backend=a.backend)
