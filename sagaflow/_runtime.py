@@ -387,20 +387,23 @@ class Runtime:
         self._activity.begin()
         self._shard(*ref).mailbox.put_unbounded(Item(FINALIZE, spec, ref[1]))
 
-    async def _fire(self, rows: list[ScheduleRecord]) -> None:
+    async def _fire(self, rows: list[ScheduleRecord]) -> int:
         ack = Ack(0)
+        ack_count = 0
         for row in rows:
             spec = self._spec(row.saga)
             if spec is None:
                 log.error("schedule %s belongs to unknown saga %r; kept", row.id, row.saga)
                 continue
             ack.add(1)
+            ack_count += 1
             self._activity.begin()
             self._shard(row.saga, row.key).mailbox.put_unbounded(
                 Item(FIRE, spec, row.key, ack=ack, schedule=row)
             )
         try:
             await ack.wait()
-        except Exception as exc:  # noqa: BLE001 - the store failed; try again later
+        except Exception as exc:  # noqa: BLE001 - the store failed; the timer looks again
             log.error("could not fire due schedules: %s", exc)
-            await self._clock.sleep_until(self._clock.now() + self._policy.initial_delay)
+            return 0
+        return ack_count

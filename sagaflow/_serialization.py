@@ -58,6 +58,10 @@ class Serializer:
 
     _prefixes: set[str] = attrs.field(factory=set, alias="prefixes", converter=set)
     _converter: JsonConverter = attrs.field(factory=make_converter, init=False)
+    _encoder: json.JSONEncoder = attrs.field(
+        factory=lambda: json.JSONEncoder(ensure_ascii=False, check_circular=False),
+        init=False,
+    )
     _by_name: dict[str, type] = attrs.field(factory=dict, init=False)
     _names: dict[type, str] = attrs.field(factory=dict, init=False)
 
@@ -166,7 +170,7 @@ class Serializer:
     def dumps(self, value: object, name: str) -> str:
         """Encode `value` as JSON text; `name` names it in errors."""
         try:
-            return self._converter.dumps(value)
+            return self._encoder.encode(self._converter.unstructure(value))
         except Exception as exc:
             raise SerializationError(
                 f"cannot encode a {name!r} value as JSON: {type(exc).__name__}: {exc}"

@@ -582,66 +582,56 @@ class _Batch:
         allow_schedule: bool,
         event: Any,
     ) -> InstanceRecord:
-        """Turn a handler's result into outbox rows and schedule changes."""
+        """Turn a handler's result into outbox rows and schedule changes.
+
+        Raises:
+            _Rejected: The result cannot be applied (not an action, a Schedule where
+                none is allowed, a value that cannot be serialized).
+        """
         spec, key = w.spec, w.key
         ser = self.shard.serializer
-        iid = record.instance_id
+        prefix = f"{record.instance_id}.{version}."
+        base = version << _SEQ_BITS
         rows: list[OutboxRecord] = []
         commands: list[Any] = []
         schedules: list[ScheduleRecord] = []
         unschedules: list[str] = []
         complete = False
-        index = 0
-
-        def reject(message: str) -> _Rejected:
-            exc = _Rejected(message)
-            exc.__cause__ = ActionError(
-                f"saga {spec.name!r} key {key!r} handling {type(event).__name__}: {message}",
-                saga=spec.name,
-                key=key,
-            )
-            return exc
-
-        def add_row(command: Any, kind: str) -> None:
-            nonlocal index
-            if index >= _MAX_OUTPUTS:
-                raise reject(f"a handler may return at most {_MAX_OUTPUTS} commands")
-            type_name, payload = ser.encode(command)
-            rows.append(
-                OutboxRecord(
-                    f"{iid}.{version}.{index}",
-                    spec.name,
-                    key,
-                    version << _SEQ_BITS | index,
-                    kind,
-                    type_name,
-                    payload,
-                )
-            )
-            commands.append(command)
-            index += 1
-
         try:
-            for action in _actions(result, reject):
+            for action in _actions(result, self._reject, w, event):
                 cls = type(action)
-                if cls is Send:
-                    add_row(action.command, SEND)
-                elif cls is Compensate:
-                    for command in action.commands:
-                        add_row(command, COMPENSATE)
+                if cls is Send or cls is Compensate:
+                    kind = SEND if cls is Send else COMPENSATE
+                    for command in (action.command,) if cls is Send else action.commands:
+                        index = len(rows) + len(schedules)
+                        type_name, payload = ser.encode(command)
+                        rows.append(
+                            OutboxRecord(
+                                prefix + str(index),
+                                spec.name,
+                                key,
+                                base | index,
+                                kind,
+                                type_name,
+                                payload,
+                            )
+                        )
+                        commands.append(command)
                 elif cls is Schedule:
                     if not allow_schedule or complete or record.completed:
-                        raise reject(
-                            "Schedule cannot be returned by a completing instance "
-                            "(or together with Complete)"
+                        raise self._reject(
+                            w, event, "Schedule cannot be returned by a completing instance"
                         )
                     if action.to_self and spec.handler_for(type(action.message)) is None:
-                        raise reject(
+                        raise self._reject(
+                            w,
+                            event,
                             f"Schedule(to_self=True) of {type(action.message).__name__}, "
-                            "which this saga has no handler for"
+                            "which this saga has no handler for",
                         )
+                    index = len(rows) + len(schedules)
                     type_name, payload = ser.encode(action.message)
-                    sid = f"{iid}.{version}.{index}"
+                    sid = prefix + str(index)
                     schedules.append(
                         ScheduleRecord(
                             sid,
@@ -652,49 +642,70 @@ class _Batch:
                             action.to_self,
                             type_name,
                             payload,
-                            version << _SEQ_BITS | index,
+                            base | index,
                         )
                     )
-                    index += 1
                 elif cls is Unschedule:
                     unschedules.append(action.name)
                 elif cls is Complete:
                     if schedules:
-                        raise reject("Schedule cannot be returned together with Complete")
+                        raise self._reject(
+                            w, event, "Schedule cannot be returned together with Complete"
+                        )
                     complete = True
                 else:
-                    raise reject(
+                    raise self._reject(
+                        w,
+                        event,
                         f"returned {action!r}, which is not an action (Send, Schedule, "
-                        "Unschedule, Compensate, Complete)"
+                        "Unschedule, Compensate, Complete)",
                     )
+            if len(rows) + len(schedules) > _MAX_OUTPUTS:
+                raise self._reject(w, event, f"more than {_MAX_OUTPUTS} commands at once")
             state_json = ser.dumps(state, spec.state_type.__qualname__)
         except SerializationError as exc:
-            raise reject(str(exc)) from exc
+            raise self._reject(w, event, str(exc)) from exc
 
-        ops = self.schedule_ops
-        for name in unschedules:
-            ops[(spec.name, key, name)] = None
-        for s in schedules:
-            ops[(spec.name, key, s.name)] = s
-        if complete and not record.completed:
-            for skey in [k for k in ops if k[0] == spec.name and k[1] == key]:
-                del ops[skey]
-            self.clears.append((spec.name, key))
-        w.rows.extend(rows)
-        w.commands.extend(commands)
+        if unschedules or schedules or complete:
+            ops = self.schedule_ops
+            for name in unschedules:
+                ops[(spec.name, key, name)] = None
+            for s in schedules:
+                ops[(spec.name, key, s.name)] = s
+            if complete and not record.completed:
+                for skey in [k for k in ops if k[0] == spec.name and k[1] == key]:
+                    del ops[skey]
+                self.clears.append((spec.name, key))
+        if rows:
+            w.rows.extend(rows)
+            w.commands.extend(commands)
         status = record.status
         if complete and status == ACTIVE:
             status = COMPLETING
             w.became_completing = True
-        return attrs.evolve(
-            record,
-            version=version,
-            status=status,
-            state=state_json,
-            updated_at=self.now,
-            last_event=ser.name_of(type(event)) if type(event) is not CommandFailed else None,
-            completed=record.completed or complete,
+        event_type = type(event)
+        return InstanceRecord(
+            spec.name,
+            key,
+            version,
+            status,
+            state_json,
+            record.instance_id,
+            record.created_at,
+            self.now,
+            None if event_type is CommandFailed else ser.name_of(event_type),
+            record.completed or complete,
         )
+
+    @staticmethod
+    def _reject(w: _Work, event: Any, message: str) -> _Rejected:
+        exc = _Rejected(message)
+        exc.__cause__ = ActionError(
+            f"saga {w.spec.name!r} key {w.key!r} handling {type(event).__name__}: {message}",
+            saga=w.spec.name,
+            key=w.key,
+        )
+        return exc
 
     # -- outcomes ------------------------------------------------------------------
 
@@ -824,11 +835,17 @@ class _Batch:
             shard.mailbox.put_unbounded(item)
 
 
-def _actions(result: Any, reject: Callable[[str], Exception]) -> Iterable[Any]:
+def _actions(
+    result: Any, reject: Callable[[_Work, Any, str], Exception], w: _Work, event: Any
+) -> Iterable[Any]:
     if result is None:
         return ()
+    if isinstance(result, list | tuple):
+        return result
     if isinstance(result, Send | Schedule | Unschedule | Compensate | Complete):
         return (result,)
     if isinstance(result, str | bytes) or not isinstance(result, Iterable):
-        raise reject(f"returned {result!r}; return None, an action or an iterable of actions")
+        raise reject(
+            w, event, f"returned {result!r}; return None, an action or an iterable of actions"
+        )
     return result

@@ -24,14 +24,17 @@ class Timer:
 
     It never polls: it sleeps until the earliest due time it knows, and `notify` wakes it
     early when a commit adds an earlier one. Due schedules are read in pages of `page`
-    and handed to `fire`, which returns once they are committed.
+    and handed to `fire`, which returns once they are committed, with how many it took.
+    A page it could not take (its saga is not registered, the store failed) is looked
+    at again `backoff` seconds later, not in a tight loop.
     """
 
     store: Store
     clock: Any
     activity: Activity
-    fire: Callable[[list[ScheduleRecord]], Awaitable[None]]
+    fire: Callable[[list[ScheduleRecord]], Awaitable[int]]
     page: int = 256
+    backoff: float = 1.0
     _target: float | None = attrs.field(default=None, init=False)
     _scope: anyio.CancelScope | None = attrs.field(default=None, init=False)
     _dirty: bool = attrs.field(default=True, init=False)
@@ -75,8 +78,10 @@ class Timer:
             now = self.clock.now()
             rows = await self.store.due_schedules(now, self.page)
             if rows:
-                await self.fire(rows)
-                continue
+                if await self.fire(rows):
+                    continue
+                self._target = now + self.backoff
+                return
             if not self._dirty:
                 self._target = await self.store.next_due()
             if not self._dirty:

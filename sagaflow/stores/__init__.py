@@ -24,6 +24,7 @@ from ._protocol import (
     ScheduleRecord,
     Store,
 )
+from ._sqlite import SQLiteStore
 
 __all__ = [
     "ACTIVE",
@@ -40,6 +41,7 @@ __all__ = [
     "MemoryStore",
     "OutboxRecord",
     "OutboxUpdate",
+    "SQLiteStore",
     "ScheduleDelete",
     "ScheduleRecord",
     "Store",

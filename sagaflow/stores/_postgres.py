@@ -1,0 +1,1031 @@
+"""`PostgresStore`: the store protocol on PostgreSQL, so many processes can share it.
+
+psycopg 3 is blocking here on purpose: every call runs in a worker thread
+(`anyio.to_thread`) on a connection from a `psycopg_pool.ConnectionPool`, so the store
+works on asyncio and trio alike. Each protocol method is one thread hop; `commit` is one
+transaction of batched statements, one per kind of row.
+
+The tables live in their own PostgreSQL schema (`sagaflow` unless told otherwise), created
+or migrated by `open` under a transaction-level advisory lock, so several processes may
+start at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+import attrs
+
+from ..exceptions import ConflictError, SchemaVersionError, StoreError
+from ._protocol import (
+    Changes,
+    DeadLetter,
+    InstanceDelete,
+    InstanceRecord,
+    InstanceWrite,
+    Loaded,
+    LoadRequest,
+    OutboxRecord,
+    ScheduleRecord,
+)
+
+try:
+    import psycopg
+    import psycopg.errors
+    from psycopg.conninfo import conninfo_to_dict
+    from psycopg.rows import TupleRow, class_row
+    from psycopg_pool import ConnectionPool
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "PostgresStore needs psycopg 3 and psycopg-pool, which come with sagaflow's "
+        f"`postgres` extra: pip install 'sagaflow[postgres]' ({exc})"
+    ) from exc
+
+__all__ = ["SCHEMA_VERSION", "PostgresStore", "redact_dsn"]
+
+log = logging.getLogger("sagaflow.stores.postgres")
+
+T = TypeVar("T")
+_Ref = tuple[str, str]
+_Pool = ConnectionPool[psycopg.Connection[TupleRow]]
+
+# -- DSN redaction
+
+_URL_SCHEME = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://")
+# libpq keyword values: quoted with backslash escapes, or unquoted up to whitespace (a
+# backslash escapes a space there too). An unterminated quote runs to the end.
+_KEYWORD_PASSWORD = re.compile(
+    r"\b((?:ssl)?password)\s*=\s*('(?:[^'\\]|\\.)*'?|(?:\\.|\S)*)", re.IGNORECASE | re.DOTALL
+)
+_QUERY_PASSWORD = re.compile(r"([?&](?:ssl)?password)=([^&]*)", re.IGNORECASE)
+_MASK = "***"
+
+
+def _redact(dsn: str) -> tuple[str, list[str]]:
+    """`dsn` with its passwords masked, and the passwords (as written and decoded)."""
+    secrets: list[str] = []
+    scheme = _URL_SCHEME.match(dsn)
+    if scheme is None:
+
+        def mask(m: re.Match[str]) -> str:
+            value = m.group(2)
+            secrets.append(value)
+            if value.startswith("'"):
+                value = value[1:-1] if len(value) > 1 and value.endswith("'") else value[1:]
+            secrets.append(re.sub(r"\\(.)", r"\1", value, flags=re.DOTALL))
+            return f"{m.group(1)}={_MASK}"
+
+        return _KEYWORD_PASSWORD.sub(mask, dsn), secrets
+
+    start = scheme.end()
+    rest = dsn[start:]
+    # userinfo ends at the last "@" before the query, so an unencoded "@", "/" or ":" in
+    # a password is masked too (at worst, more than the password is).
+    query = rest.find("?")
+    head = rest if query < 0 else rest[:query]
+    at = head.rfind("@")
+    if at >= 0 and (colon := head.find(":", 0, at)) >= 0:
+        secrets.append(head[colon + 1 : at])
+        rest = f"{rest[: colon + 1]}{_MASK}{rest[at:]}"
+
+    def mask_query(m: re.Match[str]) -> str:
+        secrets.append(m.group(2))
+        return f"{m.group(1)}={_MASK}"
+
+    rest = _QUERY_PASSWORD.sub(mask_query, rest)
+    secrets.extend([urllib.parse.unquote(s) for s in secrets])
+    return dsn[:start] + rest, secrets
+
+
+def redact_dsn(dsn: str) -> str:
+    """`dsn` with every password replaced by `***`, fit for logs, reprs and messages.
+
+    Both forms libpq accepts are understood: URLs (`postgresql://user:secret@host/db`,
+    `...?password=secret`) and keyword/value strings (`host=db password=secret`, quoted
+    values included). `sslpassword` is masked as well.
+
+    Args:
+        dsn: A PostgreSQL connection string.
+
+    Returns:
+        The connection string with its passwords masked; the rest is unchanged.
+    """
+    return _redact(dsn)[0]
+
+
+# -- schema
+
+SCHEMA_VERSION = 1
+"""The newest schema version this sagaflow writes; stored in the `meta` table."""
+
+# Each step migrates from the version equal to its index to the next one. `{s}` is the
+# quoted schema name. Text that identifies or orders rows is `COLLATE "C"`, so listings
+# sort as Python sorts strings whatever the database's locale.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        'CREATE TABLE {s}.meta (key text COLLATE "C" PRIMARY KEY, value text NOT NULL)',
+        """CREATE TABLE {s}.instances (
+            saga text COLLATE "C" NOT NULL,
+            key text COLLATE "C" NOT NULL,
+            version bigint NOT NULL,
+            status text NOT NULL,
+            state text NOT NULL,
+            instance_id text NOT NULL,
+            created_at double precision NOT NULL,
+            updated_at double precision NOT NULL,
+            last_event text,
+            completed boolean NOT NULL DEFAULT false,
+            PRIMARY KEY (saga, key)
+        )""",
+        "CREATE INDEX instances_status ON {s}.instances (status, saga, key)",
+        """CREATE TABLE {s}.outbox (
+            id text COLLATE "C" PRIMARY KEY,
+            saga text COLLATE "C" NOT NULL,
+            key text COLLATE "C" NOT NULL,
+            seq bigint NOT NULL,
+            kind text NOT NULL,
+            type_name text NOT NULL,
+            payload text NOT NULL,
+            attempts integer NOT NULL,
+            due double precision NOT NULL,
+            error text,
+            lease_owner text,
+            lease_expires double precision
+        )""",
+        "CREATE INDEX outbox_instance ON {s}.outbox (saga, key, seq)",
+        "CREATE INDEX outbox_due ON {s}.outbox (due)",
+        """CREATE TABLE {s}.schedules (
+            saga text COLLATE "C" NOT NULL,
+            key text COLLATE "C" NOT NULL,
+            name text COLLATE "C" NOT NULL,
+            id text COLLATE "C" NOT NULL,
+            due double precision NOT NULL,
+            to_self boolean NOT NULL,
+            type_name text NOT NULL,
+            payload text NOT NULL,
+            seq bigint NOT NULL,
+            attempts integer NOT NULL,
+            pos bigint GENERATED BY DEFAULT AS IDENTITY,
+            lease_owner text,
+            lease_expires double precision,
+            PRIMARY KEY (saga, key, name)
+        )""",
+        "CREATE INDEX schedules_due ON {s}.schedules (due, seq)",
+        "CREATE INDEX schedules_id ON {s}.schedules (id)",
+        """CREATE TABLE {s}.dead_letters (
+            id text COLLATE "C" PRIMARY KEY,
+            saga text COLLATE "C" NOT NULL,
+            key text COLLATE "C" NOT NULL,
+            kind text NOT NULL,
+            type_name text NOT NULL,
+            payload text NOT NULL,
+            error text NOT NULL,
+            attempts integer NOT NULL,
+            failed_at double precision NOT NULL,
+            seq bigint NOT NULL,
+            pos bigint GENERATED BY DEFAULT AS IDENTITY
+        )""",
+        "CREATE INDEX dead_letters_failed ON {s}.dead_letters (failed_at, pos)",
+        """CREATE TABLE {s}.dedup_marks (
+            saga text COLLATE "C" NOT NULL,
+            key text COLLATE "C" NOT NULL,
+            event_id text COLLATE "C" NOT NULL,
+            expires_at double precision NOT NULL,
+            PRIMARY KEY (saga, key, event_id)
+        )""",
+        "CREATE INDEX dedup_marks_expires ON {s}.dedup_marks (expires_at)",
+    ),
+)
+assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+_SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+_INSTANCE = (
+    "saga, key, version, status, state, instance_id, created_at, updated_at, last_event, completed"
+)
+_OUTBOX = "id, saga, key, seq, kind, type_name, payload, attempts, due, error"
+_SCHEDULE = "id, saga, key, name, due, to_self, type_name, payload, seq, attempts"
+_DEAD = "id, saga, key, kind, type_name, payload, error, attempts, failed_at, seq"
+_TEXTS2 = "unnest(%s::text[], %s::text[])"
+
+# `{s}` is the quoted schema name; column lists are spliced in now.
+_SQL = {
+    "version": "SELECT value FROM {s}.meta WHERE key = 'schema_version'",
+    "set_version": (
+        "INSERT INTO {s}.meta (key, value) VALUES ('schema_version', %s) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    ),
+    # -- load
+    "load_instances": (
+        f"SELECT {_INSTANCE} FROM {{s}}.instances JOIN {_TEXTS2} AS r(saga, key) USING (saga, key)"
+    ),
+    "load_marks": (
+        "SELECT saga, key, event_id FROM {s}.dedup_marks "
+        "JOIN unnest(%s::text[], %s::text[], %s::text[]) AS r(saga, key, event_id) "
+        "USING (saga, key, event_id) WHERE expires_at >= %s"
+    ),
+    "load_schedule_ids": "SELECT DISTINCT id FROM {s}.schedules WHERE id = ANY(%s::text[])",
+    "prune_marks": "DELETE FROM {s}.dedup_marks WHERE expires_at < %s",
+    # -- commit: instances
+    "lock_instances": (
+        f"SELECT 1 FROM {{s}}.instances WHERE (saga, key) IN (SELECT * FROM {_TEXTS2}) "
+        "ORDER BY saga, key FOR UPDATE"
+    ),
+    "delete_instances": (
+        "DELETE FROM {s}.instances i "
+        "USING unnest(%s::text[], %s::text[], %s::int8[]) AS d(saga, key, version) "
+        "WHERE i.saga = d.saga AND i.key = d.key AND i.version = d.version "
+        "RETURNING i.saga, i.key"
+    ),
+    "existing_instances": (
+        f"SELECT saga, key FROM {{s}}.instances JOIN {_TEXTS2} AS r(saga, key) USING (saga, key)"
+    ),
+    "update_instances": (
+        "UPDATE {s}.instances i SET version = w.version, status = w.status, state = w.state, "
+        "instance_id = w.instance_id, created_at = w.created_at, updated_at = w.updated_at, "
+        "last_event = w.last_event, completed = w.completed "
+        "FROM unnest(%s::text[], %s::text[], %s::int8[], %s::int8[], %s::text[], %s::text[], "
+        "%s::text[], %s::float8[], %s::float8[], %s::text[], %s::bool[]) "
+        "AS w(saga, key, expected, version, status, state, instance_id, created_at, "
+        "updated_at, last_event, completed) "
+        "WHERE i.saga = w.saga AND i.key = w.key AND i.version = w.expected "
+        "RETURNING i.saga, i.key"
+    ),
+    "insert_instances": (
+        f"INSERT INTO {{s}}.instances ({_INSTANCE}) "
+        "SELECT * FROM unnest(%s::text[], %s::text[], %s::int8[], %s::text[], %s::text[], "
+        "%s::text[], %s::float8[], %s::float8[], %s::text[], %s::bool[]) "
+        "ON CONFLICT (saga, key) DO NOTHING RETURNING saga, key"
+    ),
+    # -- commit: schedules
+    "clear_schedules": (
+        f"DELETE FROM {{s}}.schedules t USING {_TEXTS2} AS c(saga, key) "
+        "WHERE t.saga = c.saga AND t.key = c.key"
+    ),
+    "delete_schedules": (
+        "DELETE FROM {s}.schedules t "
+        "USING unnest(%s::text[], %s::text[], %s::text[]) AS d(saga, key, name) "
+        "WHERE t.saga = d.saga AND t.key = d.key AND t.name = d.name"
+    ),
+    "put_schedules": (
+        f"INSERT INTO {{s}}.schedules ({_SCHEDULE}) "
+        "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], "
+        "%s::bool[], %s::text[], %s::text[], %s::int8[], %s::int4[]) "
+        "ON CONFLICT (saga, key, name) DO UPDATE SET id = excluded.id, due = excluded.due, "
+        "to_self = excluded.to_self, type_name = excluded.type_name, "
+        "payload = excluded.payload, seq = excluded.seq, attempts = excluded.attempts, "
+        "pos = excluded.pos, lease_owner = NULL, lease_expires = NULL"
+    ),
+    # -- commit: outbox
+    "clear_outbox": (
+        f"DELETE FROM {{s}}.outbox t USING {_TEXTS2} AS c(saga, key) "
+        "WHERE t.saga = c.saga AND t.key = c.key"
+    ),
+    "delete_outbox": "DELETE FROM {s}.outbox WHERE id = ANY(%s::text[])",
+    "add_outbox": (
+        f"INSERT INTO {{s}}.outbox ({_OUTBOX}) "
+        "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::int8[], %s::text[], "
+        "%s::text[], %s::text[], %s::int4[], %s::float8[], %s::text[]) "
+        "ON CONFLICT (id) DO UPDATE SET saga = excluded.saga, key = excluded.key, "
+        "seq = excluded.seq, kind = excluded.kind, type_name = excluded.type_name, "
+        "payload = excluded.payload, attempts = excluded.attempts, due = excluded.due, "
+        "error = excluded.error, lease_owner = NULL, lease_expires = NULL"
+    ),
+    "update_outbox": (
+        "UPDATE {s}.outbox t SET attempts = u.attempts, due = u.due, error = u.error, "
+        "lease_owner = NULL, lease_expires = NULL "
+        "FROM unnest(%s::text[], %s::int4[], %s::float8[], %s::text[]) "
+        "AS u(id, attempts, due, error) WHERE t.id = u.id"
+    ),
+    # -- commit: dead letters and marks
+    "delete_dead_letters": "DELETE FROM {s}.dead_letters WHERE id = ANY(%s::text[])",
+    "add_dead_letters": (
+        f"INSERT INTO {{s}}.dead_letters ({_DEAD}) "
+        "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
+        "%s::text[], %s::text[], %s::int4[], %s::float8[], %s::int8[]) "
+        "ON CONFLICT (id) DO UPDATE SET saga = excluded.saga, key = excluded.key, "
+        "kind = excluded.kind, type_name = excluded.type_name, payload = excluded.payload, "
+        "error = excluded.error, attempts = excluded.attempts, "
+        "failed_at = excluded.failed_at, seq = excluded.seq"
+    ),
+    "put_marks": (
+        "INSERT INTO {s}.dedup_marks (saga, key, event_id, expires_at) "
+        "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[]) "
+        "ON CONFLICT (saga, key, event_id) DO UPDATE SET expires_at = excluded.expires_at"
+    ),
+    # -- reads
+    "next_due": "SELECT min(due) FROM {s}.schedules",
+    "due_schedules": (
+        f"SELECT {_SCHEDULE} FROM {{s}}.schedules WHERE due <= %s ORDER BY due, seq, id LIMIT %s"
+    ),
+    "list_instances": f"SELECT {_INSTANCE} FROM {{s}}.instances",
+    "list_outbox": f"SELECT {_OUTBOX} FROM {{s}}.outbox",
+    "list_schedules": f"SELECT {_SCHEDULE} FROM {{s}}.schedules",
+    "list_dead_letters": f"SELECT {_DEAD} FROM {{s}}.dead_letters",
+    # -- leases (PostgreSQL only)
+    "claim_outbox": (
+        "WITH picked AS ("
+        " SELECT o.id FROM {s}.outbox o"
+        " WHERE o.due <= %(now)s"
+        " AND (o.lease_owner IS NULL OR o.lease_owner = %(owner)s"
+        " OR o.lease_expires <= %(now)s)"
+        " AND NOT EXISTS (SELECT FROM {s}.outbox p"
+        " WHERE p.saga = o.saga AND p.key = o.key AND p.seq < o.seq)"
+        " ORDER BY o.due, o.saga, o.key, o.seq LIMIT %(limit)s"
+        " FOR UPDATE OF o SKIP LOCKED) "
+        "UPDATE {s}.outbox t SET lease_owner = %(owner)s, lease_expires = %(expires)s "
+        "FROM picked WHERE t.id = picked.id "
+        "RETURNING t.id, t.saga, t.key, t.seq, t.kind, t.type_name, t.payload, t.attempts, "
+        "t.due, t.error"
+    ),
+    "release_outbox": (
+        "UPDATE {s}.outbox SET lease_owner = NULL, lease_expires = NULL "
+        "WHERE id = ANY(%(ids)s::text[]) "
+        "AND (%(owner)s::text IS NULL OR lease_owner = %(owner)s::text)"
+    ),
+    "claim_schedules": (
+        "WITH picked AS ("
+        " SELECT saga, key, name FROM {s}.schedules"
+        " WHERE due <= %(now)s"
+        " AND (lease_owner IS NULL OR lease_owner = %(owner)s OR lease_expires <= %(now)s)"
+        " ORDER BY due, seq, id LIMIT %(limit)s"
+        " FOR UPDATE SKIP LOCKED) "
+        "UPDATE {s}.schedules t SET lease_owner = %(owner)s, lease_expires = %(expires)s "
+        "FROM picked WHERE t.saga = picked.saga AND t.key = picked.key "
+        "AND t.name = picked.name "
+        "RETURNING t.id, t.saga, t.key, t.name, t.due, t.to_self, t.type_name, t.payload, "
+        "t.seq, t.attempts"
+    ),
+    "release_schedules": (
+        "UPDATE {s}.schedules SET lease_owner = NULL, lease_expires = NULL "
+        "WHERE id = ANY(%(ids)s::text[]) "
+        "AND (%(owner)s::text IS NULL OR lease_owner = %(owner)s::text)"
+    ),
+}
+
+# Marks expire but are not deleted by reads; every this many loads one also prunes them.
+_PRUNE_EVERY = 1024
+# Deadlocks and serialization failures abort a commit before anything is applied, so it is
+# simply run again, this many times at most.
+_TRANSIENT_ATTEMPTS = 3
+
+
+def _ref(item: InstanceDelete | OutboxRecord) -> _Ref:
+    return (item.saga, item.key)
+
+
+def _write_ref(write: InstanceWrite) -> _Ref:
+    return (write.record.saga, write.record.key)
+
+
+def _instance_row(r: InstanceRecord) -> tuple[Any, ...]:
+    """The columns of `r`, in the order of `_INSTANCE`."""
+    return (
+        r.saga,
+        r.key,
+        r.version,
+        r.status,
+        r.state,
+        r.instance_id,
+        float(r.created_at),
+        float(r.updated_at),
+        r.last_event,
+        r.completed,
+    )
+
+
+def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows to columns, each a list (psycopg sends lists as arrays, not tuples)."""
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+def _last_by(items: Sequence[T], key: Callable[[T], Any]) -> list[T]:
+    """`items` without earlier duplicates of a key (the last one wins), sorted by key.
+
+    One statement may not touch a row twice, and a stable order keeps concurrent commits
+    from locking the same rows in opposite orders.
+    """
+    return sorted({key(item): item for item in items}.values(), key=key)
+
+
+def _lock_key(schema: str) -> int:
+    """The advisory lock that serializes creating and migrating `schema`."""
+    digest = hashlib.blake2b(f"sagaflow schema {schema}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _check_schema(_: object, __: attrs.Attribute[str], value: str) -> None:
+    if not _SCHEMA_NAME.fullmatch(value):
+        raise ValueError(
+            f"PostgresStore schema name {value!r} is not a plain identifier: use letters, "
+            "digits and underscores, not starting with a digit, at most 63 characters"
+        )
+
+
+@attrs.define(eq=False, repr=False)
+class PostgresStore:
+    """Keeps instances, outbox, schedules, dead letters and dedup marks in PostgreSQL.
+
+    Several runtime processes may share one database: instance versions settle races on
+    an instance (optimistic concurrency), and `claim_outbox` / `claim_due_schedules`
+    hand each due row to one process at a time. Needs the `postgres` extra
+    (`pip install 'sagaflow[postgres]'`).
+
+    The DSN's password never appears in a repr, a log record or an error message.
+
+    Args:
+        dsn: A libpq connection string, as a URL (`postgresql://user:pw@host/db`) or as
+            keywords (`host=... dbname=...`).
+        schema: The PostgreSQL schema holding sagaflow's tables; created by `open` if
+            missing. Separate schemas keep separate stores in one database.
+        min_size: Connections the pool keeps open.
+        max_size: Connections the pool opens at most; also the number of store calls
+            that run at once.
+        timeout: Seconds to wait for a connection (when connecting, and when the pool is
+            busy) before failing with `StoreError`.
+
+    Raises:
+        ValueError: The schema name or the pool sizes are invalid.
+        StoreError: The DSN cannot be parsed.
+    """
+
+    _dsn: str
+    _schema: str = attrs.field(default="sagaflow", kw_only=True, validator=_check_schema)
+    _min_size: int = attrs.field(default=1, kw_only=True)
+    _max_size: int = attrs.field(default=10, kw_only=True)
+    _timeout: float = attrs.field(default=30.0, kw_only=True)
+    _redacted: str = attrs.field(init=False)
+    _secrets: tuple[str, ...] = attrs.field(init=False)
+    _sql: dict[str, str] = attrs.field(init=False)
+    _conninfo: str = attrs.field(init=False)
+    _pool: _Pool | None = attrs.field(default=None, init=False)
+    _limiter: anyio.CapacityLimiter | None = attrs.field(default=None, init=False)
+    _loads: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        redacted, secrets = _redact(self._dsn)
+        self._redacted = redacted
+        self._secrets = tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+        if not 0 <= self._min_size <= self._max_size or self._max_size < 1:
+            raise ValueError(
+                f"PostgresStore needs 0 <= min_size <= max_size and max_size >= 1, got "
+                f"min_size={self._min_size}, max_size={self._max_size}"
+            )
+        if self._timeout <= 0:
+            raise ValueError(f"PostgresStore timeout must be positive, got {self._timeout}")
+        try:
+            params = conninfo_to_dict(self._dsn)
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"PostgresStore cannot parse its DSN {self._redacted!r}: {self._scrub(exc)}"
+            ) from None
+        # Fail fast on an unreachable host unless the DSN says otherwise.
+        self._conninfo = self._dsn
+        if "connect_timeout" not in params:
+            self._conninfo = psycopg.conninfo.make_conninfo(
+                self._dsn, connect_timeout=max(1, round(self._timeout))
+            )
+        quoted = f'"{self._schema}"'
+        self._sql = {name: text.replace("{s}", quoted) for name, text in _SQL.items()}
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self._redacted!r}, schema={self._schema!r})"
+
+    # -- plumbing
+
+    def _scrub(self, exc: BaseException) -> str:
+        """`exc` as text, with the DSN and its passwords masked."""
+        text = f"{type(exc).__name__}: {str(exc).strip()}"
+        text = text.replace(self._dsn, self._redacted)
+        for secret in self._secrets:
+            text = text.replace(secret, _MASK)
+        return text
+
+    def _leaks(self, exc: BaseException) -> bool:
+        text = str(exc)
+        return any(secret in text for secret in self._secrets)
+
+    @contextmanager
+    def _translate(self, doing: str) -> Iterator[None]:
+        """Turn driver errors into `StoreError`s that do not show the password."""
+        try:
+            yield
+        except psycopg.OperationalError as exc:
+            raise StoreError(
+                f"{self!r} could not {doing}: {self._scrub(exc)}; check that the server "
+                "is running and reachable, and that the DSN is right"
+            ) from (None if self._leaks(exc) else exc)
+        except psycopg.Error as exc:
+            raise StoreError(f"{self!r} could not {doing}: {self._scrub(exc)}") from (
+                None if self._leaks(exc) else exc
+            )
+
+    async def _run(self, func: Callable[[_Pool], T]) -> T:
+        pool, limiter = self._pool, self._limiter
+        if pool is None or limiter is None:
+            raise StoreError(
+                f"{self!r} is not open: call `await store.open()` first "
+                "(a Runtime does it when it starts)"
+            )
+        return await anyio.to_thread.run_sync(func, pool, limiter=limiter)
+
+    # -- open and close
+
+    async def open(self) -> None:
+        """Connect, then create the schema or migrate it to `SCHEMA_VERSION`.
+
+        Safe when several processes open the same database at once. Opening an open store
+        does nothing.
+
+        Raises:
+            StoreError: The server cannot be reached, or the schema holds tables that
+                sagaflow did not create.
+            SchemaVersionError: The schema was written by a newer sagaflow.
+        """
+        if self._pool is not None:
+            await anyio.lowlevel.checkpoint()
+            return
+        limiter = anyio.CapacityLimiter(self._max_size)
+        self._pool = await anyio.to_thread.run_sync(self._open_sync, limiter=limiter)
+        self._limiter = limiter
+
+    def _open_sync(self) -> _Pool:
+        with self._translate("connect"):
+            conn = psycopg.connect(self._conninfo)
+        with conn, self._translate("create or migrate its schema"):
+            self._migrate(conn)
+        pool: _Pool = ConnectionPool(
+            self._conninfo,
+            min_size=self._min_size,
+            max_size=self._max_size,
+            timeout=self._timeout,
+            kwargs={"autocommit": True},
+            name=f"sagaflow:{self._schema}",
+            open=False,
+        )
+        pool.open(wait=False)
+        return pool
+
+    def _read_version(self, conn: psycopg.Connection[TupleRow]) -> int | None:
+        """The schema version found, or `None` when there is no `meta` table."""
+        row = conn.execute("SELECT to_regclass(%s)", (f'"{self._schema}".meta',)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        found = conn.execute(self._sql["version"]).fetchone()
+        try:
+            return int(found[0]) if found is not None else -1
+        except ValueError:
+            return -1
+
+    def _check_version(self, found: int) -> None:
+        if found > SCHEMA_VERSION or found < 0:
+            what = (
+                f"was written by a newer sagaflow (schema version {found})"
+                if found > SCHEMA_VERSION
+                else "has a meta table without a readable schema version"
+            )
+            raise SchemaVersionError(
+                f"PostgreSQL schema {self._schema!r} of {self._redacted!r} {what}; this "
+                f"sagaflow knows schema versions up to {SCHEMA_VERSION}: upgrade sagaflow, "
+                "or use another schema",
+                found=found,
+                supported=SCHEMA_VERSION,
+            )
+
+    def _migrate(self, conn: psycopg.Connection[TupleRow]) -> None:
+        # Most opens find the current version and need no lock and no DDL privileges.
+        with conn.transaction():
+            found = self._read_version(conn)
+        if found == SCHEMA_VERSION:
+            return
+        if found is not None:
+            self._check_version(found)
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(self._schema),))
+            found = self._read_version(conn)  # another process may have done it meanwhile
+            if found is None:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_tables WHERE schemaname = %s", (self._schema,)
+                ).fetchone()
+                if row is not None and row[0]:
+                    raise StoreError(
+                        f"PostgreSQL schema {self._schema!r} of {self._redacted!r} already "
+                        f"holds {row[0]} table(s) that sagaflow did not create; choose "
+                        "another schema with PostgresStore(..., schema=...)"
+                    )
+                conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
+                found = 0
+            self._check_version(found)
+            if found == SCHEMA_VERSION:
+                return
+            quoted = f'"{self._schema}"'
+            for step in _MIGRATIONS[found:]:
+                for statement in step:
+                    conn.execute(statement.replace("{s}", quoted))
+            conn.execute(self._sql["set_version"], (str(SCHEMA_VERSION),))
+        log.info(
+            "%s PostgreSQL schema %r in %s to version %d",
+            "created" if found == 0 else "migrated",
+            self._schema,
+            self._redacted,
+            SCHEMA_VERSION,
+        )
+
+    async def close(self) -> None:
+        """Close the connection pool; the store can be opened again later."""
+        pool, self._pool, self._limiter = self._pool, None, None
+        if pool is None:
+            await anyio.lowlevel.checkpoint()
+            return
+        await anyio.to_thread.run_sync(pool.close)
+
+    # -- the store protocol
+
+    async def load(self, request: LoadRequest) -> Loaded:
+        """Read instances, unexpired dedup marks and pending schedule ids in one go."""
+        self._loads += 1
+        prune = self._loads % _PRUNE_EVERY == 0
+        if not (prune or request.instances or request.marks or request.schedule_ids):
+            await anyio.lowlevel.checkpoint()
+            return Loaded(instances={}, marks=set(), schedule_ids=set())
+        return await self._run(lambda pool: self._load_sync(pool, request, prune))
+
+    def _load_sync(self, pool: _Pool, request: LoadRequest, prune: bool) -> Loaded:
+        sql = self._sql
+        instances: dict[_Ref, InstanceRecord] = {}
+        marks: set[tuple[str, str, str]] = set()
+        schedule_ids: set[str] = set()
+        with self._translate("load"), pool.connection() as conn:
+            if request.instances:
+                with conn.cursor(row_factory=class_row(InstanceRecord)) as cur:
+                    cur.execute(sql["load_instances"], _columns(request.instances))
+                    instances = {(r.saga, r.key): r for r in cur}
+            if request.marks:
+                params = [*_columns(request.marks), request.now]
+                rows = conn.execute(sql["load_marks"], params).fetchall()
+                marks = {(saga, key, event_id) for saga, key, event_id in rows}
+            if request.schedule_ids:
+                rows = conn.execute(
+                    sql["load_schedule_ids"], (list(request.schedule_ids),)
+                ).fetchall()
+                schedule_ids = {sid for (sid,) in rows}
+            if prune:
+                conn.execute(sql["prune_marks"], (request.now,))
+        return Loaded(instances=instances, marks=marks, schedule_ids=schedule_ids)
+
+    async def commit(self, changes: Changes) -> None:
+        """Apply `changes` in one transaction (all or nothing).
+
+        Raises:
+            ConflictError: An `expected_version` did not match; it names every such
+                instance, and nothing was applied.
+            StoreError: The database failed.
+        """
+        if not changes:
+            await anyio.lowlevel.checkpoint()
+            return
+        await self._run(lambda pool: self._commit_sync(pool, changes))
+
+    def _commit_sync(self, pool: _Pool, changes: Changes) -> None:
+        with self._translate("commit"):
+            for attempt in range(1, _TRANSIENT_ATTEMPTS + 1):
+                try:
+                    with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                        self._apply(cur, changes)
+                    return
+                except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                    if attempt == _TRANSIENT_ATTEMPTS:
+                        raise
+
+    def _apply(self, cur: psycopg.Cursor[TupleRow], ch: Changes) -> None:
+        sql = self._sql
+        deletes = sorted(ch.deletes, key=_ref)
+        updates = sorted((w for w in ch.writes if w.expected_version), key=_write_ref)
+        inserts = sorted((w for w in ch.writes if not w.expected_version), key=_write_ref)
+
+        # Lock the rows this commit expects to exist in one order, so that commits racing
+        # over the same instances queue up instead of deadlocking.
+        expected = {_ref(d) for d in deletes if d.expected_version}
+        expected.update(_write_ref(w) for w in updates)
+        if expected:
+            cur.execute(sql["lock_instances"], _columns(sorted(expected)))
+
+        conflicts: set[_Ref] = set()
+        if existing := [d for d in deletes if d.expected_version]:
+            rows: list[tuple[Any, ...]] = [(d.saga, d.key, d.expected_version) for d in existing]
+            cur.execute(sql["delete_instances"], _columns(rows))
+            gone = {(saga, key) for saga, key in cur.fetchall()}
+            conflicts.update(_ref(d) for d in existing if _ref(d) not in gone)
+        if absent := [_ref(d) for d in deletes if not d.expected_version]:
+            cur.execute(sql["existing_instances"], _columns(absent))
+            conflicts.update((saga, key) for saga, key in cur.fetchall())
+        if updates:
+            rows = [
+                (*_write_ref(w), w.expected_version, *_instance_row(w.record)[2:]) for w in updates
+            ]
+            cur.execute(sql["update_instances"], _columns(rows))
+            done = {(saga, key) for saga, key in cur.fetchall()}
+            conflicts.update(_write_ref(w) for w in updates if _write_ref(w) not in done)
+        if inserts:
+            cur.execute(
+                sql["insert_instances"], _columns([_instance_row(w.record) for w in inserts])
+            )
+            done = {(saga, key) for saga, key in cur.fetchall()}
+            # Two creations of one instance in a commit: only the first can succeed.
+            seen: set[_Ref] = set()
+            for w in inserts:
+                if _write_ref(w) not in done or _write_ref(w) in seen:
+                    conflicts.add(_write_ref(w))
+                seen.add(_write_ref(w))
+        if conflicts:
+            order = [_write_ref(w) for w in ch.writes] + [_ref(d) for d in ch.deletes]
+            raise ConflictError(list(dict.fromkeys(r for r in order if r in conflicts)))
+
+        gone_refs = sorted({_ref(d) for d in deletes})
+        if cleared := sorted({*gone_refs, *((saga, key) for saga, key in ch.schedule_clears)}):
+            cur.execute(sql["clear_schedules"], _columns(cleared))
+        if ch.schedule_deletes:
+            keys = sorted({(d.saga, d.key, d.name) for d in ch.schedule_deletes})
+            cur.execute(sql["delete_schedules"], _columns(keys))
+        if ch.schedule_puts:
+            puts = _last_by(ch.schedule_puts, lambda s: (s.saga, s.key, s.name))
+            rows = [
+                (
+                    s.id,
+                    s.saga,
+                    s.key,
+                    s.name,
+                    float(s.due),
+                    s.to_self,
+                    s.type_name,
+                    s.payload,
+                    s.seq,
+                    s.attempts,
+                )
+                for s in puts
+            ]
+            cur.execute(sql["put_schedules"], _columns(rows))
+
+        if gone_refs:
+            cur.execute(sql["clear_outbox"], _columns(gone_refs))
+        if ch.outbox_deletes:
+            cur.execute(sql["delete_outbox"], (sorted(set(ch.outbox_deletes)),))
+        if ch.outbox_adds:
+            adds = _last_by(ch.outbox_adds, lambda o: o.id)
+            rows = [
+                (
+                    o.id,
+                    o.saga,
+                    o.key,
+                    o.seq,
+                    o.kind,
+                    o.type_name,
+                    o.payload,
+                    o.attempts,
+                    float(o.due),
+                    o.error,
+                )
+                for o in adds
+            ]
+            cur.execute(sql["add_outbox"], _columns(rows))
+        if ch.outbox_updates:
+            ups = _last_by(ch.outbox_updates, lambda u: u.id)
+            rows = [(u.id, u.attempts, float(u.due), u.error) for u in ups]
+            cur.execute(sql["update_outbox"], _columns(rows))
+
+        if ch.dead_letter_deletes:
+            cur.execute(sql["delete_dead_letters"], (sorted(set(ch.dead_letter_deletes)),))
+        if ch.dead_letters:
+            dead = _last_by(ch.dead_letters, lambda d: d.id)
+            rows = [
+                (
+                    d.id,
+                    d.saga,
+                    d.key,
+                    d.kind,
+                    d.type_name,
+                    d.payload,
+                    d.error,
+                    d.attempts,
+                    float(d.failed_at),
+                    d.seq,
+                )
+                for d in dead
+            ]
+            cur.execute(sql["add_dead_letters"], _columns(rows))
+        if ch.marks:
+            marks = _last_by(ch.marks, lambda m: (m.saga, m.key, m.event_id))
+            rows = [(m.saga, m.key, m.event_id, float(m.expires_at)) for m in marks]
+            cur.execute(sql["put_marks"], _columns(rows))
+
+    async def next_due(self) -> float | None:
+        """The earliest due time of any pending schedule, or `None`."""
+
+        def query(pool: _Pool) -> float | None:
+            with self._translate("read the next due time"), pool.connection() as conn:
+                row = conn.execute(self._sql["next_due"]).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self._run(query)
+
+    async def due_schedules(self, now: float, limit: int) -> list[ScheduleRecord]:
+        """Up to `limit` schedules due at or before `now`, earliest first.
+
+        Leases taken with `claim_due_schedules` are not looked at: this is the
+        single-process read.
+        """
+        return await self._run(
+            lambda pool: self._select(
+                pool, ScheduleRecord, "read due schedules", "due_schedules", (now, limit)
+            )
+        )
+
+    def _select(
+        self,
+        pool: _Pool,
+        cls: type[T],
+        doing: str,
+        name: str,
+        params: Sequence[Any] | dict[str, Any] = (),
+        suffix: str = "",
+    ) -> list[T]:
+        with (
+            self._translate(doing),
+            pool.connection() as conn,
+            conn.cursor(row_factory=class_row(cls)) as cur,
+        ):
+            cur.execute(self._sql[name] + suffix, params)
+            return cur.fetchall()
+
+    def _listing(
+        self, name: str, filters: dict[str, Any], order: str, limit: int | None = None
+    ) -> Callable[[_Pool], list[Any]]:
+        cls = {
+            "list_instances": InstanceRecord,
+            "list_outbox": OutboxRecord,
+            "list_schedules": ScheduleRecord,
+            "list_dead_letters": DeadLetter,
+        }[name]
+        wanted = {column: value for column, value in filters.items() if value is not None}
+        where = " AND ".join(f"{column} = %s" for column in wanted)
+        suffix = (f" WHERE {where}" if where else "") + f" ORDER BY {order}"
+        params: list[Any] = list(wanted.values())
+        if limit is not None:
+            suffix += " LIMIT %s"
+            params.append(limit)
+        return lambda pool: self._select(pool, cls, "list rows", name, params, suffix)
+
+    async def list_instances(
+        self, *, saga: str | None = None, status: str | None = None, limit: int | None = None
+    ) -> list[InstanceRecord]:
+        """Instances, optionally of one saga or status, ordered by saga and key."""
+        filters = {"saga": saga, "status": status}
+        found: list[InstanceRecord] = await self._run(
+            self._listing("list_instances", filters, "saga, key", limit)
+        )
+        return found
+
+    async def list_outbox(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[OutboxRecord]:
+        """Pending outbox rows, ordered by saga, key and seq."""
+        filters = {"saga": saga, "key": key}
+        found: list[OutboxRecord] = await self._run(
+            self._listing("list_outbox", filters, "saga, key, seq, id")
+        )
+        return found
+
+    async def list_schedules(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[ScheduleRecord]:
+        """Pending schedules, ordered by due time, then seq."""
+        filters = {"saga": saga, "key": key}
+        found: list[ScheduleRecord] = await self._run(
+            self._listing("list_schedules", filters, "due, seq, pos")
+        )
+        return found
+
+    async def list_dead_letters(self, *, saga: str | None = None) -> list[DeadLetter]:
+        """Dead letters, oldest first."""
+        found: list[DeadLetter] = await self._run(
+            self._listing("list_dead_letters", {"saga": saga}, "failed_at, pos")
+        )
+        return found
+
+    # -- leases: PostgreSQL-only extensions for several processes
+
+    async def claim_outbox(
+        self, owner: str, now: float, lease_seconds: float, limit: int
+    ) -> list[OutboxRecord]:
+        """Lease the due head commands of up to `limit` instances to `owner`.
+
+        A PostgreSQL-only extension of the store protocol, for several processes sharing
+        one database. A row is claimed when it is the head of its instance's outbox
+        (lowest `seq`), due at or before `now`, and not leased to another owner (or that
+        lease expired). Claimed rows are leased until `now + lease_seconds`; no other
+        owner gets them meanwhile, and once the lease expires, anyone may claim them
+        again (the process holding them died or stalled). Rows `owner` already holds are
+        returned again with a renewed lease. Rows are picked with
+        `FOR UPDATE SKIP LOCKED`, so concurrent claimers never wait for one another.
+
+        Deleting a row (it was dispatched) ends its lease; an `OutboxUpdate` (a failed
+        attempt) releases it, and so does `release_outbox`.
+
+        Args:
+            owner: Identifies the claiming process, e.g. host, pid and a random part.
+            now: Wall-clock seconds.
+            lease_seconds: How long the claim holds.
+            limit: The most rows to claim.
+
+        Returns:
+            The claimed rows, earliest due first.
+        """
+        if limit < 0 or lease_seconds <= 0:
+            raise ValueError(
+                f"claim_outbox needs limit >= 0 and lease_seconds > 0, got limit={limit}, "
+                f"lease_seconds={lease_seconds}"
+            )
+        params = {"owner": owner, "now": now, "expires": now + lease_seconds, "limit": limit}
+        rows: list[OutboxRecord] = await self._run(
+            lambda pool: self._claim(pool, OutboxRecord, "claim_outbox", params)
+        )
+        return sorted(rows, key=lambda o: (o.due, o.saga, o.key, o.seq))
+
+    async def release_outbox(self, ids: Sequence[str], *, owner: str | None = None) -> None:
+        """Give up the leases on outbox rows `ids`, so anyone may claim them at once.
+
+        A PostgreSQL-only extension of the store protocol (see `claim_outbox`).
+
+        Args:
+            ids: Outbox row ids; unknown ids are ignored.
+            owner: Release only leases held by this owner (recommended: a lease that
+                expired may have been claimed by someone else since).
+        """
+        params = {"ids": list(ids), "owner": owner}
+        await self._run(lambda pool: self._execute(pool, "release_outbox", params))
+
+    async def claim_due_schedules(
+        self, owner: str, now: float, lease_seconds: float, limit: int
+    ) -> list[ScheduleRecord]:
+        """Lease up to `limit` schedules due at or before `now` to `owner`.
+
+        A PostgreSQL-only extension of the store protocol, for several processes sharing
+        one database; `due_schedules` is its single-process counterpart. Schedules leased
+        to another owner are skipped until their lease expires; those `owner` already
+        holds are returned again with a renewed lease. Putting a schedule again (same
+        saga, key and name) drops its lease; so does deleting it, or `release_schedules`.
+
+        Args:
+            owner: Identifies the claiming process.
+            now: Wall-clock seconds.
+            lease_seconds: How long the claim holds.
+            limit: The most schedules to claim.
+
+        Returns:
+            The claimed schedules, earliest due first.
+        """
+        if limit < 0 or lease_seconds <= 0:
+            raise ValueError(
+                f"claim_due_schedules needs limit >= 0 and lease_seconds > 0, got "
+                f"limit={limit}, lease_seconds={lease_seconds}"
+            )
+        params = {"owner": owner, "now": now, "expires": now + lease_seconds, "limit": limit}
+        rows: list[ScheduleRecord] = await self._run(
+            lambda pool: self._claim(pool, ScheduleRecord, "claim_schedules", params)
+        )
+        return sorted(rows, key=lambda s: (s.due, s.seq, s.id))
+
+    async def release_schedules(self, ids: Sequence[str], *, owner: str | None = None) -> None:
+        """Give up the leases on the schedules with these ids.
+
+        A PostgreSQL-only extension of the store protocol (see `claim_due_schedules`).
+
+        Args:
+            ids: Schedule ids; unknown ids are ignored.
+            owner: Release only leases held by this owner.
+        """
+        params = {"ids": list(ids), "owner": owner}
+        await self._run(lambda pool: self._execute(pool, "release_schedules", params))
+
+    def _claim(self, pool: _Pool, cls: type[T], name: str, params: dict[str, Any]) -> list[T]:
+        with (
+            self._translate("claim rows"),
+            pool.connection() as conn,
+            conn.transaction(),
+            conn.cursor(row_factory=class_row(cls)) as cur,
+        ):
+            cur.execute(self._sql[name], params)
+            return cur.fetchall()
+
+    def _execute(self, pool: _Pool, name: str, params: dict[str, Any]) -> None:
+        with self._translate("release leases"), pool.connection() as conn:
+            conn.execute(self._sql[name], params)

@@ -1,0 +1,425 @@
+"""`SQLiteStore`: the embedded durable store, on the standard library's `sqlite3`.
+
+One connection per store, used from worker threads one call at a time. Every protocol
+method is a single thread hop, and `commit` writes a whole batch in one transaction with
+one `executemany` per kind of row (group commit): a thread round trip costs far more than
+a row, so nothing here crosses to a thread per row.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from operator import attrgetter
+from typing import Any, TypeVar, TypeVarTuple
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+import attrs
+
+from ..exceptions import ConflictError, SchemaVersionError, StoreError
+from ._protocol import (
+    Changes,
+    DeadLetter,
+    DedupMark,
+    InstanceRecord,
+    Loaded,
+    LoadRequest,
+    OutboxRecord,
+    ScheduleRecord,
+)
+
+__all__ = ["SQLiteStore"]
+
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
+_Ref = tuple[str, str]
+
+# Version 1 of the schema. It never changes: later versions are reached by migrations.
+_SCHEMA_V1 = (
+    "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    """CREATE TABLE instances (
+        saga TEXT NOT NULL, key TEXT NOT NULL, version INTEGER NOT NULL,
+        status TEXT NOT NULL, state TEXT NOT NULL, instance_id TEXT NOT NULL,
+        created_at REAL NOT NULL, updated_at REAL NOT NULL, last_event TEXT,
+        completed INTEGER NOT NULL, PRIMARY KEY (saga, key)) WITHOUT ROWID""",
+    """CREATE TABLE outbox (
+        id TEXT PRIMARY KEY, saga TEXT NOT NULL, key TEXT NOT NULL, seq INTEGER NOT NULL,
+        kind TEXT NOT NULL, type_name TEXT NOT NULL, payload TEXT NOT NULL,
+        attempts INTEGER NOT NULL, due REAL NOT NULL, error TEXT) WITHOUT ROWID""",
+    "CREATE INDEX outbox_order ON outbox (saga, key, seq)",
+    """CREATE TABLE schedules (
+        id TEXT NOT NULL UNIQUE, saga TEXT NOT NULL, key TEXT NOT NULL, name TEXT NOT NULL,
+        due REAL NOT NULL, to_self INTEGER NOT NULL, type_name TEXT NOT NULL,
+        payload TEXT NOT NULL, seq INTEGER NOT NULL, attempts INTEGER NOT NULL,
+        PRIMARY KEY (saga, key, name)) WITHOUT ROWID""",
+    "CREATE INDEX schedules_due ON schedules (due, seq, id)",
+    """CREATE TABLE dead_letters (
+        id TEXT PRIMARY KEY, saga TEXT NOT NULL, key TEXT NOT NULL, kind TEXT NOT NULL,
+        type_name TEXT NOT NULL, payload TEXT NOT NULL, error TEXT NOT NULL,
+        attempts INTEGER NOT NULL, failed_at REAL NOT NULL, seq INTEGER NOT NULL)
+        WITHOUT ROWID""",
+    "CREATE INDEX dead_letters_age ON dead_letters (failed_at, id)",
+    """CREATE TABLE marks (
+        saga TEXT NOT NULL, key TEXT NOT NULL, event_id TEXT NOT NULL,
+        expires_at REAL NOT NULL, PRIMARY KEY (saga, key, event_id)) WITHOUT ROWID""",
+    "CREATE INDEX marks_expiry ON marks (expires_at)",
+)
+
+_Migration = Callable[[sqlite3.Connection], None]
+# `_MIGRATIONS[n - 1]` turns schema version n into n + 1, inside the opening transaction.
+_MIGRATIONS: tuple[_Migration, ...] = ()
+SCHEMA_VERSION = 1 + len(_MIGRATIONS)
+"""The schema version this sagaflow writes."""
+
+
+def _names(cls: type[attrs.AttrsInstance]) -> tuple[str, ...]:
+    return tuple(field.name for field in attrs.fields(cls))
+
+
+# Columns are named after the records' attributes (a new attribute needs a migration).
+_INSTANCE = _names(InstanceRecord)
+_OUTBOX = _names(OutboxRecord)
+_SCHEDULE = _names(ScheduleRecord)
+_DEAD = _names(DeadLetter)
+_MARK = _names(DedupMark)
+_CHUNK = 300  # keys per lookup query: 3 * 300 variables stay under SQLite's old 999 limit
+_PURGE = 256  # expired marks removed per commit, plus twice the marks the commit adds
+
+
+def _columns(names: Sequence[str]) -> str:
+    return ", ".join(names)
+
+
+def _insert(table: str, names: Sequence[str]) -> str:
+    marks = ", ".join("?" * len(names))
+    return f"INSERT OR REPLACE INTO {table} ({_columns(names)}) VALUES ({marks})"
+
+
+_get_instance = attrgetter(*_INSTANCE)
+_STATEMENTS: tuple[tuple[str, str, Callable[[Any], tuple[Any, ...]]], ...] = (
+    # (Changes attribute, statement, parameters of one item), in the documented order.
+    ("deletes", "DELETE FROM instances WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
+    ("deletes", "DELETE FROM schedules WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
+    ("deletes", "DELETE FROM outbox WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
+    ("writes", _insert("instances", _INSTANCE), lambda w: _get_instance(w.record)),
+    ("schedule_clears", "DELETE FROM schedules WHERE saga = ? AND key = ?", tuple),
+    (
+        "schedule_deletes",
+        "DELETE FROM schedules WHERE saga = ? AND key = ? AND name = ?",
+        attrgetter("saga", "key", "name"),
+    ),
+    ("schedule_puts", _insert("schedules", _SCHEDULE), attrgetter(*_SCHEDULE)),
+    ("outbox_deletes", "DELETE FROM outbox WHERE id = ?", lambda i: (i,)),
+    ("outbox_adds", _insert("outbox", _OUTBOX), attrgetter(*_OUTBOX)),
+    (
+        "outbox_updates",
+        "UPDATE outbox SET attempts = ?, due = ?, error = ? WHERE id = ?",
+        attrgetter("attempts", "due", "error", "id"),
+    ),
+    ("dead_letter_deletes", "DELETE FROM dead_letters WHERE id = ?", lambda i: (i,)),
+    ("dead_letters", _insert("dead_letters", _DEAD), attrgetter(*_DEAD)),
+    ("marks", _insert("marks", _MARK), attrgetter(*_MARK)),
+)
+
+
+def _fspath(path: str | os.PathLike[str]) -> str:
+    return os.fspath(path)
+
+
+@attrs.define(eq=False)
+class SQLiteStore:
+    """The embedded durable store: one SQLite file in WAL mode, nothing to install.
+
+    A commit is on disk (`synchronous=FULL`) when `commit()` returns. The store uses one
+    connection, from worker threads (`anyio.to_thread`), one call at a time, so it works
+    on asyncio and trio alike. Several processes may open the same file; SQLite's locks
+    and the instances' versions keep them apart.
+
+    Args:
+        path: The database file; it is created with the schema if it does not exist.
+        busy_timeout: Seconds to wait for another connection's write lock before a call
+            fails with `StoreError`.
+    """
+
+    _path: str = attrs.field(converter=_fspath)
+    _busy_timeout: float = attrs.field(default=5.0, kw_only=True)
+    _conn: sqlite3.Connection | None = attrs.field(default=None, init=False, repr=False)
+    _limiter: anyio.CapacityLimiter | None = attrs.field(default=None, init=False, repr=False)
+    _now: float | None = attrs.field(default=None, init=False, repr=False)
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self._path!r}, busy_timeout={self._busy_timeout!r})"
+
+    async def open(self) -> None:
+        """Open the file, then create the schema or migrate it to this version.
+
+        Raises:
+            SchemaVersionError: The file was written by a newer sagaflow.
+            StoreError: The file cannot be opened or is not a sagaflow SQLite database.
+        """
+        if self._conn is not None:
+            raise StoreError(f"SQLite store {self._path!r} is already open")
+        limiter = anyio.CapacityLimiter(1)
+        with anyio.CancelScope(shield=True):  # a connection made must not be lost
+            self._conn = await anyio.to_thread.run_sync(self._connect, limiter=limiter)
+        self._limiter = limiter
+
+    async def close(self) -> None:
+        """Close the connection; a closed store may be opened again."""
+        conn, limiter = self._conn, self._limiter
+        self._conn = self._limiter = None
+        if conn is not None and limiter is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(conn.close, limiter=limiter)
+
+    async def load(self, request: LoadRequest) -> Loaded:
+        """Read instances, unexpired dedup marks and pending schedule ids in one go."""
+        self._now = request.now if self._now is None else max(self._now, request.now)
+        return await self._run(_load, request)
+
+    async def commit(self, changes: Changes) -> None:
+        """Apply `changes` in one durable transaction (all or nothing).
+
+        Raises:
+            ConflictError: An `expected_version` did not match; nothing was applied.
+            StoreError: SQLite failed (disk full, lock timeout, ...); nothing was applied.
+        """
+        if not changes:
+            await anyio.lowlevel.checkpoint()
+            return
+        await self._run(_commit, changes, self._now)
+
+    async def next_due(self) -> float | None:
+        """The earliest due time of any pending schedule, or `None`."""
+        due: float | None = await self._run(_scalar, "SELECT min(due) FROM schedules")
+        return due
+
+    async def due_schedules(self, now: float, limit: int) -> list[ScheduleRecord]:
+        """Up to `limit` schedules due at or before `now`, earliest first."""
+        sql = f"SELECT {_columns(_SCHEDULE)} FROM schedules WHERE due <= ? ORDER BY due, seq, id"
+        sql += " LIMIT ?"
+        rows = await self._run(_fetch, sql, (now, limit))
+        return [_schedule(row) for row in rows]
+
+    async def list_instances(
+        self, *, saga: str | None = None, status: str | None = None, limit: int | None = None
+    ) -> list[InstanceRecord]:
+        """Instances, optionally of one saga or status, ordered by saga and key."""
+        where, args = _where(saga=saga, status=status)
+        sql = f"SELECT {_columns(_INSTANCE)} FROM instances{where} ORDER BY saga, key LIMIT ?"
+        rows = await self._run(_fetch, sql, (*args, -1 if limit is None else limit))
+        return [_instance(row) for row in rows]
+
+    async def list_outbox(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[OutboxRecord]:
+        """Pending outbox rows, ordered by saga, key and seq."""
+        where, args = _where(saga=saga, key=key)
+        sql = f"SELECT {_columns(_OUTBOX)} FROM outbox{where} ORDER BY saga, key, seq, id"
+        rows = await self._run(_fetch, sql, args)
+        return [OutboxRecord(**dict(zip(_OUTBOX, row, strict=True))) for row in rows]
+
+    async def list_schedules(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[ScheduleRecord]:
+        """Pending schedules, ordered by due time, then seq."""
+        where, args = _where(saga=saga, key=key)
+        sql = f"SELECT {_columns(_SCHEDULE)} FROM schedules{where} ORDER BY due, seq, id"
+        return [_schedule(row) for row in await self._run(_fetch, sql, args)]
+
+    async def list_dead_letters(self, *, saga: str | None = None) -> list[DeadLetter]:
+        """Dead letters, oldest first."""
+        where, args = _where(saga=saga)
+        sql = f"SELECT {_columns(_DEAD)} FROM dead_letters{where} ORDER BY failed_at, id"
+        rows = await self._run(_fetch, sql, args)
+        return [DeadLetter(**dict(zip(_DEAD, row, strict=True))) for row in rows]
+
+    async def _run(self, fn: Callable[[sqlite3.Connection, *_Ts], _T], *args: *_Ts) -> _T:
+        """Run `fn(connection, *args)` in a worker thread, one call at a time."""
+        conn, limiter = self._conn, self._limiter
+        if conn is None or limiter is None:
+            raise StoreError(f"SQLite store {self._path!r} is not open; call open() first")
+        try:
+            return await anyio.to_thread.run_sync(fn, conn, *args, limiter=limiter)
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite store {self._path!r} failed: {exc}") from exc
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self._path,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite store {self._path!r}: {exc}") from exc
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            _transaction(conn, self._migrate)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreError(
+                f"cannot open SQLite store {self._path!r}: {exc}; "
+                "is it a SQLite database written by sagaflow?"
+            ) from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Create the schema in a new file, or bring an older one up to date."""
+        has_meta = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        if has_meta is None:
+            for statement in _SCHEMA_V1:
+                conn.execute(statement)
+            conn.execute("INSERT INTO meta (name, value) VALUES ('schema_version', '1')")
+        value = _scalar(conn, "SELECT value FROM meta WHERE name = 'schema_version'")
+        try:
+            found = int(value)
+        except (TypeError, ValueError):
+            raise StoreError(
+                f"SQLite store {self._path!r} has no valid schema version ({value!r} in its "
+                "meta table); it was not written by sagaflow"
+            ) from None
+        if not 1 <= found <= SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"SQLite store {self._path!r} has schema version {found}, but this sagaflow "
+                f"supports versions 1 to {SCHEMA_VERSION}; open it with the sagaflow that "
+                "wrote it, or a newer one",
+                found=found,
+                supported=SCHEMA_VERSION,
+            )
+        for step in _MIGRATIONS[found - 1 :]:
+            step(conn)
+        if found != SCHEMA_VERSION:
+            conn.execute(
+                "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION),)
+            )
+
+
+def _transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], None]) -> None:
+    """Run `body` in a write transaction; roll back if anything (even COMMIT) fails."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        body(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _commit(conn: sqlite3.Connection, changes: Changes, now: float | None) -> None:
+    def apply(conn: sqlite3.Connection) -> None:
+        conflicts = _conflicts(conn, changes)
+        if conflicts:
+            raise ConflictError(conflicts)
+        for attribute, sql, params in _STATEMENTS:
+            items: Sequence[Any] = getattr(changes, attribute)
+            if items:
+                conn.executemany(sql, map(params, items))
+        if now is not None:
+            # Expired marks never count again: drop some, at least as fast as they come.
+            conn.execute(
+                "DELETE FROM marks WHERE (saga, key, event_id) IN (SELECT saga, key, event_id "
+                "FROM marks WHERE expires_at < ? LIMIT ?)",
+                (now, _PURGE + 2 * len(changes.marks)),
+            )
+
+    _transaction(conn, apply)
+
+
+def _conflicts(conn: sqlite3.Connection, changes: Changes) -> list[_Ref]:
+    """The instances whose expected version does not match, in the order applied.
+
+    Deletes apply before writes, so a write after a delete of the same instance expects
+    version 0 (a new incarnation).
+    """
+    checks = [((d.saga, d.key), d.expected_version, 0) for d in changes.deletes]
+    checks += [
+        ((w.record.saga, w.record.key), w.expected_version, w.record.version)
+        for w in changes.writes
+    ]
+    if not checks:
+        return []
+    refs = list(dict.fromkeys(ref for ref, _, _ in checks))
+    sql = "SELECT i.saga, i.key, i.version FROM {values} CROSS JOIN instances AS i "
+    sql += "ON i.saga = v.column1 AND i.key = v.column2"
+    versions: dict[_Ref, int] = {(s, k): v for s, k, v in _lookup(conn, sql, refs)}
+    conflicts: dict[_Ref, None] = {}
+    for ref, expected, after in checks:
+        if versions.get(ref, 0) != expected:
+            conflicts[ref] = None
+        versions[ref] = after
+    return list(conflicts)
+
+
+def _load(conn: sqlite3.Connection, request: LoadRequest) -> Loaded:
+    conn.execute("BEGIN")  # one snapshot for the three reads
+    try:
+        sql = f"SELECT {_columns(_INSTANCE)} FROM {{values}} CROSS JOIN instances AS i "
+        sql += "ON i.saga = v.column1 AND i.key = v.column2"
+        instances = {
+            (row[0], row[1]): _instance(row)
+            for row in _lookup(conn, sql, list(dict.fromkeys(request.instances)))
+        }
+        sql = "SELECT m.saga, m.key, m.event_id FROM {values} CROSS JOIN marks AS m "
+        sql += "ON m.saga = v.column1 AND m.key = v.column2 AND m.event_id = v.column3 "
+        sql += "WHERE m.expires_at >= ?"
+        marks = set(_lookup(conn, sql, list(dict.fromkeys(request.marks)), request.now))
+        sql = "SELECT s.id FROM {values} CROSS JOIN schedules AS s ON s.id = v.column1"
+        ids = [(i,) for i in dict.fromkeys(request.schedule_ids)]
+        schedule_ids = {row[0] for row in _lookup(conn, sql, ids)}
+    finally:
+        conn.execute("COMMIT")
+    return Loaded(instances=instances, marks=marks, schedule_ids=schedule_ids)
+
+
+def _lookup(
+    conn: sqlite3.Connection, sql: str, keys: Sequence[tuple[Any, ...]], *extra: Any
+) -> Iterator[Any]:
+    """Rows of `sql` joined with `keys` as `v`, a few hundred keys per query."""
+    for start in range(0, len(keys), _CHUNK):
+        chunk = keys[start : start + _CHUNK]
+        row = "(" + ", ".join("?" * len(chunk[0])) + ")"
+        values = f"(VALUES {', '.join([row] * len(chunk))}) AS v"
+        yield from conn.execute(
+            sql.format(values=values), [*(k for key in chunk for k in key), *extra]
+        )
+
+
+def _fetch(conn: sqlite3.Connection, sql: str, args: Sequence[Any]) -> list[Any]:
+    return conn.execute(sql, args).fetchall()
+
+
+def _scalar(conn: sqlite3.Connection, sql: str) -> Any:
+    row = conn.execute(sql).fetchone()
+    return None if row is None else row[0]
+
+
+def _where(**filters: str | None) -> tuple[str, tuple[str, ...]]:
+    """A `WHERE` clause matching the filters that are not `None`."""
+    given = {column: value for column, value in filters.items() if value is not None}
+    if not given:
+        return "", ()
+    return " WHERE " + " AND ".join(f"{c} = ?" for c in given), tuple(given.values())
+
+
+def _instance(row: Sequence[Any]) -> InstanceRecord:
+    fields = dict(zip(_INSTANCE, row, strict=True))
+    fields["completed"] = bool(fields["completed"])  # SQLite has no booleans
+    return InstanceRecord(**fields)
+
+
+def _schedule(row: Sequence[Any]) -> ScheduleRecord:
+    fields = dict(zip(_SCHEDULE, row, strict=True))
+    fields["to_self"] = bool(fields["to_self"])
+    return ScheduleRecord(**fields)
