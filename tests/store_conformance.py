@@ -220,7 +220,9 @@ class StoreConformance:
 
         refs = [(SAGA, r.key) for r in records]
         loaded = await store.load(LoadRequest(instances=refs))
-        assert loaded.instances == {(SAGA, r.key): r for r in records}
+        assert loaded == Loaded(
+            instances={(SAGA, r.key): r for r in records}, marks=set(), schedule_ids=set()
+        )
 
     async def test_load_leaves_out_missing_instances(self, store: Store) -> None:
         record = instance()
@@ -577,7 +579,7 @@ class StoreConformance:
             schedule("s-other", key="k2", name="payment", due=30.0),
         ]
         loaded = await store.load(LoadRequest(schedule_ids=["s1", "s2", "s-other"]))
-        assert loaded.schedule_ids == {"s2", "s-other"}
+        assert loaded == Loaded(instances={}, marks=set(), schedule_ids={"s2", "s-other"})
         assert await store.next_due() == 20.0
         assert await store.due_schedules(15.0, 10) == []
 
@@ -702,9 +704,9 @@ class StoreConformance:
         s = {
             "late": schedule("late", due=50.0),
             "d3": schedule("d3", key="k3", due=3.0),
-            "d1b": schedule("d1b", key="k2", due=1.0, seq=2),
+            "d1b": schedule("a-second", key="k2", due=1.0, seq=2),
             "d2": schedule("d2", key="k4", due=2.0),
-            "d1a": schedule("d1a", key="k5", due=1.0, seq=1),
+            "d1a": schedule("z-first", key="k5", due=1.0, seq=1),
             "now": schedule("now", key="k6", due=5.0),
         }
         await store.commit(Changes(schedule_puts=list(s.values())))
@@ -801,13 +803,17 @@ class StoreConformance:
         )
         asked = [(SAGA, "k1", "e1"), (SAGA, "k1", "e2"), (SAGA, "k1", "e3")]
 
-        async def marks_at(now: float) -> set[tuple[str, str, str]]:
-            return (await store.load(LoadRequest(marks=asked, now=now))).marks
+        async def load_at(now: float) -> Loaded:
+            return await store.load(LoadRequest(marks=asked, now=now))
 
-        assert await marks_at(50.0) == {(SAGA, "k1", "e1"), (SAGA, "k1", "e2")}
-        assert await marks_at(100.0) == {(SAGA, "k1", "e1"), (SAGA, "k1", "e2")}
-        assert await marks_at(100.5) == {(SAGA, "k1", "e2")}
-        assert await marks_at(300.0) == set()
+        def found(*event_ids: str) -> Loaded:
+            marks = {(SAGA, "k1", e) for e in event_ids}
+            return Loaded(instances={}, marks=marks, schedule_ids=set())
+
+        assert await load_at(50.0) == found("e1", "e2")
+        assert await load_at(100.0) == found("e1", "e2")
+        assert await load_at(100.5) == found("e2")
+        assert await load_at(300.0) == found()
 
     async def test_dedup_marks_belong_to_one_instance(self, store: Store) -> None:
         await store.commit(Changes(marks=[DedupMark(SAGA, "k1", "e1", expires_at=100.0)]))
@@ -819,7 +825,7 @@ class StoreConformance:
             )
         )
 
-        assert loaded.marks == {(SAGA, "k1", "e1")}
+        assert loaded == Loaded(instances={}, marks={(SAGA, "k1", "e1")}, schedule_ids=set())
 
     async def test_many_expired_marks_do_not_hide_new_ones(self, store: Store) -> None:
         for batch in range(10):
@@ -840,7 +846,9 @@ class StoreConformance:
             )
         )
 
-        assert loaded.marks == {(SAGA, "k0", "fresh"), (SAGA, "k0", "b9")}
+        assert loaded == Loaded(
+            instances={}, marks={(SAGA, "k0", "fresh"), (SAGA, "k0", "b9")}, schedule_ids=set()
+        )
 
     # -- listings
 

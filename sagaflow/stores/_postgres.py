@@ -50,7 +50,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         f"`postgres` extra: pip install 'sagaflow[postgres]' ({exc})"
     ) from exc
 
-__all__ = ["SCHEMA_VERSION", "PostgresStore", "redact_dsn"]
+__all__ = ["PostgresStore", "SCHEMA_VERSION", "redact_dsn"]
 
 log = logging.getLogger("sagaflow.stores.postgres")
 
@@ -575,16 +575,23 @@ class PostgresStore:
         pool.open(wait=False)
         return pool
 
-    def _read_version(self, conn: psycopg.Connection[TupleRow]) -> int | None:
-        """The schema version found, or `None` when there is no `meta` table."""
-        row = conn.execute("SELECT to_regclass(%s)", (f'"{self._schema}".meta',)).fetchone()
-        if row is None or row[0] is None:
-            return None
+    def _read_version(self, conn: psycopg.Connection[TupleRow]) -> tuple[int | None, int]:
+        """The schema version (`None` without a `meta` table) and the number of tables."""
+        # A query on pg_tables, unlike to_regclass(), sees what a concurrent opener has
+        # just committed.
+        row = conn.execute(
+            "SELECT count(*) FILTER (WHERE tablename = 'meta'), count(*) "
+            "FROM pg_tables WHERE schemaname = %s",
+            (self._schema,),
+        ).fetchone()
+        assert row is not None
+        if not row[0]:
+            return None, row[1]
         found = conn.execute(self._sql["version"]).fetchone()
         try:
-            return int(found[0]) if found is not None else -1
+            return (int(found[0]) if found is not None else -1), row[1]
         except ValueError:
-            return -1
+            return -1, row[1]
 
     def _check_version(self, found: int) -> None:
         if found > SCHEMA_VERSION or found < 0:
@@ -604,22 +611,19 @@ class PostgresStore:
     def _migrate(self, conn: psycopg.Connection[TupleRow]) -> None:
         # Most opens find the current version and need no lock and no DDL privileges.
         with conn.transaction():
-            found = self._read_version(conn)
+            found, _ = self._read_version(conn)
         if found == SCHEMA_VERSION:
             return
         if found is not None:
             self._check_version(found)
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(self._schema),))
-            found = self._read_version(conn)  # another process may have done it meanwhile
+            found, tables = self._read_version(conn)  # someone may have done it meanwhile
             if found is None:
-                row = conn.execute(
-                    "SELECT count(*) FROM pg_tables WHERE schemaname = %s", (self._schema,)
-                ).fetchone()
-                if row is not None and row[0]:
+                if tables:
                     raise StoreError(
                         f"PostgreSQL schema {self._schema!r} of {self._redacted!r} already "
-                        f"holds {row[0]} table(s) that sagaflow did not create; choose "
+                        f"holds {tables} table(s) that sagaflow did not create; choose "
                         "another schema with PostgresStore(..., schema=...)"
                     )
                 conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')

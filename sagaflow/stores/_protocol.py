@@ -197,13 +197,16 @@ class InstanceDelete:
 class Changes:
     """Everything one batch changed, committed atomically by `Store.commit`.
 
-    A store checks every `expected_version` first and applies nothing if one does not
-    match (raising `ConflictError`). Then it applies, in this order: instance deletes
-    (with their schedules and outbox rows), instance writes, schedule clears (all
-    schedules of an instance), schedule deletes, schedule puts (replacing the same
-    `(saga, key, name)`), outbox deletes, outbox adds, outbox updates (a no-op for a
-    missing row), dead-letter deletes, dead-letter adds and dedup marks. The runtime
-    never sends two operations on one schedule name in one `Changes`.
+    A store applies, in this order: instance deletes (with their schedules and outbox
+    rows; deleting an absent instance with `expected_version` 0 only drops those),
+    instance writes, schedule clears (all schedules of an instance), schedule deletes,
+    schedule puts (replacing the same `(saga, key, name)`, or the same id), outbox
+    deletes, outbox adds (replacing the same id), outbox updates (a no-op for a missing
+    row), dead-letter deletes, dead-letter adds and dedup marks. Every `expected_version`
+    is checked against the state at the point where it applies (so a delete followed by
+    a write of the same instance expects 0 for the write); if one does not match,
+    nothing is applied and `ConflictError` names the instances. The runtime never sends
+    two operations on one schedule name in one `Changes`.
     """
 
     writes: Sequence[InstanceWrite] = ()
@@ -268,8 +271,10 @@ class Store(Protocol):
 
     Every method may be called from any task; a store serializes what it must. Blocking
     drivers run their calls in worker threads (`anyio.to_thread`), so a store works on
-    asyncio and trio alike. `sagaflow.testing.store_conformance` holds the behaviour every
-    store must show.
+    asyncio and trio alike. The conformance suite in the repository's
+    `tests/store_conformance.py` pins the behaviour every store must show. Listings
+    and `due_schedules` break ties by id, so their order is deterministic. A commit
+    cancelled while its worker thread runs may still have been applied.
     """
 
     async def open(self) -> None:

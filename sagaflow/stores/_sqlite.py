@@ -199,8 +199,8 @@ class SQLiteStore:
 
     async def due_schedules(self, now: float, limit: int) -> list[ScheduleRecord]:
         """Up to `limit` schedules due at or before `now`, earliest first."""
-        sql = f"SELECT {_columns(_SCHEDULE)} FROM schedules WHERE due <= ? ORDER BY due, seq, id"
-        sql += " LIMIT ?"
+        sql = f"SELECT {_columns(_SCHEDULE)} FROM schedules WHERE due <= ? "
+        sql += "ORDER BY due, seq, id LIMIT ?"
         rows = await self._run(_fetch, sql, (now, limit))
         return [_schedule(row) for row in rows]
 
@@ -367,10 +367,8 @@ def _load(conn: sqlite3.Connection, request: LoadRequest) -> Loaded:
     try:
         sql = f"SELECT {_columns(_INSTANCE)} FROM {{values}} CROSS JOIN instances AS i "
         sql += "ON i.saga = v.column1 AND i.key = v.column2"
-        instances = {
-            (row[0], row[1]): _instance(row)
-            for row in _lookup(conn, sql, list(dict.fromkeys(request.instances)))
-        }
+        records = map(_instance, _lookup(conn, sql, list(dict.fromkeys(request.instances))))
+        instances = {(r.saga, r.key): r for r in records}
         sql = "SELECT m.saga, m.key, m.event_id FROM {values} CROSS JOIN marks AS m "
         sql += "ON m.saga = v.column1 AND m.key = v.column2 AND m.event_id = v.column3 "
         sql += "WHERE m.expires_at >= ?"

@@ -1,0 +1,308 @@
+"""`SQLiteStore`: the conformance suite, schema versions and durability."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import closing
+from pathlib import Path
+
+import anyio
+import pytest
+from store_conformance import (
+    SAGA,
+    StoreConformance,
+    dead_letter,
+    instance,
+    outbox_row,
+    schedule,
+)
+
+from sagaflow.exceptions import ConflictError, SchemaVersionError, StoreError
+from sagaflow.stores import (
+    Changes,
+    DedupMark,
+    InstanceWrite,
+    Loaded,
+    LoadRequest,
+    SQLiteStore,
+    Store,
+)
+from sagaflow.stores import _sqlite as sqlite_module
+from sagaflow.stores._sqlite import SCHEMA_VERSION
+
+pytestmark = pytest.mark.anyio
+
+
+def query(path: Path, sql: str, *args: object) -> list[tuple[object, ...]]:
+    """Run `sql` on its own connection to `path` and commit."""
+    with closing(sqlite3.connect(path)) as conn, conn:
+        return conn.execute(sql, args).fetchall()
+
+
+class TestSQLiteStore(StoreConformance):
+    """The conformance suite on a new database file per test."""
+
+    @pytest.fixture
+    async def store(self, tmp_path: Path) -> AsyncIterator[Store]:
+        store = SQLiteStore(tmp_path / "sagas.db")
+        await store.open()
+        yield store
+        await store.close()
+
+
+def everything_changes() -> Changes:
+    """A commit with one row of every kind."""
+    return Changes(
+        writes=[InstanceWrite(instance(completed=True), expected_version=0)],
+        schedule_puts=[schedule("s1", to_self=True, attempts=2)],
+        outbox_adds=[outbox_row("c1", error="E: x")],
+        dead_letters=[dead_letter("d1")],
+        marks=[DedupMark(SAGA, "k1", "e1", expires_at=100.0)],
+    )
+
+
+async def test_a_commit_is_durable_across_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "sagas.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.commit(everything_changes())
+    await store.close()
+
+    reopened = SQLiteStore(str(path))
+    await reopened.open()
+    try:
+        loaded = await reopened.load(
+            LoadRequest(
+                instances=[(SAGA, "k1")], marks=[(SAGA, "k1", "e1")], schedule_ids=["s1"], now=1.0
+            )
+        )
+        assert loaded == Loaded(
+            instances={(SAGA, "k1"): instance(completed=True)},
+            marks={(SAGA, "k1", "e1")},
+            schedule_ids={"s1"},
+        )
+        assert await reopened.list_outbox() == [outbox_row("c1", error="E: x")]
+        assert await reopened.list_schedules() == [schedule("s1", to_self=True, attempts=2)]
+        assert await reopened.list_dead_letters() == [dead_letter("d1")]
+    finally:
+        await reopened.close()
+
+
+async def test_a_commit_is_visible_to_another_connection_before_close(tmp_path: Path) -> None:
+    path = tmp_path / "sagas.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.commit(everything_changes())
+
+    rows = query(path, "SELECT saga, key, version FROM instances")
+    mode = query(path, "PRAGMA journal_mode")
+    await store.close()
+
+    assert (rows, mode) == ([(SAGA, "k1", 1)], [("wal",)])
+
+
+async def test_the_connection_is_durable_before_acknowledging(tmp_path: Path) -> None:
+    """WAL, and `synchronous=FULL`: a commit is on disk when `commit()` returns."""
+    store = SQLiteStore(tmp_path / "sagas.db")
+    await store.open()
+    conn = store._conn
+    assert conn is not None
+
+    settings = [conn.execute(f"PRAGMA {p}").fetchone() for p in ("journal_mode", "synchronous")]
+
+    await store.close()
+    assert settings == [("wal",), (2,)]
+
+
+async def test_two_stores_on_one_file_settle_races_by_version(tmp_path: Path) -> None:
+    """As two processes would: each create of a key wins on exactly one of them."""
+    path = tmp_path / "shared.db"
+    first, second = SQLiteStore(path), SQLiteStore(path)
+    await first.open()
+    await second.open()
+    won: list[tuple[int, str]] = []
+
+    async def create(n: int, store: SQLiteStore, key: str) -> None:
+        try:
+            await store.commit(Changes(writes=[InstanceWrite(instance(key), 0)]))
+        except ConflictError:
+            return
+        won.append((n, key))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for key in ("a", "b", "c", "d", "e"):
+                tg.start_soon(create, 1, first, key)
+                tg.start_soon(create, 2, second, key)
+        assert sorted(key for _, key in won) == ["a", "b", "c", "d", "e"]
+        assert await first.list_instances() == await second.list_instances()
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_new_file_gets_the_current_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+
+    version = query(path, "SELECT value FROM meta WHERE name = 'schema_version'")
+    tables = query(path, "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+
+    assert version == [(str(SCHEMA_VERSION),)]
+    assert tables == [
+        ("dead_letters",),
+        ("instances",),
+        ("marks",),
+        ("meta",),
+        ("outbox",),
+        ("schedules",),
+    ]
+
+
+async def test_an_empty_sqlite_file_gets_the_schema(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    query(path, "PRAGMA user_version")
+    store = SQLiteStore(path)
+
+    await store.open()
+    await store.commit(Changes(writes=[InstanceWrite(instance(), 0)]))
+
+    assert await store.list_instances() == [instance()]
+    await store.close()
+
+
+async def test_a_file_with_a_newer_schema_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+    query(path, "UPDATE meta SET value = ? WHERE name = 'schema_version'", "99")
+
+    with pytest.raises(SchemaVersionError) as caught:
+        await SQLiteStore(path).open()
+
+    assert (caught.value.found, caught.value.supported) == (99, SCHEMA_VERSION)
+    assert str(caught.value) == (
+        f"SQLite store {str(path)!r} has schema version 99, but this sagaflow supports "
+        f"versions 1 to {SCHEMA_VERSION}; open it with the sagaflow that wrote it, or a newer one"
+    )
+
+
+async def test_an_older_file_is_migrated_once_step_by_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "old.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.commit(Changes(writes=[InstanceWrite(instance(), 0)]))
+    await store.close()
+    steps: list[str] = []
+
+    def to_2(conn: sqlite3.Connection) -> None:
+        steps.append("1->2")
+        conn.execute("CREATE TABLE added_in_2 (x INTEGER)")
+
+    def to_3(conn: sqlite3.Connection) -> None:
+        steps.append("2->3")
+        conn.execute("INSERT INTO added_in_2 (x) VALUES (3)")
+
+    monkeypatch.setattr(sqlite_module, "_MIGRATIONS", (to_2, to_3))
+    monkeypatch.setattr(sqlite_module, "SCHEMA_VERSION", 3)
+    for _ in range(2):
+        store = SQLiteStore(path)
+        await store.open()
+        assert await store.list_instances() == [instance()]
+        await store.close()
+
+    assert steps == ["1->2", "2->3"]
+    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [("3",)]
+    assert query(path, "SELECT x FROM added_in_2") == [(3,)]
+
+
+async def test_a_file_with_an_unreadable_schema_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "odd.db"
+    query(path, "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+    with pytest.raises(StoreError, match="has no valid schema version \\(None in its meta"):
+        await SQLiteStore(path).open()
+
+
+async def test_a_file_that_is_not_sqlite_gives_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"these are not the sagas you are looking for\n" * 200)
+
+    with pytest.raises(StoreError) as caught:
+        await SQLiteStore(path).open()
+
+    assert type(caught.value) is StoreError
+    assert str(caught.value) == (
+        f"cannot open SQLite store {str(path)!r}: file is not a database; "
+        "is it a SQLite database written by sagaflow?"
+    )
+
+
+async def test_a_file_in_a_missing_folder_gives_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "missing" / "sagas.db"
+
+    with pytest.raises(StoreError) as caught:
+        await SQLiteStore(path).open()
+
+    assert str(caught.value) == (
+        f"cannot open SQLite store {str(path)!r}: unable to open database file"
+    )
+
+
+async def test_a_relative_path_without_a_folder_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = SQLiteStore("sagas.db")
+
+    await store.open()
+    await store.close()
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sagas.db"]
+
+
+async def test_calls_on_a_store_that_is_not_open_fail_clearly(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "sagas.db")
+
+    with pytest.raises(StoreError, match="is not open; call open\\(\\) first"):
+        await store.list_instances()
+
+
+async def test_a_store_can_be_opened_again_after_close_but_not_twice(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "sagas.db")
+    await store.open()
+    await store.commit(Changes(writes=[InstanceWrite(instance(), 0)]))
+    await store.close()
+    await store.close()  # closing twice is harmless
+
+    await store.open()
+    with pytest.raises(StoreError, match="is already open"):
+        await store.open()
+    assert await store.list_instances() == [instance()]
+    await store.close()
+
+
+async def test_expired_marks_are_purged_by_later_commits(tmp_path: Path) -> None:
+    path = tmp_path / "sagas.db"
+    store = SQLiteStore(path)
+    await store.open()
+    old = [DedupMark(SAGA, f"k{i}", "e", expires_at=10.0) for i in range(300)]
+    await store.commit(Changes(marks=[*old, DedupMark(SAGA, "k0", "fresh", expires_at=99.0)]))
+    await store.load(LoadRequest(now=50.0))
+
+    await store.commit(Changes(writes=[InstanceWrite(instance(), 0)]))
+    await store.commit(Changes(writes=[InstanceWrite(instance("k2"), 0)]))
+    await store.close()
+
+    rows = query(path, "SELECT saga, key, event_id, expires_at FROM marks")
+    assert rows == [(SAGA, "k0", "fresh", 99.0)]
+
+
+def test_the_repr_shows_the_path() -> None:
+    assert repr(SQLiteStore(Path("sagas.db"))) == "SQLiteStore('sagas.db', busy_timeout=5.0)"
