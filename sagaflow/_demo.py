@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -227,8 +228,8 @@ async def run_demo(
     Args:
         orders: How many orders to place (ids `o0` .. `o{orders-1}`).
         db: The SQLite file (default `sagaflow-demo.db`), or `":memory:"`.
-        stop_after: Stop once this many orders have been placed in this run,
-            leaving the rest in the file for the next run.
+        stop_after: Place only the first `stop_after` orders, handle what is due now,
+            and stop, leaving the orders in flight in the file for the next run.
         progress: Print a progress line while running.
         out: Where progress and the summary go (default stdout).
     """
@@ -250,36 +251,40 @@ async def run_demo(
         dispatch=services,
         retry=RetryPolicy(max_attempts=3, initial_delay=0.05, max_delay=0.5),
     )
-    finished = False
-    placed = 0
+    limit = orders if stop_after is None else min(orders, stop_after)
+
+    async def new_orders() -> AsyncIterator[OrderPlaced]:
+        for i in range(limit):
+            yield OrderPlaced(f"o{i}", 100 + i % 900)
+
+    async def show_progress() -> None:
+        while True:
+            _progress(out, runtime, outcomes, orders, started)
+            await anyio.sleep(0.25)
+
     try:
         async with runtime, send, receive:
-            resumed = len(await store.list_instances(saga="order"))
+            resumed = await _in_flight(store)
             if resumed:
                 print(f"resuming: {resumed} order(s) in flight from an earlier run", file=out)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(runtime.run, receive)
-                for i in range(orders):
-                    if stop_after is not None and placed >= stop_after:
-                        break
-                    await runtime.publish(OrderPlaced(f"o{i}", 100 + i % 900), id=f"placed-o{i}")
-                    placed += 1
-                    if progress and placed % 200 == 0:
-                        _progress(out, runtime, outcomes, orders, started)
-                while stop_after is None or placed < stop_after:
+                if progress:
+                    tg.start_soon(show_progress)
+                # Redelivering an order that an earlier run placed is harmless: the id
+                # makes it a duplicate, applied at most once.
+                await runtime.run(new_orders(), id=lambda e: f"placed-{e.order_id}")
+                finished = limit == orders
+                while finished:
                     await runtime.drain()
                     if receive.statistics().current_buffer_used == 0 and await _done(store):
                         break
-                    if progress:
-                        _progress(out, runtime, outcomes, orders, started)
-                    await anyio.sleep(0.1)
+                    await anyio.sleep(0.05)
                 else:
                     await runtime.drain()
-                finished = stop_after is None or placed < stop_after
                 tg.cancel_scope.cancel()
             dead = len(await store.list_dead_letters())
-            left = len(await store.list_instances(saga="order", status=ACTIVE))
-            left += len(await store.list_instances(saga="order", status=COMPLETING))
+            left = await _in_flight(store)
             stats = runtime.statistics()
     finally:
         if sidecar is not None:
@@ -301,6 +306,11 @@ async def run_demo(
         print(file=out)
     _summary(out, result, db)
     return result
+
+
+async def _in_flight(store: Store) -> int:
+    active = await store.list_instances(saga="order", status=ACTIVE)
+    return len(active) + len(await store.list_instances(saga="order", status=COMPLETING))
 
 
 async def _done(store: Store) -> bool:
