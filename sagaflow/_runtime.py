@@ -314,9 +314,12 @@ class Runtime:
                 ack.add(len(targets))
                 for spec, handler, key in targets:
                     self._activity.begin()
-                    await self._shard(spec.name, key).mailbox.put(
-                        Item(EVENT, spec, key, event, handler, event_id, ack)
-                    )
+                    item = Item(EVENT, spec, key, event, handler, event_id, ack)
+                    mailbox = self._shard(spec.name, key).mailbox
+                    if len(mailbox) < mailbox.limit:
+                        mailbox.put_unbounded(item)  # room: no need to suspend
+                    else:
+                        await mailbox.put(item)
         finally:
             ack.pending -= 1
             with anyio.CancelScope(shield=True):
