@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 import shutil
 import socket
 import subprocess
@@ -22,9 +21,12 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import psycopg
 import pytest
+
+from sagaflow.stores._postgres import redact_dsn
 
 __all__ = ["drop_schema", "pg_schema", "postgres_dsn"]
 
@@ -168,21 +170,26 @@ class _ThrowawayServer:
             shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def _redacted(dsn: str) -> str:
-    dsn = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)
-    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
-
-
 def _check_reachable(dsn: str) -> None:
     try:
         with psycopg.connect(dsn, connect_timeout=10, autocommit=True) as conn:
             conn.execute("SELECT 1")
     except psycopg.Error as exc:
         pytest.fail(
-            f"SAGAFLOW_PG_DSN={_redacted(dsn)} is set but the server cannot be reached: "
+            f"SAGAFLOW_PG_DSN={redact_dsn(dsn)} is set but the server cannot be reached: "
             f"{type(exc).__name__}: {str(exc).strip()}",
             pytrace=False,
         )
+
+
+def _no_server(reason: str) -> NoReturn:
+    message = (
+        "PostgreSQL tests need a server: set SAGAFLOW_PG_DSN, or make initdb/pg_ctl "
+        f"available so the tests can start one ({reason})"
+    )
+    if _on_ci():
+        pytest.fail(f"CI is set and no PostgreSQL server is reachable. {message}", False)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
@@ -200,23 +207,12 @@ def postgres_dsn() -> Iterator[str]:
     try:
         server = _ThrowawayServer()
     except _Unavailable as exc:
-        server = None
-        reason = str(exc)
-    else:
-        try:
-            server.start()
-        except _Unavailable as exc:
-            server.stop()
-            server = None
-            reason = str(exc)
-    if server is None:
-        message = (
-            "PostgreSQL tests need a server: set SAGAFLOW_PG_DSN, or make initdb/pg_ctl "
-            f"available so the tests can start one ({reason})"
-        )
-        if _on_ci():
-            pytest.fail(f"CI is set and no PostgreSQL server is reachable. {message}", False)
-        pytest.skip(message)
+        _no_server(str(exc))
+    try:
+        server.start()
+    except _Unavailable as exc:
+        server.stop()
+        _no_server(str(exc))
     try:
         yield server.dsn
     finally:

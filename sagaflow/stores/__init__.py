@@ -5,6 +5,8 @@ default; `PostgresStore` (extra `sagaflow[postgres]`) lets many processes share 
 database. All implement the `Store` protocol.
 """
 
+from typing import TYPE_CHECKING
+
 from ._memory import MemoryStore
 from ._protocol import (
     ACTIVE,
@@ -26,6 +28,19 @@ from ._protocol import (
 )
 from ._sqlite import SQLiteStore
 
+if TYPE_CHECKING:
+    from ._postgres import PostgresStore
+
+
+def __getattr__(name: str) -> object:
+    # PostgresStore needs the `postgres` extra (psycopg): import it only when used.
+    if name == "PostgresStore":
+        from ._postgres import PostgresStore
+
+        return PostgresStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ACTIVE",
     "COMPENSATION_FAILED",
@@ -41,6 +56,7 @@ __all__ = [
     "MemoryStore",
     "OutboxRecord",
     "OutboxUpdate",
+    "PostgresStore",
     "SQLiteStore",
     "ScheduleDelete",
     "ScheduleRecord",

@@ -41,10 +41,10 @@ from ._protocol import (
 try:
     import psycopg
     import psycopg.errors
-    from psycopg.conninfo import conninfo_to_dict
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
     from psycopg.rows import TupleRow, class_row
     from psycopg_pool import ConnectionPool
-except ImportError as exc:  # pragma: no cover - depends on the installation
+except ImportError as exc:
     raise ImportError(
         "PostgresStore needs psycopg 3 and psycopg-pool, which come with sagaflow's "
         f"`postgres` extra: pip install 'sagaflow[postgres]' ({exc})"
@@ -215,7 +215,7 @@ _INSTANCE = (
 _OUTBOX = "id, saga, key, seq, kind, type_name, payload, attempts, due, error"
 _SCHEDULE = "id, saga, key, name, due, to_self, type_name, payload, seq, attempts"
 _DEAD = "id, saga, key, kind, type_name, payload, error, attempts, failed_at, seq"
-_TEXTS2 = "unnest(%s::text[], %s::text[])"
+_TEXTS2 = "unnest(%b::text[], %b::text[])"
 
 # `{s}` is the quoted schema name; column lists are spliced in now.
 _SQL = {
@@ -230,10 +230,10 @@ _SQL = {
     ),
     "load_marks": (
         "SELECT saga, key, event_id FROM {s}.dedup_marks "
-        "JOIN unnest(%s::text[], %s::text[], %s::text[]) AS r(saga, key, event_id) "
+        "JOIN unnest(%b::text[], %b::text[], %b::text[]) AS r(saga, key, event_id) "
         "USING (saga, key, event_id) WHERE expires_at >= %s"
     ),
-    "load_schedule_ids": "SELECT DISTINCT id FROM {s}.schedules WHERE id = ANY(%s::text[])",
+    "load_schedule_ids": "SELECT DISTINCT id FROM {s}.schedules WHERE id = ANY(%b::text[])",
     "prune_marks": "DELETE FROM {s}.dedup_marks WHERE expires_at < %s",
     # -- commit: instances
     "lock_instances": (
@@ -242,7 +242,7 @@ _SQL = {
     ),
     "delete_instances": (
         "DELETE FROM {s}.instances i "
-        "USING unnest(%s::text[], %s::text[], %s::int8[]) AS d(saga, key, version) "
+        "USING unnest(%b::text[], %b::text[], %b::int8[]) AS d(saga, key, version) "
         "WHERE i.saga = d.saga AND i.key = d.key AND i.version = d.version "
         "RETURNING i.saga, i.key"
     ),
@@ -253,8 +253,8 @@ _SQL = {
         "UPDATE {s}.instances i SET version = w.version, status = w.status, state = w.state, "
         "instance_id = w.instance_id, created_at = w.created_at, updated_at = w.updated_at, "
         "last_event = w.last_event, completed = w.completed "
-        "FROM unnest(%s::text[], %s::text[], %s::int8[], %s::int8[], %s::text[], %s::text[], "
-        "%s::text[], %s::float8[], %s::float8[], %s::text[], %s::bool[]) "
+        "FROM unnest(%b::text[], %b::text[], %b::int8[], %b::int8[], %b::text[], %b::text[], "
+        "%b::text[], %b::float8[], %b::float8[], %b::text[], %b::bool[]) "
         "AS w(saga, key, expected, version, status, state, instance_id, created_at, "
         "updated_at, last_event, completed) "
         "WHERE i.saga = w.saga AND i.key = w.key AND i.version = w.expected "
@@ -262,8 +262,8 @@ _SQL = {
     ),
     "insert_instances": (
         f"INSERT INTO {{s}}.instances ({_INSTANCE}) "
-        "SELECT * FROM unnest(%s::text[], %s::text[], %s::int8[], %s::text[], %s::text[], "
-        "%s::text[], %s::float8[], %s::float8[], %s::text[], %s::bool[]) "
+        "SELECT * FROM unnest(%b::text[], %b::text[], %b::int8[], %b::text[], %b::text[], "
+        "%b::text[], %b::float8[], %b::float8[], %b::text[], %b::bool[]) "
         "ON CONFLICT (saga, key) DO NOTHING RETURNING saga, key"
     ),
     # -- commit: schedules
@@ -273,13 +273,13 @@ _SQL = {
     ),
     "delete_schedules": (
         "DELETE FROM {s}.schedules t "
-        "USING unnest(%s::text[], %s::text[], %s::text[]) AS d(saga, key, name) "
+        "USING unnest(%b::text[], %b::text[], %b::text[]) AS d(saga, key, name) "
         "WHERE t.saga = d.saga AND t.key = d.key AND t.name = d.name"
     ),
     "put_schedules": (
         f"INSERT INTO {{s}}.schedules ({_SCHEDULE}) "
-        "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::float8[], "
-        "%s::bool[], %s::text[], %s::text[], %s::int8[], %s::int4[]) "
+        "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::float8[], "
+        "%b::bool[], %b::text[], %b::text[], %b::int8[], %b::int4[]) "
         "ON CONFLICT (saga, key, name) DO UPDATE SET id = excluded.id, due = excluded.due, "
         "to_self = excluded.to_self, type_name = excluded.type_name, "
         "payload = excluded.payload, seq = excluded.seq, attempts = excluded.attempts, "
@@ -290,11 +290,11 @@ _SQL = {
         f"DELETE FROM {{s}}.outbox t USING {_TEXTS2} AS c(saga, key) "
         "WHERE t.saga = c.saga AND t.key = c.key"
     ),
-    "delete_outbox": "DELETE FROM {s}.outbox WHERE id = ANY(%s::text[])",
+    "delete_outbox": "DELETE FROM {s}.outbox WHERE id = ANY(%b::text[])",
     "add_outbox": (
         f"INSERT INTO {{s}}.outbox ({_OUTBOX}) "
-        "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::int8[], %s::text[], "
-        "%s::text[], %s::text[], %s::int4[], %s::float8[], %s::text[]) "
+        "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::int8[], %b::text[], "
+        "%b::text[], %b::text[], %b::int4[], %b::float8[], %b::text[]) "
         "ON CONFLICT (id) DO UPDATE SET saga = excluded.saga, key = excluded.key, "
         "seq = excluded.seq, kind = excluded.kind, type_name = excluded.type_name, "
         "payload = excluded.payload, attempts = excluded.attempts, due = excluded.due, "
@@ -303,15 +303,15 @@ _SQL = {
     "update_outbox": (
         "UPDATE {s}.outbox t SET attempts = u.attempts, due = u.due, error = u.error, "
         "lease_owner = NULL, lease_expires = NULL "
-        "FROM unnest(%s::text[], %s::int4[], %s::float8[], %s::text[]) "
+        "FROM unnest(%b::text[], %b::int4[], %b::float8[], %b::text[]) "
         "AS u(id, attempts, due, error) WHERE t.id = u.id"
     ),
     # -- commit: dead letters and marks
-    "delete_dead_letters": "DELETE FROM {s}.dead_letters WHERE id = ANY(%s::text[])",
+    "delete_dead_letters": "DELETE FROM {s}.dead_letters WHERE id = ANY(%b::text[])",
     "add_dead_letters": (
         f"INSERT INTO {{s}}.dead_letters ({_DEAD}) "
-        "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], "
-        "%s::text[], %s::text[], %s::int4[], %s::float8[], %s::int8[]) "
+        "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], "
+        "%b::text[], %b::text[], %b::int4[], %b::float8[], %b::int8[]) "
         "ON CONFLICT (id) DO UPDATE SET saga = excluded.saga, key = excluded.key, "
         "kind = excluded.kind, type_name = excluded.type_name, payload = excluded.payload, "
         "error = excluded.error, attempts = excluded.attempts, "
@@ -319,7 +319,7 @@ _SQL = {
     ),
     "put_marks": (
         "INSERT INTO {s}.dedup_marks (saga, key, event_id, expires_at) "
-        "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[]) "
+        "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::float8[]) "
         "ON CONFLICT (saga, key, event_id) DO UPDATE SET expires_at = excluded.expires_at"
     ),
     # -- reads
@@ -491,9 +491,7 @@ class PostgresStore:
         # Fail fast on an unreachable host unless the DSN says otherwise.
         self._conninfo = self._dsn
         if "connect_timeout" not in params:
-            self._conninfo = psycopg.conninfo.make_conninfo(
-                self._dsn, connect_timeout=max(1, round(self._timeout))
-            )
+            self._conninfo = make_conninfo(self._dsn, connect_timeout=max(1, round(self._timeout)))
         quoted = f'"{self._schema}"'
         self._sql = {name: text.replace("{s}", quoted) for name, text in _SQL.items()}
 
@@ -555,8 +553,11 @@ class PostgresStore:
             await anyio.lowlevel.checkpoint()
             return
         limiter = anyio.CapacityLimiter(self._max_size)
-        self._pool = await anyio.to_thread.run_sync(self._open_sync, limiter=limiter)
-        self._limiter = limiter
+        pool = await anyio.to_thread.run_sync(self._open_sync, limiter=limiter)
+        if self._pool is not None:  # a concurrent open() was quicker
+            await anyio.to_thread.run_sync(pool.close)
+            return
+        self._pool, self._limiter = pool, limiter
 
     def _open_sync(self) -> _Pool:
         with self._translate("connect"):
@@ -974,6 +975,9 @@ class PostgresStore:
             owner: Release only leases held by this owner (recommended: a lease that
                 expired may have been claimed by someone else since).
         """
+        if not ids:
+            await anyio.lowlevel.checkpoint()
+            return
         params = {"ids": list(ids), "owner": owner}
         await self._run(lambda pool: self._execute(pool, "release_outbox", params))
 
@@ -1017,6 +1021,9 @@ class PostgresStore:
             ids: Schedule ids; unknown ids are ignored.
             owner: Release only leases held by this owner.
         """
+        if not ids:
+            await anyio.lowlevel.checkpoint()
+            return
         params = {"ids": list(ids), "owner": owner}
         await self._run(lambda pool: self._execute(pool, "release_schedules", params))
 
