@@ -7,17 +7,18 @@ register it in a `Registry`, and run it with a `Runtime` on a store.
 from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
 from ._clock import SystemClock
 from ._decorators import correlate, on
-from ._outbox import DispatchMeta
+from ._hooks import Hooks
+from ._records import DispatchMeta, Unmatched
 from ._registry import Registry
 from ._retry import RetryPolicy
 from ._runtime import Runtime, Statistics
-from ._shard import Unmatched
 
 __all__ = [
     "CommandFailed",
     "Compensate",
     "Complete",
     "DispatchMeta",
+    "Hooks",
     "Registry",
     "RetryPolicy",
     "Runtime",

@@ -22,7 +22,7 @@ import attrs
 
 from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
 from ._decorators import correlate, on
-from ._outbox import DispatchMeta
+from ._records import DispatchMeta
 from ._registry import Registry
 from ._retry import RetryPolicy
 from ._runtime import Runtime

@@ -13,36 +13,18 @@ import anyio
 import attrs
 
 from ._clock import SystemClock
+from ._hooks import Hooks
+from ._records import DispatchMeta
 from ._retry import RetryPolicy
 from ._serialization import Serializer
 from ._sync import Activity
 from .stores._protocol import Changes, OutboxRecord, OutboxUpdate, Store
 
-__all__ = ["DispatchMeta", "Outbox"]
+__all__ = ["Counters", "Outbox", "error_text"]
 
 log = logging.getLogger("sagaflow.outbox")
 
 _Ref = tuple[str, str]
-
-
-@attrs.frozen
-class DispatchMeta:
-    """What the dispatcher is told along with each command.
-
-    Attributes:
-        command_id: Stable and unique: the same on every attempt and after a restart,
-            so receivers can deduplicate.
-        saga: The name of the saga that produced the command.
-        key: The instance key.
-        attempt: 1 for the first call, 2 for the first retry, and so on.
-        kind: `"send"` (a `Send` or a due `Schedule`) or `"compensate"`.
-    """
-
-    command_id: str
-    saga: str
-    key: str
-    attempt: int
-    kind: str
 
 
 @attrs.define(eq=False)
@@ -93,6 +75,7 @@ class Outbox:
     on_empty: Callable[[_Ref], None]
     clock: Any = attrs.field(factory=SystemClock)
     concurrency: int = 16
+    hooks: Hooks | None = None
 
     _queues: dict[_Ref, deque[_Entry]] = attrs.field(factory=dict, init=False)
     _busy: set[_Ref] = attrs.field(factory=set, init=False)
@@ -223,10 +206,13 @@ class Outbox:
             if not entry.decoded:
                 entry.command = self.serializer.decode(row.type_name, row.payload)
                 entry.decoded = True
-            await self.dispatch(
-                entry.command,
-                DispatchMeta(row.id, row.saga, row.key, attempt, row.kind),
-            )
+            meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
+            span = None if self.hooks is None else self.hooks.dispatching(entry.command, meta)
+            if span is None:
+                await self.dispatch(entry.command, meta)
+            else:
+                with span:
+                    await self.dispatch(entry.command, meta)
         except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
             self._failed(ref, entry, attempt, exc)
             return
@@ -252,11 +238,16 @@ class Outbox:
         decodable = entry.decoded
         extra = {"saga": row.saga, "key": row.key, "command_id": row.id}
         if decodable and not self.policy.gives_up_after(attempt):
-            due = self.clock.now() + self.policy.delay(attempt)
+            now = self.clock.now()
+            due = now + self.policy.delay(attempt)
             entry.row = attrs.evolve(row, attempts=attempt, due=due, error=error)
             self._updates.append(OutboxUpdate(row.id, attempt, due, error))
             self._mark_dirty()
             self.counters.command_retries += 1
+            if self.hooks is not None:
+                self.hooks.command_retry(
+                    DispatchMeta(row.id, row.saga, row.key, attempt, row.kind), error, due - now
+                )
             log.warning(
                 "command %s of %s/%s failed (attempt %d), retrying: %s",
                 row.type_name,

@@ -12,10 +12,12 @@ import anyio
 import attrs
 
 from ._clock import SystemClock
+from ._hooks import Hooks
 from ._outbox import Counters, Outbox
+from ._records import Unmatched
 from ._registry import Registry, SagaSpec
 from ._retry import RetryPolicy
-from ._shard import EVENT, FAILED, FINALIZE, FIRE, Item, Shard, Unmatched
+from ._shard import EVENT, FAILED, FINALIZE, FIRE, Item, Shard
 from ._sync import Ack, Activity, Mailbox
 from ._timer import Timer
 from .exceptions import RuntimeClosedError
@@ -96,6 +98,7 @@ class Runtime:
             again before its events fail.
         on_unmatched: Called with an `Unmatched` record when an event reaches a saga but
             no instance that could take it.
+        hooks: Metrics and tracing callbacks (see `Hooks`).
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class Runtime:
         dedup_retention: timedelta | float = timedelta(days=7),
         conflict_retries: int = 16,
         on_unmatched: Callable[[Unmatched], None] | None = None,
+        hooks: Hooks | None = None,
     ) -> None:
         if not registry.sagas:
             raise ValueError("the registry has no sagas: register at least one first")
@@ -142,6 +146,7 @@ class Runtime:
             on_empty=self._outbox_empty,
             clock=self._clock,
             concurrency=dispatch_concurrency,
+            hooks=hooks,
         )
         self._timer = Timer(store, self._clock, self._activity, self._fire)
         per_shard_cache = max(1, cache_size // shards)
@@ -156,6 +161,7 @@ class Runtime:
                 outbox=self._outbox,
                 notify_timer=self._timer.notify,
                 on_unmatched=on_unmatched,
+                hooks=hooks,
                 dedup_retention=retention,
                 max_batch=max_batch,
                 cache_size=per_shard_cache,

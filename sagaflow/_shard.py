@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -19,7 +20,9 @@ import anyio
 import attrs
 
 from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
+from ._hooks import Hooks
 from ._outbox import Counters, Outbox, error_text
+from ._records import Unmatched
 from ._registry import HandlerSpec, SagaSpec
 from ._retry import RetryPolicy
 from ._serialization import Serializer
@@ -45,7 +48,7 @@ from .stores._protocol import (
     Store,
 )
 
-__all__ = ["EVENT", "FAILED", "FINALIZE", "FIRE", "Item", "Shard", "Unmatched"]
+__all__ = ["EVENT", "FAILED", "FINALIZE", "FIRE", "Item", "Shard"]
 
 log = logging.getLogger("sagaflow.runtime")
 
@@ -53,24 +56,6 @@ EVENT, FIRE, FAILED, FINALIZE = range(4)
 _SEQ_BITS = 16
 _MAX_OUTPUTS = 1 << _SEQ_BITS
 _Ref = tuple[str, str]
-
-
-@attrs.frozen
-class Unmatched:
-    """An event that reached a saga but no instance that could take it.
-
-    Attributes:
-        event: The event.
-        saga: The saga's name.
-        key: The key the saga's correlate function returned.
-        reason: Why: no live instance and the handler is not `start=True`, or the
-            instance is completing.
-    """
-
-    event: object
-    saga: str
-    key: str
-    reason: str
 
 
 @attrs.define(eq=False, slots=True)
@@ -128,6 +113,7 @@ class Shard:
     outbox: Outbox
     notify_timer: Callable[[float], None]
     on_unmatched: Callable[[Unmatched], None] | None
+    hooks: Hooks | None
     dedup_retention: float
     max_batch: int
     cache_size: int
@@ -257,6 +243,7 @@ class _Batch:
     again: list[Item] = attrs.field(factory=list)
     unmatched: list[Unmatched] = attrs.field(factory=list)
     handled: int = 0
+    commit_seconds: float = 0.0
 
     async def run(self) -> None:
         shard = self.shard
@@ -311,7 +298,9 @@ class _Batch:
 
         changes = self._changes()
         if changes:
+            started = time.perf_counter()
             await shard.store.commit(changes)
+            self.commit_seconds = time.perf_counter() - started
 
     # -- items ---------------------------------------------------------------------
 
@@ -486,10 +475,20 @@ class _Batch:
         else:
             state = w.state
         version = record.version + 1
+        hooks = shard.hooks
+        span = (
+            None if hooks is None else hooks.handling(spec.name, w.key, event, record.instance_id)
+        )
         try:
-            result = handler.fn(state, event)
-            if handler.is_async:
-                result = await result
+            if span is None:
+                result = handler.fn(state, event)
+                if handler.is_async:
+                    result = await result
+            else:
+                with span:
+                    result = handler.fn(state, event)
+                    if handler.is_async:
+                        result = await result
             record = self._apply(w, record, state, result, version, allow_schedule, event)
         except _Rejected as exc:
             self._restore(w)
@@ -516,6 +515,8 @@ class _Batch:
                 self._give_up(w, item, event, fire, error, failure, attempts)
                 return False
             shard.counters.handler_retries += 1
+            if hooks is not None:
+                hooks.handler_retry(spec.name, w.key, event, attempts, error)
             due = self.now + policy.delay(attempts)
             log.warning(
                 "handler %s of saga %r raised on %s (key %r), attempt %d, retrying: %s",
@@ -823,6 +824,12 @@ class _Batch:
             )
             if shard.on_unmatched is not None:
                 shard.on_unmatched(u)
+            if shard.hooks is not None:
+                shard.hooks.unmatched(u)
+        if shard.hooks is not None:
+            for letter in self.dead:
+                shard.hooks.dead_letter(letter)
+            shard.hooks.batch_committed(len(self.items), self.commit_seconds)
         for item in self.done:
             shard._finish(item)
         for item, due in self.deferred:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any, Protocol, TypeAlias
 
-from ._outbox import DispatchMeta
+from ._records import DispatchMeta
 from .stores._protocol import Store
 
 __all__ = ["Clock", "Dispatch", "DispatchMeta", "Store"]

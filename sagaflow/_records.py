@@ -1,0 +1,45 @@
+"""Immutable records the runtime hands out: dispatch metadata, unmatched events."""
+
+from __future__ import annotations
+
+import attrs
+
+__all__ = ["DispatchMeta", "Unmatched"]
+
+
+@attrs.frozen
+class DispatchMeta:
+    """What the dispatcher is told along with each command.
+
+    Attributes:
+        command_id: Stable and unique: the same on every attempt and after a restart,
+            so receivers can deduplicate.
+        saga: The name of the saga that produced the command.
+        key: The instance key.
+        attempt: 1 for the first call, 2 for the first retry, and so on.
+        kind: `"send"` (a `Send` or a due `Schedule`) or `"compensate"`.
+    """
+
+    command_id: str
+    saga: str
+    key: str
+    attempt: int
+    kind: str
+
+
+@attrs.frozen
+class Unmatched:
+    """An event that reached a saga but no instance that could take it.
+
+    Attributes:
+        event: The event.
+        saga: The saga's name.
+        key: The key the saga's correlate function returned.
+        reason: Why: no live instance and the handler is not `start=True`, or the
+            instance is completing.
+    """
+
+    event: object
+    saga: str
+    key: str
+    reason: str
