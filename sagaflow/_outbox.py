@@ -18,7 +18,7 @@ from ._records import DispatchMeta
 from ._retry import RetryPolicy
 from ._serialization import Serializer
 from ._sync import Activity
-from .stores._protocol import Changes, OutboxRecord, OutboxUpdate, Store
+from .stores._protocol import COMPENSATION_FAILED, Changes, OutboxRecord, OutboxUpdate, Store
 
 __all__ = ["Counters", "Outbox", "error_text"]
 
@@ -75,11 +75,16 @@ class Outbox:
     on_empty: Callable[[_Ref], None]
     clock: Any = attrs.field(factory=SystemClock)
     concurrency: int = 16
+    sweep_interval: float = 5.0
     hooks: Hooks | None = None
 
     _queues: dict[_Ref, deque[_Entry]] = attrs.field(factory=dict, init=False)
     _busy: set[_Ref] = attrs.field(factory=set, init=False)
     _held: set[_Ref] = attrs.field(factory=set, init=False)
+    _awaiting: set[_Ref] = attrs.field(factory=set, init=False)
+    _known: set[str] = attrs.field(factory=set, init=False)
+    _sweep_lock: anyio.Lock = attrs.field(factory=anyio.Lock, init=False)
+    _next_sweep: float = attrs.field(default=math.inf, init=False)
     _completing: set[_Ref] = attrs.field(factory=set, init=False)
     _ready: deque[_Ref] = attrs.field(factory=deque, init=False)
     _ready_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
@@ -109,13 +114,17 @@ class Outbox:
 
     def add(self, rows: list[OutboxRecord], commands: list[Any] | None = None) -> None:
         """Hand over committed rows, in their order; `commands` are their decoded values."""
+        known = self._known
         for i, row in enumerate(rows):
+            if row.id in known:
+                continue
+            known.add(row.id)
             ref = (row.saga, row.key)
             entry = _Entry(row, commands[i], True) if commands is not None else _Entry(row)
             queue = self._queues.get(ref)
             if queue is None:
                 self._queues[ref] = deque((entry,))
-                if ref not in self._held and ref not in self._busy:
+                if ref not in self._held and ref not in self._awaiting and ref not in self._busy:
                     self._make_ready(ref)
             elif queue[-1].row.seq < row.seq:
                 queue.append(entry)
@@ -134,6 +143,7 @@ class Outbox:
 
     def hold(self, ref: _Ref) -> None:
         """Stop dispatching the instance's commands (compensation failed)."""
+        self._awaiting.discard(ref)
         self._held.add(ref)
 
     def drop_head(self, ref: _Ref, row_id: str) -> None:
@@ -142,12 +152,14 @@ class Outbox:
         if queue and queue[0].row.id == row_id:
             queue.popleft()
             self._depth -= 1
+            self._forget_id(row_id)
             if not queue:
                 del self._queues[ref]
 
     def release(self, ref: _Ref) -> None:
         """Resume dispatching an instance held after a give-up or a failed compensation."""
         self._held.discard(ref)
+        self._awaiting.discard(ref)
         queue = self._queues.get(ref)
         if queue is None:
             if ref in self._completing:
@@ -162,8 +174,17 @@ class Outbox:
         queue = self._queues.pop(ref, None)
         if queue:
             self._depth -= len(queue)
+            for entry in queue:
+                self._forget_id(entry.row.id)
         self._held.discard(ref)
+        self._awaiting.discard(ref)
         self._completing.discard(ref)
+
+    def _forget_id(self, row_id: str) -> None:
+        # The id stays known while its deletion waits for the flusher, so that a sweep
+        # reading the store meanwhile does not take the row for a new one.
+        self._deletes.append(row_id)
+        self._mark_dirty()
 
     def _make_ready(self, ref: _Ref) -> None:
         self._busy.add(ref)
@@ -180,6 +201,7 @@ class Outbox:
                 tg.start_soon(self._worker)
             tg.start_soon(self._retry_loop)
             tg.start_soon(self._flush_loop)
+            tg.start_soon(self._sweep_loop)
             task_status.started()
 
     async def _worker(self) -> None:
@@ -196,7 +218,7 @@ class Outbox:
 
     async def _dispatch_head(self, ref: _Ref) -> None:
         queue = self._queues.get(ref)
-        if not queue or ref in self._held:
+        if not queue or ref in self._held or ref in self._awaiting:
             self._busy.discard(ref)
             return
         entry = queue[0]
@@ -274,7 +296,7 @@ class Outbox:
             extra=extra,
         )
         self._busy.discard(ref)
-        self._held.add(ref)
+        self._awaiting.add(ref)
         self.on_failed(
             attrs.evolve(row, attempts=attempt, error=error),
             entry.command if decodable else None,
@@ -313,7 +335,9 @@ class Outbox:
             updates, self._updates = self._updates, []
             self._flush_event = anyio.Event()
             try:
-                await self._commit(Changes(outbox_deletes=deletes, outbox_updates=updates))
+                async with self._sweep_lock:
+                    await self._commit(Changes(outbox_deletes=deletes, outbox_updates=updates))
+                    self._known.difference_update(deletes)
             finally:
                 self.activity.end()
 
@@ -332,5 +356,37 @@ class Outbox:
 
     async def recover(self) -> None:
         """Load the commands a previous run left in the store, in order."""
-        rows = await self.store.list_outbox()
-        self.add(rows)
+        await self.sweep()
+
+    async def sweep(self) -> None:
+        """Pick up what changed in the store behind the runtime's back.
+
+        An operator may put a dead letter back in the outbox or resume or abort an
+        instance whose compensation failed; the runtime notices within one
+        `sweep_interval`.
+        """
+        async with self._sweep_lock:
+            held = {
+                (r.saga, r.key) for r in await self.store.list_instances(status=COMPENSATION_FAILED)
+            }
+            rows = await self.store.list_outbox()
+            for ref in self._held - held:
+                self.release(ref)
+            self._held.update(held)
+            self.add(rows)
+
+    def next_sweep(self) -> float:
+        """When the next sweep is due."""
+        return self._next_sweep
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            self._next_sweep = self.clock.now() + self.sweep_interval
+            await self.clock.sleep_until(self._next_sweep)
+            self.activity.begin()
+            try:
+                await self.sweep()
+            except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+                log.error("could not read the outbox: %s", error_text(exc))
+            finally:
+                self.activity.end()

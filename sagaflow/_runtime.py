@@ -99,6 +99,8 @@ class Runtime:
         on_unmatched: Called with an `Unmatched` record when an event reaches a saga but
             no instance that could take it.
         hooks: Metrics and tracing callbacks (see `Hooks`).
+        sweep_interval: Seconds between looks at the store for commands and instances
+            an operator changed while the runtime runs (see `Admin`).
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class Runtime:
         conflict_retries: int = 16,
         on_unmatched: Callable[[Unmatched], None] | None = None,
         hooks: Hooks | None = None,
+        sweep_interval: float = 5.0,
     ) -> None:
         if not registry.sagas:
             raise ValueError("the registry has no sagas: register at least one first")
@@ -147,6 +150,7 @@ class Runtime:
             clock=self._clock,
             concurrency=dispatch_concurrency,
             hooks=hooks,
+            sweep_interval=sweep_interval,
         )
         self._timer = Timer(store, self._clock, self._activity, self._fire)
         per_shard_cache = max(1, cache_size // shards)
@@ -342,7 +346,11 @@ class Runtime:
         while True:
             await activity.wait_idle()
             now = self._clock.now()
-            wakeups = [self._timer.next_wakeup(), self._outbox.next_wakeup()]
+            wakeups = [
+                self._timer.next_wakeup(),
+                self._outbox.next_wakeup(),
+                self._outbox.next_sweep(),
+            ]
             wakeups.extend(s.next_wakeup() for s in self._shards)
             if all(w is None or w > now for w in wakeups):
                 if activity.count == 0:

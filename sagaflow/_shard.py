@@ -791,7 +791,11 @@ class _Batch:
                 outbox.forget(ref)
                 continue
             if w.record is not None and w.broken is None:
-                shard._remember(ref, w.record, w.state)
+                if w.record.status == COMPENSATION_FAILED:
+                    # An operator resumes or aborts it in the store: always read it afresh.
+                    shard._cache.pop(ref, None)
+                else:
+                    shard._remember(ref, w.record, w.state)
             if w.failed is not None:
                 outbox.drop_head(ref, w.failed.id)
             if w.rows:
