@@ -93,6 +93,12 @@ def _positional_arity(fn: Callable[..., Any]) -> tuple[int, bool]:
     return required, False
 
 
+def _takes(arity: int) -> str:
+    if arity < 0:
+        return "it has a required keyword-only parameter"
+    return f"it takes {arity} required positional parameter(s)"
+
+
 @attrs.define(eq=False)
 class Registry:
     """Collects sagas, validates them when they are registered, and routes events.
@@ -183,13 +189,22 @@ class Registry:
         handlers: dict[type, HandlerSpec] = {}
         correlates: dict[type, Callable[[Any], Any]] = {}
         default_correlate: Callable[[Any], Any] | None = None
+        marked = False  # some @on handler was declared, even a broken one
+        starts = False  # some @on handler was declared start=True, even a broken one
         for attr_name in dir(cls):
             raw = inspect.getattr_static(cls, attr_name, None)
             fn = raw.__func__ if isinstance(raw, staticmethod | classmethod) else raw
-            hmarks: tuple[HandlerMark, ...] = getattr(fn, HANDLER_ATTR, ())
-            cmark: CorrelateMark | None = getattr(fn, CORRELATE_ATTR, None)
+            # A decorator above @staticmethod marks the staticmethod object itself.
+            hmarks: tuple[HandlerMark, ...] = getattr(raw, HANDLER_ATTR, ()) or getattr(
+                fn, HANDLER_ATTR, ()
+            )
+            cmark: CorrelateMark | None = getattr(raw, CORRELATE_ATTR, None) or getattr(
+                fn, CORRELATE_ATTR, None
+            )
             if not hmarks and cmark is None:
                 continue
+            marked = marked or bool(hmarks)
+            starts = starts or any(m.start for m in hmarks)
             if raw is not fn:
                 problem(f"{attr_name} must be a plain method, not a static or class method")
                 continue
@@ -201,8 +216,7 @@ class Registry:
             if cmark is not None:
                 if arity != 2 and not (varargs and arity <= 2):
                     problem(
-                        f"correlate function {attr_name} must take (self, event), "
-                        f"it takes {arity} required positional parameter(s)"
+                        f"correlate function {attr_name} must take (self, event), {_takes(arity)}"
                     )
                     continue
                 if not cmark.types:
@@ -215,10 +229,7 @@ class Registry:
                     correlates[t] = bound
                 continue
             if arity != 3 and not (varargs and arity <= 3):
-                problem(
-                    f"handler {attr_name} must take (self, state, event), "
-                    f"it takes {arity} required positional parameter(s)"
-                )
+                problem(f"handler {attr_name} must take (self, state, event), {_takes(arity)}")
                 continue
             for mark in hmarks:
                 if mark.start and mark.internal:
@@ -243,9 +254,9 @@ class Registry:
                         retry=mark.retry,
                     )
 
-        if not handlers:
+        if not marked:
             problem(f"{cls.__qualname__} has no @on handlers")
-        elif not any(h.start for h in handlers.values()):
+        elif not starts:
             problem("no handler has start=True, so no instance could ever be created")
         spec = SagaSpec(
             name=name,
@@ -290,7 +301,9 @@ class Registry:
 
     def _check_state(self, name: str, state: object) -> list[RegistrationError]:
         if not isinstance(state, type):
-            return [RegistrationError(f"saga {name!r}: state must be a class, got {state!r}")]
+            return [
+                RegistrationError(f"saga {name!r}: state must be a class, got {state!r}", saga=name)
+            ]
         try:
             default = state()
         except Exception as exc:  # noqa: BLE001 - any failure means "not default-constructible"

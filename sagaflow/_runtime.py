@@ -35,6 +35,18 @@ __all__ = ["Runtime", "Statistics"]
 log = logging.getLogger("sagaflow.runtime")
 
 
+class Settled(Ack):
+    """Tells the timer when a due schedule's shard is done with it."""
+
+    def __init__(self, timer: Timer, schedule_id: str) -> None:
+        super().__init__(1)
+        self._timer = timer
+        self._schedule_id = schedule_id
+
+    def done(self, error: BaseException | None = None) -> None:
+        self._timer.settled(self._schedule_id)
+
+
 @attrs.frozen
 class Statistics:
     """A snapshot of what a runtime is doing and has done.
@@ -228,7 +240,9 @@ class Runtime:
             self._tg = None
             tg.cancel_scope.cancel()
             try:
-                await tg.__aexit__(exc_type, exc, tb)
+                # The body's own exception is not the task group's business: it
+                # propagates from here unchanged, not wrapped in an ExceptionGroup.
+                await tg.__aexit__(None, None, None)
             finally:
                 with anyio.CancelScope(shield=True):
                     await self._store.close()
@@ -368,7 +382,7 @@ class Runtime:
             queued_events=sum(len(s.mailbox) for s in self._shards),
             in_flight=self._activity.count,
             outbox_depth=self._outbox.depth,
-            next_due=self._timer.next_wakeup(),
+            next_due=self._timer.next_due,
             cached_states=sum(s.cached for s in self._shards),
             events_handled=c.events_handled,
             events_duplicate=c.events_duplicate,
@@ -404,23 +418,17 @@ class Runtime:
         self._activity.begin()
         self._shard(*ref).mailbox.put_unbounded(Item(FINALIZE, spec, ref[1]))
 
-    async def _fire(self, rows: list[ScheduleRecord]) -> int:
-        ack = Ack(0)
-        ack_count = 0
+    def _fire(self, rows: list[ScheduleRecord]) -> int:
+        taken = 0
         for row in rows:
             spec = self._spec(row.saga)
             if spec is None:
                 log.error("schedule %s belongs to unknown saga %r; kept", row.id, row.saga)
                 continue
-            ack.add(1)
-            ack_count += 1
+            taken += 1
+            self._timer.taken(row.id)
             self._activity.begin()
             self._shard(row.saga, row.key).mailbox.put_unbounded(
-                Item(FIRE, spec, row.key, ack=ack, schedule=row)
+                Item(FIRE, spec, row.key, ack=Settled(self._timer, row.id), schedule=row)
             )
-        try:
-            await ack.wait()
-        except Exception as exc:  # noqa: BLE001 - the store failed; the timer looks again
-            log.error("could not fire due schedules: %s", exc)
-            return 0
-        return ack_count
+        return taken

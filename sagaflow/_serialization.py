@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Iterable
+import typing
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import attrs
 import cattrs
+from cattrs.errors import IterableValidationError, IterableValidationNote
 from cattrs.preconf.json import JsonConverter, make_converter
 
 from .exceptions import DecodeError, SerializationError, UnknownTypeError
@@ -28,6 +30,67 @@ T = TypeVar("T")
 def default_type_name(cls: type) -> str:
     """The name a class is stored under unless it was registered with a stable one."""
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _exact(cls: type) -> Callable[[Any, Any], Any]:
+    def structure(value: Any, _: Any) -> Any:
+        kind = type(value)
+        if kind is cls:
+            return value
+        if cls is float and kind is int:
+            return float(value)
+        raise TypeError(f"expected {cls.__name__}, got {kind.__name__} {value!r}")
+
+    return structure
+
+
+_SEQUENCES = {list: list, set: set, frozenset: frozenset, tuple: tuple}
+
+
+def _is_homogeneous_sequence(t: Any) -> bool:
+    origin = typing.get_origin(t)
+    if origin not in _SEQUENCES:
+        return False
+    args = typing.get_args(t)
+    return origin is not tuple or (len(args) == 2 and args[1] is Ellipsis)
+
+
+def _strict_converter() -> JsonConverter:
+    """cattrs' JSON converter, minus its lenient coercions.
+
+    A stored value of the wrong JSON type is an error, not silently converted
+    (`null` is no `"None"`, `1.9` no `1`, `"abc"` no `["a", "b", "c"]`), so a changed
+    schema shows up as a `DecodeError` naming the field instead of as bad data.
+    """
+    converter = make_converter()
+    for cls in (str, int, float, bool):
+        converter.register_structure_hook(cls, _exact(cls))
+
+    def sequence(t: Any) -> Callable[[Any, Any], Any]:
+        build = _SEQUENCES[typing.get_origin(t)]
+        args = typing.get_args(t)
+        inner = args[0] if args else Any
+        hook = converter.get_structure_hook(inner)
+
+        def structure(value: Any, _: Any) -> Any:
+            if not isinstance(value, list):
+                raise TypeError(f"expected a JSON array, got {type(value).__name__} {value!r}")
+            items, errors = [], []
+            for index, item in enumerate(value):
+                try:
+                    items.append(hook(item, inner))
+                except Exception as exc:  # noqa: BLE001 - reported together, by index
+                    note = IterableValidationNote(f"Structuring {t} @ index {index}", index, inner)
+                    exc.__notes__ = [*getattr(exc, "__notes__", []), note]
+                    errors.append(exc)
+            if errors:
+                raise IterableValidationError(f"While structuring {t!r}", errors, t)
+            return build(items)
+
+        return structure
+
+    converter.register_structure_hook_factory(_is_homogeneous_sequence, sequence)
+    return converter
 
 
 def _is_message_class(obj: object) -> bool:
@@ -57,7 +120,7 @@ class Serializer:
     """
 
     _prefixes: set[str] = attrs.field(factory=set, alias="prefixes", converter=set)
-    _converter: JsonConverter = attrs.field(factory=make_converter, init=False)
+    _converter: JsonConverter = attrs.field(factory=lambda: _strict_converter(), init=False)
     _encoder: json.JSONEncoder = attrs.field(
         factory=lambda: json.JSONEncoder(ensure_ascii=False, check_circular=False),
         init=False,

@@ -596,7 +596,8 @@ class _Batch:
         rows: list[OutboxRecord] = []
         commands: list[Any] = []
         schedules: list[ScheduleRecord] = []
-        unschedules: list[str] = []
+        # (name, record or None for Unschedule), in the order the handler returned them
+        schedule_ops: list[tuple[str, ScheduleRecord | None]] = []
         complete = False
         try:
             for action in _actions(result, self._reject, w, event):
@@ -633,21 +634,21 @@ class _Batch:
                     index = len(rows) + len(schedules)
                     type_name, payload = ser.encode(action.message)
                     sid = prefix + str(index)
-                    schedules.append(
-                        ScheduleRecord(
-                            sid,
-                            spec.name,
-                            key,
-                            action.name or sid,
-                            self.now + action.after,
-                            action.to_self,
-                            type_name,
-                            payload,
-                            base | index,
-                        )
+                    schedule = ScheduleRecord(
+                        sid,
+                        spec.name,
+                        key,
+                        action.name or sid,
+                        self.now + action.after,
+                        action.to_self,
+                        type_name,
+                        payload,
+                        base | index,
                     )
+                    schedules.append(schedule)
+                    schedule_ops.append((schedule.name, schedule))
                 elif cls is Unschedule:
-                    unschedules.append(action.name)
+                    schedule_ops.append((action.name, None))
                 elif cls is Complete:
                     if schedules:
                         raise self._reject(
@@ -667,12 +668,10 @@ class _Batch:
         except SerializationError as exc:
             raise self._reject(w, event, str(exc)) from exc
 
-        if unschedules or schedules or complete:
+        if schedule_ops or complete:
             ops = self.schedule_ops
-            for name in unschedules:
-                ops[(spec.name, key, name)] = None
-            for s in schedules:
-                ops[(spec.name, key, s.name)] = s
+            for name, op in schedule_ops:
+                ops[(spec.name, key, name)] = op
             if complete and not record.completed:
                 for skey in [k for k in ops if k[0] == spec.name and k[1] == key]:
                     del ops[skey]
@@ -744,9 +743,14 @@ class _Batch:
         attempts: int,
         seq: int = 0,
     ) -> None:
-        did = item.row.id if item.row is not None else item.event_id or uuid.uuid4().hex
-        if kind == "event" and item.event_id is not None:
+        if item.row is not None:
+            did = item.row.id
+        elif item.schedule is not None:
+            did = item.schedule.id
+        elif item.event_id is not None:
             did = f"{w.spec.name}:{w.key}:{item.event_id}"
+        else:
+            did = uuid.uuid4().hex
         self.dead.append(
             DeadLetter(
                 did, w.spec.name, w.key, kind, type_name, payload, error, attempts, self.now, seq

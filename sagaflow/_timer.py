@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -24,21 +24,29 @@ class Timer:
 
     It never polls: it sleeps until the earliest due time it knows, and `notify` wakes it
     early when a commit adds an earlier one. Due schedules are read in pages of `page`
-    and handed to `fire`, which returns once they are committed, with how many it took.
-    A page it could not take (its saga is not registered, the store failed) is looked
-    at again `backoff` seconds later, not in a tight loop.
+    and handed to `fire`, which passes them to the shards and returns how many it took;
+    each one stays "in flight" until its shard calls `settled`, so a schedule whose
+    instance waits (for a handler retry, say) is neither fired twice nor read in a loop.
+    A page that could not be taken (its saga is not registered) is looked at again
+    `backoff` seconds later.
     """
 
     store: Store
     clock: Any
     activity: Activity
-    fire: Callable[[list[ScheduleRecord]], Awaitable[int]]
+    fire: Callable[[list[ScheduleRecord]], int]
     page: int = 256
     backoff: float = 1.0
     _target: float | None = attrs.field(default=None, init=False)
     _scope: anyio.CancelScope | None = attrs.field(default=None, init=False)
     _dirty: bool = attrs.field(default=True, init=False)
     _wake: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+    _inflight: set[str] = attrs.field(factory=set, init=False)
+
+    @property
+    def next_due(self) -> float | None:
+        """The due time the timer sleeps until, if it knows one."""
+        return self._target
 
     def next_wakeup(self) -> float | None:
         """The due time the timer is waiting for, or `-inf` if it must look again."""
@@ -48,10 +56,22 @@ class Timer:
         """A schedule due at `due` was committed: wake early if it is the earliest."""
         if self._target is None or due < self._target:
             self._target = due
-            self._dirty = True
-            if self._scope is not None:
-                self._scope.cancel()
-            self._wake.set()
+            self._look_again()
+
+    def taken(self, schedule_id: str) -> None:
+        """A due schedule was handed to a shard."""
+        self._inflight.add(schedule_id)
+
+    def settled(self, schedule_id: str) -> None:
+        """A due schedule's shard is done with it (committed or not): look again."""
+        self._inflight.discard(schedule_id)
+        self._look_again()
+
+    def _look_again(self) -> None:
+        self._dirty = True
+        if self._scope is not None:
+            self._scope.cancel()
+        self._wake.set()
 
     async def run(self) -> None:
         """Fire due schedules until cancelled."""
@@ -76,10 +96,14 @@ class Timer:
         while True:
             self._dirty = False
             now = self.clock.now()
-            rows = await self.store.due_schedules(now, self.page)
+            inflight = self._inflight
+            rows = await self.store.due_schedules(now, self.page + len(inflight))
+            fresh = [r for r in rows if r.id not in inflight]
+            if fresh and self.fire(fresh):
+                continue
             if rows:
-                if await self.fire(rows):
-                    continue
+                # Everything due is in flight (it wakes us when settled) or cannot be
+                # fired now: look again later, never in a tight loop.
                 self._target = now + self.backoff
                 return
             if not self._dirty:

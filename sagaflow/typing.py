@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol
 
 from ._records import DispatchMeta
 from .stores._protocol import Store
@@ -16,15 +16,14 @@ from .stores._protocol import Store
 __all__ = ["Clock", "Dispatch", "DispatchMeta", "Store"]
 
 
-class _DispatchCallable(Protocol):
+class Dispatch(Protocol):
+    """`async def dispatch(command, meta) -> None`, or an object with such an `__call__`.
+
+    It reports failure by raising; `meta.command_id` is stable per command, so the
+    receiver can deduplicate.
+    """
+
     def __call__(self, command: Any, meta: DispatchMeta, /) -> Awaitable[None]: ...
-
-
-Dispatch: TypeAlias = _DispatchCallable
-"""`async def dispatch(command, meta) -> None`, or an object with such an `__call__`.
-
-It reports failure by raising; `meta.command_id` is stable per command.
-"""
 
 
 class Clock(Protocol):
