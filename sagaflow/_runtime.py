@@ -359,21 +359,25 @@ class Runtime:
         activity = self._activity
         while True:
             await activity.wait_idle()
-            now = self._clock.now()
-            wakeups = [
-                self._timer.next_wakeup(),
-                self._outbox.next_wakeup(),
-                self._outbox.next_sweep(),
-            ]
-            wakeups.extend(s.next_wakeup() for s in self._shards)
-            if all(w is None or w > now for w in wakeups):
+            if not self._due_now():
                 if activity.count == 0:
                     return
                 continue
-            # Something is due now but its task has not woken up yet: let it run.
+            # Something is due now but its task has not woken up yet: let it run, and
+            # wait for it only if it still has not begun (checked with no await between).
             await anyio.sleep(0)
-            if activity.count == 0:
+            if activity.count == 0 and self._due_now():
                 await activity.wait_begin()
+
+    def _due_now(self) -> bool:
+        now = self._clock.now()
+        wakeups = [
+            self._timer.next_wakeup(),
+            self._outbox.next_wakeup(),
+            self._outbox.next_sweep(),
+            *(s.next_wakeup() for s in self._shards),
+        ]
+        return any(w is not None and w <= now for w in wakeups)
 
     def statistics(self) -> Statistics:
         """A frozen snapshot of queue depths and counters."""
