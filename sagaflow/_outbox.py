@@ -85,6 +85,7 @@ class Outbox:
     _known: set[str] = attrs.field(factory=set, init=False)
     _sweep_lock: anyio.Lock = attrs.field(factory=anyio.Lock, init=False)
     _next_sweep: float = attrs.field(default=math.inf, init=False)
+    _flush_retry: float | None = attrs.field(default=None, init=False)
     _completing: set[_Ref] = attrs.field(factory=set, init=False)
     _ready: deque[_Ref] = attrs.field(factory=deque, init=False)
     _ready_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
@@ -105,8 +106,11 @@ class Outbox:
         return self._depth
 
     def next_wakeup(self) -> float | None:
-        """When the earliest retry falls due, if any waits."""
-        return self._retries[0][0] if self._retries else None
+        """When the earliest retry (of a command or of a failed flush) falls due."""
+        retry = self._retries[0][0] if self._retries else None
+        if self._flush_retry is None:
+            return retry
+        return self._flush_retry if retry is None else min(retry, self._flush_retry)
 
     def has_pending(self, ref: _Ref) -> bool:
         """Whether the instance still has commands waiting or in flight."""
@@ -327,6 +331,7 @@ class Outbox:
             self._flush_event.set()
 
     async def _flush_loop(self) -> None:
+        failures = 0
         while True:
             await self._flush_event.wait()
             # Let more deliveries pile up behind this flush: one commit for many rows.
@@ -336,23 +341,24 @@ class Outbox:
             self._flush_event = anyio.Event()
             try:
                 async with self._sweep_lock:
-                    await self._commit(Changes(outbox_deletes=deletes, outbox_updates=updates))
+                    await self.store.commit(Changes(outbox_deletes=deletes, outbox_updates=updates))
                     self._known.difference_update(deletes)
+                failures = 0
+                continue
+            except Exception as exc:  # noqa: BLE001 - a store hiccup must not kill the runtime
+                # Until it is recorded, a delivered command would be dispatched again
+                # after a restart (at least once): nothing is lost. Try again later,
+                # not counted as work in hand, so drain() does not wait for the backoff.
+                failures += 1
+                log.error("could not record delivered commands: %s", error_text(exc))
+                self._deletes[:0] = deletes
+                self._updates[:0] = updates
             finally:
                 self.activity.end()
-
-    async def _commit(self, changes: Changes) -> None:
-        for attempt in range(1, self.policy.max_attempts + 1):
-            try:
-                await self.store.commit(changes)
-                return
-            except Exception as exc:  # noqa: BLE001 - a store hiccup must not kill the runtime
-                if attempt == self.policy.max_attempts:
-                    # The rows stay in the store and are dispatched again after a restart
-                    # (at least once): nothing is lost, only repeated.
-                    log.error("could not record delivered commands: %s", error_text(exc))
-                    return
-                await self.clock.sleep_until(self.clock.now() + self.policy.delay(attempt))
+            self._flush_retry = self.clock.now() + self.policy.delay(failures)
+            await self.clock.sleep_until(self._flush_retry)
+            self._flush_retry = None
+            self._mark_dirty()
 
     async def recover(self) -> None:
         """Load the commands a previous run left in the store, in order."""

@@ -831,13 +831,13 @@ class _Batch:
                 extra={"saga": u.saga, "key": u.key, "event_type": type(u.event).__name__},
             )
             if shard.on_unmatched is not None:
-                shard.on_unmatched(u)
+                _call_hook(shard.on_unmatched, u)
             if shard.hooks is not None:
-                shard.hooks.unmatched(u)
+                _call_hook(shard.hooks.unmatched, u)
         if shard.hooks is not None:
             for letter in self.dead:
-                shard.hooks.dead_letter(letter)
-            shard.hooks.batch_committed(len(self.items), self.commit_seconds)
+                _call_hook(shard.hooks.dead_letter, letter)
+            _call_hook(shard.hooks.batch_committed, len(self.items), self.commit_seconds)
         for item in self.done:
             shard._finish(item)
         for item, due in self.deferred:
@@ -848,6 +848,14 @@ class _Batch:
             shard.activity.end()
         for item in self.again:
             shard.mailbox.put_unbounded(item)
+
+
+def _call_hook(hook: Callable[..., None], *args: Any) -> None:
+    """Call a user's hook after a commit; its failure must not stop the runtime."""
+    try:
+        hook(*args)
+    except Exception:
+        log.exception("hook %r raised; the runtime goes on", hook)
 
 
 def _actions(

@@ -79,6 +79,10 @@ class Timer:
             self.activity.begin()
             try:
                 await self._fire_due()
+            except Exception as exc:  # noqa: BLE001 - the store failed: look again later
+                log.error("could not read due schedules: %s", exc)
+                self._dirty = False
+                self._target = self.clock.now() + self.backoff
             finally:
                 self.activity.end()
             if self._target is None:
