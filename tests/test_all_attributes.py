@@ -12,7 +12,13 @@ import pytest
 
 import sagaflow
 
-PUBLIC_MODULES = ["sagaflow", "sagaflow.exceptions", "sagaflow.stores", "sagaflow.typing"]
+PUBLIC_MODULES = [
+    "sagaflow",
+    "sagaflow.exceptions",
+    "sagaflow.stores",
+    "sagaflow.testing",
+    "sagaflow.typing",
+]
 PACKAGE_DIR = pathlib.Path(sagaflow.__file__).parent
 
 
