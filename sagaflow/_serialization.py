@@ -93,6 +93,22 @@ def _strict_converter() -> JsonConverter:
     return converter
 
 
+def _json_encoder() -> Callable[[Any], str]:
+    """`json.dumps` without its per-call set-up (the hot path encodes every state)."""
+    plain = json.JSONEncoder(ensure_ascii=False, check_circular=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - only without CPython's C accelerator
+        return plain.encode
+    chunks = make(
+        None, plain.default, json.encoder.encode_basestring, None, ": ", ", ", False, False, True
+    )
+
+    def encode(value: Any) -> str:
+        return "".join(chunks(value, 0))
+
+    return encode
+
+
 def _is_message_class(obj: object) -> bool:
     return isinstance(obj, type) and (attrs.has(obj) or dataclasses.is_dataclass(obj))
 
@@ -121,10 +137,7 @@ class Serializer:
 
     _prefixes: set[str] = attrs.field(factory=set, alias="prefixes", converter=set)
     _converter: JsonConverter = attrs.field(factory=lambda: _strict_converter(), init=False)
-    _encoder: json.JSONEncoder = attrs.field(
-        factory=lambda: json.JSONEncoder(ensure_ascii=False, check_circular=False),
-        init=False,
-    )
+    _encode: Callable[[Any], str] = attrs.field(factory=lambda: _json_encoder(), init=False)
     _by_name: dict[str, type] = attrs.field(factory=dict, init=False)
     _names: dict[type, str] = attrs.field(factory=dict, init=False)
 
@@ -233,7 +246,7 @@ class Serializer:
     def dumps(self, value: object, name: str) -> str:
         """Encode `value` as JSON text; `name` names it in errors."""
         try:
-            return self._encoder.encode(self._converter.unstructure(value))
+            return self._encode(self._converter.unstructure(value))
         except Exception as exc:
             raise SerializationError(
                 f"cannot encode a {name!r} value as JSON: {type(exc).__name__}: {exc}"
