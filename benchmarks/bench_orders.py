@@ -118,11 +118,11 @@ async def events(n: int, w: int) -> AsyncIterator[Any]:
         yield event
 
 
-def make_store(kind: str, tmp: str) -> Store:
+def make_store(kind: str, tmp: str, sync: str) -> Store:
     if kind == "memory":
         return MemoryStore()
     if kind == "sqlite":
-        return SQLiteStore(Path(tmp) / "bench.db")
+        return SQLiteStore(Path(tmp) / "bench.db", power_safe=sync == "full")
     if kind == "postgres":
         from sagaflow.stores import PostgresStore  # type: ignore[attr-defined]
 
@@ -134,7 +134,7 @@ async def main(args: argparse.Namespace) -> None:
     n, w = args.n, args.w
     recorder = Recorder(args.discard)
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DATA_DIR")) as tmp:
-        store = make_store(args.store, tmp)
+        store = make_store(args.store, tmp, args.sync)
         runtime = Runtime(
             registry,
             store=store,
@@ -182,6 +182,7 @@ async def main(args: argparse.Namespace) -> None:
         batches=stats.batches_committed,
         shards=args.shards,
         gc=args.gc,
+        synchronous=args.sync if args.store == "sqlite" else None,
         rss_start_mib=round(rss_start, 1),
     )
     if problems:
@@ -197,6 +198,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--cache", type=int, default=None, help="state cache size")
     p.add_argument("--gc", choices=("on", "off"), default="on")
+    p.add_argument(
+        "--sync",
+        choices=("normal", "full"),
+        default="normal",
+        help="SQLite: normal = SQLiteStore(power_safe=False), as limit_sqlite's default",
+    )
     p.add_argument("--discard", action="store_true", help="count commands, don't keep them")
     return p.parse_args(argv)
 

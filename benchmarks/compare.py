@@ -32,9 +32,17 @@ def programs(args: argparse.Namespace) -> dict[str, list[str]]:
         "limit_memory --feed stream": [*limit_memory, "--feed", "stream"],
         "sagaflow memory asyncio": [*own, "--store", "memory"],
         "sagaflow memory trio": [*own, "--store", "memory", "--backend", "trio"],
-        "limit_sqlite --batch 256": [*limit_sqlite, "--batch", "256"],
-        "sagaflow sqlite asyncio": [*own, "--store", "sqlite"],
-        "sagaflow sqlite trio": [*own, "--store", "sqlite", "--backend", "trio"],
+        "limit_sqlite --batch 256": [*limit_sqlite, "--batch", "256", "--sync", "normal"],
+        "sagaflow sqlite asyncio": [*own, "--store", "sqlite", "--sync", "normal"],
+        "sagaflow sqlite trio": [
+            *own,
+            "--store",
+            "sqlite",
+            "--sync",
+            "normal",
+            "--backend",
+            "trio",
+        ],
     }
     if args.postgres and os.environ.get("SAGAFLOW_PG_DSN"):
         runs["sagaflow postgres asyncio"] = [*own, "--store", "postgres"]

@@ -221,39 +221,36 @@ class Outbox:
                 self.activity.end()
 
     async def _dispatch_head(self, ref: _Ref) -> None:
+        """Dispatch the instance's commands in order until its queue is empty or waits."""
         queue = self._queues.get(ref)
-        if not queue or ref in self._held or ref in self._awaiting:
-            self._busy.discard(ref)
-            return
-        entry = queue[0]
-        row = entry.row
-        attempt = row.attempts + 1
-        try:
-            if not entry.decoded:
-                entry.command = self.serializer.decode(row.type_name, row.payload)
-                entry.decoded = True
-            meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
-            span = None if self.hooks is None else self.hooks.dispatching(entry.command, meta)
-            if span is None:
-                await self.dispatch(entry.command, meta)
-            else:
-                with span:
+        hooks = self.hooks
+        while queue and ref not in self._held and ref not in self._awaiting:
+            entry = queue[0]
+            row = entry.row
+            attempt = row.attempts + 1
+            try:
+                if not entry.decoded:
+                    entry.command = self.serializer.decode(row.type_name, row.payload)
+                    entry.decoded = True
+                meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
+                span = None if hooks is None else hooks.dispatching(entry.command, meta)
+                if span is None:
                     await self.dispatch(entry.command, meta)
-        except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
-            self._failed(ref, entry, attempt, exc)
-            return
-        self.counters.commands_dispatched += 1
-        queue.popleft()
-        self._depth -= 1
-        self._deletes.append(row.id)
-        self._mark_dirty()
-        if queue:
-            self._ready.append(ref)
-            self.activity.begin()
-            self._ready_event.set()
+                else:
+                    with span:
+                        await self.dispatch(entry.command, meta)
+            except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
+                self._failed(ref, entry, attempt, exc)
+                return
+            self.counters.commands_dispatched += 1
+            queue.popleft()
+            self._depth -= 1
+            self._deletes.append(row.id)
+            self._mark_dirty()
+        self._busy.discard(ref)
+        if queue is None or queue:
             return
         del self._queues[ref]
-        self._busy.discard(ref)
         if ref in self._completing:
             self._completing.discard(ref)
             self.on_empty(ref)

@@ -139,6 +139,8 @@ class Serializer:
     _converter: JsonConverter = attrs.field(factory=lambda: _strict_converter(), init=False)
     _encode: Callable[[Any], str] = attrs.field(factory=lambda: _json_encoder(), init=False)
     _by_name: dict[str, type] = attrs.field(factory=dict, init=False)
+    _encoders: dict[type, tuple[str, Callable[[Any], Any]]] = attrs.field(factory=dict, init=False)
+    _hooks: dict[type, Callable[[Any], Any]] = attrs.field(factory=dict, init=False)
     _names: dict[type, str] = attrs.field(factory=dict, init=False)
 
     @property
@@ -240,13 +242,28 @@ class Serializer:
             UnknownTypeError: Its class is not on the allow-list.
             SerializationError: The value cannot be turned into JSON.
         """
-        name = self.name_of(type(value))
-        return name, self.dumps(value, name)
+        cls = type(value)
+        try:
+            name, unstructure = self._encoders[cls]
+        except KeyError:
+            name = self.name_of(cls)
+            unstructure = self._converter.get_unstructure_hook(cls)
+            self._encoders[cls] = name, unstructure
+        try:
+            return name, self._encode(unstructure(value))
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot encode a {name!r} value as JSON: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def dumps(self, value: object, name: str) -> str:
         """Encode `value` as JSON text; `name` names it in errors."""
+        cls = type(value)
+        unstructure = self._hooks.get(cls)
+        if unstructure is None:
+            unstructure = self._hooks[cls] = self._converter.get_unstructure_hook(cls)
         try:
-            return self._encode(self._converter.unstructure(value))
+            return self._encode(unstructure(value))
         except Exception as exc:
             raise SerializationError(
                 f"cannot encode a {name!r} value as JSON: {type(exc).__name__}: {exc}"

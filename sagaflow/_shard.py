@@ -94,6 +94,7 @@ class _Work:
     failed: OutboxRecord | None = None
     became_completing: bool = False
     handler_error: str | None = None
+    puts: list[str] = attrs.field(factory=list)
 
 
 class _Rejected(Exception):
@@ -533,6 +534,7 @@ class _Batch:
                 self.schedule_ops[(fire.saga, fire.key, fire.name)] = attrs.evolve(
                     fire, due=due, attempts=attempts
                 )
+                w.puts.append(fire.name)
                 self.done.append(item)
                 return False
             item.attempts = attempts
@@ -672,9 +674,12 @@ class _Batch:
             ops = self.schedule_ops
             for name, op in schedule_ops:
                 ops[(spec.name, key, name)] = op
+                if op is not None:
+                    w.puts.append(name)
             if complete and not record.completed:
-                for skey in [k for k in ops if k[0] == spec.name and k[1] == key]:
-                    del ops[skey]
+                # Clears apply before puts: drop this instance's puts of this batch.
+                for name in w.puts:
+                    ops.pop((spec.name, key, name), None)
                 self.clears.append((spec.name, key))
         if rows:
             w.rows.extend(rows)

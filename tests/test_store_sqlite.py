@@ -306,3 +306,17 @@ async def test_expired_marks_are_purged_by_later_commits(tmp_path: Path) -> None
 
 def test_the_repr_shows_the_path() -> None:
     assert repr(SQLiteStore(Path("sagas.db"))) == "SQLiteStore('sagas.db', busy_timeout=5.0)"
+
+
+@pytest.mark.parametrize(("power_safe", "level"), [(True, 2), (False, 1)])
+async def test_power_safe_chooses_full_or_normal_synchronous(
+    tmp_path: Path, power_safe: bool, level: int
+) -> None:
+    """`power_safe=False` trades power-loss safety for speed: synchronous=NORMAL (1)."""
+    store = SQLiteStore(tmp_path / "sagas.db", power_safe=power_safe)
+    await store.open()
+    conn = store._conn
+    assert conn is not None
+    setting = conn.execute("PRAGMA synchronous").fetchone()
+    await store.close()
+    assert (setting, repr(store).endswith(f"power_safe={power_safe})")) == ((level,), True)

@@ -133,7 +133,7 @@ def _fspath(path: str | os.PathLike[str]) -> str:
 class SQLiteStore:
     """The embedded durable store: one SQLite file in WAL mode, nothing to install.
 
-    A commit is on disk (`synchronous=FULL`) when `commit()` returns. The store uses one
+    By default a commit is on disk (`synchronous=FULL`) when `commit()` returns. The store uses one
     connection, from worker threads (`anyio.to_thread`), one call at a time, so it works
     on asyncio and trio alike. Several processes may open the same file; SQLite's locks
     and the instances' versions keep them apart.
@@ -142,16 +142,25 @@ class SQLiteStore:
         path: The database file; it is created with the schema if it does not exist.
         busy_timeout: Seconds to wait for another connection's write lock before a call
             fails with `StoreError`.
+        power_safe: `True` (the default): every commit is flushed to the disk before
+            `commit()` returns (`synchronous=FULL`), so it survives a power loss.
+            `False` (`synchronous=NORMAL`): a commit survives a crash of the process,
+            `kill -9` included, but the last commits before a power loss or an
+            operating-system crash may be lost; commits cost no disk flush each.
     """
 
     _path: str = attrs.field(converter=_fspath)
     _busy_timeout: float = attrs.field(default=5.0, kw_only=True)
+    _power_safe: bool = attrs.field(default=True, kw_only=True)
     _conn: sqlite3.Connection | None = attrs.field(default=None, init=False, repr=False)
     _limiter: anyio.CapacityLimiter | None = attrs.field(default=None, init=False, repr=False)
     _now: float | None = attrs.field(default=None, init=False, repr=False)
 
     def __repr__(self) -> str:
-        return f"SQLiteStore({self._path!r}, busy_timeout={self._busy_timeout!r})"
+        return (
+            f"SQLiteStore({self._path!r}, busy_timeout={self._busy_timeout!r}, "
+            f"power_safe={self._power_safe!r})"
+        )
 
     async def open(self) -> None:
         """Open the file, then create the schema or migrate it to this version.
@@ -259,7 +268,7 @@ class SQLiteStore:
             raise StoreError(f"cannot open SQLite store {self._path!r}: {exc}") from exc
         try:
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if self._power_safe else 'NORMAL'}")
             _transaction(conn, self._migrate)
         except sqlite3.Error as exc:
             conn.close()
