@@ -5,6 +5,7 @@ register it in a `Registry`, and run it with a `Runtime` on a store.
 """
 
 from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
+from ._admin import Admin, InstanceInfo
 from ._clock import SystemClock
 from ._decorators import correlate, on
 from ._hooks import Hooks
@@ -14,11 +15,13 @@ from ._retry import RetryPolicy
 from ._runtime import Runtime, Statistics
 
 __all__ = [
+    "Admin",
     "CommandFailed",
     "Compensate",
     "Complete",
     "DispatchMeta",
     "Hooks",
+    "InstanceInfo",
     "Registry",
     "RetryPolicy",
     "Runtime",

@@ -171,7 +171,11 @@ class Admin:
                 outbox[(o.saga, o.key)].append(o)
             for d in await self._store.list_dead_letters(saga=saga):
                 letters[(d.saga, d.key)].append(d)
-        return [self._info(r, schedules[ref], outbox[ref], letters[ref], now) for r in records]
+        infos = []
+        for r in records:
+            ref = (r.saga, r.key)
+            infos.append(self._info(r, schedules[ref], outbox[ref], letters[ref], now))
+        return infos
 
     async def show(self, saga: str, key: str) -> InstanceInfo:
         """One instance whole: its record (state included), schedules, outbox, dead letters.
@@ -323,7 +327,9 @@ class Admin:
                 f"not reach {where} (its handler takes only to_self schedules, or the "
                 "saga changed); discard it, or handle it by hand"
             )
-        others = sorted(name for name, key in keys.items() if key is not None and name != letter.saga)
+        others = sorted(
+            name for name, key in keys.items() if key is not None and name != letter.saga
+        )
         if event_id is None and others:
             raise DeadLetterError(
                 f"dead letter {letter.id!r}: publishing its {letter.type_name} again would "
@@ -418,9 +424,7 @@ class Admin:
     # -- helpers -------------------------------------------------------------------
 
     async def _record(self, saga: str, key: str) -> InstanceRecord | None:
-        loaded = await self._store.load(
-            LoadRequest(instances=[(saga, key)], now=self._clock.now())
-        )
+        loaded = await self._store.load(LoadRequest(instances=[(saga, key)], now=self._clock.now()))
         return loaded.instances.get((saga, key))
 
     async def _pending(

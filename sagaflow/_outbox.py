@@ -18,7 +18,14 @@ from ._records import DispatchMeta
 from ._retry import RetryPolicy
 from ._serialization import Serializer
 from ._sync import Activity
-from .stores._protocol import COMPENSATION_FAILED, Changes, OutboxRecord, OutboxUpdate, Store
+from .stores._protocol import (
+    COMPENSATION_FAILED,
+    COMPLETING,
+    Changes,
+    OutboxRecord,
+    OutboxUpdate,
+    Store,
+)
 
 __all__ = ["Counters", "Outbox", "error_text"]
 
@@ -48,6 +55,7 @@ class _Entry:
     row: OutboxRecord
     command: Any = None
     decoded: bool = False
+    generation: int = 0
 
 
 def error_text(exc: BaseException) -> str:
@@ -85,6 +93,7 @@ class Outbox:
     _known: set[str] = attrs.field(factory=set, init=False)
     _sweep_lock: anyio.Lock = attrs.field(factory=anyio.Lock, init=False)
     _next_sweep: float = attrs.field(default=math.inf, init=False)
+    _generation: int = attrs.field(default=0, init=False)
     _flush_retry: float | None = attrs.field(default=None, init=False)
     _completing: set[_Ref] = attrs.field(factory=set, init=False)
     _ready: deque[_Ref] = attrs.field(factory=deque, init=False)
@@ -119,12 +128,17 @@ class Outbox:
     def add(self, rows: list[OutboxRecord], commands: list[Any] | None = None) -> None:
         """Hand over committed rows, in their order; `commands` are their decoded values."""
         known = self._known
+        self._generation += 1
+        generation = self._generation
         for i, row in enumerate(rows):
             if row.id in known:
                 continue
             known.add(row.id)
             ref = (row.saga, row.key)
-            entry = _Entry(row, commands[i], True) if commands is not None else _Entry(row)
+            if commands is not None:
+                entry = _Entry(row, commands[i], True, generation)
+            else:
+                entry = _Entry(row, None, False, generation)
             queue = self._queues.get(ref)
             if queue is None:
                 self._queues[ref] = deque((entry,))
@@ -364,19 +378,49 @@ class Outbox:
     async def sweep(self) -> None:
         """Pick up what changed in the store behind the runtime's back.
 
-        An operator may put a dead letter back in the outbox or resume or abort an
-        instance whose compensation failed; the runtime notices within one
-        `sweep_interval`.
+        An operator may put a dead letter back in the outbox, resume or abort an
+        instance whose compensation failed, or abort any instance; the runtime notices
+        within one `sweep_interval`.
         """
         async with self._sweep_lock:
-            held = {
+            held_before = set(self._held)
+            generation = self._generation
+            failed = {
                 (r.saga, r.key) for r in await self.store.list_instances(status=COMPENSATION_FAILED)
             }
+            completing = {
+                (r.saga, r.key) for r in await self.store.list_instances(status=COMPLETING)
+            }
             rows = await self.store.list_outbox()
-            for ref in self._held - held:
-                self.release(ref)
-            self._held.update(held)
+            # What the shards changed while we read is theirs: only act on what we saw.
+            for ref in held_before - failed:
+                if ref in self._held:  # resumed (or aborted) by an operator
+                    if ref in completing:
+                        self._completing.add(ref)
+                    self.release(ref)
+            self._held.update(failed)
+            self._drop_gone({row.id for row in rows}, generation)
             self.add(rows)
+
+    def _drop_gone(self, present: set[str], generation: int) -> None:
+        """Drop queued commands whose rows an operator deleted (an aborted instance)."""
+        for ref, queue in list(self._queues.items()):
+            in_flight = ref in self._busy
+            gone = [
+                e
+                for i, e in enumerate(queue)
+                if e.generation <= generation
+                and e.row.id not in present
+                and not (i == 0 and in_flight)
+            ]
+            for entry in gone:
+                queue.remove(entry)
+                self._depth -= 1
+                self._forget_id(entry.row.id)
+            if not queue:
+                del self._queues[ref]
+                self._busy.discard(ref)
+                self._completing.discard(ref)
 
     def next_sweep(self) -> float:
         """When the next sweep is due."""

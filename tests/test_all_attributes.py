@@ -15,6 +15,7 @@ import sagaflow
 PUBLIC_MODULES = [
     "sagaflow",
     "sagaflow.exceptions",
+    "sagaflow.otel",
     "sagaflow.stores",
     "sagaflow.testing",
     "sagaflow.typing",

@@ -305,7 +305,9 @@ async def test_expired_marks_are_purged_by_later_commits(tmp_path: Path) -> None
 
 
 def test_the_repr_shows_the_path() -> None:
-    assert repr(SQLiteStore(Path("sagas.db"))) == "SQLiteStore('sagas.db', busy_timeout=5.0)"
+    assert repr(SQLiteStore(Path("sagas.db"))) == (
+        "SQLiteStore('sagas.db', busy_timeout=5.0, power_safe=True)"
+    )
 
 
 @pytest.mark.parametrize(("power_safe", "level"), [(True, 2), (False, 1)])
