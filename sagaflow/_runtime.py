@@ -123,7 +123,7 @@ class Runtime:
         dispatch: Dispatch,
         retry: RetryPolicy | None = None,
         clock: Clock | None = None,
-        shards: int = 8,
+        shards: int = 4,
         max_batch: int = 256,
         queue_size: int = 1024,
         cache_size: int = 10_000,
