@@ -73,9 +73,9 @@ def on(
 
 
 @overload
-def correlate(fn: F, /) -> F: ...
-@overload
 def correlate(*types: type) -> Callable[[F], F]: ...
+@overload
+def correlate(fn: F, /) -> F: ...
 def correlate(*args: Any) -> Any:
     """Mark a saga method as the function that maps an event to an instance key.
 
