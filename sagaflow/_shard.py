@@ -76,25 +76,50 @@ class Item:
     retry: bool = False
 
 
-@attrs.define(eq=False, slots=True)
 class _Work:
-    """The working copy of one instance during a batch."""
+    """The working copy of one instance during a batch (a plain class: made per event)."""
 
-    spec: SagaSpec
-    key: str
-    start_version: int
-    record: InstanceRecord | None
-    state: Any = None
-    broken: DecodeError | None = None
-    dirty: bool = False
-    deleted: bool = False
-    blocked: bool = False
-    rows: list[OutboxRecord] = attrs.field(factory=list)
-    commands: list[Any] = attrs.field(factory=list)
-    failed: OutboxRecord | None = None
-    became_completing: bool = False
-    handler_error: str | None = None
-    puts: list[str] = attrs.field(factory=list)
+    __slots__ = (
+        "became_completing",
+        "blocked",
+        "broken",
+        "commands",
+        "deleted",
+        "dirty",
+        "failed",
+        "handler_error",
+        "key",
+        "puts",
+        "record",
+        "rows",
+        "spec",
+        "start_version",
+        "state",
+    )
+
+    def __init__(
+        self,
+        spec: SagaSpec,
+        key: str,
+        start_version: int,
+        record: InstanceRecord | None,
+        state: Any = None,
+    ) -> None:
+        self.spec = spec
+        self.key = key
+        self.start_version = start_version
+        self.record = record
+        self.state = state
+        self.broken: DecodeError | None = None
+        self.dirty = False
+        self.deleted = False
+        self.blocked = False
+        self.rows: list[OutboxRecord] = []
+        self.commands: list[Any] = []
+        self.failed: OutboxRecord | None = None
+        self.became_completing = False
+        self.handler_error: str | None = None
+        self.puts: list[str] = []
 
 
 class _Rejected(Exception):
