@@ -620,11 +620,12 @@ class _Batch:
         ser = self.shard.serializer
         prefix = f"{record.instance_id}.{version}."
         base = version << _SEQ_BITS
-        rows: list[OutboxRecord] = []
-        commands: list[Any] = []
-        schedules: list[ScheduleRecord] = []
+        rows, commands = w.rows, w.commands
+        first_row = len(rows)  # rows of earlier events of this batch stay
+        outputs = 0
         # (name, record or None for Unschedule), in the order the handler returned them
-        schedule_ops: list[tuple[str, ScheduleRecord | None]] = []
+        schedule_ops: list[tuple[str, ScheduleRecord | None]] | None = None
+        scheduled = False
         complete = False
         try:
             for action in _actions(result, self._reject, w, event):
@@ -632,20 +633,20 @@ class _Batch:
                 if cls is Send or cls is Compensate:
                     kind = SEND if cls is Send else COMPENSATE
                     for command in (action.command,) if cls is Send else action.commands:
-                        index = len(rows) + len(schedules)
                         type_name, payload = ser.encode(command)
                         rows.append(
                             OutboxRecord(
-                                prefix + str(index),
+                                prefix + str(outputs),
                                 spec.name,
                                 key,
-                                base | index,
+                                base | outputs,
                                 kind,
                                 type_name,
                                 payload,
                             )
                         )
                         commands.append(command)
+                        outputs += 1
                 elif cls is Schedule:
                     if not allow_schedule or complete or record.completed:
                         raise self._reject(
@@ -658,9 +659,8 @@ class _Batch:
                             f"Schedule(to_self=True) of {type(action.message).__name__}, "
                             "which this saga has no handler for",
                         )
-                    index = len(rows) + len(schedules)
                     type_name, payload = ser.encode(action.message)
-                    sid = prefix + str(index)
+                    sid = prefix + str(outputs)
                     schedule = ScheduleRecord(
                         sid,
                         spec.name,
@@ -670,14 +670,19 @@ class _Batch:
                         action.to_self,
                         type_name,
                         payload,
-                        base | index,
+                        base | outputs,
                     )
-                    schedules.append(schedule)
+                    outputs += 1
+                    scheduled = True
+                    if schedule_ops is None:
+                        schedule_ops = []
                     schedule_ops.append((schedule.name, schedule))
                 elif cls is Unschedule:
+                    if schedule_ops is None:
+                        schedule_ops = []
                     schedule_ops.append((action.name, None))
                 elif cls is Complete:
-                    if schedules:
+                    if scheduled:
                         raise self._reject(
                             w, event, "Schedule cannot be returned together with Complete"
                         )
@@ -689,15 +694,19 @@ class _Batch:
                         f"returned {action!r}, which is not an action (Send, Schedule, "
                         "Unschedule, Compensate, Complete)",
                     )
-            if len(rows) + len(schedules) > _MAX_OUTPUTS:
+            if outputs > _MAX_OUTPUTS:
                 raise self._reject(w, event, f"more than {_MAX_OUTPUTS} commands at once")
             state_json = ser.dumps(state, spec.state_type.__qualname__)
         except SerializationError as exc:
+            del rows[first_row:], commands[first_row:]
             raise self._reject(w, event, str(exc)) from exc
+        except BaseException:
+            del rows[first_row:], commands[first_row:]
+            raise
 
-        if schedule_ops or complete:
+        if schedule_ops is not None or complete:
             ops = self.schedule_ops
-            for name, op in schedule_ops:
+            for name, op in schedule_ops or ():
                 ops[(spec.name, key, name)] = op
                 if op is not None:
                     w.puts.append(name)
@@ -706,9 +715,6 @@ class _Batch:
                 for name in w.puts:
                     ops.pop((spec.name, key, name), None)
                 self.clears.append((spec.name, key))
-        if rows:
-            w.rows.extend(rows)
-            w.commands.extend(commands)
         status = record.status
         if complete and status == ACTIVE:
             status = COMPLETING
