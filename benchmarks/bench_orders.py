@@ -142,7 +142,7 @@ async def main(args: argparse.Namespace) -> None:
             shards=args.shards,
             max_batch=args.max_batch,
             queue_size=max(1024, 4 * args.max_batch),
-            cache_size=max(2 * w, 10_000) if args.cache is None else args.cache,
+            **({} if args.cache is None else {"cache_size": args.cache}),
         )
         async with runtime:
             if args.gc == "off":
@@ -199,7 +199,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--max-batch", type=int, default=256)
-    p.add_argument("--cache", type=int, default=None, help="state cache size")
+    p.add_argument(
+        "--cache", type=int, default=None, help="state cache size (default: the Runtime's)"
+    )
     p.add_argument("--gc", choices=("on", "off"), default="on")
     p.add_argument(
         "--sync",
