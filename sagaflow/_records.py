@@ -12,7 +12,7 @@ class DispatchMeta:
     """What the dispatcher is told along with each command.
 
     Attributes:
-        command_id: Stable and unique: the same on every attempt and after a restart,
+        id: The command id, stable and unique: the same on every attempt and after a restart,
             so receivers can deduplicate.
         saga: The name of the saga that produced the command.
         key: The instance key.
@@ -20,7 +20,7 @@ class DispatchMeta:
         kind: `"send"` (a `Send` or a due `Schedule`) or `"compensate"`.
     """
 
-    command_id: str
+    id: str
     saga: str
     key: str
     attempt: int

@@ -194,9 +194,9 @@ class OpenTelemetryHooks(Hooks):
     ) -> AbstractContextManager[object] | None:
         """A span around the dispatcher call for `command`."""
         command_type = type(command).__name__
-        instance_id = meta.command_id.partition(".")[0]
+        instance_id = meta.id.partition(".")[0]
         attributes = {
-            "sagaflow.command_id": meta.command_id,
+            "sagaflow.command_id": meta.id,
             "sagaflow.saga": meta.saga,
             "sagaflow.key": meta.key,
             "sagaflow.attempt": meta.attempt,

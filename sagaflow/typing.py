@@ -19,7 +19,7 @@ __all__ = ["Clock", "Dispatch", "DispatchMeta", "Store"]
 class Dispatch(Protocol):
     """`async def dispatch(command, meta) -> None`, or an object with such an `__call__`.
 
-    It reports failure by raising; `meta.command_id` is stable per command, so the
+    It reports failure by raising; `meta.id` is stable per command, so the
     receiver can deduplicate.
     """
 

@@ -341,7 +341,7 @@ class Dispatcher:
 
     def record(self, command: Any, meta: DispatchMeta, ok: bool) -> None:
         line = {
-            "id": meta.command_id,
+            "id": meta.id,
             "type": type(command).__name__,
             "order": command.order_id,
             "payload": attrs.asdict(command),

@@ -230,14 +230,14 @@ class Recorder:
         aliases: dict[str, str] = {}
         out = []
         for command, meta in self.calls:
-            alias = aliases.setdefault(meta.command_id, f"c{len(aliases) + 1}")
-            out.append((command, attrs.evolve(meta, command_id=alias)))
+            alias = aliases.setdefault(meta.id, f"c{len(aliases) + 1}")
+            out.append((command, attrs.evolve(meta, id=alias)))
         return out
 
 
 def meta(alias: str, attempt: int = 1, *, key: str, kind: str = "send", saga: str = SAGA) -> Any:
     """A `DispatchMeta` with an aliased id, to compare with `Recorder.aliased()`."""
-    return DispatchMeta(command_id=alias, saga=saga, key=key, attempt=attempt, kind=kind)
+    return DispatchMeta(id=alias, saga=saga, key=key, attempt=attempt, kind=kind)
 
 
 # -- the harness -------------------------------------------------------------------

@@ -1015,7 +1015,7 @@ async def test_pending_command_is_dispatched_after_a_restart_with_the_same_id() 
         await h.advance(1)
 
     assert second.aliased() == [(Cmd("k", "x"), meta("c1", 2, key="k"))]
-    assert second.calls[0][1].command_id == first.calls[0][1].command_id == pending.id
+    assert second.calls[0][1].id == first.calls[0][1].id == pending.id
     assert await store.list_outbox() == []
 
 

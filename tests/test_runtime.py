@@ -170,7 +170,7 @@ async def test_one_event_reaches_several_sagas_each_with_its_own_instance() -> N
             (Cmd("k", "from-Started"), "A", "k", 1, "send"),
             (Cmd("k", "from-Started"), "B", "k", 1, "send"),
         ]
-        assert [m.command_id for _, m in by_saga] == [
+        assert [m.id for _, m in by_saga] == [
             f"{a.instance_id}.1.0",
             f"{b.instance_id}.1.0",
         ]
@@ -363,7 +363,7 @@ async def test_dispatch_meta_carries_unique_ids_saga_key_attempt_and_kind() -> N
             (Cmd("k", "c"), meta("c3", key="k")),
         ]
         (record,) = await h.records()
-        assert [m.command_id for _, m in h.dispatched.calls] == [
+        assert [m.id for _, m in h.dispatched.calls] == [
             f"{record.instance_id}.1.0",
             f"{record.instance_id}.1.1",
             f"{record.instance_id}.2.0",
@@ -389,7 +389,7 @@ async def test_commands_of_different_instances_are_dispatched_independently() ->
         await h.runtime.drain()
 
         assert sorted(c.key for c, _ in h.dispatched.calls) == [f"k{i}" for i in range(10)]
-        assert len({m.command_id for _, m in h.dispatched.calls}) == 10
+        assert len({m.id for _, m in h.dispatched.calls}) == 10
 
 
 @pytest.mark.anyio
@@ -704,7 +704,7 @@ async def test_a_start_event_after_completion_starts_a_new_incarnation() -> None
         (second,) = await h.records()
         assert (second.state, second.version) == ('{"seen": ["Started:2"]}', 1)
         assert second.instance_id != first.instance_id
-        ids = [m.command_id for _, m in h.dispatched.calls]
+        ids = [m.id for _, m in h.dispatched.calls]
         assert len(set(ids)) == 2
 
 

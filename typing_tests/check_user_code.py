@@ -95,7 +95,7 @@ assert_type(Schedule(PaymentTimedOut("o"), after=5).after, float)
 
 
 async def dispatch(command: object, meta: DispatchMeta) -> None:
-    assert_type(meta.command_id, str)
+    assert_type(meta.id, str)
     assert_type(meta.attempt, int)
 
 

@@ -72,8 +72,8 @@ class View(Generic[S]):
         out = []
         for d in self.dispatched:
             meta = d.meta
-            if meta.saga == self.saga and meta.kind == kind and meta.command_id not in seen:
-                seen.add(meta.command_id)
+            if meta.saga == self.saga and meta.kind == kind and meta.id not in seen:
+                seen.add(meta.id)
                 out.append(d.command)
         return out
 
