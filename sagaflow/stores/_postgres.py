@@ -124,7 +124,7 @@ def redact_dsn(dsn: str) -> str:
 
 # -- schema
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 1
 """The newest schema version this sagaflow writes; stored in the `meta` table."""
 
 # Each step migrates from the version equal to its index to the next one. `{s}` is the
@@ -204,24 +204,6 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX dedup_marks_expires ON {s}.dedup_marks (expires_at)",
     ),
-    # 1 -> 2: cluster mode. The shared inbox, and outbox rows that failed for good stay
-    # (leased, marked failed) until their instance has handled `CommandFailed`.
-    (
-        "ALTER TABLE {s}.outbox ADD COLUMN failed boolean NOT NULL DEFAULT false",
-        """CREATE TABLE {s}.inbox (
-            pos bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            saga text COLLATE "C" NOT NULL,
-            key text COLLATE "C" NOT NULL,
-            event_id text COLLATE "C" NOT NULL,
-            generated boolean NOT NULL,
-            type_name text NOT NULL,
-            payload text NOT NULL,
-            created_at double precision NOT NULL,
-            lease_owner text,
-            lease_expires double precision
-        )""",
-        "CREATE INDEX inbox_instance ON {s}.inbox (saga, key, pos)",
-    ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -234,167 +216,6 @@ _OUTBOX = "id, saga, key, seq, kind, type_name, payload, attempts, due, error"
 _SCHEDULE = "id, saga, key, name, due, to_self, type_name, payload, seq, attempts"
 _DEAD = "id, saga, key, kind, type_name, payload, error, attempts, failed_at, seq"
 _TEXTS2 = "unnest(%b::text[], %b::text[])"
-
-# Cluster mode (see `sagaflow.stores._claims`). An instance's outbox and inbox rows stay
-# in one owner's hands: its first row is claimed when nobody holds it, the rows behind
-# it only by the owner of that first row ("followers"). Statements that pick rows to
-# lease lock them with FOR UPDATE SKIP LOCKED, so claimers never wait for one another.
-_LEASABLE = "(t.lease_owner IS NULL OR t.lease_expires <= %(now)s)"
-_MINE = "unnest(%(msaga)s::text[], %(mkey)s::text[]) AS m(saga, key)"
-_CLAIMED_OUTBOX = (
-    "RETURNING u.id, u.saga, u.key, u.seq, u.kind, u.type_name, u.payload, u.attempts, "
-    "u.due, u.error, u.failed"
-)
-_CLAIMED_INBOX = (
-    "RETURNING u.pos, u.saga, u.key, u.event_id, u.generated, u.type_name, u.payload, "
-    "u.created_at"
-)
-_CLUSTER_SQL = {
-    "claim_command_heads": (
-        "WITH picked AS ("
-        " SELECT t.id FROM {s}.outbox t"
-        f" WHERE t.saga = ANY(%(sagas)s::text[]) AND t.due <= %(now)s AND {_LEASABLE}"
-        " AND NOT EXISTS (SELECT FROM {s}.outbox p"
-        " WHERE p.saga = t.saga AND p.key = t.key AND p.seq < t.seq)"
-        " AND NOT EXISTS (SELECT FROM {s}.instances i WHERE i.saga = t.saga"
-        " AND i.key = t.key AND i.status = 'compensation_failed')"
-        " ORDER BY t.due, t.saga, t.key, t.seq LIMIT %(limit)s"
-        " FOR UPDATE OF t SKIP LOCKED) "
-        "UPDATE {s}.outbox u SET lease_owner = %(owner)s, lease_expires = %(expires)s "
-        f"FROM picked WHERE u.id = picked.id {_CLAIMED_OUTBOX}"
-    ),
-    "claim_command_followers": (
-        "WITH picked AS ("
-        f" SELECT t.id FROM {{s}}.outbox t JOIN {_MINE} ON t.saga = m.saga AND t.key = m.key"
-        f" WHERE {_LEASABLE} AND NOT t.failed"
-        " AND (SELECT h.lease_owner = %(owner)s AND h.lease_expires > %(now)s"
-        " FROM {s}.outbox h WHERE h.saga = t.saga AND h.key = t.key"
-        " ORDER BY h.seq LIMIT 1)"
-        " ORDER BY t.saga, t.key, t.seq LIMIT %(limit)s"
-        " FOR UPDATE OF t SKIP LOCKED) "
-        "UPDATE {s}.outbox u SET lease_owner = %(owner)s, lease_expires = %(expires)s "
-        f"FROM picked WHERE u.id = picked.id {_CLAIMED_OUTBOX}"
-    ),
-    "deliver_commands": (
-        "DELETE FROM {s}.outbox WHERE id = ANY(%(ids)s::text[]) RETURNING saga, key"
-    ),
-    "retry_commands": (
-        "UPDATE {s}.outbox t SET attempts = r.attempts, due = r.due, error = r.error, "
-        "lease_expires = r.due + %(lease)s "
-        "FROM unnest(%(ids)s::text[], %(attempts)s::int4[], %(due)s::float8[], "
-        "%(error)s::text[]) AS r(id, attempts, due, error) "
-        "WHERE t.id = r.id AND t.lease_owner = %(owner)s"
-    ),
-    "fail_commands": (
-        "UPDATE {s}.outbox t SET attempts = r.attempts, error = r.error, failed = true, "
-        "lease_expires = %(expires)s "
-        "FROM unnest(%(ids)s::text[], %(attempts)s::int4[], %(error)s::text[]) "
-        "AS r(id, attempts, error) WHERE t.id = r.id AND t.lease_owner = %(owner)s"
-    ),
-    "release_commands": (
-        "UPDATE {s}.outbox SET lease_owner = NULL, lease_expires = NULL "
-        "WHERE id = ANY(%(ids)s::text[]) AND lease_owner = %(owner)s"
-    ),
-    # Finishing completed instances: lock the candidates, then check again in a new
-    # statement (a fresh snapshot): a commit that changed one of them before we locked it
-    # is seen, and one after it waits for us and then finds the instance gone.
-    "finishable_refs": (
-        f"SELECT i.saga, i.key FROM {{s}}.instances i JOIN {_MINE}"
-        " ON i.saga = m.saga AND i.key = m.key"
-        " WHERE i.status = 'completing' AND NOT EXISTS (SELECT FROM {s}.outbox o"
-        " WHERE o.saga = i.saga AND o.key = i.key)"
-        " ORDER BY i.saga, i.key FOR UPDATE OF i SKIP LOCKED"
-    ),
-    "finishable_any": (
-        "SELECT i.saga, i.key FROM {s}.instances i"
-        " WHERE i.status = 'completing' AND i.saga = ANY(%(sagas)s::text[])"
-        " AND NOT EXISTS (SELECT FROM {s}.outbox o WHERE o.saga = i.saga AND o.key = i.key)"
-        " ORDER BY i.saga, i.key LIMIT %(limit)s FOR UPDATE OF i SKIP LOCKED"
-    ),
-    "finish": (
-        f"DELETE FROM {{s}}.instances i USING {_MINE}"
-        " WHERE i.saga = m.saga AND i.key = m.key AND i.status = 'completing'"
-        " AND NOT EXISTS (SELECT FROM {s}.outbox o WHERE o.saga = i.saga AND o.key = i.key)"
-        " RETURNING i.saga, i.key"
-    ),
-    "finish_schedules": (
-        f"DELETE FROM {{s}}.schedules t USING {_MINE} WHERE t.saga = m.saga AND t.key = m.key"
-    ),
-    "claim_schedules_of": (
-        "WITH picked AS ("
-        " SELECT t.saga, t.key, t.name FROM {s}.schedules t"
-        " WHERE t.due <= %(now)s AND t.saga = ANY(%(sagas)s::text[])"
-        f" AND ({_LEASABLE} OR t.lease_owner = %(owner)s)"
-        " ORDER BY t.due, t.seq, t.id LIMIT %(limit)s"
-        " FOR UPDATE OF t SKIP LOCKED) "
-        "UPDATE {s}.schedules u SET lease_owner = %(owner)s, lease_expires = %(expires)s "
-        "FROM picked WHERE u.saga = picked.saga AND u.key = picked.key "
-        "AND u.name = picked.name "
-        "RETURNING u.id, u.saga, u.key, u.name, u.due, u.to_self, u.type_name, u.payload, "
-        "u.seq, u.attempts"
-    ),
-    "next_claimable_due": (
-        "SELECT t.due FROM {s}.schedules t WHERE t.saga = ANY(%(sagas)s::text[])"
-        f" AND ({_LEASABLE} OR t.lease_owner = %(owner)s) ORDER BY t.due LIMIT 1"
-    ),
-    "put_inbox": (
-        "INSERT INTO {s}.inbox (saga, key, event_id, generated, type_name, payload, "
-        "created_at) SELECT * FROM unnest(%(saga)s::text[], %(key)s::text[], "
-        "%(event_id)s::text[], %(generated)s::bool[], %(type_name)s::text[], "
-        "%(payload)s::text[], %(created_at)s::float8[]) WITH ORDINALITY "
-        "AS r(saga, key, event_id, generated, type_name, payload, created_at, n) "
-        "ORDER BY n RETURNING pos"
-    ),
-    "claim_inbox_heads": (
-        "WITH picked AS ("
-        " SELECT t.pos FROM {s}.inbox t"
-        f" WHERE t.saga = ANY(%(sagas)s::text[]) AND {_LEASABLE}"
-        " AND NOT EXISTS (SELECT FROM {s}.inbox p"
-        " WHERE p.saga = t.saga AND p.key = t.key AND p.pos < t.pos)"
-        " ORDER BY t.pos LIMIT %(limit)s FOR UPDATE OF t SKIP LOCKED) "
-        "UPDATE {s}.inbox u SET lease_owner = %(owner)s, lease_expires = %(expires)s "
-        f"FROM picked WHERE u.pos = picked.pos {_CLAIMED_INBOX}"
-    ),
-    "claim_inbox_followers": (
-        "WITH picked AS ("
-        f" SELECT t.pos FROM {{s}}.inbox t JOIN {_MINE} ON t.saga = m.saga AND t.key = m.key"
-        f" WHERE {_LEASABLE}"
-        " AND (SELECT h.lease_owner = %(owner)s AND h.lease_expires > %(now)s"
-        " FROM {s}.inbox h WHERE h.saga = t.saga AND h.key = t.key"
-        " ORDER BY h.pos LIMIT 1)"
-        " ORDER BY t.pos LIMIT %(limit)s FOR UPDATE OF t SKIP LOCKED) "
-        "UPDATE {s}.inbox u SET lease_owner = %(owner)s, lease_expires = %(expires)s "
-        f"FROM picked WHERE u.pos = picked.pos {_CLAIMED_INBOX}"
-    ),
-    "ack_inbox": (
-        "WITH gone AS (DELETE FROM {s}.inbox WHERE pos = ANY(%(positions)s::int8[]) "
-        "RETURNING saga, key, event_id, generated) "
-        "DELETE FROM {s}.dedup_marks d USING gone WHERE gone.generated "
-        "AND d.saga = gone.saga AND d.key = gone.key AND d.event_id = gone.event_id"
-    ),
-    "release_inbox": (
-        "UPDATE {s}.inbox SET lease_owner = NULL, lease_expires = NULL "
-        "WHERE pos = ANY(%(positions)s::int8[]) AND lease_owner = %(owner)s"
-    ),
-    "pending_inbox": "SELECT pos FROM {s}.inbox WHERE pos = ANY(%(positions)s::int8[])",
-    "list_inbox": (
-        "SELECT pos, saga, key, event_id, generated, type_name, payload, created_at "
-        "FROM {s}.inbox ORDER BY pos"
-    ),
-    "renew_commands": (
-        "UPDATE {s}.outbox SET lease_expires = greatest(lease_expires, %(expires)s) "
-        "WHERE id = ANY(%(ids)s::text[]) AND lease_owner = %(owner)s"
-    ),
-    "renew_schedules": (
-        "UPDATE {s}.schedules SET lease_expires = %(expires)s "
-        "WHERE id = ANY(%(ids)s::text[]) AND lease_owner = %(owner)s"
-    ),
-    "renew_inbox": (
-        "UPDATE {s}.inbox SET lease_expires = %(expires)s "
-        "WHERE pos = ANY(%(positions)s::int8[]) AND lease_owner = %(owner)s"
-    ),
-    "notify": "SELECT pg_notify(%(channel)s, p) FROM unnest(%(payloads)s::text[]) AS p",
-}
 
 # `{s}` is the quoted schema name; column lists are spliced in now.
 _SQL = {
@@ -477,11 +298,11 @@ _SQL = {
         "ON CONFLICT (id) DO UPDATE SET saga = excluded.saga, key = excluded.key, "
         "seq = excluded.seq, kind = excluded.kind, type_name = excluded.type_name, "
         "payload = excluded.payload, attempts = excluded.attempts, due = excluded.due, "
-        "error = excluded.error, failed = false, lease_owner = NULL, lease_expires = NULL"
+        "error = excluded.error, lease_owner = NULL, lease_expires = NULL"
     ),
     "update_outbox": (
         "UPDATE {s}.outbox t SET attempts = u.attempts, due = u.due, error = u.error, "
-        "failed = false, lease_owner = NULL, lease_expires = NULL "
+        "lease_owner = NULL, lease_expires = NULL "
         "FROM unnest(%b::text[], %b::int4[], %b::float8[], %b::text[]) "
         "AS u(id, attempts, due, error) WHERE t.id = u.id"
     ),
@@ -549,7 +370,6 @@ _SQL = {
         "WHERE id = ANY(%(ids)s::text[]) "
         "AND (%(owner)s::text IS NULL OR lease_owner = %(owner)s::text)"
     ),
-    **_CLUSTER_SQL,
 }
 
 # Marks expire but are not deleted by reads; every this many loads one also prunes them.
@@ -603,14 +423,6 @@ def _lock_key(schema: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def _channel(schema: str) -> str:
-    """The LISTEN/NOTIFY channel of `schema` (a channel name has at most 63 bytes)."""
-    channel = f"sagaflow.{schema}"
-    if len(channel) <= 63:
-        return channel
-    return f"sagaflow.{hashlib.blake2b(schema.encode(), digest_size=16).hexdigest()}"
-
-
 def _check_schema(_: object, __: attrs.Attribute[str], value: str) -> None:
     if not _SCHEMA_NAME.fullmatch(value):
         raise ValueError(
@@ -640,17 +452,9 @@ class PostgresStore:
             that run at once.
         timeout: Seconds to wait for a connection (when connecting, and when the pool is
             busy) before failing with `StoreError`.
-        lease: Cluster mode (`Runtime(cluster=True)`): seconds a claimed inbox row,
-            command or due schedule stays with its process before another may take it
-            over. Processes renew the leases of rows they still work on, so this bounds
-            how long the work of a process that died waits.
-        poll_interval: Cluster mode: seconds between looks at the tables when no
-            wake-up (LISTEN/NOTIFY) arrives; it also bounds how soon expired leases are
-            noticed.
 
     Raises:
-        ValueError: The schema name, the pool sizes, `lease` or `poll_interval` are
-            invalid.
+        ValueError: The schema name or the pool sizes are invalid.
         StoreError: The DSN cannot be parsed.
     """
 
@@ -659,9 +463,6 @@ class PostgresStore:
     _min_size: int = attrs.field(default=1, kw_only=True)
     _max_size: int = attrs.field(default=10, kw_only=True)
     _timeout: float = attrs.field(default=30.0, kw_only=True)
-    _lease: float = attrs.field(default=30.0, kw_only=True)
-    _poll_interval: float = attrs.field(default=2.0, kw_only=True)
-    _channel: str = attrs.field(init=False)
     _redacted: str = attrs.field(init=False)
     _secrets: tuple[str, ...] = attrs.field(init=False)
     _sql: dict[str, str] = attrs.field(init=False)
@@ -681,12 +482,6 @@ class PostgresStore:
             )
         if self._timeout <= 0:
             raise ValueError(f"PostgresStore timeout must be positive, got {self._timeout}")
-        if not 0 < self._poll_interval < self._lease:
-            raise ValueError(
-                f"PostgresStore needs 0 < poll_interval < lease, got "
-                f"poll_interval={self._poll_interval}, lease={self._lease}"
-            )
-        self._channel = _channel(self._schema)
         try:
             params = conninfo_to_dict(self._dsn)
         except psycopg.Error as exc:
