@@ -124,14 +124,6 @@ def _select(target: object, state: type | None, saga: str | None) -> tuple[Regis
     return registry, registry.get(saga or type(obj).__name__)
 
 
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    return [
-        leaf
-        for e in group.exceptions
-        for leaf in (_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    ]
-
-
 class Scenario(Checks[S]):
     """Given/when/then for one saga, on the real runtime, a memory store and a virtual clock.
 
@@ -287,13 +279,7 @@ class Scenario(Checks[S]):
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
         finally:
-            try:
-                await runtime.__aexit__(exc_type, exc, tb)
-            except BaseExceptionGroup as group:
-                # The runtime's task group wraps the body's exception; let it through
-                # unwrapped instead.
-                if exc is None or _leaves(group) != [exc]:
-                    raise
+            await runtime.__aexit__(exc_type, exc, tb)
 
     def fail(
         self, match: Match, *, error: Exception | None = None, times: int | None = None
