@@ -6,12 +6,13 @@ import logging
 from collections.abc import AsyncIterable, Callable
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import anyio
 import attrs
 
 from ._clock import SystemClock
+from ._cluster import Cluster, ClusterOutbox, cluster_store
 from ._hooks import Hooks
 from ._outbox import Counters, Outbox
 from ._records import Unmatched
@@ -113,6 +114,13 @@ class Runtime:
         hooks: Metrics and tracing callbacks (see `Hooks`).
         sweep_interval: Seconds between looks at the store for commands and instances
             an operator changed while the runtime runs (see `Admin`).
+        cluster: Share the store with other runtime processes (needs a store that
+            supports it, such as `PostgresStore`): `publish` goes through the store's
+            shared inbox, commands and due schedules are claimed with leases, and no
+            state is cached between batches. See the how-to "Scaling out".
+
+    Raises:
+        TypeError: `cluster=True` with a store that cannot be shared.
     """
 
     def __init__(
@@ -133,6 +141,7 @@ class Runtime:
         on_unmatched: Callable[[Unmatched], None] | None = None,
         hooks: Hooks | None = None,
         sweep_interval: float = 5.0,
+        cluster: bool = False,
     ) -> None:
         if not registry.sagas:
             raise ValueError("the registry has no sagas: register at least one first")
@@ -150,7 +159,7 @@ class Runtime:
         )
         self._activity = Activity()
         self._counters = Counters()
-        self._outbox = Outbox(
+        self._outbox: Outbox | ClusterOutbox = Outbox(
             store=store,
             dispatch=dispatch,
             serializer=registry.serializer,
@@ -165,7 +174,26 @@ class Runtime:
             sweep_interval=sweep_interval,
         )
         self._timer = Timer(store, self._clock, self._activity, self._fire)
-        per_shard_cache = max(1, cache_size // shards)
+        self._cluster: Cluster | None = None
+        if cluster:
+            self._cluster = Cluster(
+                store=cluster_store(store),
+                registry=registry,
+                dispatch=dispatch,
+                policy=self._policy,
+                clock=self._clock,
+                activity=self._activity,
+                counters=self._counters,
+                on_failed=self._command_failed,
+                fire=self._fire,
+                route=lambda saga, key: self._shard(saga, key).mailbox,
+                concurrency=dispatch_concurrency,
+                capacity=queue_size,
+                hooks=hooks,
+            )
+            self._outbox, self._timer = self._cluster.outbox, self._cluster.timer
+        # Another process may change any instance between two batches: no cache.
+        per_shard_cache = 0 if cluster else max(1, cache_size // shards)
         self._shards = [
             Shard(
                 store=store,
@@ -174,7 +202,7 @@ class Runtime:
                 policy=self._policy,
                 activity=self._activity,
                 counters=self._counters,
-                outbox=self._outbox,
+                outbox=cast(Outbox, self._outbox),  # ClusterOutbox offers the same calls
                 notify_timer=self._timer.notify,
                 on_unmatched=on_unmatched,
                 hooks=hooks,
@@ -215,6 +243,8 @@ class Runtime:
             for shard in self._shards:
                 tg.start_soon(shard.run)
             tg.start_soon(self._timer.run)
+            if self._cluster is not None:
+                await tg.start(self._cluster.run)
         except BaseException as exc:
             tg.cancel_scope.cancel()
             await tg.__aexit__(type(exc), exc, exc.__traceback__)
@@ -285,6 +315,9 @@ class Runtime:
     async def publish(self, event: object, *, id: str | None = None) -> None:
         """Route an event to its sagas and return once its effects are committed.
 
+        With `cluster=True` the event is first written to the store's shared inbox, and
+        whichever process takes it handles it; this still returns once it is committed.
+
         Args:
             event: The event (any attrs or dataclass instance a saga handles).
             id: With an id, a redelivered event is applied at most once per instance
@@ -297,6 +330,9 @@ class Runtime:
         self._check_running()
         targets = self._targets(event)
         if not targets:
+            return
+        if self._cluster is not None:
+            await self._cluster.publish(event, targets, id)
             return
         ack = Ack(len(targets))
         for spec, handler, key in targets:
@@ -376,6 +412,7 @@ class Runtime:
             self._outbox.next_wakeup(),
             self._outbox.next_sweep(),
             *(s.next_wakeup() for s in self._shards),
+            None if self._cluster is None else self._cluster.next_wakeup(),
         ]
         return any(w is not None and w <= now for w in wakeups)
 

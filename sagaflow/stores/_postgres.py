@@ -7,7 +7,8 @@ transaction of batched statements, one per kind of row.
 
 The tables live in their own PostgreSQL schema (`sagaflow` unless told otherwise), created
 or migrated by `open` under a transaction-level advisory lock, so several processes may
-start at once.
+start at once. What cluster mode adds (the inbox, claims, LISTEN/NOTIFY) lives in
+`_postgres_cluster.py`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ except ImportError as exc:
         f"`postgres` extra: pip install 'sagaflow[postgres]' ({exc})"
     ) from exc
 
-__all__ = ["PostgresStore", "SCHEMA_VERSION", "redact_dsn"]
+from ._postgres_cluster import CLUSTER_SQL, ClusterMethods, PostgresListener  # needs psycopg
+
+__all__ = ["PostgresListener", "PostgresStore", "SCHEMA_VERSION", "redact_dsn"]
 
 log = logging.getLogger("sagaflow.stores.postgres")
 
@@ -124,7 +127,7 @@ def redact_dsn(dsn: str) -> str:
 
 # -- schema
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The newest schema version this sagaflow writes; stored in the `meta` table."""
 
 # Each step migrates from the version equal to its index to the next one. `{s}` is the
@@ -203,6 +206,24 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (saga, key, event_id)
         )""",
         "CREATE INDEX dedup_marks_expires ON {s}.dedup_marks (expires_at)",
+    ),
+    # 1 -> 2: cluster mode. The shared inbox, and outbox rows that failed for good stay
+    # (leased, marked failed) until their instance has handled `CommandFailed`.
+    (
+        "ALTER TABLE {s}.outbox ADD COLUMN failed boolean NOT NULL DEFAULT false",
+        """CREATE TABLE {s}.inbox (
+            pos bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            saga text COLLATE "C" NOT NULL,
+            key text COLLATE "C" NOT NULL,
+            event_id text COLLATE "C" NOT NULL,
+            generated boolean NOT NULL,
+            type_name text NOT NULL,
+            payload text NOT NULL,
+            created_at double precision NOT NULL,
+            lease_owner text,
+            lease_expires double precision
+        )""",
+        "CREATE INDEX inbox_instance ON {s}.inbox (saga, key, pos)",
     ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
@@ -298,11 +319,11 @@ _SQL = {
         "ON CONFLICT (id) DO UPDATE SET saga = excluded.saga, key = excluded.key, "
         "seq = excluded.seq, kind = excluded.kind, type_name = excluded.type_name, "
         "payload = excluded.payload, attempts = excluded.attempts, due = excluded.due, "
-        "error = excluded.error, lease_owner = NULL, lease_expires = NULL"
+        "error = excluded.error, failed = false, lease_owner = NULL, lease_expires = NULL"
     ),
     "update_outbox": (
         "UPDATE {s}.outbox t SET attempts = u.attempts, due = u.due, error = u.error, "
-        "lease_owner = NULL, lease_expires = NULL "
+        "failed = false, lease_owner = NULL, lease_expires = NULL "
         "FROM unnest(%b::text[], %b::int4[], %b::float8[], %b::text[]) "
         "AS u(id, attempts, due, error) WHERE t.id = u.id"
     ),
@@ -370,6 +391,7 @@ _SQL = {
         "WHERE id = ANY(%(ids)s::text[]) "
         "AND (%(owner)s::text IS NULL OR lease_owner = %(owner)s::text)"
     ),
+    **CLUSTER_SQL,
 }
 
 # Marks expire but are not deleted by reads; every this many loads one also prunes them.
@@ -423,6 +445,14 @@ def _lock_key(schema: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+def _channel(schema: str) -> str:
+    """The LISTEN/NOTIFY channel of `schema` (a channel name has at most 63 bytes)."""
+    channel = f"sagaflow.{schema}"
+    if len(channel) <= 63:
+        return channel
+    return f"sagaflow.{hashlib.blake2b(schema.encode(), digest_size=16).hexdigest()}"
+
+
 def _check_schema(_: object, __: attrs.Attribute[str], value: str) -> None:
     if not _SCHEMA_NAME.fullmatch(value):
         raise ValueError(
@@ -432,13 +462,14 @@ def _check_schema(_: object, __: attrs.Attribute[str], value: str) -> None:
 
 
 @attrs.define(eq=False, repr=False)
-class PostgresStore:
+class PostgresStore(ClusterMethods):
     """Keeps instances, outbox, schedules, dead letters and dedup marks in PostgreSQL.
 
-    Several runtime processes may share one database: instance versions settle races on
-    an instance (optimistic concurrency), and `claim_outbox` / `claim_due_schedules`
-    hand each due row to one process at a time. Needs the `postgres` extra
-    (`pip install 'sagaflow[postgres]'`).
+    Several runtime processes may share one database with `Runtime(cluster=True)`:
+    events go through a shared inbox, instance versions settle races on an instance
+    (optimistic concurrency), and inbox rows, commands and due schedules are claimed
+    with leases, so each is worked on by one process at a time (see the how-to
+    "Scaling out"). Needs the `postgres` extra (`pip install 'sagaflow[postgres]'`).
 
     The DSN's password never appears in a repr, a log record or an error message.
 
@@ -452,9 +483,17 @@ class PostgresStore:
             that run at once.
         timeout: Seconds to wait for a connection (when connecting, and when the pool is
             busy) before failing with `StoreError`.
+        lease: Cluster mode (`Runtime(cluster=True)`): seconds a claimed inbox row,
+            command or due schedule stays with its process before another may take it
+            over. Processes renew the leases of rows they still work on, so this bounds
+            how long the work of a process that died waits.
+        poll_interval: Cluster mode: seconds between looks at the tables when no
+            wake-up (LISTEN/NOTIFY) arrives; it also bounds how soon expired leases are
+            noticed.
 
     Raises:
-        ValueError: The schema name or the pool sizes are invalid.
+        ValueError: The schema name, the pool sizes, `lease` or `poll_interval` are
+            invalid.
         StoreError: The DSN cannot be parsed.
     """
 
@@ -463,6 +502,9 @@ class PostgresStore:
     _min_size: int = attrs.field(default=1, kw_only=True)
     _max_size: int = attrs.field(default=10, kw_only=True)
     _timeout: float = attrs.field(default=30.0, kw_only=True)
+    _lease: float = attrs.field(default=30.0, kw_only=True)
+    _poll_interval: float = attrs.field(default=2.0, kw_only=True)
+    _channel: str = attrs.field(init=False)
     _redacted: str = attrs.field(init=False)
     _secrets: tuple[str, ...] = attrs.field(init=False)
     _sql: dict[str, str] = attrs.field(init=False)
@@ -482,6 +524,12 @@ class PostgresStore:
             )
         if self._timeout <= 0:
             raise ValueError(f"PostgresStore timeout must be positive, got {self._timeout}")
+        if not 0 < self._poll_interval < self._lease:
+            raise ValueError(
+                f"PostgresStore needs 0 < poll_interval < lease, got "
+                f"poll_interval={self._poll_interval}, lease={self._lease}"
+            )
+        self._channel = _channel(self._schema)
         try:
             params = conninfo_to_dict(self._dsn)
         except psycopg.Error as exc:

@@ -1,0 +1,545 @@
+"""The outbox of cluster mode: commands claimed from the store, per instance in order.
+
+In one process, the outbox knows every command because the shards hand them over. With
+several processes the store is the only place that knows them all, so `ClusterOutbox`
+takes its commands from it with leases (`ClusterStore.claim_commands`): an instance's
+rows are always in one process's hands, so they go out in order. Deliveries, retries and
+give-ups are recorded in the store. A give-up stays there, marked failed and leased, so
+the instance's later commands stay held until its `CommandFailed` is handled, by
+whichever process. Completed instances end in the store once their outbox is empty,
+whoever dispatched their last command.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import attrs
+
+from ._hooks import Hooks
+from ._outbox import Counters, error_text
+from ._records import DispatchMeta
+from ._registry import Registry
+from ._retry import RetryPolicy
+from ._sync import Activity
+from .exceptions import SerializationError
+from .stores._claims import ClaimedCommand, ClusterStore
+from .stores._protocol import OutboxRecord, OutboxUpdate
+from .typing import Clock
+
+__all__ = ["ClusterOutbox", "Wakeup"]
+
+log = logging.getLogger("sagaflow.cluster")
+
+_Ref = tuple[str, str]
+# Decoded commands kept from `add` until a claim returns their rows.
+_DECODED_LIMIT = 4096
+
+
+@attrs.define(eq=False)
+class Wakeup:
+    """When a claim loop must look at the store: at once after `poke`, else at the poll.
+
+    `next_wakeup` tells `drain()`: `-inf` while a look is owed, else the next poll.
+    """
+
+    clock: Clock
+    interval: float
+    dirty: bool = True
+    next_poll: float = math.inf
+    _scope: anyio.CancelScope | None = None
+
+    def poke(self) -> None:
+        """Look at the store as soon as the loop can."""
+        self.dirty = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def next_wakeup(self) -> float:
+        """`-inf` while a look is owed, else when the next poll is due."""
+        return -math.inf if self.dirty else self.next_poll
+
+    async def wait(self) -> None:
+        """Return when poked or when the poll is due; the look is then no longer owed."""
+        if not self.dirty:
+            self.next_poll = self.clock.now() + self.interval
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                await self.clock.sleep_until(self.next_poll)
+            self._scope = None
+        self.dirty = False
+
+
+@attrs.define(eq=False)
+class _Entry:
+    row: OutboxRecord
+    command: Any = None
+    decoded: bool = False
+
+
+@attrs.define(eq=False)
+class ClusterOutbox:
+    """Dispatches the commands this process claimed, per instance in order.
+
+    It offers what the shards use of `Outbox` (`add`, `has_pending`, `completing`,
+    `hold`, `release`, `drop_head`, `forget`) and what the runtime reads (`depth`,
+    `next_wakeup`, `next_sweep`, `recover`, `run`). Commands come from claims, not from
+    `add`: the rows a shard commits are in the store for any process to take, and
+    `add` only wakes the claimer (and keeps the decoded commands, saving a decode when
+    this process claims them, which it usually does first).
+    """
+
+    store: ClusterStore
+    dispatch: Callable[[Any, DispatchMeta], Any]
+    registry: Registry
+    policy: RetryPolicy
+    activity: Activity
+    counters: Counters
+    on_failed: Callable[[OutboxRecord, Any], None]
+    owner: str
+    clock: Clock
+    announce: Callable[[], None]
+    concurrency: int = 16
+    capacity: int = 1024
+    hooks: Hooks | None = None
+
+    _queues: dict[_Ref, deque[_Entry]] = attrs.field(factory=dict, init=False)
+    _busy: set[_Ref] = attrs.field(factory=set, init=False)
+    _held: set[_Ref] = attrs.field(factory=set, init=False)
+    _awaiting: set[_Ref] = attrs.field(factory=set, init=False)
+    _ready: deque[_Ref] = attrs.field(factory=deque, init=False)
+    _ready_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+    _retries: list[tuple[float, int, _Ref]] = attrs.field(factory=list, init=False)
+    _retry_seq: int = attrs.field(default=0, init=False)
+    _retry_scope: anyio.CancelScope | None = attrs.field(default=None, init=False)
+    _retry_target: float = attrs.field(default=math.inf, init=False)
+    _retry_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+    _decoded: dict[str, Any] = attrs.field(factory=dict, init=False)
+    _delivered: list[str] = attrs.field(factory=list, init=False)
+    _retried: list[OutboxUpdate] = attrs.field(factory=list, init=False)
+    _failed: list[OutboxUpdate] = attrs.field(factory=list, init=False)
+    _released: list[str] = attrs.field(factory=list, init=False)
+    _finish: set[_Ref] = attrs.field(factory=set, init=False)
+    _giving_up: dict[str, tuple[_Ref, _Entry]] = attrs.field(factory=dict, init=False)
+    _flush_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+    _flush_retry: float | None = attrs.field(default=None, init=False)
+    _depth: int = attrs.field(default=0, init=False)
+    _claim: Wakeup = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._claim = Wakeup(self.clock, self.store.poll_interval)
+
+    @property
+    def depth(self) -> int:
+        """Commands this process holds: waiting, retrying or in flight."""
+        return self._depth
+
+    @property
+    def sagas(self) -> list[str]:
+        return sorted(self.registry.sagas)
+
+    def leased_ids(self) -> list[str]:
+        """The ids of the outbox rows this process holds (to renew their leases)."""
+        return [e.row.id for queue in self._queues.values() for e in queue]
+
+    def next_wakeup(self) -> float | None:
+        """When the earliest retry falls due, `-inf` if the store must be looked at."""
+        wakeups = [self._claim.next_wakeup()]
+        if self._retries:
+            wakeups.append(self._retries[0][0])
+        if self._flush_retry is not None:
+            wakeups.append(self._flush_retry)
+        return min(wakeups)
+
+    def next_sweep(self) -> float:
+        """When the claimer next looks at the store unasked."""
+        return self._claim.next_poll
+
+    def poke(self) -> None:
+        """Another process has more commands than it can take: look for some."""
+        self._claim.poke()
+
+    def lost(self, ids: list[str]) -> None:
+        """Another process took these rows over: leave their instances to it.
+
+        What this process still holds of those instances is given back, so that the new
+        owner can take it too, in order.
+        """
+        gone = set(ids)
+        for ref, queue in list(self._queues.items()):
+            if any(e.row.id in gone for e in queue):
+                self._awaiting.discard(ref)
+                if ref in self._busy:
+                    self._held.add(ref)  # the worker drops them when it is done
+                else:
+                    self._drop(ref, release=True)
+
+    # -- what the shards call --------------------------------------------------------
+
+    def has_pending(self, ref: _Ref) -> bool:
+        """Always `True`: another process may hold the instance's commands.
+
+        A completing instance therefore stays in the store until a cleanup finds its
+        outbox empty (see `completing`).
+        """
+        return True
+
+    def add(self, rows: list[OutboxRecord], commands: list[Any] | None = None) -> None:
+        """Committed rows are in the store: wake the claimer, keep the decoded commands."""
+        if commands is not None:
+            decoded = self._decoded
+            for row, command in zip(rows, commands, strict=True):
+                decoded[row.id] = command
+            while len(decoded) > _DECODED_LIMIT:
+                del decoded[next(iter(decoded))]
+        if rows:
+            self._claim.poke()
+
+    def completing(self, ref: _Ref) -> None:
+        """The instance completed: end it in the store once its outbox is empty."""
+        self._finish.add(ref)
+        self._mark_dirty()
+
+    def hold(self, ref: _Ref) -> None:
+        """The instance's compensation failed: give its commands back (claims skip it)."""
+        self._awaiting.discard(ref)
+        if ref in self._busy:
+            self._held.add(ref)  # the worker drops them when it is done
+        else:
+            self._drop(ref, release=True)
+
+    def drop_head(self, ref: _Ref, row_id: str) -> None:
+        """The failed first command was handled (and deleted by that commit)."""
+        queue = self._queues.get(ref)
+        if queue and queue[0].row.id == row_id:
+            queue.popleft()
+            self._depth -= 1
+            if not queue:
+                del self._queues[ref]
+        # If the instance had completed, that may have been its last command.
+        self._finish.add(ref)
+        self._mark_dirty()
+
+    def release(self, ref: _Ref) -> None:
+        """Resume the instance's commands after its `CommandFailed` was handled."""
+        self._awaiting.discard(ref)
+        self._held.discard(ref)
+        if ref in self._queues and ref not in self._busy:
+            self._make_ready(ref)
+        # Rows the handler added, or the next instance rows, may be claimable now.
+        self._claim.poke()
+
+    def forget(self, ref: _Ref) -> None:
+        """The instance was deleted, with its rows."""
+        self._drop(ref, release=False)
+        self._awaiting.discard(ref)
+        self._held.discard(ref)
+
+    async def recover(self) -> None:
+        """Nothing to load: the claimer finds what a previous run left."""
+        self._claim.poke()
+        await anyio.lowlevel.checkpoint()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _drop(self, ref: _Ref, *, release: bool) -> None:
+        queue = self._queues.pop(ref, None)
+        if queue:
+            self._depth -= len(queue)
+            if release:
+                self._released.extend(e.row.id for e in queue)
+                self._mark_dirty()
+
+    def _make_ready(self, ref: _Ref) -> None:
+        self._busy.add(ref)
+        self.activity.begin()
+        self._ready.append(ref)
+        self._ready_event.set()
+
+    def _mark_dirty(self) -> None:
+        if not self._flush_event.is_set():
+            self.activity.begin()
+            self._flush_event.set()
+
+    def _take(self, claimed: list[ClaimedCommand]) -> None:
+        for c in claimed:
+            row = c.row
+            ref = (row.saga, row.key)
+            queue = self._queues.get(ref)
+            if queue is not None and any(e.row.id == row.id for e in queue):
+                continue  # a lease that expired under us and came back
+            entry = _Entry(row)
+            if row.id in self._decoded:
+                entry.command, entry.decoded = self._decoded.pop(row.id), True
+            if queue is None:
+                queue = self._queues[ref] = deque()
+            if not queue or queue[-1].row.seq < row.seq:
+                queue.append(entry)
+            else:
+                at = next(i for i, e in enumerate(queue) if e.row.seq > row.seq)
+                queue.insert(at, entry)
+            self._depth += 1
+            if c.failed:
+                # Its process gave up on it but died before the instance handled it.
+                self._awaiting.add(ref)
+                command = self._decode(entry)
+                self.on_failed(row, command)
+            elif ref not in self._busy and ref not in self._awaiting:
+                self._make_ready(ref)
+
+    def _decode(self, entry: _Entry) -> Any:
+        """The entry's command, or `None` if it cannot be decoded."""
+        if not entry.decoded:
+            try:
+                entry.command = self.registry.serializer.decode(
+                    entry.row.type_name, entry.row.payload
+                )
+                entry.decoded = True
+            except SerializationError:
+                return None
+        return entry.command
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the claimer, the workers, the retry timer and the flusher until cancelled."""
+        async with anyio.create_task_group() as tg:
+            for _ in range(self.concurrency):
+                tg.start_soon(self._worker)
+            tg.start_soon(self._retry_loop)
+            tg.start_soon(self._flush_loop)
+            tg.start_soon(self._claim_loop)
+            task_status.started()
+
+    async def _claim_loop(self) -> None:
+        failures = 0
+        while True:
+            await self._claim.wait()
+            room = self.capacity - self._depth
+            if room <= 0:
+                continue  # deliveries poke us again
+            mine = [ref for ref in self._queues if ref not in self._held]
+            self.activity.begin()
+            try:
+                claimed = await self.store.claim_commands(
+                    self.owner, self.clock.now(), room, sagas=self.sagas, mine=mine
+                )
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - the next poll tries again
+                failures += 1
+                if failures == 1:
+                    log.error("could not claim commands: %s", error_text(exc))
+                continue
+            finally:
+                self.activity.end()
+            self._take(claimed)
+            if len(claimed) >= room:
+                self._claim.poke()  # there may be more
+                self.announce()  # and other processes may help
+
+    async def _worker(self) -> None:
+        while True:
+            while not self._ready:
+                if self._ready_event.is_set():
+                    self._ready_event = anyio.Event()
+                await self._ready_event.wait()
+            ref = self._ready.popleft()
+            try:
+                await self._dispatch_head(ref)
+            finally:
+                self.activity.end()
+
+    def _schedule_retry(self, ref: _Ref, due: float) -> None:
+        self._retry_seq += 1
+        heapq.heappush(self._retries, (due, self._retry_seq, ref))
+        if self._retry_scope is not None and due < self._retry_target:
+            self._retry_scope.cancel()
+        self._retry_event.set()
+
+    async def _dispatch_head(self, ref: _Ref) -> None:
+        queue = self._queues.get(ref)
+        if ref in self._held:
+            self._busy.discard(ref)
+            self._held.discard(ref)
+            self._drop(ref, release=True)
+            return
+        if not queue or ref in self._awaiting:
+            self._busy.discard(ref)
+            return
+        entry = queue[0]
+        row = entry.row
+        if row.due > self.clock.now():
+            self._schedule_retry(ref, row.due)  # claimed behind a row that backs off
+            return
+        attempt = row.attempts + 1
+        try:
+            if not entry.decoded:
+                entry.command = self.registry.serializer.decode(row.type_name, row.payload)
+                entry.decoded = True
+            meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
+            span = None if self.hooks is None else self.hooks.dispatching(entry.command, meta)
+            if span is None:
+                await self.dispatch(entry.command, meta)
+            else:
+                with span:
+                    await self.dispatch(entry.command, meta)
+        except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
+            self._dispatch_failed(ref, entry, attempt, exc)
+            return
+        self.counters.commands_dispatched += 1
+        self._delivered.append(row.id)
+        self._mark_dirty()
+        # The queue may have changed meanwhile: dropped (compensation failed, instance
+        # deleted), or grown in front (an operator put a dead letter back).
+        queue = self._queues.get(ref)
+        if queue is not None and entry in queue:
+            queue.remove(entry)
+            self._depth -= 1
+            if not queue:
+                del self._queues[ref]
+        self._busy.discard(ref)
+        if ref in self._held:
+            self._held.discard(ref)
+            self._drop(ref, release=True)
+        elif ref in self._queues:
+            self._make_ready(ref)
+        elif self._depth < self.capacity:
+            self._claim.poke()
+
+    def _dispatch_failed(self, ref: _Ref, entry: _Entry, attempt: int, exc: Exception) -> None:
+        row = entry.row
+        error = error_text(exc)
+        extra = {"saga": row.saga, "key": row.key, "command_id": row.id}
+        if entry.decoded and not self.policy.gives_up_after(attempt):
+            now = self.clock.now()
+            due = now + self.policy.delay(attempt)
+            entry.row = attrs.evolve(row, attempts=attempt, due=due, error=error)
+            self._retried.append(OutboxUpdate(row.id, attempt, due, error))
+            self._mark_dirty()
+            self.counters.command_retries += 1
+            if self.hooks is not None:
+                self.hooks.command_retry(
+                    DispatchMeta(row.id, row.saga, row.key, attempt, row.kind), error, due - now
+                )
+            log.warning(
+                "command %s of %s/%s failed (attempt %d), retrying: %s",
+                row.type_name,
+                row.saga,
+                row.key,
+                attempt,
+                error,
+                extra=extra,
+            )
+            self._schedule_retry(ref, due)
+            return
+        self.counters.commands_failed += 1
+        log.error(
+            "command %s of %s/%s failed for good after %d attempt(s): %s",
+            row.type_name,
+            row.saga,
+            row.key,
+            attempt,
+            error,
+            extra=extra,
+        )
+        self._busy.discard(ref)
+        self._awaiting.add(ref)
+        # The instance hears of it once the row is marked failed in the store while we
+        # still hold it: if another process took it over meanwhile (we stalled), that
+        # one tells the instance, and the instance must not hear it twice.
+        self._failed.append(OutboxUpdate(row.id, attempt, row.due, error))
+        self._giving_up[row.id] = (ref, entry)
+        entry.row = attrs.evolve(row, attempts=attempt, error=error)
+        self._mark_dirty()
+
+    def _gave_up(self, ids: list[str], marked: list[str]) -> None:
+        """Hand the failures now marked in the store to their instances."""
+        for row_id in ids:
+            pending = self._giving_up.pop(row_id, None)
+            if pending is None:
+                continue
+            ref, entry = pending
+            if row_id in marked:
+                self.on_failed(entry.row, entry.command if entry.decoded else None)
+            else:
+                log.warning(
+                    "command %s of %s/%s failed for good here, but another process had "
+                    "taken it over (this one stalled): that one decides",
+                    entry.row.type_name,
+                    ref[0],
+                    ref[1],
+                )
+                self.lost([row_id])
+
+    async def _retry_loop(self) -> None:
+        while True:
+            if not self._retries:
+                self._retry_event = anyio.Event()
+                await self._retry_event.wait()
+                continue
+            self._retry_target = self._retries[0][0]
+            with anyio.CancelScope() as scope:
+                self._retry_scope = scope
+                await self.clock.sleep_until(self._retry_target)
+            self._retry_scope = None
+            self._retry_target = math.inf
+            now = self.clock.now()
+            while self._retries and self._retries[0][0] <= now:
+                _, _, ref = heapq.heappop(self._retries)
+                self._ready.append(ref)
+                self.activity.begin()
+            self._ready_event.set()
+
+    async def _flush_loop(self) -> None:
+        failures = 0
+        while True:
+            await self._flush_event.wait()
+            # Let more deliveries pile up behind this flush: one transaction for many.
+            await anyio.lowlevel.checkpoint()
+            delivered, self._delivered = self._delivered, []
+            retried, self._retried = self._retried, []
+            failed, self._failed = self._failed, []
+            released, self._released = self._released, []
+            finish, self._finish = self._finish, set()
+            self._flush_event = anyio.Event()
+            try:
+                settled = await self.store.settle_commands(
+                    self.owner,
+                    self.clock.now(),
+                    delivered=delivered,
+                    retries=retried,
+                    failed=failed,
+                    released=released,
+                )
+                self._gave_up([u.id for u in failed], settled.failed)
+                check = sorted(finish.union(settled.instances))
+                if check:
+                    await self.store.finish_completed(check, sagas=self.sagas, limit=len(check))
+                failures = 0
+                if delivered or released:
+                    self._claim.poke()  # rows behind them may be free now
+                continue
+            except Exception as exc:  # noqa: BLE001 - a store hiccup must not kill the runtime
+                # Until recorded, a delivered command may be dispatched again once its
+                # lease expires (at least once): nothing is lost.
+                failures += 1
+                log.error("could not record dispatched commands: %s", error_text(exc))
+                self._delivered[:0] = delivered
+                self._retried[:0] = retried
+                self._failed[:0] = failed
+                self._released[:0] = released
+                self._finish.update(finish)
+            finally:
+                self.activity.end()
+            self._flush_retry = self.clock.now() + self.policy.delay(failures)
+            await self.clock.sleep_until(self._flush_retry)
+            self._flush_retry = None
+            self._mark_dirty()
