@@ -25,7 +25,7 @@ import anyio.lowlevel
 import attrs
 
 from ._hooks import Hooks
-from ._outbox import Counters, error_text
+from ._outbox import Counters, error_text, note_failure
 from ._records import DispatchMeta
 from ._registry import Registry
 from ._retry import RetryPolicy
@@ -416,40 +416,22 @@ class ClusterOutbox:
 
     def _dispatch_failed(self, ref: _Ref, entry: _Entry, attempt: int, exc: Exception) -> None:
         row = entry.row
-        error = error_text(exc)
-        extra = {"saga": row.saga, "key": row.key, "command_id": row.id}
-        if entry.decoded and not self.policy.gives_up_after(attempt):
-            now = self.clock.now()
-            due = now + self.policy.delay(attempt)
+        error, due = note_failure(
+            row,
+            attempt,
+            exc,
+            retryable=entry.decoded,
+            policy=self.policy,
+            clock=self.clock,
+            counters=self.counters,
+            hooks=self.hooks,
+        )
+        if due is not None:
             entry.row = attrs.evolve(row, attempts=attempt, due=due, error=error)
             self._retried.append(OutboxUpdate(row.id, attempt, due, error))
             self._mark_dirty()
-            self.counters.command_retries += 1
-            if self.hooks is not None:
-                self.hooks.command_retry(
-                    DispatchMeta(row.id, row.saga, row.key, attempt, row.kind), error, due - now
-                )
-            log.warning(
-                "command %s of %s/%s failed (attempt %d), retrying: %s",
-                row.type_name,
-                row.saga,
-                row.key,
-                attempt,
-                error,
-                extra=extra,
-            )
             self._schedule_retry(ref, due)
             return
-        self.counters.commands_failed += 1
-        log.error(
-            "command %s of %s/%s failed for good after %d attempt(s): %s",
-            row.type_name,
-            row.saga,
-            row.key,
-            attempt,
-            error,
-            extra=extra,
-        )
         self._busy.discard(ref)
         self._awaiting.add(ref)
         # The instance hears of it once the row is marked failed in the store while we

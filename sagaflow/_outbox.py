@@ -27,7 +27,7 @@ from .stores._protocol import (
     Store,
 )
 
-__all__ = ["Counters", "Outbox", "error_text"]
+__all__ = ["Counters", "Outbox", "error_text", "note_failure"]
 
 log = logging.getLogger("sagaflow.outbox")
 
@@ -61,6 +61,59 @@ class _Entry:
 def error_text(exc: BaseException) -> str:
     """An exception as `"Type: message"`, the form stored and given to `CommandFailed`."""
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def note_failure(
+    row: OutboxRecord,
+    attempt: int,
+    exc: BaseException,
+    *,
+    retryable: bool,
+    policy: RetryPolicy,
+    clock: Any,
+    counters: Counters,
+    hooks: Hooks | None,
+) -> tuple[str, float | None]:
+    """Count, log and report a failed dispatch; decide whether it is tried again.
+
+    Shared by the in-process outbox and the cluster one, which differ only in how they
+    keep the retry and hand over a give-up.
+
+    Returns:
+        The error as stored (`"Type: message"`) and the due time of the next attempt,
+        or `None` when the command failed for good.
+    """
+    error = error_text(exc)
+    extra = {"saga": row.saga, "key": row.key, "command_id": row.id}
+    if retryable and not policy.gives_up_after(attempt):
+        now = clock.now()
+        due: float = now + policy.delay(attempt)
+        counters.command_retries += 1
+        if hooks is not None:
+            hooks.command_retry(
+                DispatchMeta(row.id, row.saga, row.key, attempt, row.kind), error, due - now
+            )
+        log.warning(
+            "command %s of %s/%s failed (attempt %d), retrying: %s",
+            row.type_name,
+            row.saga,
+            row.key,
+            attempt,
+            error,
+            extra=extra,
+        )
+        return error, due
+    counters.commands_failed += 1
+    log.error(
+        "command %s of %s/%s failed for good after %d attempt(s): %s",
+        row.type_name,
+        row.saga,
+        row.key,
+        attempt,
+        error,
+        extra=extra,
+    )
+    return error, None
 
 
 @attrs.define(eq=False)
@@ -271,50 +324,31 @@ class Outbox:
 
     def _failed(self, ref: _Ref, entry: _Entry, attempt: int, exc: Exception) -> None:
         row = entry.row
-        error = error_text(exc)
-        decodable = entry.decoded
-        extra = {"saga": row.saga, "key": row.key, "command_id": row.id}
-        if decodable and not self.policy.gives_up_after(attempt):
-            now = self.clock.now()
-            due = now + self.policy.delay(attempt)
+        error, due = note_failure(
+            row,
+            attempt,
+            exc,
+            retryable=entry.decoded,
+            policy=self.policy,
+            clock=self.clock,
+            counters=self.counters,
+            hooks=self.hooks,
+        )
+        if due is not None:
             entry.row = attrs.evolve(row, attempts=attempt, due=due, error=error)
             self._updates.append(OutboxUpdate(row.id, attempt, due, error))
             self._mark_dirty()
-            self.counters.command_retries += 1
-            if self.hooks is not None:
-                self.hooks.command_retry(
-                    DispatchMeta(row.id, row.saga, row.key, attempt, row.kind), error, due - now
-                )
-            log.warning(
-                "command %s of %s/%s failed (attempt %d), retrying: %s",
-                row.type_name,
-                row.saga,
-                row.key,
-                attempt,
-                error,
-                extra=extra,
-            )
             self._retry_seq += 1
             heapq.heappush(self._retries, (due, self._retry_seq, ref))
             if self._retry_scope is not None and due < self._retry_target:
                 self._retry_scope.cancel()
             self._retry_event.set()
             return
-        self.counters.commands_failed += 1
-        log.error(
-            "command %s of %s/%s failed for good after %d attempt(s): %s",
-            row.type_name,
-            row.saga,
-            row.key,
-            attempt,
-            error,
-            extra=extra,
-        )
         self._busy.discard(ref)
         self._awaiting.add(ref)
         self.on_failed(
             attrs.evolve(row, attempts=attempt, error=error),
-            entry.command if decodable else None,
+            entry.command if entry.decoded else None,
         )
 
     async def _retry_loop(self) -> None:
