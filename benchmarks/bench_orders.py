@@ -130,6 +130,11 @@ def make_store(kind: str, tmp: str, sync: str) -> Store:
     raise SystemExit(f"unknown store {kind!r}")
 
 
+def _given(**options: int | None) -> dict[str, int]:
+    """The options given on the command line; the others keep the Runtime's defaults."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 async def main(args: argparse.Namespace) -> None:
     n, w = args.n, args.w
     recorder = Recorder(args.discard)
@@ -139,10 +144,12 @@ async def main(args: argparse.Namespace) -> None:
             registry,
             store=store,
             dispatch=recorder,
-            shards=args.shards,
-            max_batch=args.max_batch,
-            queue_size=max(1024, 4 * args.max_batch),
-            **({} if args.cache is None else {"cache_size": args.cache}),
+            **_given(
+                shards=args.shards,
+                max_batch=args.max_batch,
+                queue_size=args.queue_size,
+                cache_size=args.cache,
+            ),
         )
         async with runtime:
             if args.gc == "off":
@@ -197,8 +204,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=20_000)
     p.add_argument("--w", type=int, default=1_000)
     p.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--max-batch", type=int, default=256)
+    # Runtime options: the Runtime's defaults unless given.
+    p.add_argument("--shards", type=int, default=None)
+    p.add_argument("--max-batch", type=int, default=None)
+    p.add_argument("--queue-size", type=int, default=None, help="a shard's mailbox size")
     p.add_argument(
         "--cache", type=int, default=None, help="state cache size (default: the Runtime's)"
     )

@@ -203,6 +203,25 @@ class ClusterOutbox:
         if rows:
             self._claim.poke()
 
+    # Delivered rows are finalized by the claimer's own commits: nothing rides along
+    # in a shard's batch.
+
+    def begin_carrying(self) -> None:
+        """Nothing to carry (see `Outbox.begin_carrying`)."""
+
+    def end_carrying(self) -> None:
+        """Nothing to carry (see `Outbox.end_carrying`)."""
+
+    def take_records(self) -> tuple[list[str], list[OutboxUpdate]]:
+        """Nothing to carry: always empty."""
+        return [], []
+
+    def recorded(self, deletes: list[str]) -> None:
+        """Nothing to carry (see `Outbox.recorded`)."""
+
+    def give_back(self, deletes: list[str], updates: list[OutboxUpdate]) -> None:
+        """Nothing to carry (see `Outbox.give_back`)."""
+
     def completing(self, ref: _Ref) -> None:
         """The instance completed: end it in the store once its outbox is empty."""
         self._finish.add(ref)

@@ -159,6 +159,9 @@ class Outbox:
     _deletes: list[str] = attrs.field(factory=list, init=False)
     _updates: list[OutboxUpdate] = attrs.field(factory=list, init=False)
     _flush_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+    _carriers: int = attrs.field(default=0, init=False)
+    _carried: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+    _swept_away: set[str] | None = attrs.field(default=None, init=False)
     _depth: int = attrs.field(default=0, init=False)
     _closing: bool = attrs.field(default=False, init=False)
 
@@ -180,9 +183,11 @@ class Outbox:
 
     def add(self, rows: list[OutboxRecord], commands: list[Any] | None = None) -> None:
         """Hand over committed rows, in their order; `commands` are their decoded values."""
-        known = self._known
+        known, queues = self._known, self._queues
+        held, awaiting, busy = self._held, self._awaiting, self._busy
         self._generation += 1
         generation = self._generation
+        ready = 0
         for i, row in enumerate(rows):
             if row.id in known:
                 continue
@@ -192,11 +197,13 @@ class Outbox:
                 entry = _Entry(row, commands[i], True, generation)
             else:
                 entry = _Entry(row, None, False, generation)
-            queue = self._queues.get(ref)
+            queue = queues.get(ref)
             if queue is None:
-                self._queues[ref] = deque((entry,))
-                if ref not in self._held and ref not in self._awaiting and ref not in self._busy:
-                    self._make_ready(ref)
+                queues[ref] = deque((entry,))
+                if ref not in held and ref not in awaiting and ref not in busy:
+                    busy.add(ref)
+                    self._ready.append(ref)
+                    ready += 1
             elif queue[-1].row.seq < row.seq:
                 queue.append(entry)
             else:
@@ -204,6 +211,9 @@ class Outbox:
                 at = next(i for i, e in enumerate(queue) if e.row.seq > row.seq)
                 queue.insert(at, entry)
             self._depth += 1
+        if ready:
+            self.activity.begin(ready)
+            self._ready_event.set()
 
     def completing(self, ref: _Ref) -> None:
         """The instance completed: call `on_empty` once its queue has drained."""
@@ -290,8 +300,9 @@ class Outbox:
     async def _dispatch_head(self, ref: _Ref) -> None:
         """Dispatch the instance's commands in order until its queue is empty or waits."""
         queue = self._queues.get(ref)
-        hooks = self.hooks
-        while queue and ref not in self._held and ref not in self._awaiting:
+        hooks, dispatch = self.hooks, self.dispatch
+        held, awaiting = self._held, self._awaiting
+        while queue and ref not in held and ref not in awaiting:
             entry = queue[0]
             row = entry.row
             attempt = row.attempts + 1
@@ -300,20 +311,24 @@ class Outbox:
                     entry.command = self.serializer.decode(row.type_name, row.payload)
                     entry.decoded = True
                 meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
-                span = None if hooks is None else hooks.dispatching(entry.command, meta)
-                if span is None:
-                    await self.dispatch(entry.command, meta)
+                if hooks is None:
+                    await dispatch(entry.command, meta)
                 else:
-                    with span:
-                        await self.dispatch(entry.command, meta)
+                    span = hooks.dispatching(entry.command, meta)
+                    if span is None:
+                        await dispatch(entry.command, meta)
+                    else:
+                        with span:
+                            await dispatch(entry.command, meta)
             except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
                 self._failed(ref, entry, attempt, exc)
                 return
             self.counters.commands_dispatched += 1
             queue.popleft()
             self._depth -= 1
-            self._deletes.append(row.id)
-            self._mark_dirty()
+            self._deletes.append(row.id)  # not cached: a commit may take the list meanwhile
+            if not self._flush_event.is_set():
+                self._mark_dirty()
         self._busy.discard(ref)
         if queue is None or queue:
             return
@@ -375,19 +390,57 @@ class Outbox:
             self.activity.begin()
             self._flush_event.set()
 
+    # -- recording delivered and retried commands -----------------------------------
+    #
+    # A shard about to commit a batch takes the pending deletes and updates into its
+    # own transaction (one commit instead of two); the flusher writes them itself only
+    # when no shard batch is under way to carry them.
+
+    def begin_carrying(self) -> None:
+        """A shard batch started: it will take the pending records into its commit."""
+        self._carriers += 1
+
+    def end_carrying(self) -> None:
+        """The shard batch took the pending records (or ended without a commit)."""
+        self._carriers -= 1
+        self._carried.set()
+
+    def take_records(self) -> tuple[list[str], list[OutboxUpdate]]:
+        """Hand the pending deletes and updates to a commit about to happen."""
+        deletes, self._deletes = self._deletes, []
+        updates, self._updates = self._updates, []
+        return deletes, updates
+
+    def recorded(self, deletes: list[str]) -> None:
+        """The deletes taken by `take_records` are committed."""
+        self._known.difference_update(deletes)
+        if self._swept_away is not None:
+            self._swept_away.update(deletes)
+
+    def give_back(self, deletes: list[str], updates: list[OutboxUpdate]) -> None:
+        """The commit that took these records failed: they are pending again."""
+        if deletes or updates:
+            self._deletes[:0] = deletes
+            self._updates[:0] = updates
+            self._mark_dirty()
+
     async def _flush_loop(self) -> None:
         failures = 0
         while True:
             await self._flush_event.wait()
             # Let more deliveries pile up behind this flush: one commit for many rows.
             await anyio.lowlevel.checkpoint()
-            deletes, self._deletes = self._deletes, []
-            updates, self._updates = self._updates, []
+            while self._carriers and (self._deletes or self._updates):
+                self._carried = anyio.Event()
+                await self._carried.wait()
             self._flush_event = anyio.Event()
+            deletes, updates = self.take_records()
+            if not deletes and not updates:
+                self.activity.end()
+                continue
             try:
-                async with self._sweep_lock:
-                    await self.store.commit(Changes(outbox_deletes=deletes, outbox_updates=updates))
-                    self._known.difference_update(deletes)
+                await self.store.commit(Changes(outbox_deletes=deletes, outbox_updates=updates))
+                self.recorded(deletes)
                 failures = 0
                 continue
             except Exception as exc:  # noqa: BLE001 - a store hiccup must not kill the runtime
@@ -419,13 +472,21 @@ class Outbox:
         async with self._sweep_lock:
             held_before = set(self._held)
             generation = self._generation
-            failed = {
-                (r.saga, r.key) for r in await self.store.list_instances(status=COMPENSATION_FAILED)
-            }
-            completing = {
-                (r.saga, r.key) for r in await self.store.list_instances(status=COMPLETING)
-            }
-            rows = await self.store.list_outbox()
+            # Rows whose deletion commits while we read are delivered: not new ones.
+            swept_away: set[str] = set()
+            self._swept_away = swept_away
+            try:
+                failed = {
+                    (r.saga, r.key)
+                    for r in await self.store.list_instances(status=COMPENSATION_FAILED)
+                }
+                completing = {
+                    (r.saga, r.key) for r in await self.store.list_instances(status=COMPLETING)
+                }
+                rows = await self.store.list_outbox()
+            finally:
+                self._swept_away = None
+            rows = [row for row in rows if row.id not in swept_away]
             # What the shards changed while we read is theirs: only act on what we saw.
             for ref in held_before - failed:
                 if ref in self._held:  # resumed (or aborted) by an operator

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, cast
@@ -131,9 +131,9 @@ class Runtime:
         dispatch: Dispatch,
         retry: RetryPolicy | None = None,
         clock: Clock | None = None,
-        shards: int = 4,
+        shards: int = 2,
         max_batch: int = 256,
-        queue_size: int = 1024,
+        queue_size: int = 512,
         cache_size: int = 10_000,
         dispatch_concurrency: int = 16,
         dedup_retention: timedelta | float = timedelta(days=7),
@@ -295,6 +295,7 @@ class Runtime:
             )
 
     def _shard(self, saga: str, key: str) -> Shard:
+        # `run` inlines this: keep the two in step.
         return self._shards[hash((saga, key)) % len(self._shards)]
 
     def _targets(self, event: object) -> list[tuple[SagaSpec, Any, str]]:
@@ -304,11 +305,7 @@ class Runtime:
             if key is None:
                 continue
             if type(key) is not str:
-                raise TypeError(
-                    f"the correlate function of saga {spec.name!r} returned {key!r} "
-                    f"({type(key).__name__}) for {type(event).__qualname__}; "
-                    "it must return a str key or None"
-                )
+                raise _bad_key(spec, key, event)
             targets.append((spec, handler, key))
         return targets
 
@@ -366,16 +363,31 @@ class Runtime:
         self._check_running()
         ack = Ack(1)  # held open until the source is exhausted
         count = 0
+        routes = self._registry.routes
+        activity = self._activity
+        mailboxes = [shard.mailbox for shard in self._shards]
+        shards = len(mailboxes)
         try:
             async for event in source:
                 count += 1
-                targets = self._targets(event)
                 event_id = id(event) if id is not None else None
-                ack.add(len(targets))
+                routed = routes(type(event))
+                targets: Sequence[tuple[SagaSpec, Any, str]]
+                if len(routed) == 1:  # the common case, without building a list
+                    spec, handler, correlate = routed[0]
+                    key = correlate(event)
+                    if key is None:
+                        continue
+                    if type(key) is not str:
+                        raise _bad_key(spec, key, event)
+                    targets = ((spec, handler, key),)
+                else:
+                    targets = self._targets(event)
                 for spec, handler, key in targets:
-                    self._activity.begin()
+                    ack.pending += 1
+                    activity.begin()
                     item = Item(EVENT, spec, key, event, handler, event_id, ack)
-                    mailbox = self._shard(spec.name, key).mailbox
+                    mailbox = mailboxes[hash((spec.name, key)) % shards]
                     if len(mailbox) < mailbox.limit:
                         mailbox.put_unbounded(item)  # room: no need to suspend
                     else:
@@ -473,3 +485,11 @@ class Runtime:
                 Item(FIRE, spec, row.key, ack=Settled(self._timer, row.id), schedule=row)
             )
         return taken
+
+
+def _bad_key(spec: SagaSpec, key: object, event: object) -> TypeError:
+    return TypeError(
+        f"the correlate function of saga {spec.name!r} returned {key!r} "
+        f"({type(key).__name__}) for {type(event).__qualname__}; "
+        "it must return a str key or None"
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import time
 import uuid
 from collections import OrderedDict
@@ -43,6 +44,7 @@ from .stores._protocol import (
     Loaded,
     LoadRequest,
     OutboxRecord,
+    OutboxUpdate,
     ScheduleDelete,
     ScheduleRecord,
     Store,
@@ -119,7 +121,13 @@ class _Work:
         self.failed: OutboxRecord | None = None
         self.became_completing = False
         self.handler_error: str | None = None
-        self.puts: list[str] = []
+        self.puts: list[str] | None = None  # schedule names put in this batch
+
+    def put(self, name: str) -> None:
+        if self.puts is None:
+            self.puts = [name]
+        else:
+            self.puts.append(name)
 
 
 class _Rejected(Exception):
@@ -197,11 +205,13 @@ class Shard:
             try:
                 await batch.run()
             except ConflictError as exc:
+                self.outbox.give_back(*batch.carried)
                 self.counters.conflicts += 1
                 self._evict(batch.work)
                 log.debug("batch lost a race on %d instance(s), handling again", len(exc.instances))
                 continue
             except Exception as exc:  # noqa: BLE001 - the store failed: tell the publishers
+                self.outbox.give_back(*batch.carried)
                 self._evict(batch.work)
                 log.error("could not commit a batch of %d item(s): %s", len(items), error_text(exc))
                 for item in items:
@@ -270,24 +280,47 @@ class _Batch:
     unmatched: list[Unmatched] = attrs.field(factory=list)
     handled: int = 0
     commit_seconds: float = 0.0
+    outbox_adds: list[OutboxRecord] = attrs.field(factory=list)
+    carried: tuple[list[str], list[OutboxUpdate]] = attrs.field(factory=lambda: ([], []))
+    commands: list[Any] = attrs.field(factory=list)  # the decoded `outbox_adds`
 
     async def run(self) -> None:
+        outbox = self.shard.outbox
+        outbox.begin_carrying()
+        try:
+            await self._handle_items()
+            # The outbox's pending records ride along in this batch's transaction.
+            self.carried = outbox.take_records()
+        finally:
+            outbox.end_carrying()
+        changes = self._changes()
+        if changes:
+            started = time.perf_counter()
+            await self.shard.store.commit(changes)
+            self.commit_seconds = time.perf_counter() - started
+
+    async def _handle_items(self) -> None:
         shard = self.shard
         self.now = shard.clock.now()
         cache = shard._cache
+        work = self.work
+        works: list[_Work] = []  # the working copy of each item's instance
         missing: list[_Ref] = []
         marks: list[tuple[str, str, str]] = []
         schedule_ids: list[str] = []
         for item in self.items:
             ref = (item.saga.name, item.key)
-            if ref not in self.work:
+            w = work.get(ref)
+            if w is None:
                 hit = cache.get(ref)
                 if hit is None:
                     missing.append(ref)
-                    self.work[ref] = _Work(item.saga, item.key, 0, None)
+                    w = _Work(item.saga, item.key, 0, None)
                 else:
                     cache.move_to_end(ref)
-                    self.work[ref] = _Work(item.saga, item.key, hit[0].version, hit[0], hit[1])
+                    w = _Work(item.saga, item.key, hit[0].version, hit[0], hit[1])
+                work[ref] = w
+            works.append(w)
             if item.event_id is not None:
                 marks.append((*ref, item.event_id))
             if item.schedule is not None:
@@ -307,8 +340,7 @@ class _Batch:
                     w.broken = exc
                     log.error("%s", exc, extra={"saga": ref[0], "key": ref[1]})
 
-        for item in self.items:
-            w = self.work[(item.saga.name, item.key)]
+        for item, w in zip(self.items, works, strict=True):
             if w.blocked:
                 self.held.append(item)
             elif w.deleted:
@@ -321,12 +353,6 @@ class _Batch:
                 await self._failed(w, item)
             else:
                 self._finalize(w, item)
-
-        changes = self._changes()
-        if changes:
-            started = time.perf_counter()
-            await shard.store.commit(changes)
-            self.commit_seconds = time.perf_counter() - started
 
     # -- items ---------------------------------------------------------------------
 
@@ -496,7 +522,7 @@ class _Batch:
         if record is None:
             state = spec.new_state()
             record = InstanceRecord(
-                spec.name, w.key, 0, ACTIVE, "", uuid.uuid4().hex, self.now, self.now
+                spec.name, w.key, 0, ACTIVE, "", os.urandom(16).hex(), self.now, self.now
             )
         else:
             state = w.state
@@ -559,7 +585,7 @@ class _Batch:
                 self.schedule_ops[(fire.saga, fire.key, fire.name)] = attrs.evolve(
                     fire, due=due, attempts=attempts
                 )
-                w.puts.append(fire.name)
+                w.put(fire.name)
                 self.done.append(item)
                 return False
             item.attempts = attempts
@@ -709,10 +735,10 @@ class _Batch:
             for name, op in schedule_ops or ():
                 ops[(spec.name, key, name)] = op
                 if op is not None:
-                    w.puts.append(name)
+                    w.put(name)
             if complete and not record.completed:
                 # Clears apply before puts: drop this instance's puts of this batch.
-                for name in w.puts:
+                for name in w.puts or ():
                     ops.pop((spec.name, key, name), None)
                 self.clears.append((spec.name, key))
         status = record.status
@@ -798,6 +824,7 @@ class _Batch:
         writes: list[InstanceWrite] = []
         deletes: list[InstanceDelete] = []
         outbox_adds: list[OutboxRecord] = []
+        commands = self.commands
         for w in self.work.values():
             if w.record is None:
                 continue
@@ -806,7 +833,10 @@ class _Batch:
                     deletes.append(InstanceDelete(w.spec.name, w.key, w.start_version))
             elif w.dirty:
                 writes.append(InstanceWrite(w.record, w.start_version))
-                outbox_adds.extend(w.rows)
+                if w.rows:
+                    outbox_adds += w.rows
+                    commands += w.commands
+        self.outbox_adds = outbox_adds
         puts = [s for s in self.schedule_ops.values() if s is not None]
         sdeletes = [ScheduleDelete(*k) for k, s in self.schedule_ops.items() if s is None]
         return Changes(
@@ -815,8 +845,9 @@ class _Batch:
             schedule_clears=self.clears,
             schedule_deletes=sdeletes,
             schedule_puts=puts,
-            outbox_deletes=self.outbox_deletes,
+            outbox_deletes=self.outbox_deletes + self.carried[0],
             outbox_adds=outbox_adds,
+            outbox_updates=self.carried[1],
             dead_letters=self.dead,
             marks=list(self.marks.values()),
         )
@@ -825,6 +856,10 @@ class _Batch:
         """The commit succeeded: update the cache, hand over commands, wake publishers."""
         shard = self.shard
         outbox = shard.outbox
+        outbox.recorded(self.carried[0])
+        if self.outbox_adds:
+            # Before the per-instance calls below: they look at the instances' queues.
+            outbox.add(self.outbox_adds, self.commands)
         for ref, w in self.work.items():
             if w.deleted:
                 shard._cache.pop(ref, None)
@@ -838,8 +873,6 @@ class _Batch:
                     shard._remember(ref, w.record, w.state)
             if w.failed is not None:
                 outbox.drop_head(ref, w.failed.id)
-            if w.rows:
-                outbox.add(w.rows, w.commands)
             if w.record is None:
                 if w.failed is not None:
                     outbox.release(ref)
@@ -875,7 +908,9 @@ class _Batch:
                 _call_hook(shard.hooks.dead_letter, letter)
             _call_hook(shard.hooks.batch_committed, len(self.items), self.commit_seconds)
         for item in self.done:
-            shard._finish(item)
+            if item.ack is not None:
+                item.ack.done()
+        shard.activity.end(len(self.done))
         for item, due in self.deferred:
             shard._defer(item, due)
         for item in self.held:

@@ -94,10 +94,17 @@ class MemoryStore:
             self._rebuild_due()
         for oid in changes.outbox_deletes:
             self._drop_outbox(oid)
+        outbox, outbox_of = self._outbox, self._outbox_of
         for o in changes.outbox_adds:
-            self._drop_outbox(o.id)
-            self._outbox[o.id] = o
-            self._outbox_of.setdefault((o.saga, o.key), set()).add(o.id)
+            if o.id in outbox:
+                self._drop_outbox(o.id)
+            outbox[o.id] = o
+            ref = (o.saga, o.key)
+            ids = outbox_of.get(ref)
+            if ids is None:
+                outbox_of[ref] = {o.id}
+            else:
+                ids.add(o.id)
         for u in changes.outbox_updates:
             row = self._outbox.get(u.id)
             if row is not None:
@@ -117,6 +124,7 @@ class MemoryStore:
         Deletes apply before writes, so a write after a delete of the same instance
         expects version 0 (a new incarnation).
         """
+        instances = self._instances
         versions: dict[_Ref, int] = {}
         conflicts: dict[_Ref, None] = {}
         checks = [((d.saga, d.key), d.expected_version, 0) for d in changes.deletes]
@@ -125,15 +133,15 @@ class MemoryStore:
             for w in changes.writes
         ]
         for ref, expected, after in checks:
-            current = versions[ref] if ref in versions else self._version(ref)
+            if ref in versions:
+                current = versions[ref]
+            else:
+                rec = instances.get(ref)
+                current = 0 if rec is None else rec.version
             if current != expected:
                 conflicts[ref] = None
             versions[ref] = after
         return list(conflicts)
-
-    def _version(self, ref: _Ref) -> int:
-        rec = self._instances.get(ref)
-        return 0 if rec is None else rec.version
 
     def _put_schedule(self, s: ScheduleRecord) -> None:
         skey = (s.saga, s.key, s.name)
