@@ -47,6 +47,12 @@ class SagaSpec:
     _handler_cache: dict[type, HandlerSpec | None] = attrs.field(
         factory=dict, init=False, repr=False
     )
+    state_name: str = attrs.field(init=False, repr=False)
+    """How errors about the state name it (the state class's qualified name)."""
+
+    @state_name.default
+    def _state_name(self) -> str:
+        return getattr(self.state_type, "__qualname__", repr(self.state_type))
 
     def handler_for(self, event_type: type) -> HandlerSpec | None:
         """The most specific handler of `event_type` (walking its base classes), if any."""

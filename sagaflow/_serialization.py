@@ -142,6 +142,7 @@ class Serializer:
     _encoders: dict[type, tuple[str, Callable[[Any], Any]]] = attrs.field(factory=dict, init=False)
     _hooks: dict[type, Callable[[Any], Any]] = attrs.field(factory=dict, init=False)
     _names: dict[type, str] = attrs.field(factory=dict, init=False)
+    _structurers: dict[type, Callable[[Any, Any], Any]] = attrs.field(factory=dict, init=False)
 
     @property
     def converter(self) -> JsonConverter:
@@ -292,8 +293,11 @@ class Serializer:
         Raises:
             DecodeError: The text is not JSON or does not fit `cls`.
         """
+        structure = self._structurers.get(cls)
+        if structure is None:
+            structure = self._structurers[cls] = self._converter.get_structure_hook(cls)
         try:
-            return self._converter.loads(data, cls)
+            return structure(json.loads(data), cls)  # type: ignore[no-any-return]
         except Exception as exc:
             if isinstance(exc, json.JSONDecodeError):
                 field, reason = None, f"corrupt JSON ({exc})"

@@ -98,13 +98,23 @@ def _insert(table: str, names: Sequence[str]) -> str:
     return f"INSERT OR REPLACE INTO {table} ({_columns(names)}) VALUES ({marks})"
 
 
+def _upsert(table: str, names: Sequence[str], key: Sequence[str]) -> str:
+    """Insert, or update the row with the same `key` in place (cheaper than a REPLACE,
+    which deletes the row and inserts it again)."""
+    updates = ", ".join(f"{name} = excluded.{name}" for name in names if name not in key)
+    return (
+        f"INSERT INTO {table} ({_columns(names)}) VALUES ({', '.join('?' * len(names))}) "
+        f"ON CONFLICT ({_columns(key)}) DO UPDATE SET {updates}"
+    )
+
+
 _get_instance = attrgetter(*_INSTANCE)
 _STATEMENTS: tuple[tuple[str, str, Callable[[Any], tuple[Any, ...]]], ...] = (
     # (Changes attribute, statement, parameters of one item), in the documented order.
     ("deletes", "DELETE FROM instances WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
     ("deletes", "DELETE FROM schedules WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
     ("deletes", "DELETE FROM outbox WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
-    ("writes", _insert("instances", _INSTANCE), lambda w: _get_instance(w.record)),
+    ("writes", _upsert("instances", _INSTANCE, ("saga", "key")), lambda w: _get_instance(w.record)),
     ("schedule_clears", "DELETE FROM schedules WHERE saga = ? AND key = ?", tuple),
     (
         "schedule_deletes",
@@ -421,9 +431,11 @@ def _where(**filters: str | None) -> tuple[str, tuple[str, ...]]:
 
 
 def _instance(row: Sequence[Any]) -> InstanceRecord:
-    fields = dict(zip(_INSTANCE, row, strict=True))
-    fields["completed"] = bool(fields["completed"])  # SQLite has no booleans
-    return InstanceRecord(**fields)
+    # Columns in the order of the record's attributes; SQLite has no booleans.
+    saga, key, version, status, state, instance_id, created, updated, last, completed = row
+    return InstanceRecord(
+        saga, key, version, status, state, instance_id, created, updated, last, bool(completed)
+    )
 
 
 def _schedule(row: Sequence[Any]) -> ScheduleRecord:
