@@ -346,7 +346,11 @@ class _Batch:
             elif w.deleted:
                 self.again.append(item)
             elif item.kind == EVENT:
-                await self._event(w, item)
+                if self._admit(w, item):
+                    assert item.handler is not None
+                    applied = await self._handle(w, item, item.handler, item.event, True)
+                    if applied and item.event_id is not None:
+                        self._applied(w, item.event_id)
             elif item.kind == FIRE:
                 await self._fire(w, item)
             elif item.kind == FAILED:
@@ -356,34 +360,37 @@ class _Batch:
 
     # -- items ---------------------------------------------------------------------
 
-    async def _event(self, w: _Work, item: Item) -> None:
+    def _admit(self, w: _Work, item: Item) -> bool:
+        """Whether the event goes to its handler; if not, settle it here (a plain
+        function, so the common path awaits only the handling itself)."""
         assert item.handler is not None
-        saga, key = w.spec.name, w.key
         if item.event_id is not None:
-            mark = (saga, key, item.event_id)
+            mark = (w.spec.name, w.key, item.event_id)
             if mark in self.marks or (self.loaded is not None and mark in self.loaded.marks):
                 self.shard.counters.events_duplicate += 1
                 self.done.append(item)
-                return
+                return False
         if w.broken is not None:
             self._dead_event(w, item, str(w.broken))
-            return
+            return False
         if w.record is None:
             if not item.handler.start:
                 self._unmatched(item, "no live instance and the handler is not start=True")
-                return
+                return False
         elif w.record.status == COMPLETING:
             self._unmatched(item, "the instance has completed")
-            return
+            return False
         elif w.record.status == COMPENSATION_FAILED:
             self._dead_event(w, item, "the instance's compensation failed; retry or abort it first")
-            return
-        applied = await self._handle(w, item, item.handler, item.event, allow_schedule=True)
-        if applied and item.event_id is not None:
-            mark = (saga, key, item.event_id)
-            self.marks[mark] = DedupMark(
-                saga, key, item.event_id, self.now + self.shard.dedup_retention
-            )
+            return False
+        return True
+
+    def _applied(self, w: _Work, event_id: str) -> None:
+        """An event with an id was applied: remember it (dedup)."""
+        saga, key = w.spec.name, w.key
+        self.marks[(saga, key, event_id)] = DedupMark(
+            saga, key, event_id, self.now + self.shard.dedup_retention
+        )
 
     async def _fire(self, w: _Work, item: Item) -> None:
         s = item.schedule
@@ -510,8 +517,8 @@ class _Batch:
         item: Item,
         handler: HandlerSpec,
         event: Any,
-        *,
         allow_schedule: bool,
+        *,
         fire: ScheduleRecord | None = None,
         failure: bool = False,
     ) -> bool:
@@ -655,7 +662,12 @@ class _Batch:
         complete = False
         encode = ser.encode
         cls = type(result)
-        actions = result if cls is list or cls is tuple else _actions(result, w, event)
+        if cls is list or cls is tuple:
+            actions = result
+        elif cls in _ACTIONS:
+            actions = (result,)
+        else:
+            actions = _actions(result, w, event)
         try:
             for action in actions:
                 cls = type(action)
@@ -958,6 +970,9 @@ def _call_hook(hook: Callable[..., None], *args: Any) -> None:
         hook(*args)
     except Exception:
         log.exception("hook %r raised; the runtime goes on", hook)
+
+
+_ACTIONS = frozenset((Send, Schedule, Unschedule, Compensate, Complete))
 
 
 def _actions(result: Any, w: _Work, event: Any) -> Iterable[Any]:
