@@ -32,6 +32,7 @@ def programs(args: argparse.Namespace) -> dict[str, list[str]]:
         "limit_memory --feed stream": [*limit_memory, "--feed", "stream"],
         "sagaflow memory asyncio": [*own, "--store", "memory"],
         "sagaflow memory trio": [*own, "--store", "memory", "--backend", "trio"],
+        "sagaflow memory shards=1": [*own, "--store", "memory", "--shards", "1"],
         "limit_sqlite --batch 256": [*limit_sqlite, "--batch", "256", "--sync", "normal"],
         "sagaflow sqlite asyncio": [*own, "--store", "sqlite", "--sync", "normal"],
         "sagaflow sqlite trio": [
@@ -42,6 +43,15 @@ def programs(args: argparse.Namespace) -> dict[str, list[str]]:
             "normal",
             "--backend",
             "trio",
+        ],
+        "sagaflow sqlite shards=1": [
+            *own,
+            "--store",
+            "sqlite",
+            "--sync",
+            "normal",
+            "--shards",
+            "1",
         ],
     }
     if args.postgres and os.environ.get("SAGAFLOW_PG_DSN"):
@@ -79,12 +89,18 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in rates.items()}
     print(f"N={args.n} W={args.w}, medians of {args.rounds} alternated runs")
     print(f"{'program':32} {'events/s':>12} {'peak RSS MiB':>13}")
+    # "shards=1": the same, with Runtime(shards=1), the fastest setting when handlers
+    # do not wait on I/O (one batch at a time, so no concurrency between instances).
     for name in runs:
         print(f"{name:32} {median[name]:>12,.0f} {statistics.median(rss[name]):>13.1f}")
     ratios = {
         "memory asyncio / limit_memory stream (target >= 0.6)": median["sagaflow memory asyncio"]
         / median["limit_memory --feed stream"],
         "sqlite asyncio / limit_sqlite batch 256 (target >= 0.5)": median["sagaflow sqlite asyncio"]
+        / median["limit_sqlite --batch 256"],
+        "memory shards=1 / limit_memory stream": median["sagaflow memory shards=1"]
+        / median["limit_memory --feed stream"],
+        "sqlite shards=1 / limit_sqlite batch 256": median["sagaflow sqlite shards=1"]
         / median["limit_sqlite --batch 256"],
         "memory trio / memory asyncio (target >= 0.8)": median["sagaflow memory trio"]
         / median["sagaflow memory asyncio"],

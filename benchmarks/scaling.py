@@ -3,7 +3,7 @@
     python benchmarks/scaling.py                       # W = 1,000 .. 1,000,000
     python benchmarks/scaling.py --w 1000 10000        # a subset
 
-N is max(20,000, W) so that the window is full; commands are counted, not kept
+N is max(20,000, W) (`--min-n`) so that the window is full; commands are counted, not kept
 (`--discard`), so peak RSS shows the runtime's own memory. Prints one line per W and the
 ratio of events/s to the W=1,000 run.
 """
@@ -24,11 +24,12 @@ def main() -> None:
     parser.add_argument("--w", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
     parser.add_argument("--store", default="sqlite")
     parser.add_argument("--sync", default="normal")
+    parser.add_argument("--min-n", type=int, default=20_000, help="N is max(min-n, W)")
     args = parser.parse_args()
     base = None
     print(f"{'W':>10} {'N':>10} {'events/s':>10} {'peak RSS MiB':>13} {'vs W=1k':>8}")
     for w in args.w:
-        n = max(20_000, w)
+        n = max(args.min_n, w)
         command = [
             sys.executable,
             str(HERE / "bench_orders.py"),

@@ -100,9 +100,13 @@ class Runtime:
             means failure (retried per `retry`, then `CommandFailed`).
         retry: The retry policy for commands and handlers.
         clock: Time source (`now()` and `sleep_until(t)`); the default is the wall clock.
-        shards: How many shard workers handle events concurrently.
+        shards: How many shard workers handle events concurrently. Each shard handles
+            one batch at a time, so more shards let more handlers wait on I/O at once
+            and more commits be in flight (PostgreSQL); with handlers that never wait,
+            `shards=1` is the fastest (fewer, larger commits).
         max_batch: The most items one shard handles in one commit.
         queue_size: Items a shard's mailbox holds before `publish` waits (backpressure).
+            A longer queue adds latency and memory, not throughput.
         cache_size: Instance states kept in memory, over all shards.
         dispatch_concurrency: Commands dispatched at once (one per instance at a time).
         dedup_retention: How long an event id stays known after it was applied, so a

@@ -48,3 +48,35 @@ def test_orders_benchmark_runs_and_dispatches_exactly_the_expected_commands(
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert (result["ok"], result["events"], result["commands"]) == (True, 1170, 930)
+
+
+def _script(name: str, *args: str, tmp_path: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "BENCH_DATA_DIR": str(tmp_path)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_compare_runs_every_program_and_prints_the_ratios(tmp_path: Path) -> None:
+    """The short form of the comparison: every program runs once and checks its commands."""
+    out = _script("compare.py", "--rounds", "1", "--n", "300", "--w", "50", tmp_path=tmp_path)
+    programs = [line.split()[0] for line in out.splitlines()[2:10]]
+    ratios = [line for line in out.splitlines() if "/" in line and "target" in line]
+    assert (programs, len(ratios)) == (
+        ["limit_memory"] + ["sagaflow"] * 3 + ["limit_sqlite"] + ["sagaflow"] * 3,
+        4,
+    )
+
+
+def test_scaling_prints_one_line_per_window(tmp_path: Path) -> None:
+    """The short form of the scaling run: two windows, the first one is the baseline."""
+    out = _script("scaling.py", "--w", "50", "100", "--min-n", "300", tmp_path=tmp_path)
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [(row[0], row[1], row[-1]) for row in rows][:1] == [("50", "300", "1.00")]
+    assert [row[0] for row in rows] == ["50", "100"]
