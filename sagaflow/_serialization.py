@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import json.scanner
 import sys
 import typing
 from collections.abc import Callable, Iterable
@@ -109,6 +110,26 @@ def _json_encoder() -> Callable[[Any], str]:
     return encode
 
 
+def _json_decoder() -> Callable[[str], Any]:
+    """`json.loads` without its per-call checks (a state not in the cache is decoded on
+    every event); anything unusual goes to `json.loads` itself, for its result or error."""
+    scan: Callable[[str, int], tuple[Any, int]]
+    scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+
+    def decode(text: str) -> Any:
+        if type(text) is str:
+            try:
+                value, end = scan(text, 0)
+            except StopIteration:  # no value at the start (whitespace, or not JSON)
+                pass
+            else:
+                if end == len(text):
+                    return value
+        return json.loads(text)
+
+    return decode
+
+
 def _is_message_class(obj: object) -> bool:
     return isinstance(obj, type) and (attrs.has(obj) or dataclasses.is_dataclass(obj))
 
@@ -138,6 +159,7 @@ class Serializer:
     _prefixes: set[str] = attrs.field(factory=set, alias="prefixes", converter=set)
     _converter: JsonConverter = attrs.field(factory=lambda: _strict_converter(), init=False)
     _encode: Callable[[Any], str] = attrs.field(factory=lambda: _json_encoder(), init=False)
+    _decode: Callable[[str], Any] = attrs.field(factory=lambda: _json_decoder(), init=False)
     _by_name: dict[str, type] = attrs.field(factory=dict, init=False)
     _encoders: dict[type, tuple[str, Callable[[Any], Any]]] = attrs.field(factory=dict, init=False)
     _hooks: dict[type, Callable[[Any], Any]] = attrs.field(factory=dict, init=False)
@@ -297,7 +319,7 @@ class Serializer:
         if structure is None:
             structure = self._structurers[cls] = self._converter.get_structure_hook(cls)
         try:
-            return structure(json.loads(data), cls)  # type: ignore[no-any-return]
+            return structure(self._decode(data), cls)  # type: ignore[no-any-return]
         except Exception as exc:
             if isinstance(exc, json.JSONDecodeError):
                 field, reason = None, f"corrupt JSON ({exc})"
