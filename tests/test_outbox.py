@@ -1,0 +1,72 @@
+"""The outbox's bookkeeping of delivered commands, against sweeps of the store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from sagas_for_tests import Cmd, Recorder, Started, running, scripted_registry
+
+from sagaflow import DispatchMeta, Send
+from sagaflow.stores import Changes, MemoryStore, OutboxRecord
+
+
+class StaleReadStore(MemoryStore):
+    """A store whose `list_outbox` is slow: it reads the rows, and returns them only once
+    a commit has deleted one of them (the read went stale meanwhile)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = anyio.Event()
+        self.deleted = anyio.Event()
+        self._watch: set[str] = set()
+
+    async def list_outbox(self, *, saga: str | None = None, key: str | None = None) -> Any:
+        rows: list[OutboxRecord] = await super().list_outbox(saga=saga, key=key)
+        if rows and not self.read.is_set():
+            self._watch = {row.id for row in rows}
+            self.read.set()
+            await self.deleted.wait()
+        return rows
+
+    async def commit(self, changes: Changes) -> None:
+        await super().commit(changes)
+        if self._watch.intersection(changes.outbox_deletes):
+            self.deleted.set()
+
+
+class GatedRecorder(Recorder):
+    """Dispatches only once the store's sweep has read the outbox."""
+
+    gate: anyio.Event | None = None
+
+    async def __call__(self, command: Any, meta: DispatchMeta) -> None:
+        assert self.gate is not None
+        await self.gate.wait()
+        await super().__call__(command, meta)
+
+
+@pytest.mark.anyio
+async def test_a_sweep_that_read_a_row_before_its_delivery_does_not_dispatch_it_again() -> None:
+    """The sweep reads the outbox, the command is delivered and its row deleted, then the
+    sweep's stale rows come back: the command is not taken for a new one."""
+    store = StaleReadStore()
+    recorder = GatedRecorder()
+    recorder.gate = store.read
+
+    def script(state: Any, event: Any) -> Any:
+        return Send(Cmd(event.key, "c1"))
+
+    async with running(
+        scripted_registry(script), store=store, recorder=recorder, sweep_interval=1
+    ) as h:
+        await h.runtime.publish(Started("k"))
+        h.clock.advance(1)  # the sweep falls due while c1 waits for its dispatch
+        with anyio.fail_after(5):
+            await store.deleted.wait()
+        await h.runtime.drain()
+        h.clock.advance(1)  # one more sweep, now with nothing stale
+        await h.runtime.drain()
+
+    assert (recorder.labels(), await store.list_outbox()) == (["c1"], [])
