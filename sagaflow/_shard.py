@@ -671,24 +671,9 @@ class _Batch:
         try:
             for action in actions:
                 cls = type(action)
-                if cls is Send:
-                    command = action.command
-                    type_name, payload = encode(command)
-                    rows.append(
-                        OutboxRecord(
-                            prefix + str(outputs),
-                            spec.name,
-                            key,
-                            base | outputs,
-                            SEND,
-                            type_name,
-                            payload,
-                        )
-                    )
-                    commands.append(command)
-                    outputs += 1
-                elif cls is Compensate:
-                    for command in action.commands:
+                if cls is Send or cls is Compensate:
+                    kind = SEND if cls is Send else COMPENSATE
+                    for command in (action.command,) if cls is Send else action.commands:
                         type_name, payload = encode(command)
                         rows.append(
                             OutboxRecord(
@@ -696,7 +681,7 @@ class _Batch:
                                 spec.name,
                                 key,
                                 base | outputs,
-                                COMPENSATE,
+                                kind,
                                 type_name,
                                 payload,
                             )
