@@ -80,3 +80,17 @@ def test_scaling_prints_one_line_per_window(tmp_path: Path) -> None:
     rows = [line.split() for line in out.splitlines()[1:]]
     assert [(row[0], row[1], row[-1]) for row in rows][:1] == [("50", "300", "1.00")]
     assert [row[0] for row in rows] == ["50", "100"]
+
+
+def test_ablate_runs_every_variant_against_the_limit(tmp_path: Path) -> None:
+    """The short form of the ablation: each variant still dispatches the expected commands."""
+    out = _script("ablate.py", "--rounds", "1", "--n", "300", "--w", "50", tmp_path=tmp_path)
+    names = [line[:24].strip() for line in out.splitlines()[2:]]
+    assert names == [
+        "limit_memory",
+        "as shipped",
+        "no commit",
+        "no JSON",
+        "no commit, no JSON",
+        "gc off",
+    ]
