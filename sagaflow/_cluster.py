@@ -31,13 +31,13 @@ import anyio.lowlevel
 import anyio.to_thread
 import attrs
 
+from ._batch import EVENT, Item
 from ._cluster_outbox import ClusterOutbox, Wakeup
 from ._hooks import Hooks
 from ._outbox import Counters, error_text
 from ._records import DispatchMeta
 from ._registry import HandlerSpec, Registry, SagaSpec
 from ._retry import RetryPolicy
-from ._shard import EVENT, Item
 from ._sync import Ack, Activity, Mailbox
 from ._timer import Timer
 from .exceptions import SerializationError

@@ -11,6 +11,7 @@ from typing import Any, Self, cast
 import anyio
 import attrs
 
+from ._batch import EVENT, FAILED, FINALIZE, FIRE, Item
 from ._clock import SystemClock
 from ._cluster import Cluster, ClusterOutbox, cluster_store
 from ._hooks import Hooks
@@ -18,7 +19,7 @@ from ._outbox import Counters, Outbox
 from ._records import Unmatched
 from ._registry import Registry, SagaSpec
 from ._retry import RetryPolicy
-from ._shard import EVENT, FAILED, FINALIZE, FIRE, Item, Shard
+from ._shard import Shard
 from ._sync import Ack, Activity, Mailbox
 from ._timer import Timer
 from .exceptions import RuntimeClosedError

@@ -1,0 +1,846 @@
+"""One pass of a shard over a batch: load, run handlers, collect changes, commit, hand over.
+
+A batch is handled against working copies; only a successful commit makes it visible
+(cache, outbox, timer, publishers), so a failed or conflicting commit leaves nothing
+behind. The shard (`_shard.py`) takes items from its mailbox and runs batches, again
+after a lost concurrency race.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
+from ._outbox import error_text
+from ._records import Unmatched
+from ._registry import HandlerSpec, SagaSpec
+from ._sync import Ack
+from .exceptions import ActionError, DecodeError, SerializationError
+from .stores._protocol import (
+    ACTIVE,
+    COMPENSATE,
+    COMPENSATION_FAILED,
+    COMPLETING,
+    SEND,
+    Changes,
+    DeadLetter,
+    DedupMark,
+    InstanceDelete,
+    InstanceRecord,
+    InstanceWrite,
+    Loaded,
+    LoadRequest,
+    OutboxRecord,
+    OutboxUpdate,
+    ScheduleDelete,
+    ScheduleRecord,
+)
+
+if TYPE_CHECKING:
+    from ._shard import Shard
+
+__all__ = ["EVENT", "FAILED", "FINALIZE", "FIRE", "Batch", "Item", "Ref"]
+
+log = logging.getLogger("sagaflow.runtime")
+
+EVENT, FIRE, FAILED, FINALIZE = range(4)
+_SEQ_BITS = 16
+_MAX_OUTPUTS = 1 << _SEQ_BITS
+Ref = tuple[str, str]
+"""An instance: `(saga name, key)`."""
+
+
+@attrs.define(eq=False, slots=True)
+class Item:
+    """One unit of work for a shard: an event, a due schedule, a failed command, or
+    the end of a completing instance's outbox."""
+
+    kind: int
+    saga: SagaSpec
+    key: str
+    event: Any = None
+    handler: HandlerSpec | None = None
+    event_id: str | None = None
+    ack: Ack | None = None
+    schedule: ScheduleRecord | None = None
+    row: OutboxRecord | None = None
+    attempts: int = 0
+    retry: bool = False
+
+
+class _Work:
+    """The working copy of one instance during a batch (a plain class: made per event)."""
+
+    __slots__ = (
+        "became_completing",
+        "blocked",
+        "broken",
+        "commands",
+        "deleted",
+        "dirty",
+        "failed",
+        "handler_error",
+        "key",
+        "puts",
+        "record",
+        "rows",
+        "spec",
+        "start_version",
+        "state",
+    )
+
+    def __init__(
+        self,
+        spec: SagaSpec,
+        key: str,
+        start_version: int,
+        record: InstanceRecord | None,
+        state: Any = None,
+    ) -> None:
+        self.spec = spec
+        self.key = key
+        self.start_version = start_version
+        self.record = record
+        self.state = state
+        self.broken: DecodeError | None = None
+        self.dirty = False
+        self.deleted = False
+        self.blocked = False
+        self.rows: list[OutboxRecord] = []
+        self.commands: list[Any] = []
+        self.failed: OutboxRecord | None = None
+        self.became_completing = False
+        self.handler_error: str | None = None
+        self.puts: list[str] | None = None  # schedule names put in this batch
+
+    def put(self, name: str) -> None:
+        if self.puts is None:
+            self.puts = [name]
+        else:
+            self.puts.append(name)
+
+
+class _Rejected(Exception):
+    """A handler's result cannot be applied and retrying will not help."""
+
+
+@attrs.define(eq=False)
+class Batch:
+    """One pass over a batch of items; thrown away if its commit does not succeed."""
+
+    shard: Shard
+    items: list[Item]
+    work: dict[Ref, _Work] = attrs.field(factory=dict)
+    now: float = 0.0
+    loaded: Loaded | None = None
+    writes: list[InstanceWrite] = attrs.field(factory=list)
+    schedule_ops: dict[tuple[str, str, str], ScheduleRecord | None] = attrs.field(factory=dict)
+    clears: list[Ref] = attrs.field(factory=list)
+    dead: list[DeadLetter] = attrs.field(factory=list)
+    marks: dict[tuple[str, str, str], DedupMark] = attrs.field(factory=dict)
+    outbox_deletes: list[str] = attrs.field(factory=list)
+    done: list[Item] = attrs.field(factory=list)
+    deferred: list[tuple[Item, float]] = attrs.field(factory=list)
+    held: list[Item] = attrs.field(factory=list)
+    again: list[Item] = attrs.field(factory=list)
+    unmatched: list[Unmatched] = attrs.field(factory=list)
+    handled: int = 0
+    commit_seconds: float = 0.0
+    outbox_adds: list[OutboxRecord] = attrs.field(factory=list)
+    carried: tuple[list[str], list[OutboxUpdate]] = attrs.field(factory=lambda: ([], []))
+    commands: list[Any] = attrs.field(factory=list)  # the decoded `outbox_adds`
+
+    async def run(self) -> None:
+        outbox = self.shard.outbox
+        outbox.begin_carrying()
+        try:
+            await self._handle_items()
+            # The outbox's pending records ride along in this batch's transaction.
+            self.carried = outbox.take_records()
+        finally:
+            outbox.end_carrying()
+        changes = self._changes()
+        if changes:
+            started = time.perf_counter()
+            await self.shard.store.commit(changes)
+            self.commit_seconds = time.perf_counter() - started
+
+    async def _handle_items(self) -> None:
+        shard = self.shard
+        self.now = shard.clock.now()
+        cache = shard.cache
+        work = self.work
+        works: list[_Work] = []  # the working copy of each item's instance
+        missing: list[Ref] = []
+        marks: list[tuple[str, str, str]] = []
+        schedule_ids: list[str] = []
+        for item in self.items:
+            ref = (item.saga.name, item.key)
+            w = work.get(ref)
+            if w is None:
+                hit = cache.get(ref)
+                if hit is None:
+                    missing.append(ref)
+                    w = _Work(item.saga, item.key, 0, None)
+                else:
+                    cache.move_to_end(ref)
+                    w = _Work(item.saga, item.key, hit[0].version, hit[0], hit[1])
+                work[ref] = w
+            works.append(w)
+            if item.event_id is not None:
+                marks.append((*ref, item.event_id))
+            if item.schedule is not None:
+                schedule_ids.append(item.schedule.id)
+        if missing or marks or schedule_ids:
+            self.loaded = await shard.store.load(
+                LoadRequest(missing, marks, schedule_ids, self.now)
+            )
+            for ref, record in self.loaded.instances.items():
+                w = self.work[ref]
+                w.record, w.start_version = record, record.version
+                try:
+                    w.state = shard.serializer.loads(
+                        record.state, w.spec.state_type, w.spec.name, saga=ref[0], key=ref[1]
+                    )
+                except DecodeError as exc:
+                    w.broken = exc
+                    log.error("%s", exc, extra={"saga": ref[0], "key": ref[1]})
+
+        for item, w in zip(self.items, works, strict=True):
+            if w.blocked:
+                self.held.append(item)
+            elif w.deleted:
+                self.again.append(item)
+            elif item.kind == EVENT:
+                if self._admit(w, item):
+                    assert item.handler is not None
+                    applied = await self._handle(w, item, item.handler, item.event, True)
+                    if applied and item.event_id is not None:
+                        self._applied(w, item.event_id)
+            elif item.kind == FIRE:
+                await self._fire(w, item)
+            elif item.kind == FAILED:
+                await self._failed(w, item)
+            else:
+                self._finalize(w, item)
+
+    # -- items ---------------------------------------------------------------------
+
+    def _admit(self, w: _Work, item: Item) -> bool:
+        """Whether the event goes to its handler; if not, settle it here (a plain
+        function, so the common path awaits only the handling itself)."""
+        assert item.handler is not None
+        if item.event_id is not None:
+            mark = (w.spec.name, w.key, item.event_id)
+            if mark in self.marks or (self.loaded is not None and mark in self.loaded.marks):
+                self.shard.counters.events_duplicate += 1
+                self.done.append(item)
+                return False
+        if w.broken is not None:
+            self._dead_event(w, item, str(w.broken))
+            return False
+        if w.record is None:
+            if not item.handler.start:
+                self._unmatched(item, "no live instance and the handler is not start=True")
+                return False
+        elif w.record.status == COMPLETING:
+            self._unmatched(item, "the instance has completed")
+            return False
+        elif w.record.status == COMPENSATION_FAILED:
+            self._dead_event(w, item, "the instance's compensation failed; retry or abort it first")
+            return False
+        return True
+
+    def _applied(self, w: _Work, event_id: str) -> None:
+        """An event with an id was applied: remember it (dedup)."""
+        saga, key = w.spec.name, w.key
+        self.marks[(saga, key, event_id)] = DedupMark(
+            saga, key, event_id, self.now + self.shard.dedup_retention
+        )
+
+    async def _fire(self, w: _Work, item: Item) -> None:
+        s = item.schedule
+        assert s is not None and self.loaded is not None
+        skey = (s.saga, s.key, s.name)
+        if s.id not in self.loaded.schedule_ids or skey in self.schedule_ops:
+            self.done.append(item)  # replaced, cancelled or already fired
+            return
+        if w.record is None or w.record.status != ACTIVE or w.broken is not None:
+            # Schedules go with Complete; one left over cannot be delivered any more.
+            self.schedule_ops[skey] = None
+            self._dead(
+                w,
+                item,
+                s.type_name,
+                s.payload,
+                "send" if not s.to_self else "event",
+                f"schedule {s.name!r} fell due but the instance is "
+                f"{'gone' if w.record is None else w.record.status}",
+                s.attempts + 1,
+            )
+            self.done.append(item)
+            return
+        try:
+            message = self.shard.serializer.decode(s.type_name, s.payload)
+        except SerializationError as exc:
+            self.schedule_ops[skey] = None
+            self._dead(
+                w,
+                item,
+                s.type_name,
+                s.payload,
+                "send" if not s.to_self else "event",
+                str(exc),
+                s.attempts + 1,
+            )
+            self.done.append(item)
+            return
+        item.event = message
+        if not s.to_self:
+            self.schedule_ops[skey] = None
+            version = w.record.version + 1
+            command = message
+            w.rows.append(
+                OutboxRecord(
+                    s.id, s.saga, s.key, version << _SEQ_BITS, SEND, s.type_name, s.payload
+                )
+            )
+            w.commands.append(command)
+            w.record = attrs.evolve(w.record, version=version, updated_at=self.now)
+            w.dirty = True
+            self.done.append(item)
+            return
+        handler = w.spec.handler_for(type(item.event))
+        if handler is None:
+            self.schedule_ops[skey] = None
+            self._dead(
+                w,
+                item,
+                s.type_name,
+                s.payload,
+                "event",
+                f"saga {w.spec.name!r} has no handler for its scheduled {s.type_name!r} any more",
+                s.attempts + 1,
+            )
+            self.done.append(item)
+            return
+        item.attempts = s.attempts
+        ok = await self._handle(w, item, handler, item.event, allow_schedule=True, fire=s)
+        if ok:
+            self.schedule_ops.setdefault(skey, None)
+
+    async def _failed(self, w: _Work, item: Item) -> None:
+        row = item.row
+        assert row is not None
+        error = row.error or "unknown error"
+        handler = w.spec.handler_for(CommandFailed)
+        usable = w.record is not None and w.broken is None and item.event is not None
+        if usable and handler is not None:
+            assert w.record is not None
+            event = CommandFailed(item.event, error, row.attempts)
+            allow = w.record.status == ACTIVE and not w.record.completed
+            w.handler_error = None
+            await self._handle(w, item, handler, event, allow_schedule=allow, failure=True)
+            if w.blocked:
+                return  # tried again later; nothing of the failure is applied yet
+            if w.handler_error is not None:
+                error = f"{error}; then the CommandFailed handler failed: {w.handler_error}"
+        else:
+            self.done.append(item)
+            if w.record is None:
+                error = f"{error}; the instance is gone"
+        self.outbox_deletes.append(row.id)
+        w.failed = row
+        if row.kind == COMPENSATE or not usable or handler is None or w.handler_error:
+            self._dead(w, item, row.type_name, row.payload, row.kind, error, row.attempts, row.seq)
+        if row.kind == COMPENSATE and w.record is not None:
+            bump = 0 if w.dirty and w.record.version > w.start_version else 1
+            w.record = attrs.evolve(
+                w.record,
+                version=w.record.version + bump,
+                status=COMPENSATION_FAILED,
+                updated_at=self.now,
+            )
+            w.became_completing = False
+            w.dirty = True
+
+    def _finalize(self, w: _Work, item: Item) -> None:
+        ref = (w.spec.name, w.key)
+        if (
+            w.record is not None
+            and w.record.status == COMPLETING
+            and not w.rows
+            and not self.shard.outbox.has_pending(ref)
+        ):
+            w.deleted = True
+        self.done.append(item)
+
+    # -- handling ------------------------------------------------------------------
+
+    async def _handle(
+        self,
+        w: _Work,
+        item: Item,
+        handler: HandlerSpec,
+        event: Any,
+        allow_schedule: bool,
+        *,
+        fire: ScheduleRecord | None = None,
+        failure: bool = False,
+    ) -> bool:
+        """Run a handler on the working copy; returns whether its result was applied."""
+        shard = self.shard
+        spec = w.spec
+        record = w.record
+        if record is None:
+            state = spec.new_state()
+            record = InstanceRecord(
+                spec.name, w.key, 0, ACTIVE, "", _instance_id(self.now), self.now, self.now
+            )
+        else:
+            state = w.state
+        version = record.version + 1
+        hooks = shard.hooks
+        span = (
+            None if hooks is None else hooks.handling(spec.name, w.key, event, record.instance_id)
+        )
+        try:
+            if span is None:
+                result = handler.fn(state, event)
+                if handler.is_async:
+                    result = await result
+            else:
+                with span:
+                    result = handler.fn(state, event)
+                    if handler.is_async:
+                        result = await result
+            record = self._apply(w, record, state, result, version, allow_schedule, event)
+        except _Rejected as exc:
+            self._restore(w)
+            cause = exc.__cause__ or exc
+            self._give_up(w, item, event, fire, error_text(cause), failure, item.attempts + 1)
+            return False
+        except Exception as exc:
+            self._restore(w)
+            attempts = item.attempts + 1
+            policy = handler.retry or shard.policy
+            error = error_text(exc)
+            extra = {"saga": spec.name, "key": w.key, "event_type": type(event).__name__}
+            if policy.gives_up_after(attempts):
+                log.error(
+                    "handler %s of saga %r failed for good on %s (key %r): %s",
+                    handler.method,
+                    spec.name,
+                    type(event).__name__,
+                    w.key,
+                    error,
+                    extra=extra,
+                    exc_info=exc,
+                )
+                self._give_up(w, item, event, fire, error, failure, attempts)
+                return False
+            shard.counters.handler_retries += 1
+            if hooks is not None:
+                hooks.handler_retry(spec.name, w.key, event, attempts, error)
+            due = self.now + policy.delay(attempts)
+            log.warning(
+                "handler %s of saga %r raised on %s (key %r), attempt %d, retrying: %s",
+                handler.method,
+                spec.name,
+                type(event).__name__,
+                w.key,
+                attempts,
+                error,
+                extra=extra,
+            )
+            if fire is not None:
+                # A due schedule retries durably: it is moved back, not held in memory.
+                self.schedule_ops[(fire.saga, fire.key, fire.name)] = attrs.evolve(
+                    fire, due=due, attempts=attempts
+                )
+                w.put(fire.name)
+                self.done.append(item)
+                return False
+            item.attempts = attempts
+            w.blocked = True
+            self.deferred.append((item, due))
+            return False
+        w.record = record
+        w.state = state
+        w.dirty = True
+        if w.became_completing and not w.rows and not shard.outbox.has_pending((spec.name, w.key)):
+            w.deleted = True  # nothing left to dispatch: the instance ends now
+        self.handled += 1
+        self.done.append(item)
+        return True
+
+    def _restore(self, w: _Work) -> None:
+        """Undo a failed handler's changes to the state object."""
+        if w.record is not None:
+            w.state = self.shard.serializer.loads(
+                w.record.state, w.spec.state_type, w.spec.name, saga=w.spec.name, key=w.key
+            )
+
+    def _give_up(
+        self,
+        w: _Work,
+        item: Item,
+        event: Any,
+        fire: ScheduleRecord | None,
+        error: str,
+        failure: bool,
+        attempts: int,
+    ) -> None:
+        if fire is not None:
+            self.schedule_ops[(fire.saga, fire.key, fire.name)] = None
+        if failure:
+            w.handler_error = error  # _failed dead-letters the command itself
+            self.done.append(item)
+            return
+        self._dead_event(w, item, error, attempts, event)
+
+    def _apply(
+        self,
+        w: _Work,
+        record: InstanceRecord,
+        state: Any,
+        result: Any,
+        version: int,
+        allow_schedule: bool,
+        event: Any,
+    ) -> InstanceRecord:
+        """Turn a handler's result into outbox rows and schedule changes.
+
+        Raises:
+            _Rejected: The result cannot be applied (not an action, a Schedule where
+                none is allowed, a value that cannot be serialized).
+        """
+        spec, key = w.spec, w.key
+        ser = self.shard.serializer
+        prefix = f"{record.instance_id}.{version}."
+        base = version << _SEQ_BITS
+        rows, commands = w.rows, w.commands
+        first_row = len(rows)  # rows of earlier events of this batch stay
+        outputs = 0
+        # (name, record or None for Unschedule), in the order the handler returned them
+        schedule_ops: list[tuple[str, ScheduleRecord | None]] | None = None
+        scheduled = False
+        complete = False
+        encode = ser.encode
+        cls = type(result)
+        if cls is list or cls is tuple:
+            actions = result
+        elif cls in _ACTIONS:
+            actions = (result,)
+        else:
+            actions = _actions(result, w, event)
+        try:
+            for action in actions:
+                cls = type(action)
+                if cls is Send or cls is Compensate:
+                    kind = SEND if cls is Send else COMPENSATE
+                    for command in (action.command,) if cls is Send else action.commands:
+                        type_name, payload = encode(command)
+                        rows.append(
+                            OutboxRecord(
+                                prefix + str(outputs),
+                                spec.name,
+                                key,
+                                base | outputs,
+                                kind,
+                                type_name,
+                                payload,
+                            )
+                        )
+                        commands.append(command)
+                        outputs += 1
+                elif cls is Schedule:
+                    if not allow_schedule or complete or record.completed:
+                        raise self._reject(
+                            w, event, "Schedule cannot be returned by a completing instance"
+                        )
+                    if action.to_self and spec.handler_for(type(action.message)) is None:
+                        raise self._reject(
+                            w,
+                            event,
+                            f"Schedule(to_self=True) of {type(action.message).__name__}, "
+                            "which this saga has no handler for",
+                        )
+                    type_name, payload = encode(action.message)
+                    sid = prefix + str(outputs)
+                    schedule = ScheduleRecord(
+                        sid,
+                        spec.name,
+                        key,
+                        action.name or sid,
+                        self.now + action.after,
+                        action.to_self,
+                        type_name,
+                        payload,
+                        base | outputs,
+                    )
+                    outputs += 1
+                    scheduled = True
+                    if schedule_ops is None:
+                        schedule_ops = []
+                    schedule_ops.append((schedule.name, schedule))
+                elif cls is Unschedule:
+                    if schedule_ops is None:
+                        schedule_ops = []
+                    schedule_ops.append((action.name, None))
+                elif cls is Complete:
+                    if scheduled:
+                        raise self._reject(
+                            w, event, "Schedule cannot be returned together with Complete"
+                        )
+                    complete = True
+                else:
+                    raise self._reject(
+                        w,
+                        event,
+                        f"returned {action!r}, which is not an action (Send, Schedule, "
+                        "Unschedule, Compensate, Complete)",
+                    )
+            if outputs > _MAX_OUTPUTS:
+                raise self._reject(w, event, f"more than {_MAX_OUTPUTS} commands at once")
+            state_json = ser.dumps(state, spec.state_name)
+        except SerializationError as exc:
+            del rows[first_row:], commands[first_row:]
+            raise self._reject(w, event, str(exc)) from exc
+        except BaseException:
+            del rows[first_row:], commands[first_row:]
+            raise
+
+        if schedule_ops is not None or complete:
+            ops = self.schedule_ops
+            for name, op in schedule_ops or ():
+                ops[(spec.name, key, name)] = op
+                if op is not None:
+                    w.put(name)
+            if complete and not record.completed:
+                # Clears apply before puts: drop this instance's puts of this batch.
+                for name in w.puts or ():
+                    ops.pop((spec.name, key, name), None)
+                self.clears.append((spec.name, key))
+        status = record.status
+        if complete and status == ACTIVE:
+            status = COMPLETING
+            w.became_completing = True
+        event_type = type(event)
+        return InstanceRecord(
+            spec.name,
+            key,
+            version,
+            status,
+            state_json,
+            record.instance_id,
+            record.created_at,
+            self.now,
+            None if event_type is CommandFailed else ser.name_of(event_type),
+            record.completed or complete,
+        )
+
+    @staticmethod
+    def _reject(w: _Work, event: Any, message: str) -> _Rejected:
+        exc = _Rejected(message)
+        exc.__cause__ = ActionError(
+            f"saga {w.spec.name!r} key {w.key!r} handling {type(event).__name__}: {message}",
+            saga=w.spec.name,
+            key=w.key,
+        )
+        return exc
+
+    # -- outcomes ------------------------------------------------------------------
+
+    def _unmatched(self, item: Item, reason: str) -> None:
+        self.unmatched.append(Unmatched(item.event, item.saga.name, item.key, reason))
+        self.done.append(item)
+
+    def _dead_event(
+        self, w: _Work, item: Item, error: str, attempts: int | None = None, event: Any = None
+    ) -> None:
+        event = item.event if event is None else event
+        try:
+            type_name, payload = self.shard.serializer.encode(event)
+        except SerializationError:
+            type_name, payload = type(event).__qualname__, repr(event)
+        self._dead(
+            w,
+            item,
+            type_name,
+            payload,
+            "event",
+            error,
+            item.attempts + 1 if attempts is None else attempts,
+        )
+        self.done.append(item)
+
+    def _dead(
+        self,
+        w: _Work,
+        item: Item,
+        type_name: str,
+        payload: str,
+        kind: str,
+        error: str,
+        attempts: int,
+        seq: int = 0,
+    ) -> None:
+        if item.row is not None:
+            did = item.row.id
+        elif item.schedule is not None:
+            did = item.schedule.id
+        elif item.event_id is not None:
+            did = f"{w.spec.name}:{w.key}:{item.event_id}"
+        else:
+            did = uuid.uuid4().hex
+        self.dead.append(
+            DeadLetter(
+                did, w.spec.name, w.key, kind, type_name, payload, error, attempts, self.now, seq
+            )
+        )
+        self.shard.counters.events_dead_lettered += kind == "event"
+
+    def _changes(self) -> Changes:
+        writes: list[InstanceWrite] = []
+        deletes: list[InstanceDelete] = []
+        outbox_adds: list[OutboxRecord] = []
+        commands = self.commands
+        for w in self.work.values():
+            if w.record is None:
+                continue
+            if w.deleted:
+                if w.start_version:
+                    deletes.append(InstanceDelete(w.spec.name, w.key, w.start_version))
+            elif w.dirty:
+                writes.append(InstanceWrite(w.record, w.start_version))
+                if w.rows:
+                    outbox_adds += w.rows
+                    commands += w.commands
+        self.outbox_adds = outbox_adds
+        puts = [s for s in self.schedule_ops.values() if s is not None]
+        sdeletes = [ScheduleDelete(*k) for k, s in self.schedule_ops.items() if s is None]
+        clears = self.clears
+        if deletes and clears:  # deleting an instance deletes its schedules too
+            gone = {(d.saga, d.key) for d in deletes}
+            clears = [ref for ref in clears if ref not in gone]
+        return Changes(
+            writes=writes,
+            deletes=deletes,
+            schedule_clears=clears,
+            schedule_deletes=sdeletes,
+            schedule_puts=puts,
+            outbox_deletes=self.outbox_deletes + self.carried[0],
+            outbox_adds=outbox_adds,
+            outbox_updates=self.carried[1],
+            dead_letters=self.dead,
+            marks=list(self.marks.values()),
+        )
+
+    def publish(self) -> None:
+        """The commit succeeded: update the cache, hand over commands, wake publishers."""
+        shard = self.shard
+        outbox = shard.outbox
+        outbox.recorded(self.carried[0])
+        if self.outbox_adds:
+            # Before the per-instance calls below: they look at the instances' queues.
+            outbox.add(self.outbox_adds, self.commands)
+        for ref, w in self.work.items():
+            if w.deleted:
+                shard.cache.pop(ref, None)
+                outbox.forget(ref)
+                continue
+            if w.record is not None and w.broken is None:
+                if w.record.status == COMPENSATION_FAILED:
+                    # An operator resumes or aborts it in the store: always read it afresh.
+                    shard.cache.pop(ref, None)
+                else:
+                    shard.remember(ref, w.record, w.state)
+            if w.failed is not None:
+                outbox.drop_head(ref, w.failed.id)
+            if w.record is None:
+                if w.failed is not None:
+                    outbox.release(ref)
+                continue
+            if w.record.status == COMPENSATION_FAILED:
+                outbox.hold(ref)
+            elif w.failed is not None:
+                outbox.release(ref)
+            if w.became_completing:
+                outbox.completing(ref)
+        due = min((s.due for s in self.schedule_ops.values() if s is not None), default=None)
+        if due is not None:
+            shard.notify_timer(due)
+        counters = shard.counters
+        counters.events_handled += self.handled
+        counters.batches_committed += 1
+        counters.events_unmatched += len(self.unmatched)
+        for u in self.unmatched:
+            log.info(
+                "%s for saga %r key %r matched no instance: %s",
+                type(u.event).__name__,
+                u.saga,
+                u.key,
+                u.reason,
+                extra={"saga": u.saga, "key": u.key, "event_type": type(u.event).__name__},
+            )
+            if shard.on_unmatched is not None:
+                _call_hook(shard.on_unmatched, u)
+            if shard.hooks is not None:
+                _call_hook(shard.hooks.unmatched, u)
+        if shard.hooks is not None:
+            for letter in self.dead:
+                _call_hook(shard.hooks.dead_letter, letter)
+            _call_hook(shard.hooks.batch_committed, len(self.items), self.commit_seconds)
+        for item in self.done:
+            if item.ack is not None:
+                item.ack.done()
+        shard.activity.end(len(self.done))
+        for item, due in self.deferred:
+            shard.defer(item, due)
+        for item in self.held:
+            shard.hold(item)
+        for item in self.again:
+            shard.mailbox.put_unbounded(item)
+
+
+def _instance_id(now: float) -> str:
+    """A new incarnation's id: 32 hex digits, the creation time in milliseconds first.
+
+    Command and schedule ids start with it, so rows created close together sit close
+    together in the stores' indexes (like a UUIDv7) instead of at random pages.
+    """
+    return f"{max(0, int(now * 1000)):012x}{os.urandom(10).hex()}"
+
+
+def _call_hook(hook: Callable[..., None], *args: Any) -> None:
+    """Call a user's hook after a commit; its failure must not stop the runtime."""
+    try:
+        hook(*args)
+    except Exception:
+        log.exception("hook %r raised; the runtime goes on", hook)
+
+
+_ACTIONS = frozenset((Send, Schedule, Unschedule, Compensate, Complete))
+
+
+def _actions(result: Any, w: _Work, event: Any) -> Iterable[Any]:
+    """A handler's result as an iterable of actions (lists and tuples are used as they are)."""
+    if result is None:
+        return ()
+    if isinstance(result, list | tuple):
+        return result
+    if isinstance(result, Send | Schedule | Unschedule | Compensate | Complete):
+        return (result,)
+    if isinstance(result, str | bytes) or not isinstance(result, Iterable):
+        raise Batch._reject(
+            w, event, f"returned {result!r}; return None, an action or an iterable of actions"
+        )
+    return result
