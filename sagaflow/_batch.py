@@ -274,33 +274,15 @@ class Batch:
             return
         if w.record is None or w.record.status != ACTIVE or w.broken is not None:
             # Schedules go with Complete; one left over cannot be delivered any more.
-            self.schedule_ops[skey] = None
-            self._dead(
-                w,
-                item,
-                s.type_name,
-                s.payload,
-                "send" if not s.to_self else "event",
-                f"schedule {s.name!r} fell due but the instance is "
-                f"{'gone' if w.record is None else w.record.status}",
-                s.attempts + 1,
+            state = "gone" if w.record is None else w.record.status
+            self._dead_schedule(
+                w, item, f"schedule {s.name!r} fell due but the instance is {state}"
             )
-            self.done.append(item)
             return
         try:
             message = self.shard.serializer.decode(s.type_name, s.payload)
         except SerializationError as exc:
-            self.schedule_ops[skey] = None
-            self._dead(
-                w,
-                item,
-                s.type_name,
-                s.payload,
-                "send" if not s.to_self else "event",
-                str(exc),
-                s.attempts + 1,
-            )
-            self.done.append(item)
+            self._dead_schedule(w, item, str(exc))
             return
         item.event = message
         if not s.to_self:
@@ -319,22 +301,25 @@ class Batch:
             return
         handler = w.spec.handler_for(type(item.event))
         if handler is None:
-            self.schedule_ops[skey] = None
-            self._dead(
+            self._dead_schedule(
                 w,
                 item,
-                s.type_name,
-                s.payload,
-                "event",
                 f"saga {w.spec.name!r} has no handler for its scheduled {s.type_name!r} any more",
-                s.attempts + 1,
             )
-            self.done.append(item)
             return
         item.attempts = s.attempts
         ok = await self._handle(w, item, handler, item.event, allow_schedule=True, fire=s)
         if ok:
             self.schedule_ops.setdefault(skey, None)
+
+    def _dead_schedule(self, w: _Work, item: Item, error: str) -> None:
+        """A due schedule cannot be delivered: drop it, keep it as a dead letter."""
+        s = item.schedule
+        assert s is not None
+        self.schedule_ops[(s.saga, s.key, s.name)] = None
+        kind = "event" if s.to_self else "send"
+        self._dead(w, item, s.type_name, s.payload, kind, error, s.attempts + 1)
+        self.done.append(item)
 
     async def _failed(self, w: _Work, item: Item) -> None:
         row = item.row
