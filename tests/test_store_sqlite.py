@@ -20,6 +20,7 @@ from store_conformance import (
 
 from sagaflow.exceptions import ConflictError, SchemaVersionError, StoreError
 from sagaflow.stores import (
+    COMPLETING,
     Changes,
     DedupMark,
     InstanceWrite,
@@ -195,10 +196,13 @@ async def test_an_older_file_is_migrated_once_step_by_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "old.db"
-    store = SQLiteStore(path)
-    await store.open()
-    await store.commit(Changes(writes=[InstanceWrite(instance(), 0)]))
-    await store.close()
+    with monkeypatch.context() as version_1:
+        version_1.setattr(sqlite_module, "_MIGRATIONS", ())
+        version_1.setattr(sqlite_module, "SCHEMA_VERSION", 1)
+        store = SQLiteStore(path)
+        await store.open()
+        await store.commit(Changes(writes=[InstanceWrite(instance(), 0)]))
+        await store.close()
     steps: list[str] = []
 
     def to_2(conn: sqlite3.Connection) -> None:
@@ -220,6 +224,39 @@ async def test_an_older_file_is_migrated_once_step_by_step(
     assert steps == ["1->2", "2->3"]
     assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [("3",)]
     assert query(path, "SELECT x FROM added_in_2") == [(3,)]
+
+
+async def test_a_version_1_file_gets_the_index_of_unusual_statuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 2 indexes the instances that are not active (what sweeps look for)."""
+    path = tmp_path / "v1.db"
+    completing = instance("k2", status=COMPLETING)
+    with monkeypatch.context() as version_1:
+        version_1.setattr(sqlite_module, "_MIGRATIONS", ())
+        version_1.setattr(sqlite_module, "SCHEMA_VERSION", 1)
+        store = SQLiteStore(path)
+        await store.open()
+        await store.commit(Changes(writes=[InstanceWrite(instance(), 0)]))
+        await store.commit(Changes(writes=[InstanceWrite(completing, 0)]))
+        await store.close()
+    indexes_before = query(path, "SELECT name FROM sqlite_master WHERE name = 'instances_unusual'")
+
+    store = SQLiteStore(path)
+    await store.open()
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)  # type: ignore[union-attr]
+    found = (
+        await store.list_instances(status=COMPLETING),
+        await store.list_instances(status="active"),
+    )
+    await store.close()
+
+    plan = query(path, "EXPLAIN QUERY PLAN " + statements[0])
+    assert (indexes_before, SCHEMA_VERSION) == ([], 2)
+    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [("2",)]
+    assert found == ([completing], [instance()])
+    assert "INDEX instances_unusual (status=?)" in plan[0][-1]
 
 
 async def test_a_file_with_an_unreadable_schema_version_is_refused(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import attrs
 
 from ..exceptions import ConflictError, SchemaVersionError, StoreError
 from ._protocol import (
+    ACTIVE,
     Changes,
     DeadLetter,
     DedupMark,
@@ -69,8 +70,23 @@ _SCHEMA_V1 = (
 )
 
 _Migration = Callable[[sqlite3.Connection], None]
+
+
+def _index_unusual_statuses(conn: sqlite3.Connection) -> None:
+    """Version 2: find the instances that are not active without reading them all.
+
+    The runtime's periodic sweep and the operator's listings ask for completing and
+    compensation-failed instances; a partial index holds only those, so it costs the
+    writes of active instances nothing.
+    """
+    conn.execute(
+        "CREATE INDEX instances_unusual ON instances (status, saga, key) "
+        f"WHERE status != '{ACTIVE}'"
+    )
+
+
 # `_MIGRATIONS[n - 1]` turns schema version n into n + 1, inside the opening transaction.
-_MIGRATIONS: tuple[_Migration, ...] = ()
+_MIGRATIONS: tuple[_Migration, ...] = (_index_unusual_statuses,)
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
 """The schema version this sagaflow writes."""
 
@@ -228,6 +244,8 @@ class SQLiteStore:
     ) -> list[InstanceRecord]:
         """Instances, optionally of one saga or status, ordered by saga and key."""
         where, args = _where(saga=saga, status=status)
+        if status is not None and status != ACTIVE:
+            where += f" AND status != '{ACTIVE}'"  # the same term as the index: it is used
         sql = f"SELECT {_columns(_INSTANCE)} FROM instances{where} ORDER BY saga, key LIMIT ?"
         rows = await self._run(_fetch, sql, (*args, -1 if limit is None else limit))
         return [_instance(row) for row in rows]
