@@ -112,7 +112,9 @@ class OrderSaga:
         order.status, order.amount = "placed", event.amount
         return [
             Send(ReserveStock(event.order_id, event.amount)),
-            Schedule(PaymentTimedOut(event.order_id), after=0.5, name="payment", to_self=True),
+            # Long enough that a paid order's payment, published right after, always
+            # wins on a busy machine; the unpaid half waits for it before compensating.
+            Schedule(PaymentTimedOut(event.order_id), after=2.0, name="payment", to_self=True),
         ]
 
     @on(PaymentCaptured)
