@@ -19,17 +19,13 @@ commands, but nothing is stored. The printed ratios are against `limit_memory.py
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import runpy
 import statistics
-import subprocess
 import sys
-from pathlib import Path
-from typing import Any
 
-HERE = Path(__file__).resolve().parent
-BENCH_DIR = Path(os.environ.get("SAGAFLOW_BENCH_DIR", HERE.parent.parent / "shared" / "bench"))
+from compare import BENCH_DIR, HERE, run
+
 VARIANTS = {
     "as shipped": ([], ""),
     "no commit": ([], "commit"),
@@ -64,16 +60,8 @@ def _without(parts: str) -> None:
         Serializer.dumps = dumps  # type: ignore[method-assign]
 
 
-def _run(command: list[str], parts: str = "") -> dict[str, Any]:
-    env = {**os.environ, "SAGAFLOW_ABLATE": parts}
-    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}")
-    result: dict[str, Any] = json.loads(lines[-1])
-    if not result.get("ok"):
-        raise SystemExit(f"{' '.join(command)} produced wrong commands:\n{done.stderr}")
-    return result
+def _run(command: list[str], parts: str = "") -> dict[str, object]:
+    return run(command, env={**os.environ, "SAGAFLOW_ABLATE": parts})
 
 
 def main() -> None:

@@ -59,8 +59,9 @@ def programs(args: argparse.Namespace) -> dict[str, list[str]]:
     return runs
 
 
-def run(command: list[str]) -> dict[str, object]:
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+def run(command: list[str], env: dict[str, str] | None = None) -> dict[str, object]:
+    """Run one program; its last JSON line, after checking that it succeeded and is ok."""
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}")

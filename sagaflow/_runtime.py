@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable, Callable, Sequence
+from collections.abc import AsyncIterable, Callable
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, cast
@@ -368,7 +368,6 @@ class Runtime:
         self._check_running()
         ack = Ack(1)  # held open until the source is exhausted
         count = 0
-        routes = self._registry.routes
         activity = self._activity
         mailboxes = [shard.mailbox for shard in self._shards]
         shards = len(mailboxes)
@@ -376,18 +375,7 @@ class Runtime:
             async for event in source:
                 count += 1
                 event_id = id(event) if id is not None else None
-                routed = routes(type(event))
-                targets: Sequence[tuple[SagaSpec, Any, str]]
-                if len(routed) == 1:  # the common case, without building a list
-                    spec, handler, correlate = routed[0]
-                    key = correlate(event)
-                    if key is None:
-                        continue
-                    if type(key) is not str:
-                        raise _bad_key(spec, key, event)
-                    targets = ((spec, handler, key),)
-                else:
-                    targets = self._targets(event)
+                targets = self._targets(event)
                 for spec, handler, key in targets:
                     ack.pending += 1
                     activity.begin()

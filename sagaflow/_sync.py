@@ -61,9 +61,6 @@ class Ack:
     error: BaseException | None = None
     _done: anyio.Event | None = None
 
-    def add(self, n: int) -> None:
-        self.pending += n
-
     def done(self, error: BaseException | None = None) -> None:
         if error is not None and self.error is None:
             self.error = error
