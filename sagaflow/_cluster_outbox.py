@@ -12,7 +12,6 @@ whoever dispatched their last command.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import math
 from collections import deque
@@ -25,7 +24,7 @@ import anyio.lowlevel
 import attrs
 
 from ._hooks import Hooks
-from ._outbox import Counters, error_text, note_failure
+from ._outbox import Counters, Dispatchers, error_text, note_failure
 from ._records import DispatchMeta
 from ._registry import Registry
 from ._retry import RetryPolicy
@@ -115,13 +114,7 @@ class ClusterOutbox:
     _busy: set[_Ref] = attrs.field(factory=set, init=False)
     _held: set[_Ref] = attrs.field(factory=set, init=False)
     _awaiting: set[_Ref] = attrs.field(factory=set, init=False)
-    _ready: deque[_Ref] = attrs.field(factory=deque, init=False)
-    _ready_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
-    _retries: list[tuple[float, int, _Ref]] = attrs.field(factory=list, init=False)
-    _retry_seq: int = attrs.field(default=0, init=False)
-    _retry_scope: anyio.CancelScope | None = attrs.field(default=None, init=False)
-    _retry_target: float = attrs.field(default=math.inf, init=False)
-    _retry_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+    _dispatchers: Dispatchers = attrs.field(init=False)
     _decoded: dict[str, Any] = attrs.field(factory=dict, init=False)
     _delivered: list[str] = attrs.field(factory=list, init=False)
     _retried: list[OutboxUpdate] = attrs.field(factory=list, init=False)
@@ -136,6 +129,7 @@ class ClusterOutbox:
 
     def __attrs_post_init__(self) -> None:
         self._claim = Wakeup(self.clock, self.store.poll_interval)
+        self._dispatchers = Dispatchers(self.activity, self.clock)
 
     @property
     def depth(self) -> int:
@@ -153,8 +147,9 @@ class ClusterOutbox:
     def next_wakeup(self) -> float | None:
         """When the earliest retry falls due, `-inf` if the store must be looked at."""
         wakeups = [self._claim.next_wakeup()]
-        if self._retries:
-            wakeups.append(self._retries[0][0])
+        retry = self._dispatchers.next_retry()
+        if retry is not None:
+            wakeups.append(retry)
         if self._flush_retry is not None:
             wakeups.append(self._flush_retry)
         return min(wakeups)
@@ -279,9 +274,7 @@ class ClusterOutbox:
 
     def _make_ready(self, ref: _Ref) -> None:
         self._busy.add(ref)
-        self.activity.begin()
-        self._ready.append(ref)
-        self._ready_event.set()
+        self._dispatchers.put([ref])
 
     def _mark_dirty(self) -> None:
         if not self._flush_event.is_set():
@@ -331,9 +324,7 @@ class ClusterOutbox:
     ) -> None:
         """Run the claimer, the workers, the retry timer and the flusher until cancelled."""
         async with anyio.create_task_group() as tg:
-            for _ in range(self.concurrency):
-                tg.start_soon(self._worker)
-            tg.start_soon(self._retry_loop)
+            tg.start_soon(self._dispatchers.run, self.concurrency, self._dispatch_head)
             tg.start_soon(self._flush_loop)
             tg.start_soon(self._claim_loop)
             task_status.started()
@@ -364,25 +355,6 @@ class ClusterOutbox:
                 self._claim.poke()  # there may be more
                 self.announce()  # and other processes may help
 
-    async def _worker(self) -> None:
-        while True:
-            while not self._ready:
-                if self._ready_event.is_set():
-                    self._ready_event = anyio.Event()
-                await self._ready_event.wait()
-            ref = self._ready.popleft()
-            try:
-                await self._dispatch_head(ref)
-            finally:
-                self.activity.end()
-
-    def _schedule_retry(self, ref: _Ref, due: float) -> None:
-        self._retry_seq += 1
-        heapq.heappush(self._retries, (due, self._retry_seq, ref))
-        if self._retry_scope is not None and due < self._retry_target:
-            self._retry_scope.cancel()
-        self._retry_event.set()
-
     async def _dispatch_head(self, ref: _Ref) -> None:
         queue = self._queues.get(ref)
         if ref in self._held:
@@ -396,7 +368,7 @@ class ClusterOutbox:
         entry = queue[0]
         row = entry.row
         if row.due > self.clock.now():
-            self._schedule_retry(ref, row.due)  # claimed behind a row that backs off
+            self._dispatchers.retry_at(ref, row.due)  # claimed behind a row that backs off
             return
         attempt = row.attempts + 1
         try:
@@ -449,7 +421,7 @@ class ClusterOutbox:
             entry.row = attrs.evolve(row, attempts=attempt, due=due, error=error)
             self._retried.append(OutboxUpdate(row.id, attempt, due, error))
             self._mark_dirty()
-            self._schedule_retry(ref, due)
+            self._dispatchers.retry_at(ref, due)
             return
         self._busy.discard(ref)
         self._awaiting.add(ref)
@@ -479,25 +451,6 @@ class ClusterOutbox:
                     ref[1],
                 )
                 self.lost([row_id])
-
-    async def _retry_loop(self) -> None:
-        while True:
-            if not self._retries:
-                self._retry_event = anyio.Event()
-                await self._retry_event.wait()
-                continue
-            self._retry_target = self._retries[0][0]
-            with anyio.CancelScope() as scope:
-                self._retry_scope = scope
-                await self.clock.sleep_until(self._retry_target)
-            self._retry_scope = None
-            self._retry_target = math.inf
-            now = self.clock.now()
-            while self._retries and self._retries[0][0] <= now:
-                _, _, ref = heapq.heappop(self._retries)
-                self._ready.append(ref)
-                self.activity.begin()
-            self._ready_event.set()
 
     async def _flush_loop(self) -> None:
         failures = 0

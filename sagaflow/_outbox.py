@@ -6,7 +6,7 @@ import heapq
 import logging
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -27,7 +27,7 @@ from .stores._protocol import (
     Store,
 )
 
-__all__ = ["Counters", "Outbox", "error_text", "note_failure"]
+__all__ = ["Counters", "Dispatchers", "Outbox", "error_text", "note_failure"]
 
 log = logging.getLogger("sagaflow.outbox")
 
@@ -117,6 +117,84 @@ def note_failure(
 
 
 @attrs.define(eq=False)
+class Dispatchers:
+    """The instances that have a command to dispatch, the workers that take them in turn,
+    and the timer that brings an instance back when its retry falls due.
+
+    Both outboxes (the in-process one and the cluster one) dispatch through one of these;
+    they differ in where commands come from and how delivery is recorded. An instance put
+    here counts as work in hand (`Activity`) until a worker is done with it; one waiting
+    for a retry does not, until its retry falls due.
+    """
+
+    activity: Activity
+    clock: Any
+    _ready: deque[_Ref] = attrs.field(factory=deque, init=False)
+    _ready_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+    _retries: list[tuple[float, int, _Ref]] = attrs.field(factory=list, init=False)
+    _retry_seq: int = attrs.field(default=0, init=False)
+    _retry_scope: anyio.CancelScope | None = attrs.field(default=None, init=False)
+    _retry_target: float = attrs.field(default=math.inf, init=False)
+    _retry_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+
+    def put(self, refs: list[_Ref]) -> None:
+        """Hand these instances to the workers."""
+        if refs:
+            self.activity.begin(len(refs))
+            self._ready.extend(refs)
+            self._ready_event.set()
+
+    def retry_at(self, ref: _Ref, due: float) -> None:
+        """Hand the instance to the workers again at `due`."""
+        self._retry_seq += 1
+        heapq.heappush(self._retries, (due, self._retry_seq, ref))
+        if self._retry_scope is not None and due < self._retry_target:
+            self._retry_scope.cancel()
+        self._retry_event.set()
+
+    def next_retry(self) -> float | None:
+        """When the earliest retry falls due, if one waits."""
+        return self._retries[0][0] if self._retries else None
+
+    async def run(self, concurrency: int, dispatch: Callable[[_Ref], Awaitable[None]]) -> None:
+        """Run `concurrency` workers calling `dispatch(ref)`, and the retry timer."""
+        async with anyio.create_task_group() as tg:
+            for _ in range(concurrency):
+                tg.start_soon(self._worker, dispatch)
+            tg.start_soon(self._retry_loop)
+
+    async def _worker(self, dispatch: Callable[[_Ref], Awaitable[None]]) -> None:
+        while True:
+            while not self._ready:
+                if self._ready_event.is_set():
+                    self._ready_event = anyio.Event()
+                await self._ready_event.wait()
+            ref = self._ready.popleft()
+            try:
+                await dispatch(ref)
+            finally:
+                self.activity.end()
+
+    async def _retry_loop(self) -> None:
+        while True:
+            if not self._retries:
+                self._retry_event = anyio.Event()
+                await self._retry_event.wait()
+                continue
+            self._retry_target = self._retries[0][0]
+            with anyio.CancelScope() as scope:
+                self._retry_scope = scope
+                await self.clock.sleep_until(self._retry_target)
+            self._retry_scope = None
+            self._retry_target = math.inf
+            now = self.clock.now()
+            due: list[_Ref] = []
+            while self._retries and self._retries[0][0] <= now:
+                due.append(heapq.heappop(self._retries)[2])
+            self.put(due)
+
+
+@attrs.define(eq=False)
 class Outbox:
     """Dispatches committed commands, one at a time per instance, in their order.
 
@@ -149,13 +227,7 @@ class Outbox:
     _generation: int = attrs.field(default=0, init=False)
     _flush_retry: float | None = attrs.field(default=None, init=False)
     _completing: set[_Ref] = attrs.field(factory=set, init=False)
-    _ready: deque[_Ref] = attrs.field(factory=deque, init=False)
-    _ready_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
-    _retries: list[tuple[float, int, _Ref]] = attrs.field(factory=list, init=False)
-    _retry_seq: int = attrs.field(default=0, init=False)
-    _retry_scope: anyio.CancelScope | None = attrs.field(default=None, init=False)
-    _retry_target: float = attrs.field(default=math.inf, init=False)
-    _retry_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+    _dispatchers: Dispatchers = attrs.field(init=False)
     _deletes: list[str] = attrs.field(factory=list, init=False)
     _updates: list[OutboxUpdate] = attrs.field(factory=list, init=False)
     _flush_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
@@ -165,6 +237,10 @@ class Outbox:
     _depth: int = attrs.field(default=0, init=False)
     _closing: bool = attrs.field(default=False, init=False)
 
+    @_dispatchers.default
+    def _make_dispatchers(self) -> Dispatchers:
+        return Dispatchers(self.activity, self.clock)
+
     @property
     def depth(self) -> int:
         """Commands waiting or in flight."""
@@ -172,7 +248,7 @@ class Outbox:
 
     def next_wakeup(self) -> float | None:
         """When the earliest retry (of a command or of a failed flush) falls due."""
-        retry = self._retries[0][0] if self._retries else None
+        retry = self._dispatchers.next_retry()
         if self._flush_retry is None:
             return retry
         return self._flush_retry if retry is None else min(retry, self._flush_retry)
@@ -187,7 +263,7 @@ class Outbox:
         held, awaiting, busy = self._held, self._awaiting, self._busy
         self._generation += 1
         generation = self._generation
-        ready = 0
+        ready: list[_Ref] = []
         for i, row in enumerate(rows):
             if row.id in known:
                 continue
@@ -202,8 +278,7 @@ class Outbox:
                 queues[ref] = deque((entry,))
                 if ref not in held and ref not in awaiting and ref not in busy:
                     busy.add(ref)
-                    self._ready.append(ref)
-                    ready += 1
+                    ready.append(ref)
             elif queue[-1].row.seq < row.seq:
                 queue.append(entry)
             else:
@@ -211,9 +286,7 @@ class Outbox:
                 at = next(i for i, e in enumerate(queue) if e.row.seq > row.seq)
                 queue.insert(at, entry)
             self._depth += 1
-        if ready:
-            self.activity.begin(ready)
-            self._ready_event.set()
+        self._dispatchers.put(ready)
 
     def completing(self, ref: _Ref) -> None:
         """The instance completed: call `on_empty` once its queue has drained."""
@@ -269,33 +342,17 @@ class Outbox:
 
     def _make_ready(self, ref: _Ref) -> None:
         self._busy.add(ref)
-        self.activity.begin()
-        self._ready.append(ref)
-        self._ready_event.set()
+        self._dispatchers.put([ref])
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run the workers, the retry timer and the flusher until cancelled."""
         async with anyio.create_task_group() as tg:
-            for _ in range(self.concurrency):
-                tg.start_soon(self._worker)
-            tg.start_soon(self._retry_loop)
+            tg.start_soon(self._dispatchers.run, self.concurrency, self._dispatch_head)
             tg.start_soon(self._flush_loop)
             tg.start_soon(self._sweep_loop)
             task_status.started()
-
-    async def _worker(self) -> None:
-        while True:
-            while not self._ready:
-                if self._ready_event.is_set():
-                    self._ready_event = anyio.Event()
-                await self._ready_event.wait()
-            ref = self._ready.popleft()
-            try:
-                await self._dispatch_head(ref)
-            finally:
-                self.activity.end()
 
     async def _dispatch_head(self, ref: _Ref) -> None:
         """Dispatch the instance's commands in order until its queue is empty or waits."""
@@ -327,8 +384,7 @@ class Outbox:
             queue.popleft()
             self._depth -= 1
             self._deletes.append(row.id)  # not cached: a commit may take the list meanwhile
-            if not self._flush_event.is_set():
-                self._mark_dirty()
+            self._mark_dirty()
         self._busy.discard(ref)
         if queue is None or queue:
             return
@@ -353,11 +409,7 @@ class Outbox:
             entry.row = attrs.evolve(row, attempts=attempt, due=due, error=error)
             self._updates.append(OutboxUpdate(row.id, attempt, due, error))
             self._mark_dirty()
-            self._retry_seq += 1
-            heapq.heappush(self._retries, (due, self._retry_seq, ref))
-            if self._retry_scope is not None and due < self._retry_target:
-                self._retry_scope.cancel()
-            self._retry_event.set()
+            self._dispatchers.retry_at(ref, due)
             return
         self._busy.discard(ref)
         self._awaiting.add(ref)
@@ -365,25 +417,6 @@ class Outbox:
             attrs.evolve(row, attempts=attempt, error=error),
             entry.command if entry.decoded else None,
         )
-
-    async def _retry_loop(self) -> None:
-        while True:
-            if not self._retries:
-                self._retry_event = anyio.Event()
-                await self._retry_event.wait()
-                continue
-            self._retry_target = self._retries[0][0]
-            with anyio.CancelScope() as scope:
-                self._retry_scope = scope
-                await self.clock.sleep_until(self._retry_target)
-            self._retry_scope = None
-            self._retry_target = math.inf
-            now = self.clock.now()
-            while self._retries and self._retries[0][0] <= now:
-                _, _, ref = heapq.heappop(self._retries)
-                self._ready.append(ref)
-                self.activity.begin()
-            self._ready_event.set()
 
     def _mark_dirty(self) -> None:
         if not self._flush_event.is_set():
