@@ -321,6 +321,32 @@ def test_corrupt_json_is_a_decode_error() -> None:
     assert (info.value.type_name, info.value.field) == ("sagas_for_tests.Cmd", None)
 
 
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{"key": "k", "label": "x"} trailing', "Extra data"),
+        ("", "Expecting value"),
+        ('{"key": "k", "label": }', "Expecting value"),
+    ],
+)
+def test_json_with_trailing_text_or_none_at_all_is_a_decode_error(text: str, reason: str) -> None:
+    """The fast decoding path hands anything unusual to `json.loads`, errors included."""
+    serializer = scripted_registry().serializer
+
+    with pytest.raises(DecodeError, match=f"corrupt JSON \\({reason}") as info:
+        serializer.decode("sagas_for_tests.Cmd", text)
+
+    assert (info.value.type_name, info.value.field) == ("sagas_for_tests.Cmd", None)
+
+
+def test_json_surrounded_by_whitespace_still_decodes() -> None:
+    serializer = scripted_registry().serializer
+
+    assert serializer.decode("sagas_for_tests.Cmd", ' {"key": "k", "label": "x"}\n') == Cmd(
+        "k", "x"
+    )
+
+
 def test_state_decode_error_names_saga_key_and_field() -> None:
     serializer = scripted_registry().serializer
 
