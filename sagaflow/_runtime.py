@@ -300,7 +300,6 @@ class Runtime:
             )
 
     def _shard(self, saga: str, key: str) -> Shard:
-        # `run` inlines this: keep the two in step.
         return self._shards[hash((saga, key)) % len(self._shards)]
 
     def _targets(self, event: object) -> list[tuple[SagaSpec, Any, str]]:
@@ -369,8 +368,6 @@ class Runtime:
         ack = Ack(1)  # held open until the source is exhausted
         count = 0
         activity = self._activity
-        mailboxes = [shard.mailbox for shard in self._shards]
-        shards = len(mailboxes)
         try:
             async for event in source:
                 count += 1
@@ -380,7 +377,7 @@ class Runtime:
                     ack.pending += 1
                     activity.begin()
                     item = Item(EVENT, spec, key, event, handler, event_id, ack)
-                    mailbox = mailboxes[hash((spec.name, key)) % shards]
+                    mailbox = self._shard(spec.name, key).mailbox
                     if len(mailbox) < mailbox.limit:
                         mailbox.put_unbounded(item)  # room: no need to suspend
                     else:
