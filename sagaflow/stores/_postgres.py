@@ -127,7 +127,7 @@ def redact_dsn(dsn: str) -> str:
 
 # -- schema
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The newest schema version this sagaflow writes; stored in the `meta` table."""
 
 # Each step migrates from the version equal to its index to the next one. `{s}` is the
@@ -225,17 +225,24 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX inbox_instance ON {s}.inbox (saga, key, pos)",
     ),
+    # 2 -> 3: every state row records the saga state version it was written at, and the
+    # dead letter of an undeliverable timer its schedule's name (to schedule it again).
+    (
+        "ALTER TABLE {s}.instances ADD COLUMN state_version integer NOT NULL DEFAULT 1",
+        "ALTER TABLE {s}.dead_letters ADD COLUMN name text",
+    ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 _INSTANCE = (
-    "saga, key, version, status, state, instance_id, created_at, updated_at, last_event, completed"
+    "saga, key, version, status, state, instance_id, created_at, updated_at, last_event, "
+    "completed, state_version"
 )
 _OUTBOX = "id, saga, key, seq, kind, type_name, payload, attempts, due, error"
 _SCHEDULE = "id, saga, key, name, due, to_self, type_name, payload, seq, attempts"
-_DEAD = "id, saga, key, kind, type_name, payload, error, attempts, failed_at, seq"
+_DEAD = "id, saga, key, kind, type_name, payload, error, attempts, failed_at, seq, name"
 _TEXTS2 = "unnest(%b::text[], %b::text[])"
 
 # `{s}` is the quoted schema name; column lists are spliced in now.
@@ -273,18 +280,18 @@ _SQL = {
     "update_instances": (
         "UPDATE {s}.instances i SET version = w.version, status = w.status, state = w.state, "
         "instance_id = w.instance_id, created_at = w.created_at, updated_at = w.updated_at, "
-        "last_event = w.last_event, completed = w.completed "
+        "last_event = w.last_event, completed = w.completed, state_version = w.state_version "
         "FROM unnest(%b::text[], %b::text[], %b::int8[], %b::int8[], %b::text[], %b::text[], "
-        "%b::text[], %b::float8[], %b::float8[], %b::text[], %b::bool[]) "
+        "%b::text[], %b::float8[], %b::float8[], %b::text[], %b::bool[], %b::int4[]) "
         "AS w(saga, key, expected, version, status, state, instance_id, created_at, "
-        "updated_at, last_event, completed) "
+        "updated_at, last_event, completed, state_version) "
         "WHERE i.saga = w.saga AND i.key = w.key AND i.version = w.expected "
         "RETURNING i.saga, i.key"
     ),
     "insert_instances": (
         f"INSERT INTO {{s}}.instances ({_INSTANCE}) "
         "SELECT * FROM unnest(%b::text[], %b::text[], %b::int8[], %b::text[], %b::text[], "
-        "%b::text[], %b::float8[], %b::float8[], %b::text[], %b::bool[]) "
+        "%b::text[], %b::float8[], %b::float8[], %b::text[], %b::bool[], %b::int4[]) "
         "ON CONFLICT (saga, key) DO NOTHING RETURNING saga, key"
     ),
     # -- commit: schedules
@@ -332,11 +339,11 @@ _SQL = {
     "add_dead_letters": (
         f"INSERT INTO {{s}}.dead_letters ({_DEAD}) "
         "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], "
-        "%b::text[], %b::text[], %b::int4[], %b::float8[], %b::int8[]) "
+        "%b::text[], %b::text[], %b::int4[], %b::float8[], %b::int8[], %b::text[]) "
         "ON CONFLICT (id) DO UPDATE SET saga = excluded.saga, key = excluded.key, "
         "kind = excluded.kind, type_name = excluded.type_name, payload = excluded.payload, "
         "error = excluded.error, attempts = excluded.attempts, "
-        "failed_at = excluded.failed_at, seq = excluded.seq"
+        "failed_at = excluded.failed_at, seq = excluded.seq, name = excluded.name"
     ),
     "put_marks": (
         "INSERT INTO {s}.dedup_marks (saga, key, event_id, expires_at) "
@@ -422,6 +429,7 @@ def _instance_row(r: InstanceRecord) -> tuple[Any, ...]:
         float(r.updated_at),
         r.last_event,
         r.completed,
+        r.state_version,
     )
 
 
@@ -871,6 +879,7 @@ class PostgresStore(ClusterMethods):
                     d.attempts,
                     float(d.failed_at),
                     d.seq,
+                    d.name,
                 )
                 for d in dead
             ]

@@ -57,6 +57,8 @@ class InstanceRecord:
         last_event: The type name of the last event handled.
         completed: `Complete()` was returned; the instance ends once its outbox is
             empty (this survives a "compensation failed" status and an operator's retry).
+        state_version: The saga's state version `state` was written at (rows written
+            before versions existed are version 1).
     """
 
     saga: str
@@ -69,6 +71,7 @@ class InstanceRecord:
     updated_at: float
     last_event: str | None = None
     completed: bool = False
+    state_version: int = 1
 
 
 @attrs.frozen
@@ -152,6 +155,8 @@ class DeadLetter:
         seq: For commands, the outbox position to resume from on retry.
         attempts: How many times it was tried.
         failed_at: Wall-clock seconds of the last failure.
+        name: For a scheduled message that could not be delivered to its instance
+            (`to_self`), the schedule's name: retrying it schedules it again, due now.
     """
 
     id: str
@@ -164,6 +169,7 @@ class DeadLetter:
     attempts: int
     failed_at: float
     seq: int = 0
+    name: str | None = None
 
 
 @attrs.frozen

@@ -85,8 +85,15 @@ def _index_unusual_statuses(conn: sqlite3.Connection) -> None:
     )
 
 
+def _record_versions(conn: sqlite3.Connection) -> None:
+    """Version 3: every state row records the saga state version it was written at, and
+    a dead letter of an undeliverable timer its schedule's name (to schedule it again)."""
+    conn.execute("ALTER TABLE instances ADD COLUMN state_version INTEGER NOT NULL DEFAULT 1")
+    conn.execute("ALTER TABLE dead_letters ADD COLUMN name TEXT")
+
+
 # `_MIGRATIONS[n - 1]` turns schema version n into n + 1, inside the opening transaction.
-_MIGRATIONS: tuple[_Migration, ...] = (_index_unusual_statuses,)
+_MIGRATIONS: tuple[_Migration, ...] = (_index_unusual_statuses, _record_versions)
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
 """The schema version this sagaflow writes."""
 
@@ -450,9 +457,9 @@ def _where(**filters: str | None) -> tuple[str, tuple[str, ...]]:
 
 def _instance(row: Sequence[Any]) -> InstanceRecord:
     # Columns in the order of the record's attributes; SQLite has no booleans.
-    saga, key, version, status, state, instance_id, created, updated, last, completed = row
+    saga, key, version, status, state, instance_id, created, updated, last, completed, sv = row
     return InstanceRecord(
-        saga, key, version, status, state, instance_id, created, updated, last, bool(completed)
+        saga, key, version, status, state, instance_id, created, updated, last, bool(completed), sv
     )
 
 
