@@ -17,7 +17,7 @@ import hashlib
 import logging
 import re
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -351,9 +351,41 @@ _SQL = {
         "ON CONFLICT (saga, key, event_id) DO UPDATE SET expires_at = excluded.expires_at"
     ),
     # -- reads
-    "next_due": "SELECT min(due) FROM {s}.schedules",
+    "next_due": (
+        "SELECT min(due) FROM {s}.schedules WHERE %s::text[] IS NULL OR saga = ANY(%s::text[])"
+    ),
     "due_schedules": (
-        f"SELECT {_SCHEDULE} FROM {{s}}.schedules WHERE due <= %s ORDER BY due, seq, id LIMIT %s"
+        f"SELECT {_SCHEDULE} FROM {{s}}.schedules WHERE due <= %s "
+        "AND (%s::text[] IS NULL OR saga = ANY(%s::text[])) ORDER BY due, seq, id LIMIT %s"
+    ),
+    # A loose index scan: one index seek per saga name, not a read of every row.
+    "saga_names": " UNION ".join(
+        f"(WITH RECURSIVE n(saga) AS (SELECT min(saga) FROM {{s}}.{table} UNION ALL "
+        f"SELECT (SELECT min(saga) FROM {{s}}.{table} WHERE saga > n.saga) FROM n "
+        "WHERE n.saga IS NOT NULL) SELECT saga FROM n WHERE saga IS NOT NULL)"
+        for table in ("instances", "schedules", "outbox")
+    ),
+    # Moves the rows of saga old to new except the keys new has an instance of (and rows
+    # whose primary key new already holds); instances go last, so the test sees them unmoved.
+    "rename_saga": ";".join(
+        f"UPDATE {{s}}.{table} t SET saga = %(new)s WHERE t.saga = %(old)s AND NOT EXISTS "
+        f"(SELECT FROM {{s}}.instances i WHERE i.saga = %(new)s AND i.key = t.key){extra}"
+        for table, extra in (
+            (
+                "schedules",
+                " AND NOT EXISTS (SELECT FROM {s}.schedules x WHERE x.saga = %(new)s "
+                "AND x.key = t.key AND x.name = t.name)",
+            ),
+            ("outbox", ""),
+            ("inbox", ""),
+            ("dead_letters", ""),
+            (
+                "dedup_marks",
+                " AND NOT EXISTS (SELECT FROM {s}.dedup_marks x WHERE x.saga = %(new)s "
+                "AND x.key = t.key AND x.event_id = t.event_id)",
+            ),
+            ("instances", ""),
+        )
     ),
     "list_instances": f"SELECT {_INSTANCE} FROM {{s}}.instances",
     "list_outbox": f"SELECT {_OUTBOX} FROM {{s}}.outbox",
@@ -889,27 +921,61 @@ class PostgresStore(ClusterMethods):
             rows = [(m.saga, m.key, m.event_id, float(m.expires_at)) for m in marks]
             cur.execute(sql["put_marks"], _columns(rows))
 
-    async def next_due(self) -> float | None:
-        """The earliest due time of any pending schedule, or `None`."""
+    async def next_due(self, *, sagas: Collection[str] | None = None) -> float | None:
+        """The earliest due time of any pending schedule (of `sagas`, if given), or `None`."""
+        among = None if sagas is None else list(sagas)
 
         def query(pool: _Pool) -> float | None:
             with self._translate("read the next due time"), pool.connection() as conn:
-                row = conn.execute(self._sql["next_due"]).fetchone()
+                row = conn.execute(self._sql["next_due"], (among, among)).fetchone()
             return None if row is None or row[0] is None else float(row[0])
 
         return await self._run(query)
 
-    async def due_schedules(self, now: float, limit: int) -> list[ScheduleRecord]:
-        """Up to `limit` schedules due at or before `now`, earliest first.
+    async def due_schedules(
+        self, now: float, limit: int, *, sagas: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
+        """Up to `limit` schedules (of `sagas`, if given) due at or before `now`,
+        earliest first.
 
         Leases taken with `claim_due_schedules` are not looked at: this is the
         single-process read.
         """
+        among = None if sagas is None else list(sagas)
         return await self._run(
             lambda pool: self._select(
-                pool, ScheduleRecord, "read due schedules", "due_schedules", (now, limit)
+                pool,
+                ScheduleRecord,
+                "read due schedules",
+                "due_schedules",
+                (now, among, among, limit),
             )
         )
+
+    async def saga_names(self) -> set[str]:
+        """The names of the sagas that have instances, schedules or outbox rows."""
+
+        def query(pool: _Pool) -> set[str]:
+            with self._translate("read saga names"), pool.connection() as conn:
+                return {name for (name,) in conn.execute(self._sql["saga_names"]).fetchall()}
+
+        return await self._run(query)
+
+    async def rename_saga(self, old: str, new: str) -> int:
+        """Move the rows of saga `old` to `new`, except keys `new` already has."""
+
+        def rename(pool: _Pool) -> int:
+            moved = 0
+            with (
+                self._translate("rename a saga"),
+                pool.connection() as conn,
+                conn.transaction(),
+            ):
+                for statement in self._sql["rename_saga"].split(";"):
+                    moved = conn.execute(statement, {"old": old, "new": new}).rowcount
+            return moved
+
+        return await self._run(rename)
 
     def _select(
         self,
