@@ -240,7 +240,8 @@ class Admin:
         timer, for example of an instance whose state could not be decoded) is
         scheduled again, due now, under its old name (or under its id if that name is
         pending again); no runtime is needed: a running one fires it once its timer
-        looks at the store again (`runtime=` makes it look at once).
+        looks at the store again. With `runtime=`, it looks at once, and `retry`
+        returns once the runtime has delivered it (`drain`).
 
         Any other event is published again through `runtime` (which must be running),
         with its original event id if it had one, and its dead letter is removed once
@@ -339,7 +340,8 @@ class Admin:
 
     async def _reschedule(self, letter: DeadLetter, runtime: Runtime | None) -> None:
         assert letter.name is not None
-        now = self._clock.now()
+        # Due now for the runtime that fires it (its clock may be a virtual one).
+        now = self._clock.now() if runtime is None else runtime._clock.now()
         pending = {
             s.name for s in await self._store.list_schedules(saga=letter.saga, key=letter.key)
         }
@@ -358,6 +360,8 @@ class Admin:
         await self._store.commit(Changes(schedule_puts=[schedule], dead_letter_deletes=[letter.id]))
         if runtime is not None:
             runtime._schedule_added(now)
+            # Delivered before whatever is retried next: the instance sees them in order.
+            await runtime.drain()
         log.info(
             "retried dead letter %s (scheduled %s of %s/%s): scheduled again as %r, due now",
             letter.id,
