@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import settings
 
 # The suite lives outside test modules: let pytest explain its failed asserts too.
 pytest.register_assert_rewrite("store_conformance")
@@ -12,3 +13,9 @@ pytest.register_assert_rewrite("store_conformance")
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Run each `@pytest.mark.anyio` test once per event loop."""
     return str(request.param)
+
+
+# The machine running the suite may be slow and shared: no test depends on how fast an
+# example runs, so Hypothesis' per-example deadline is off everywhere.
+settings.register_profile("sagaflow", deadline=None)
+settings.load_profile("sagaflow")

@@ -46,7 +46,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -305,13 +305,21 @@ class CrashingStore:
             self.trigger.hit("after-commit")
             self.trigger.hit("timer-fired", fires)
 
-    async def next_due(self) -> float | None:
-        return await self.inner.next_due()
+    async def next_due(self, *, sagas: Collection[str] | None = None) -> float | None:
+        return await self.inner.next_due(sagas=sagas)
 
-    async def due_schedules(self, now: float, limit: int) -> list[ScheduleRecord]:
-        rows = await self.inner.due_schedules(now, limit)
+    async def due_schedules(
+        self, now: float, limit: int, *, sagas: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
+        rows = await self.inner.due_schedules(now, limit, sagas=sagas)
         self._due.update((r.saga, r.key, r.name) for r in rows)
         return rows
+
+    async def saga_names(self) -> set[str]:
+        return await self.inner.saga_names()
+
+    async def rename_saga(self, old: str, new: str) -> int:
+        return await self.inner.rename_saga(old, new)
 
     async def list_instances(
         self, *, saga: str | None = None, status: str | None = None, limit: int | None = None
