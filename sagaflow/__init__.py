@@ -8,6 +8,7 @@ from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unsch
 from ._admin import Admin, InstanceInfo
 from ._clock import SystemClock
 from ._decorators import correlate, on
+from ._evolution import upcast
 from ._hooks import Hooks
 from ._records import DispatchMeta, Unmatched
 from ._registry import Registry
@@ -33,4 +34,5 @@ __all__ = [
     "Unschedule",
     "correlate",
     "on",
+    "upcast",
 ]

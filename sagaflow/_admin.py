@@ -236,8 +236,14 @@ class Admin:
         ended is dispatched on its own. The command is dispatched by the next runtime that
         starts on the store, or by a running one once it reads the store's outbox again.
 
-        An event is published again through `runtime` (which must be running), with its
-        original event id if it had one, and its dead letter is removed once
+        A scheduled message that could not be delivered to its instance (a `to_self`
+        timer, for example of an instance whose state could not be decoded) is
+        scheduled again, due now, under its old name (or under its id if that name is
+        pending again); no runtime is needed: a running one fires it once its timer
+        looks at the store again (`runtime=` makes it look at once).
+
+        Any other event is published again through `runtime` (which must be running),
+        with its original event id if it had one, and its dead letter is removed once
         `runtime.publish` returns (if it fails again, a new dead letter replaces it). The
         event must still reach the dead letter's saga and key; without an event id it
         must reach no other saga, which would handle it a second time.
@@ -258,6 +264,9 @@ class Admin:
         """
         for attempt in range(1, _RACES + 1):
             letter = await self.get_dead_letter(id)
+            if letter.kind == EVENT and letter.name is not None:
+                await self._reschedule(letter, runtime)
+                return letter
             if letter.kind == EVENT:
                 await self._republish(letter, runtime)
                 return letter
@@ -307,6 +316,57 @@ class Admin:
             )
             return letter
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def retry_instance(
+        self, saga: str, key: str, *, runtime: Runtime | None = None
+    ) -> list[DeadLetter]:
+        """Retry every dead letter of one instance, oldest first (see `retry`).
+
+        This is how an instance that was held (its state could not be decoded, say)
+        resumes once the code can read it again: its events and timers are delivered
+        again in the order they failed.
+
+        Returns:
+            The dead letters retried, oldest first.
+
+        Raises:
+            DeadLetterError: As `retry`; the letters before it were retried.
+        """
+        letters = await self.list_dead_letters(saga=saga, key=key)
+        for letter in letters:
+            await self.retry(letter.id, runtime=runtime)
+        return letters
+
+    async def _reschedule(self, letter: DeadLetter, runtime: Runtime | None) -> None:
+        assert letter.name is not None
+        now = self._clock.now()
+        pending = {
+            s.name for s in await self._store.list_schedules(saga=letter.saga, key=letter.key)
+        }
+        name = letter.id if letter.name in pending else letter.name
+        schedule = ScheduleRecord(
+            letter.id,
+            letter.saga,
+            letter.key,
+            name,
+            now,
+            True,
+            letter.type_name,
+            letter.payload,
+            letter.seq,
+        )
+        await self._store.commit(Changes(schedule_puts=[schedule], dead_letter_deletes=[letter.id]))
+        if runtime is not None:
+            runtime._schedule_added(now)
+        log.info(
+            "retried dead letter %s (scheduled %s of %s/%s): scheduled again as %r, due now",
+            letter.id,
+            letter.type_name,
+            letter.saga,
+            letter.key,
+            name,
+            extra={"saga": letter.saga, "key": letter.key, "dead_letter_id": letter.id},
+        )
 
     async def _republish(self, letter: DeadLetter, runtime: Runtime | None) -> None:
         where = f"{letter.saga}/{letter.key}"

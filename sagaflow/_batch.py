@@ -206,8 +206,8 @@ class Batch:
                 w = self.work[ref]
                 w.record, w.start_version = record, record.version
                 try:
-                    w.state = shard.serializer.loads(
-                        record.state, w.spec.state_type, w.spec.name, saga=ref[0], key=ref[1]
+                    w.state = w.spec.load_state(
+                        shard.serializer, ref[1], record.state, record.state_version
                     )
                 except DecodeError as exc:
                     w.broken = exc
@@ -272,15 +272,22 @@ class Batch:
         if s.id not in self.loaded.schedule_ids or skey in self.schedule_ops:
             self.done.append(item)  # replaced, cancelled or already fired
             return
-        if w.record is None or w.record.status != ACTIVE or w.broken is not None:
+        if w.record is None or w.record.status != ACTIVE:
             # Schedules go with Complete; one left over cannot be delivered any more.
             state = "gone" if w.record is None else w.record.status
             self._dead_schedule(
                 w, item, f"schedule {s.name!r} fell due but the instance is {state}"
             )
             return
+        if w.broken is not None and s.to_self:
+            # Held: the instance's state cannot be decoded by this code. The timer waits
+            # as a dead letter with the true reason; retrying it schedules it again.
+            self._dead_schedule(
+                w, item, f"schedule {s.name!r} fell due but the instance is held: {w.broken}"
+            )
+            return
         try:
-            message = self.shard.serializer.decode(s.type_name, s.payload)
+            message = self.shard.serializer.decode(s.type_name, s.payload, saga=s.saga, key=s.key)
         except SerializationError as exc:
             self._dead_schedule(w, item, str(exc))
             return
@@ -318,7 +325,8 @@ class Batch:
         assert s is not None
         self.schedule_ops[(s.saga, s.key, s.name)] = None
         kind = "event" if s.to_self else "send"
-        self._dead(w, item, s.type_name, s.payload, kind, error, s.attempts + 1)
+        seq = s.seq if s.to_self else 0
+        self._dead(w, item, s.type_name, s.payload, kind, error, s.attempts + 1, seq, s.name)
         self.done.append(item)
 
     async def _failed(self, w: _Work, item: Item) -> None:
@@ -469,8 +477,8 @@ class Batch:
     def _restore(self, w: _Work) -> None:
         """Undo a failed handler's changes to the state object."""
         if w.record is not None:
-            w.state = self.shard.serializer.loads(
-                w.record.state, w.spec.state_type, w.spec.name, saga=w.spec.name, key=w.key
+            w.state = w.spec.load_state(
+                self.shard.serializer, w.key, w.record.state, w.record.state_version
             )
 
     def _give_up(
@@ -630,6 +638,7 @@ class Batch:
             self.now,
             None if event_type is CommandFailed else ser.name_of(event_type),
             record.completed or complete,
+            spec.version,
         )
 
     @staticmethod
@@ -677,6 +686,7 @@ class Batch:
         error: str,
         attempts: int,
         seq: int = 0,
+        name: str | None = None,
     ) -> None:
         if item.row is not None:
             did = item.row.id
@@ -688,7 +698,17 @@ class Batch:
             did = uuid.uuid4().hex
         self.dead.append(
             DeadLetter(
-                did, w.spec.name, w.key, kind, type_name, payload, error, attempts, self.now, seq
+                did,
+                w.spec.name,
+                w.key,
+                kind,
+                type_name,
+                payload,
+                error,
+                attempts,
+                self.now,
+                seq,
+                name if kind == "event" else None,
             )
         )
         self.shard.counters.events_dead_lettered += kind == "event"

@@ -438,6 +438,13 @@ async def _retry(admin: Admin, args: argparse.Namespace, out: TextIO) -> int:
         _dump({"retried": _row_json(letter, full=True), "instance_status": status}, out)
         return OK
     where = f"{letter.saga} {letter.key}"
+    if letter.name is not None:
+        print(
+            f"retried {letter.id}: scheduled {_short(letter.type_name)} of {where} is "
+            "scheduled again, due now; a runtime delivers it to the instance",
+            file=out,
+        )
+        return OK
     print(
         f"retried {letter.id}: {letter.kind} {_short(letter.type_name)} of {where} is back "
         "in the outbox, with its attempts reset",
@@ -701,7 +708,8 @@ def parser() -> argparse.ArgumentParser:
         "retry",
         "put a dead command back in the outbox",
         "Put a command dead letter back into its instance's outbox with its attempts reset. "
-        "A failed compensation resumes its chain. Event dead letters are retried from code, "
+        "A failed compensation resumes its chain. A timer that could not be delivered is "
+        "scheduled again, due now. Other event dead letters are retried from code, "
         "with Admin.retry(id, runtime=runtime).",
         _retry,
     )

@@ -6,7 +6,7 @@ import heapq
 import logging
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import anyio
@@ -48,6 +48,7 @@ class Counters:
     commands_failed: int = 0
     batches_committed: int = 0
     conflicts: int = 0
+    orphan_sagas: int = 0
 
 
 @attrs.define(eq=False)
@@ -216,6 +217,8 @@ class Outbox:
     concurrency: int = 16
     sweep_interval: float = 5.0
     hooks: Hooks | None = None
+    sagas: Collection[str] | None = None
+    """The registered sagas: rows of others are kept in the store, not dispatched."""
 
     _queues: dict[_Ref, deque[_Entry]] = attrs.field(factory=dict, init=False)
     _busy: set[_Ref] = attrs.field(factory=set, init=False)
@@ -519,7 +522,12 @@ class Outbox:
                 rows = await self.store.list_outbox()
             finally:
                 self._swept_away = None
-            rows = [row for row in rows if row.id not in swept_away]
+            sagas = self.sagas
+            rows = [
+                row
+                for row in rows
+                if row.id not in swept_away and (sagas is None or row.saga in sagas)
+            ]
             # What the shards changed while we read is theirs: only act on what we saw.
             for ref in held_before - failed:
                 if ref in self._held:  # resumed (or aborted) by an operator

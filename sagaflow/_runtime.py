@@ -69,6 +69,8 @@ class Statistics:
         commands_failed: Commands that failed for good.
         batches_committed: Store commits of handled batches.
         conflicts: Batches handled again after losing a concurrency race.
+        orphan_sagas: Saga names with rows in the store that no registered saga
+            answers to, found when the runtime started (each logged at WARNING).
     """
 
     queued_events: int
@@ -86,6 +88,7 @@ class Statistics:
     commands_failed: int
     batches_committed: int
     conflicts: int
+    orphan_sagas: int
 
 
 class Runtime:
@@ -177,8 +180,11 @@ class Runtime:
             concurrency=dispatch_concurrency,
             hooks=hooks,
             sweep_interval=sweep_interval,
+            sagas=frozenset(registry.sagas),
         )
-        self._timer = Timer(store, self._clock, self._activity, self._fire)
+        self._timer = Timer(
+            store, self._clock, self._activity, self._fire, sagas=sorted(registry.sagas)
+        )
         self._cluster: Cluster | None = None
         if cluster:
             self._cluster = Cluster(
@@ -285,6 +291,7 @@ class Runtime:
 
     async def _recover(self) -> None:
         """Pick up what a previous run left: held instances, commands, finished ones."""
+        await self._adopt()
         for record in await self._store.list_instances(status=COMPENSATION_FAILED):
             self._outbox.hold((record.saga, record.key))
         await self._outbox.recover()
@@ -292,6 +299,31 @@ class Runtime:
             ref = (record.saga, record.key)
             if record.saga in self._registry.sagas:
                 self._outbox.completing(ref)
+
+    async def _adopt(self) -> None:
+        """Take over the rows of renamed sagas; report the rows no saga is registered for."""
+        sagas = self._registry.sagas
+        for spec in sagas.values():
+            for alias in spec.aliases:
+                moved = await self._store.rename_saga(alias, spec.name)
+                if moved:
+                    log.info(
+                        "saga %r took over %d instance(s) stored under its old name %r",
+                        spec.name,
+                        moved,
+                        alias,
+                        extra={"saga": spec.name},
+                    )
+        for name in sorted(await self._store.saga_names() - sagas.keys()):
+            self._counters.orphan_sagas += 1
+            log.warning(
+                "the store holds instances, schedules or commands of saga %r, which is not "
+                "registered: they are kept, and skipped until a saga of that name (or with "
+                "aliases=(%r,)) is registered; `sagaflow check` lists them",
+                name,
+                name,
+                extra={"saga": name},
+            )
 
     def _check_running(self) -> None:
         if not self._running:
@@ -437,6 +469,7 @@ class Runtime:
             commands_failed=c.commands_failed,
             batches_committed=c.batches_committed,
             conflicts=c.conflicts,
+            orphan_sagas=c.orphan_sagas,
         )
 
     # -- callbacks from the outbox and the timer -----------------------------------
@@ -453,6 +486,10 @@ class Runtime:
         self._shard(row.saga, row.key).mailbox.put_unbounded(
             Item(FAILED, spec, row.key, command, row=row)
         )
+
+    def _schedule_added(self, due: float) -> None:
+        """A schedule was put in the store behind the timer's back (`Admin.retry`)."""
+        self._timer.notify(due)
 
     def _outbox_empty(self, ref: tuple[str, str]) -> None:
         spec = self._spec(ref[0])

@@ -105,6 +105,7 @@ class DecodeError(SerializationError):
         field: The dotted path of the first field that failed, if known.
         saga: The saga whose row it is, if known.
         key: The instance key, if known.
+        version: The version the row was written at.
     """
 
     def __init__(
@@ -115,12 +116,14 @@ class DecodeError(SerializationError):
         field: str | None = None,
         saga: str | None = None,
         key: str | None = None,
+        version: int = 1,
     ) -> None:
         super().__init__(message)
         self.type_name = type_name
         self.field = field
         self.saga = saga
         self.key = key
+        self.version = version
 
 
 class ConflictError(SagaflowError):

@@ -182,6 +182,7 @@ def test_instances_json_has_the_records_ages_and_pending_rows(db: Path, url: str
                 "updated_at": r.updated_at,
                 "last_event": r.last_event,
                 "completed": r.completed,
+                "state_version": 1,
                 "schedules": [
                     {
                         "id": s["id"],
@@ -221,6 +222,7 @@ def test_instances_json_has_the_records_ages_and_pending_rows(db: Path, url: str
                         "attempts": d.attempts,
                         "failed_at": d.failed_at,
                         "seq": d.seq,
+                        "name": d.name,
                     }
                     for d in dead
                 ],
@@ -418,6 +420,7 @@ def test_dead_letters_json_and_filter(db: Path, url: str) -> None:
                 "attempts": 3,
                 "failed_at": send.failed_at,
                 "seq": send.seq,
+                "name": None,
                 "payload": {"key": "s1"},
             }
         ],
@@ -496,6 +499,7 @@ def test_retry_json(db: Path, url: str) -> None:
                 "attempts": 3,
                 "failed_at": dead.failed_at,
                 "seq": dead.seq,
+                "name": None,
                 "payload": {"key": "s1"},
             },
             "instance_status": "active",

@@ -1128,6 +1128,7 @@ async def test_statistics_is_a_frozen_snapshot() -> None:
             commands_failed=0,
             batches_committed=0,
             conflicts=0,
+            orphan_sagas=0,
         )
         assert attrs.evolve(after, batches_committed=0) == Statistics(
             queued_events=0,
@@ -1145,6 +1146,7 @@ async def test_statistics_is_a_frozen_snapshot() -> None:
             commands_failed=0,
             batches_committed=0,
             conflicts=0,
+            orphan_sagas=0,
         )
         with pytest.raises(attrs.exceptions.FrozenInstanceError):
             after.events_handled = 0  # type: ignore[misc]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from operator import attrgetter
 from typing import Any, TypeVar, TypeVarTuple
 
@@ -85,8 +85,15 @@ def _index_unusual_statuses(conn: sqlite3.Connection) -> None:
     )
 
 
+def _record_versions(conn: sqlite3.Connection) -> None:
+    """Version 3: every state row records the saga state version it was written at, and
+    a dead letter of an undeliverable timer its schedule's name (to schedule it again)."""
+    conn.execute("ALTER TABLE instances ADD COLUMN state_version INTEGER NOT NULL DEFAULT 1")
+    conn.execute("ALTER TABLE dead_letters ADD COLUMN name TEXT")
+
+
 # `_MIGRATIONS[n - 1]` turns schema version n into n + 1, inside the opening transaction.
-_MIGRATIONS: tuple[_Migration, ...] = (_index_unusual_statuses,)
+_MIGRATIONS: tuple[_Migration, ...] = (_index_unusual_statuses, _record_versions)
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
 """The schema version this sagaflow writes."""
 
@@ -227,17 +234,32 @@ class SQLiteStore:
             return
         await self._run(_commit, changes, self._now)
 
-    async def next_due(self) -> float | None:
-        """The earliest due time of any pending schedule, or `None`."""
-        due: float | None = await self._run(_scalar, "SELECT min(due) FROM schedules")
+    async def next_due(self, *, sagas: Collection[str] | None = None) -> float | None:
+        """The earliest due time of any pending schedule (of `sagas`, if given), or `None`."""
+        among, args = _among(sagas)
+        sql = f"SELECT min(due) FROM schedules{' WHERE ' + among if among else ''}"
+        rows = await self._run(_fetch, sql, args)
+        due: float | None = rows[0][0]
         return due
 
-    async def due_schedules(self, now: float, limit: int) -> list[ScheduleRecord]:
-        """Up to `limit` schedules due at or before `now`, earliest first."""
+    async def due_schedules(
+        self, now: float, limit: int, *, sagas: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
+        """Up to `limit` schedules (of `sagas`, if given) due at or before `now`,
+        earliest first."""
+        among, args = _among(sagas)
         sql = f"SELECT {_columns(_SCHEDULE)} FROM schedules WHERE due <= ? "
-        sql += "ORDER BY due, seq, id LIMIT ?"
-        rows = await self._run(_fetch, sql, (now, limit))
+        sql += f"{'AND ' + among if among else ''} ORDER BY due, seq, id LIMIT ?"
+        rows = await self._run(_fetch, sql, (now, *args, limit))
         return [_schedule(row) for row in rows]
+
+    async def saga_names(self) -> set[str]:
+        """The names of the sagas that have instances, schedules or outbox rows."""
+        return await self._run(_saga_names)
+
+    async def rename_saga(self, old: str, new: str) -> int:
+        """Move the rows of saga `old` to `new`, except keys `new` already has."""
+        return await self._run(_rename_saga, old, new)
 
     async def list_instances(
         self, *, saga: str | None = None, status: str | None = None, limit: int | None = None
@@ -431,6 +453,61 @@ def _lookup(
         )
 
 
+def _among(sagas: Collection[str] | None) -> tuple[str, tuple[str, ...]]:
+    """A `saga IN (...)` term for `sagas` (none at all: a term that is never true)."""
+    if sagas is None:
+        return "", ()
+    names = tuple(sagas)
+    return (f"saga IN ({', '.join('?' * len(names))})" if names else "0"), names
+
+
+def _saga_names(conn: sqlite3.Connection) -> set[str]:
+    # One index seek per saga name (a loose index scan), not a read of every row.
+    names: set[str] = set()
+    for table in ("instances", "schedules", "outbox"):
+        found = conn.execute(f"SELECT min(saga) FROM {table}").fetchone()[0]
+        while found is not None:
+            names.add(found)
+            sql = f"SELECT min(saga) FROM {table} WHERE saga > ?"
+            found = conn.execute(sql, (found,)).fetchone()[0]
+    return names
+
+
+# Each moves the rows of saga ?1 to ?2 except the keys ?2 has an instance of (and rows
+# whose primary key ?2 already holds); instances go last, so the test sees them unmoved.
+_RENAMES = tuple(
+    f"UPDATE {table} SET saga = ?2 WHERE saga = ?1 AND NOT EXISTS (SELECT 1 FROM "
+    f"instances AS i WHERE i.saga = ?2 AND i.key = {table}.key){extra}"
+    for table, extra in (
+        (
+            "schedules",
+            " AND NOT EXISTS (SELECT 1 FROM schedules AS s WHERE s.saga = ?2 "
+            "AND s.key = schedules.key AND s.name = schedules.name)",
+        ),
+        ("outbox", ""),
+        ("dead_letters", ""),
+        (
+            "marks",
+            " AND NOT EXISTS (SELECT 1 FROM marks AS m WHERE m.saga = ?2 "
+            "AND m.key = marks.key AND m.event_id = marks.event_id)",
+        ),
+        ("instances", ""),
+    )
+)
+
+
+def _rename_saga(conn: sqlite3.Connection, old: str, new: str) -> int:
+    moved = 0
+
+    def rename(conn: sqlite3.Connection) -> None:
+        nonlocal moved
+        for sql in _RENAMES:
+            moved = conn.execute(sql, (old, new)).rowcount
+
+    _transaction(conn, rename)
+    return moved
+
+
 def _fetch(conn: sqlite3.Connection, sql: str, args: Sequence[Any]) -> list[Any]:
     return conn.execute(sql, args).fetchall()
 
@@ -450,9 +527,9 @@ def _where(**filters: str | None) -> tuple[str, tuple[str, ...]]:
 
 def _instance(row: Sequence[Any]) -> InstanceRecord:
     # Columns in the order of the record's attributes; SQLite has no booleans.
-    saga, key, version, status, state, instance_id, created, updated, last, completed = row
+    saga, key, version, status, state, instance_id, created, updated, last, completed, sv = row
     return InstanceRecord(
-        saga, key, version, status, state, instance_id, created, updated, last, bool(completed)
+        saga, key, version, status, state, instance_id, created, updated, last, bool(completed), sv
     )
 
 

@@ -445,8 +445,7 @@ class Scenario(Checks[S]):
         ser = self._registry.serializer
         records = {r.key: r for r in await store.list_instances(saga=name)}
         states: dict[str, S] = {
-            key: ser.loads(r.state, spec.state_type, name, saga=name, key=key)
-            for key, r in records.items()
+            key: spec.load_state(ser, key, r.state, r.state_version) for key, r in records.items()
         }
         schedules: dict[str, list[Scheduled]] = {}
         for s in await store.list_schedules(saga=name):
