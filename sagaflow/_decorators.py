@@ -40,10 +40,12 @@ class HandlerDecorator(Protocol[E_co]):
     """What `@on(A, B)` returns, for the type checker: it takes a handler whose event
     parameter accepts `A | B` and that returns actions (sync or async).
 
-    The method keeps its parameter and return types, so tests can call it directly; its
-    event parameter is typed as the `@on` types.
+    The method keeps its state and return types, so tests can call it directly (with
+    positional arguments); its event parameter is typed as the `@on` types.
     """
 
+    # `E` is bound through `self`, that is from the `@on(...)` types, before `fn` is
+    # looked at: so `fn`'s event parameter is checked against them, not inferred from it.
     def __call__(
         self: HandlerDecorator[E], fn: Callable[[S, St, E], HandlerResultT], /
     ) -> Callable[[S, St, E], HandlerResultT]: ...
