@@ -3,6 +3,8 @@
 - `Dispatch`: what `Runtime(dispatch=...)` calls for every command.
 - `Clock`: what `Runtime(clock=...)` reads time and waits through.
 - `Store`: where a runtime keeps its data (see `sagaflow.stores`).
+- `Action` and `HandlerResult`: what an `@on` handler returns, for annotating handlers
+  (`-> list[Action]`); a type checker rejects a handler annotated to return anything else.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
+from ._actions import Action, HandlerResult
 from ._records import DispatchMeta
 from .stores._protocol import Store
 
-__all__ = ["Clock", "Dispatch", "DispatchMeta", "Store"]
+__all__ = ["Action", "Clock", "Dispatch", "DispatchMeta", "HandlerResult", "Store"]
 
 
 class Dispatch(Protocol):

@@ -28,6 +28,7 @@ from sagaflow import (
 )
 from sagaflow.stores import MemoryStore, SQLiteStore, Store
 from sagaflow.testing import Scenario, SyncScenario, VirtualClock
+from sagaflow.typing import Action
 
 
 @attrs.frozen
@@ -73,7 +74,7 @@ class OrderSaga:
         ]
 
     @on(PaymentTimedOut, internal=True)
-    async def timed_out(self, order: Order, event: PaymentTimedOut) -> list[object]:
+    async def timed_out(self, order: Order, event: PaymentTimedOut) -> list[Action]:
         return [Unschedule("payment"), Compensate([ReserveStock(event.order_id, 0)]), Complete()]
 
     @on(CommandFailed)
