@@ -12,11 +12,12 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from . import _report as report
 from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
 from ._outbox import error_text
 from ._records import Unmatched
@@ -151,6 +152,7 @@ class Batch:
     held: list[Item] = attrs.field(factory=list)
     again: list[Item] = attrs.field(factory=list)
     unmatched: list[Unmatched] = attrs.field(factory=list)
+    taken_failures: list[OutboxRecord] = attrs.field(factory=list)  # by CommandFailed handlers
     handled: int = 0
     commit_seconds: float = 0.0
     outbox_adds: list[OutboxRecord] = attrs.field(factory=list)
@@ -345,6 +347,8 @@ class Batch:
         w.failed = row
         if row.kind == COMPENSATE or not usable or handler is None or w.handler_error:
             self._dead(w, item, row.type_name, row.payload, row.kind, error, row.attempts, row.seq)
+        else:
+            self.taken_failures.append(row)
         if row.kind == COMPENSATE and w.record is not None:
             bump = 0 if w.dirty and w.record.version > w.start_version else 1
             w.record = attrs.evolve(
@@ -691,7 +695,6 @@ class Batch:
                 did, w.spec.name, w.key, kind, type_name, payload, error, attempts, self.now, seq
             )
         )
-        self.shard.counters.events_dead_lettered += kind == "event"
 
     def _changes(self) -> Changes:
         writes: list[InstanceWrite] = []
@@ -766,24 +769,28 @@ class Batch:
         counters = shard.counters
         counters.events_handled += self.handled
         counters.batches_committed += 1
-        counters.events_unmatched += len(self.unmatched)
-        for u in self.unmatched:
+        if self.unmatched:
+            report.unmatched(self.unmatched, counters, shard.on_unmatched, shard.hooks)
+        if self.dead:
+            report.dead_letters(self.dead, counters, shard.hooks)
+        for row in self.taken_failures:
             log.info(
-                "%s for saga %r key %r matched no instance: %s",
-                type(u.event).__name__,
-                u.saga,
-                u.key,
-                u.reason,
-                extra={"saga": u.saga, "key": u.key, "event_type": type(u.event).__name__},
+                "command %s of saga %r key %r failed for good after %d attempt(s), and its "
+                "CommandFailed handler took it: %s",
+                row.type_name,
+                row.saga,
+                row.key,
+                row.attempts,
+                row.error,
+                extra={
+                    "saga": row.saga,
+                    "key": row.key,
+                    "type_name": row.type_name,
+                    "command_id": row.id,
+                },
             )
-            if shard.on_unmatched is not None:
-                _call_hook(shard.on_unmatched, u)
-            if shard.hooks is not None:
-                _call_hook(shard.hooks.unmatched, u)
         if shard.hooks is not None:
-            for letter in self.dead:
-                _call_hook(shard.hooks.dead_letter, letter)
-            _call_hook(shard.hooks.batch_committed, len(self.items), self.commit_seconds)
+            report.call_hook(shard.hooks.batch_committed, len(self.items), self.commit_seconds)
         for item in self.done:
             if item.ack is not None:
                 item.ack.done()
@@ -803,14 +810,6 @@ def _instance_id(now: float) -> str:
     together in the stores' indexes (like a UUIDv7) instead of at random pages.
     """
     return f"{max(0, int(now * 1000)):012x}{os.urandom(10).hex()}"
-
-
-def _call_hook(hook: Callable[..., None], *args: Any) -> None:
-    """Call a user's hook after a commit; its failure must not stop the runtime."""
-    try:
-        hook(*args)
-    except Exception:
-        log.exception("hook %r raised; the runtime goes on", hook)
 
 
 _ACTIONS = frozenset((Send, Schedule, Unschedule, Compensate, Complete))
