@@ -8,6 +8,7 @@ after a lost concurrency race.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -591,12 +592,7 @@ class Batch:
                         )
                     complete = True
                 else:
-                    raise self._reject(
-                        w,
-                        event,
-                        f"returned {action!r}, which is not an action (Send, Schedule, "
-                        "Unschedule, Compensate, Complete)",
-                    )
+                    raise self._reject(w, event, _not_an_action(action))
             if outputs > _MAX_OUTPUTS:
                 raise self._reject(w, event, f"more than {_MAX_OUTPUTS} commands at once")
             state_json = ser.dumps(state, spec.state_name)
@@ -823,8 +819,28 @@ def _actions(result: Any, w: _Work, event: Any) -> Iterable[Any]:
         return result
     if isinstance(result, Send | Schedule | Unschedule | Compensate | Complete):
         return (result,)
-    if isinstance(result, str | bytes) or not isinstance(result, Iterable):
-        raise Batch._reject(
-            w, event, f"returned {result!r}; return None, an action or an iterable of actions"
-        )
+    if isinstance(result, str | bytes | dict) or not isinstance(result, Iterable):
+        raise Batch._reject(w, event, _not_an_action(result))
     return result
+
+
+def _not_an_action(value: Any) -> str:
+    """Why a value a handler returned is not an action, and what was likely meant."""
+    if isinstance(value, type):
+        name = value.__qualname__
+        if value in _ACTIONS:
+            return f"returned the class {name}, not an action: return {name}(...) instead"
+        return f"returned the class {name}, which is not an action"
+    shown = repr(value)
+    if len(shown) > 200:
+        shown = shown[:197] + "..."
+    cls = type(value)
+    if attrs.has(cls) or dataclasses.is_dataclass(cls):
+        return (
+            f"returned {shown}, which is not an action: to send it as a command, "
+            f"return Send({cls.__qualname__}(...))"
+        )
+    return (
+        f"returned {shown}, which is not an action: return None, an action (Send, "
+        "Schedule, Unschedule, Compensate, Complete) or a list of actions"
+    )
