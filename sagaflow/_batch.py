@@ -598,7 +598,7 @@ class Batch:
             state_json = ser.dumps(state, spec.state_name)
         except SerializationError as exc:
             del rows[first_row:], commands[first_row:]
-            raise self._reject(w, event, str(exc)) from exc
+            raise self._reject(w, event, str(exc))  # noqa: B904 - the ActionError is its cause
         except BaseException:
             del rows[first_row:], commands[first_row:]
             raise
