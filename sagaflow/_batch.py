@@ -769,22 +769,8 @@ class Batch:
             report.unmatched(self.unmatched, counters, shard.on_unmatched, shard.hooks)
         if self.dead:
             report.dead_letters(self.dead, counters, shard.hooks)
-        for row in self.taken_failures:
-            log.info(
-                "command %s of saga %r key %r failed for good after %d attempt(s), and its "
-                "CommandFailed handler took it: %s",
-                row.type_name,
-                row.saga,
-                row.key,
-                row.attempts,
-                row.error,
-                extra={
-                    "saga": row.saga,
-                    "key": row.key,
-                    "type_name": row.type_name,
-                    "command_id": row.id,
-                },
-            )
+        if self.taken_failures:
+            report.taken_failures(self.taken_failures)
         if shard.hooks is not None:
             report.call_hook(shard.hooks.batch_committed, len(self.items), self.commit_seconds)
         for item in self.done:

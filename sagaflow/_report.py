@@ -3,8 +3,9 @@
 Each is told three ways, so that none goes unnoticed: a log record at WARNING on the
 `sagaflow.runtime` logger (with `saga`, `key` and the type as extra fields), a counter of
 `Runtime.statistics()`, and a hook (`Hooks.dead_letter`; `Hooks.unmatched` and
-`Runtime(on_unmatched=...)`). Only ever called off the success path, after the commit
-that made them final.
+`Runtime(on_unmatched=...)`). A command that failed for good and that its saga's
+`CommandFailed` handler took is an expected failure: one record at INFO. Only ever called
+off the success path, after the commit that made the outcome final.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from ._records import Unmatched
 if TYPE_CHECKING:
     from ._hooks import Hooks
     from ._outbox import Counters
-    from .stores._protocol import DeadLetter
+    from .stores._protocol import DeadLetter, OutboxRecord
 
-__all__ = ["call_hook", "dead_letters", "unmatched"]
+__all__ = ["call_hook", "dead_letters", "taken_failures", "unmatched"]
 
 log = logging.getLogger("sagaflow.runtime")
 
@@ -91,3 +92,23 @@ def unmatched(
             call_hook(on_unmatched, u)
         if hooks is not None:
             call_hook(hooks.unmatched, u)
+
+
+def taken_failures(rows: Iterable[OutboxRecord]) -> None:
+    """Log at INFO each command that failed for good and that a `CommandFailed` handler took."""
+    for row in rows:
+        log.info(
+            "command %s of saga %r key %r failed for good after %d attempt(s), and its "
+            "CommandFailed handler took it: %s",
+            row.type_name,
+            row.saga,
+            row.key,
+            row.attempts,
+            row.error,
+            extra={
+                "saga": row.saga,
+                "key": row.key,
+                "type_name": row.type_name,
+                "command_id": row.id,
+            },
+        )

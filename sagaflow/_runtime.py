@@ -64,7 +64,8 @@ class Statistics:
         cached_states: Instance states held in memory.
         events_handled: Handler calls whose result was committed.
         events_duplicate: Events skipped because their id was already applied.
-        events_unmatched: Events that reached no instance (see `on_unmatched`).
+        events_unmatched: Events that reached no instance, or no saga handles (see
+            `on_unmatched`).
         events_dead_lettered: Events whose handler kept failing (or could not be applied).
         dead_letters: Dead letters kept, of every kind: events and due schedules that
             could not be applied, and commands and compensations that failed for good

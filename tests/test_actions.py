@@ -189,7 +189,9 @@ NOT_ACTIONS = [
     ),
     pytest.param(lambda key: {"key": key}, "returned {'key': 'k'}" + GENERIC, id="dict"),
     pytest.param(
-        lambda key: [Send(Cmd(key, "ok")), 42], "returned 42" + GENERIC, id="list-with-a-stray-value"
+        lambda key: [Send(Cmd(key, "ok")), 42],
+        "returned 42" + GENERIC,
+        id="list-with-a-stray-value",
     ),
 ]
 
