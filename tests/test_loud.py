@@ -49,6 +49,7 @@ from sagaflow import (
 )
 from sagaflow.exceptions import DispatcherError, MessageError, SagaflowError
 from sagaflow.stores import DeadLetter, MemoryStore, PostgresStore, SQLiteStore, Store
+from sagaflow.testing import SyncScenario
 
 ALWAYS = 1_000
 HINT = "`sagaflow dead-letters` lists it, `sagaflow retry` retries it"
@@ -759,3 +760,11 @@ async def test_cluster_dead_letters_and_false_dispatches_are_loud(
         "which reports a failed dispatch (return None or True for success, or raise to say "
         "why it failed)"
     ]
+
+
+def test_a_scenario_given_an_event_no_saga_handles_fails_saying_so() -> None:
+    with (
+        SyncScenario(scripted_registry(), saga=SAGA) as scenario,
+        pytest.raises(AssertionError, match=r"matched no saga: no saga handles this type"),
+    ):
+        scenario.given(Refunded("k"))
