@@ -334,15 +334,15 @@ class Runtime:
         With `cluster=True` the event is first written to the store's shared inbox, and
         whichever process takes it handles it; this still returns once it is committed.
 
-        Args:
-            event: The event (any attrs or dataclass instance a saga handles).
-            id: With an id, a redelivered event is applied at most once per instance
-                (for `dedup_retention`).
-
         An event whose type no saga handles is reported as unmatched (a WARNING log
         record, the `events_unmatched` counter and the `on_unmatched` hook), not
         applied. One that every saga's correlate function declined (returned `None`)
         is not reported: that is the sagas' decision.
+
+        Args:
+            event: The event (any attrs or dataclass instance a saga handles).
+            id: With an id, a redelivered event is applied at most once per instance
+                (for `dedup_retention`).
 
         Raises:
             RuntimeClosedError: The runtime is not running.
