@@ -8,15 +8,17 @@ after a lost concurrency race.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from . import _report as report
 from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
 from ._outbox import error_text
 from ._records import Unmatched
@@ -151,6 +153,7 @@ class Batch:
     held: list[Item] = attrs.field(factory=list)
     again: list[Item] = attrs.field(factory=list)
     unmatched: list[Unmatched] = attrs.field(factory=list)
+    taken_failures: list[OutboxRecord] = attrs.field(factory=list)  # by CommandFailed handlers
     handled: int = 0
     commit_seconds: float = 0.0
     outbox_adds: list[OutboxRecord] = attrs.field(factory=list)
@@ -353,6 +356,8 @@ class Batch:
         w.failed = row
         if row.kind == COMPENSATE or not usable or handler is None or w.handler_error:
             self._dead(w, item, row.type_name, row.payload, row.kind, error, row.attempts, row.seq)
+        else:
+            self.taken_failures.append(row)
         if row.kind == COMPENSATE and w.record is not None:
             bump = 0 if w.dirty and w.record.version > w.start_version else 1
             w.record = attrs.evolve(
@@ -595,18 +600,13 @@ class Batch:
                         )
                     complete = True
                 else:
-                    raise self._reject(
-                        w,
-                        event,
-                        f"returned {action!r}, which is not an action (Send, Schedule, "
-                        "Unschedule, Compensate, Complete)",
-                    )
+                    raise self._reject(w, event, _not_an_action(action))
             if outputs > _MAX_OUTPUTS:
                 raise self._reject(w, event, f"more than {_MAX_OUTPUTS} commands at once")
             state_json = ser.dumps(state, spec.state_name)
         except SerializationError as exc:
             del rows[first_row:], commands[first_row:]
-            raise self._reject(w, event, str(exc)) from exc
+            raise self._reject(w, event, str(exc))  # noqa: B904 - the ActionError is its cause
         except BaseException:
             del rows[first_row:], commands[first_row:]
             raise
@@ -711,7 +711,6 @@ class Batch:
                 name if kind == "event" else None,
             )
         )
-        self.shard.counters.events_dead_lettered += kind == "event"
 
     def _changes(self) -> Changes:
         writes: list[InstanceWrite] = []
@@ -786,24 +785,14 @@ class Batch:
         counters = shard.counters
         counters.events_handled += self.handled
         counters.batches_committed += 1
-        counters.events_unmatched += len(self.unmatched)
-        for u in self.unmatched:
-            log.info(
-                "%s for saga %r key %r matched no instance: %s",
-                type(u.event).__name__,
-                u.saga,
-                u.key,
-                u.reason,
-                extra={"saga": u.saga, "key": u.key, "event_type": type(u.event).__name__},
-            )
-            if shard.on_unmatched is not None:
-                _call_hook(shard.on_unmatched, u)
-            if shard.hooks is not None:
-                _call_hook(shard.hooks.unmatched, u)
+        if self.unmatched:
+            report.unmatched(self.unmatched, counters, shard.on_unmatched, shard.hooks)
+        if self.dead:
+            report.dead_letters(self.dead, counters, shard.hooks)
+        if self.taken_failures:
+            report.taken_failures(self.taken_failures)
         if shard.hooks is not None:
-            for letter in self.dead:
-                _call_hook(shard.hooks.dead_letter, letter)
-            _call_hook(shard.hooks.batch_committed, len(self.items), self.commit_seconds)
+            report.call_hook(shard.hooks.batch_committed, len(self.items), self.commit_seconds)
         for item in self.done:
             if item.ack is not None:
                 item.ack.done()
@@ -825,14 +814,6 @@ def _instance_id(now: float) -> str:
     return f"{max(0, int(now * 1000)):012x}{os.urandom(10).hex()}"
 
 
-def _call_hook(hook: Callable[..., None], *args: Any) -> None:
-    """Call a user's hook after a commit; its failure must not stop the runtime."""
-    try:
-        hook(*args)
-    except Exception:
-        log.exception("hook %r raised; the runtime goes on", hook)
-
-
 _ACTIONS = frozenset((Send, Schedule, Unschedule, Compensate, Complete))
 
 
@@ -844,8 +825,28 @@ def _actions(result: Any, w: _Work, event: Any) -> Iterable[Any]:
         return result
     if isinstance(result, Send | Schedule | Unschedule | Compensate | Complete):
         return (result,)
-    if isinstance(result, str | bytes) or not isinstance(result, Iterable):
-        raise Batch._reject(
-            w, event, f"returned {result!r}; return None, an action or an iterable of actions"
-        )
+    if isinstance(result, str | bytes | dict) or not isinstance(result, Iterable):
+        raise Batch._reject(w, event, _not_an_action(result))
     return result
+
+
+def _not_an_action(value: Any) -> str:
+    """Why a value a handler returned is not an action, and what was likely meant."""
+    if isinstance(value, type):
+        name = value.__qualname__
+        if value in _ACTIONS:
+            return f"returned the class {name}, not an action: return {name}(...) instead"
+        return f"returned the class {name}, which is not an action"
+    shown = repr(value)
+    if len(shown) > 200:
+        shown = shown[:197] + "..."
+    cls = type(value)
+    if attrs.has(cls) or dataclasses.is_dataclass(cls):
+        return (
+            f"returned {shown}, which is not an action: to send it as a command, "
+            f"return Send({cls.__qualname__}(...))"
+        )
+    return (
+        f"returned {shown}, which is not an action: return None, an action (Send, "
+        "Schedule, Unschedule, Compensate, Complete) or a list of actions"
+    )

@@ -31,6 +31,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import attrs
 
+from . import _report as report
 from ._batch import EVENT, Item
 from ._cluster_outbox import ClusterOutbox, Wakeup
 from ._hooks import Hooks
@@ -143,7 +144,9 @@ class Inbox:
     activity: Activity
     route: Callable[[str, str], Mailbox[Item]]
     announce: Callable[[str], None]
+    counters: Counters
     capacity: int = 1024
+    hooks: Hooks | None = None
 
     _claim: Wakeup = attrs.field(init=False)
     _check: Wakeup = attrs.field(init=False)
@@ -263,6 +266,7 @@ class Inbox:
                 if rejected:
                     letters = [self._dead_letter(row) for row in rejected]
                     await self.store.commit(Changes(dead_letters=letters))
+                    report.dead_letters(letters, self.counters, self.hooks)
                     for row in rejected:
                         self._owned[row.pos] = (row.saga, row.key)
                         self._acks.append(row.pos)
@@ -301,14 +305,6 @@ class Inbox:
             reason = f"saga {row.saga!r} does not handle {row.type_name!r} (any more)"
         except SerializationError as exc:
             reason = str(exc)
-        log.error(
-            "inbox event %s for %s/%s cannot be handled, dead-lettered: %s",
-            row.type_name,
-            row.saga,
-            row.key,
-            reason,
-            extra={"saga": row.saga, "key": row.key},
-        )
         return DeadLetter(
             f"{row.saga}:{row.key}:{row.event_id}",
             row.saga,
@@ -426,7 +422,9 @@ class Cluster:
             activity=self.activity,
             route=self.route,
             announce=self.announce,
+            counters=self.counters,
             capacity=self.capacity,
+            hooks=self.hooks,
         )
 
     def next_wakeup(self) -> float:

@@ -8,6 +8,9 @@ SagaflowError
 ├── RegistrationError (TypeError)          a saga, handler or type is declared wrongly
 ├── RegistrationErrors (ExceptionGroup)    several registration problems at once
 ├── ActionError (TypeError)                a handler returned something that is not an action
+├── MessageError (TypeError)               publish or run was given something that is not a message
+├── DispatchError                          a dispatcher returned False (a failed attempt)
+│   └── DispatcherError (TypeError)        the dispatcher is not an async callable
 ├── SerializationError (ValueError)        a value cannot be encoded or decoded
 │   ├── UnknownTypeError (LookupError)     a stored type name is not on the allow-list
 │   └── DecodeError                        a stored payload no longer fits its class
@@ -28,6 +31,9 @@ __all__ = [
     "ConflictError",
     "DeadLetterError",
     "DecodeError",
+    "DispatchError",
+    "DispatcherError",
+    "MessageError",
     "RegistrationError",
     "RegistrationErrors",
     "RuntimeClosedError",
@@ -79,6 +85,39 @@ class ActionError(SagaflowError, TypeError):
         super().__init__(message)
         self.saga = saga
         self.key = key
+
+
+class MessageError(SagaflowError, TypeError):
+    """`publish` or `run` was given something that is not a message.
+
+    A message is an instance of an attrs class or a dataclass (or of a class registered
+    with `registry.message`); a string, a dict of its fields or the class itself is not.
+
+    Attributes:
+        value: What was given.
+    """
+
+    def __init__(self, message: str, *, value: object) -> None:
+        super().__init__(message)
+        self.value = value
+
+
+class DispatchError(SagaflowError):
+    """A dispatch failed without an exception of the dispatcher's own.
+
+    The runtime records it as the error of that attempt (retried, then `CommandFailed`
+    or a dead letter): the dispatcher returned `False`, or (as `DispatcherError`) its call
+    gave something that cannot be awaited.
+    """
+
+
+class DispatcherError(DispatchError, TypeError):
+    """The dispatcher is not an async callable.
+
+    Raised by `Runtime(...)` for a plain `def` function or an object with a plain
+    `def __call__`, and used as the error of an attempt whose call returned something
+    that cannot be awaited.
+    """
 
 
 class SerializationError(SagaflowError, ValueError):

@@ -22,11 +22,11 @@ __all__ = ["Action", "Clock", "Dispatch", "DispatchMeta", "HandlerResult", "Stor
 class Dispatch(Protocol):
     """`async def dispatch(command, meta) -> None`, or an object with such an `__call__`.
 
-    It reports failure by raising; `meta.id` is stable per command, so the
-    receiver can deduplicate.
+    It reports failure by raising or by returning `False` (any other result is success);
+    `meta.id` is stable per command, so the receiver can deduplicate.
     """
 
-    def __call__(self, command: Any, meta: DispatchMeta, /) -> Awaitable[None]: ...
+    def __call__(self, command: Any, meta: DispatchMeta, /) -> Awaitable[object]: ...
 
 
 class Clock(Protocol):

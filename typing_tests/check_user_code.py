@@ -100,8 +100,13 @@ async def dispatch(command: object, meta: DispatchMeta) -> None:
     assert_type(meta.attempt, int)
 
 
+async def accepted(command: object, meta: DispatchMeta) -> bool:
+    return meta.attempt < 3  # False is a failed attempt
+
+
 async def run() -> None:
     store: Store = SQLiteStore("sagas.db")
+    Runtime(registry, store=store, dispatch=accepted)
     async with Runtime(registry, store=store, dispatch=dispatch, clock=VirtualClock()) as rt:
         assert_type(rt, Runtime)
         await rt.publish(OrderPlaced("o-1", 5), id="e-1")
