@@ -370,7 +370,7 @@ class Registry:
         try:
             for t in handlers:
                 if not issubclass(t, CommandFailed):
-                    self._serializer.register(t)
+                    self._serializer.register_handled(t)
         except SerializationError as exc:
             raise RegistrationError(f"saga {name!r}: {exc}", saga=name) from exc
         self._serializer.allow(

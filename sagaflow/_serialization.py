@@ -201,6 +201,8 @@ class Serializer:
     _versions: dict[type, tuple[int, Mapping[int, Upcaster]]] = attrs.field(
         factory=dict, init=False
     )
+    _implicit: set[type] = attrs.field(factory=set, init=False)
+    """Classes on the list under their default name only because a saga handles them."""
 
     @property
     def converter(self) -> JsonConverter:
@@ -215,6 +217,16 @@ class Serializer:
     def allow(self, prefixes: Iterable[str]) -> None:
         """Put the classes of more package prefixes on the allow-list."""
         self._prefixes.update(prefixes)
+
+    def register_handled(self, cls: type) -> str:
+        """Put a handled event type on the allow-list under its default name, unless it
+        is registered already; a later `register` may still give it a stable name."""
+        name = self._names.get(cls)
+        if name is not None:
+            return name
+        name = self.register(cls)
+        self._implicit.add(cls)
+        return name
 
     def register(
         self,
@@ -254,6 +266,10 @@ class Serializer:
                     "stable name"
                 )
         other = self._names.get(cls)
+        if cls in self._implicit:
+            # A saga put it on the list under its default name: that name stays readable.
+            aliases = (*aliases, other) if other != name and other not in aliases else aliases
+            other = None
         if other is not None and other != name:
             problems.append(
                 f"{cls!r} is already registered as {other!r}, cannot rename it to {name!r}"
@@ -268,6 +284,7 @@ class Serializer:
         for n in (name, *aliases):
             self._by_name[n] = cls
         self._names[cls] = name
+        self._implicit.discard(cls)
         if version != 1 or upcasters:
             self._versions[cls] = (version, upcasters)
         self._encoders.pop(cls, None)

@@ -758,3 +758,22 @@ def test_any_stored_version_upcast_equals_writing_at_the_current_version(
 
     assert load(stored) == load(len(schemas))
     assert attrs.asdict(load(stored)) == stored_as(current, amount, label)
+
+
+@pytest.mark.parametrize("message_first", [False, True])
+def test_a_handled_event_type_can_get_a_stable_name_and_a_version(message_first: bool) -> None:
+    """Before or after its saga: rows stored under the default name stay readable."""
+    registry = Registry()
+
+    def message() -> None:
+        registry.message(Placed, name="Placed", version=2, upcasters={1: dict})
+
+    if message_first:
+        message()
+    registry.register(SagaV1(), state=V1, name=SAGA)
+    if not message_first:
+        message()
+
+    assert registry.serializer.encode(Placed("a")) == ("Placed@2", '{"key": "a"}')
+    assert load_message(registry, "test_evolution.Placed", {"key": "a"}) == Placed("a")
+    assert load_message(registry, "Placed", {"key": "a"}) == Placed("a")
