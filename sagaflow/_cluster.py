@@ -107,6 +107,22 @@ class _ScheduleClaims:
     async def commit(self, changes: Changes) -> None:
         await self.store.commit(changes)
 
+    async def scan_instances(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[InstanceRecord]:
+        return await self.store.scan_instances(after=after, limit=limit)
+
+    async def scan_outbox(self, *, after: str | None = None, limit: int) -> list[OutboxRecord]:
+        return await self.store.scan_outbox(after=after, limit=limit)
+
+    async def scan_schedules(
+        self, *, after: tuple[str, str, str] | None = None, limit: int
+    ) -> list[ScheduleRecord]:
+        return await self.store.scan_schedules(after=after, limit=limit)
+
+    async def scan_dead_letters(self, *, after: str | None = None, limit: int) -> list[DeadLetter]:
+        return await self.store.scan_dead_letters(after=after, limit=limit)
+
     async def list_instances(
         self, *, saga: str | None = None, status: str | None = None, limit: int | None = None
     ) -> list[InstanceRecord]:
