@@ -6,6 +6,7 @@ register it in a `Registry`, and run it with a `Runtime` on a store.
 
 from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
 from ._admin import Admin, InstanceInfo
+from ._check import CheckFailure, CheckGroup, CheckReport
 from ._clock import SystemClock
 from ._decorators import correlate, on
 from ._evolution import upcast
@@ -17,6 +18,9 @@ from ._runtime import Runtime, Statistics
 
 __all__ = [
     "Admin",
+    "CheckFailure",
+    "CheckGroup",
+    "CheckReport",
     "CommandFailed",
     "Compensate",
     "Complete",

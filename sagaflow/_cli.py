@@ -26,12 +26,14 @@ import anyio
 import attrs
 
 from ._admin import Admin, InstanceInfo
+from ._check import CheckReport
 from ._registry import Registry
 from .exceptions import ConflictError, DeadLetterError, StoreError
 from .stores._protocol import DeadLetter, OutboxRecord, ScheduleRecord, Store
 
 __all__ = [
     "UsageError",
+    "check_json",
     "format_duration",
     "load_registry",
     "main",
@@ -118,13 +120,15 @@ def _short(type_name: str | None) -> str:
 # -- opening a store by URL ------------------------------------------------------------
 
 
-def open_store(url: str, *, schema: str | None = None) -> Store:
+def open_store(url: str, *, schema: str | None = None, migrate: bool = True) -> Store:
     """The store a URL names (not opened yet).
 
     Args:
         url: `sqlite:///absolute/path.db`, `sqlite:relative/path.db`, or a PostgreSQL URL
             (`postgresql://...` or `postgres://...`).
         schema: The PostgreSQL schema holding sagaflow's tables (default `sagaflow`).
+        migrate: Whether opening the store may migrate an older schema (see the
+            stores' `migrate` argument).
 
     Raises:
         UsageError: The URL is not one of these forms.
@@ -141,20 +145,22 @@ def open_store(url: str, *, schema: str | None = None) -> Store:
     if scheme == "sqlite":
         if schema is not None:
             raise UsageError("--schema is for PostgreSQL stores only")
-        return _sqlite_store(rest)
+        return _sqlite_store(rest, migrate=migrate)
     if scheme in ("postgresql", "postgres"):
         try:
             from .stores._postgres import PostgresStore
         except ImportError as exc:
             raise StoreError(str(exc)) from None
         try:
-            return PostgresStore(url, schema=schema or "sagaflow", max_size=2, timeout=10)
+            return PostgresStore(
+                url, schema=schema or "sagaflow", max_size=2, timeout=10, migrate=migrate
+            )
         except ValueError as exc:  # the schema name
             raise UsageError(str(exc)) from None
     raise UsageError(f"unsupported store URL scheme {scheme!r}: use sqlite: or postgresql:")
 
 
-def _sqlite_store(rest: str) -> Store:
+def _sqlite_store(rest: str, *, migrate: bool = True) -> Store:
     from .stores._sqlite import SQLiteStore
 
     if rest.startswith("//"):
@@ -177,7 +183,7 @@ def _sqlite_store(rest: str) -> Store:
             f"{relative!r} in the current directory write sqlite:{relative}"
         )
     _check_sqlite_file(path)
-    return SQLiteStore(path)
+    return SQLiteStore(path, migrate=migrate)
 
 
 def _check_sqlite_file(path: str) -> None:
@@ -611,6 +617,154 @@ def _demo(args: argparse.Namespace) -> int:
     return OK if ok else NOTHING
 
 
+# -- check -----------------------------------------------------------------------------
+
+_WOULD_FAIL = 1
+_OUTCOMES = {"ok": "ok", "upcast": "would upcast", "fail": "would fail"}
+
+
+def _failures_option(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rows (0 or more) or 'all'")
+    return value
+
+
+def _page_option(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a page size (1 or more rows)")
+    return value
+
+
+def check_json(report: CheckReport) -> dict[str, Any]:
+    """A check report as JSON: the verdict, the totals and every group with its failures."""
+    return {
+        "ok": report.ok,
+        "rows": report.rows,
+        "upcast": report.upcast,
+        "failed": report.failed,
+        "groups": [attrs.asdict(g) for g in report.groups],
+    }
+
+
+def _check_text(report: CheckReport) -> str:
+    if not report.groups:
+        return "the store holds no rows: nothing to check"
+    rows = [
+        [
+            g.what.replace("_", " "),
+            g.saga,
+            g.type_name or "-",
+            str(g.version),
+            _OUTCOMES[g.outcome],
+            str(g.count),
+        ]
+        for g in report.groups
+    ]
+    parts = [table(["KIND", "SAGA", "TYPE", "VERSION", "OUTCOME", "ROWS"], rows)]
+    for g in report.groups:
+        if g.outcome != "fail":
+            continue
+        kind = g.what.replace("_", " ")
+        lines = [f"{kind} {g.saga} {g.type_name or '-'} version {g.version}: {g.count} would fail"]
+        lines += [f"  {f.saga} {f.key} (id {f.id}): {f.error}" for f in g.failures]
+        if g.count > len(g.failures):
+            lines.append(f"  ... and {g.count - len(g.failures)} more")
+        parts.append("\n".join(lines))
+    ok = report.rows - report.upcast - report.failed
+    summary = f"{report.rows} row(s): {ok} ok, {report.upcast} would upcast, "
+    if report.ok:
+        summary += "none would fail: this code can read everything stored"
+    else:
+        summary += f"{report.failed} would fail: this code cannot read them; do not deploy it yet"
+    parts.append(summary)
+    return "\n\n".join(parts)
+
+
+def _check(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    try:
+        registry = load_registry(args.target)
+        store = open_store(args.url, schema=args.schema, migrate=args.migrate)
+    except UsageError as exc:
+        print(f"sagaflow check: error: {exc}", file=sys.stderr)
+        return USAGE
+    except StoreError as exc:
+        print(f"sagaflow check: {exc}", file=sys.stderr)
+        return UNREACHABLE
+
+    async def run() -> CheckReport:
+        await store.open()
+        try:
+            admin = Admin(store, registry=registry)
+            return await admin.check(page=args.page, failures_per_group=args.failures)
+        finally:
+            await store.close()
+
+    try:
+        report = anyio.run(run)
+    except StoreError as exc:
+        print(f"sagaflow check: {exc}", file=sys.stderr)
+        return UNREACHABLE
+    if args.json:
+        _dump(check_json(report), out)
+    else:
+        print(_check_text(report), file=out)
+    return OK if report.ok else _WOULD_FAIL
+
+
+def _check_parser(commands: Any) -> None:
+    check = commands.add_parser(
+        "check",
+        help="check that new code can read every stored row (run before a deploy)",
+        description=(
+            "Decode every stored row (instance states, outbox commands, scheduled "
+            "messages, dead letters, the cluster inbox) with the registry of the code "
+            "about to be deployed, and report, grouped by kind, saga, type and version, "
+            "the rows that are ok, that would be upcast and that would fail. Changes "
+            "nothing; an older store schema is not migrated (see --migrate). Exit "
+            "status 0 when nothing would fail, 1 when something would."
+        ),
+    )
+    check.add_argument(
+        "target",
+        metavar="MODULE:ATTRIBUTE",
+        help="the new code's Registry, e.g. myapp.sagas:registry (the current directory is "
+        "on the import path)",
+    )
+    check.add_argument("url", metavar="URL", help=_URL_HELP)
+    check.add_argument(
+        "--schema", help="the PostgreSQL schema holding sagaflow's tables (default sagaflow)"
+    )
+    check.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    check.add_argument(
+        "--failures",
+        type=_failures_option,
+        default=20,
+        metavar="N",
+        help="failing rows listed per group (default 20; 'all' for every one)",
+    )
+    check.add_argument(
+        "--page", type=_page_option, default=1000, metavar="N", help="rows per read (default 1000)"
+    )
+    check.add_argument(
+        "--migrate",
+        action="store_true",
+        help="migrate an older store schema first: for a copy of the store only, since "
+        "the sagaflow that wrote it cannot open it afterwards",
+    )
+    check.set_defaults(run=_check)
+
+
 # -- the parser ------------------------------------------------------------------------
 
 
@@ -757,6 +911,8 @@ def parser() -> argparse.ArgumentParser:
     )
     diagram.add_argument("--saga", help="only this saga")
     diagram.set_defaults(run=_diagram)
+
+    _check_parser(commands)
     return top
 
 

@@ -266,9 +266,10 @@ class Serializer:
                     "stable name"
                 )
         other = self._names.get(cls)
-        if cls in self._implicit:
+        if cls in self._implicit and other is not None:
             # A saga put it on the list under its default name: that name stays readable.
-            aliases = (*aliases, other) if other != name and other not in aliases else aliases
+            if other != name and other not in aliases:
+                aliases = (*aliases, other)
             other = None
         if other is not None and other != name:
             problems.append(

@@ -326,6 +326,22 @@ class CrashingStore:
     ) -> list[InstanceRecord]:
         return await self.inner.list_instances(saga=saga, status=status, limit=limit)
 
+    async def scan_instances(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[InstanceRecord]:
+        return await self.inner.scan_instances(after=after, limit=limit)
+
+    async def scan_outbox(self, *, after: str | None = None, limit: int) -> list[OutboxRecord]:
+        return await self.inner.scan_outbox(after=after, limit=limit)
+
+    async def scan_schedules(
+        self, *, after: tuple[str, str, str] | None = None, limit: int
+    ) -> list[ScheduleRecord]:
+        return await self.inner.scan_schedules(after=after, limit=limit)
+
+    async def scan_dead_letters(self, *, after: str | None = None, limit: int) -> list[DeadLetter]:
+        return await self.inner.scan_dead_letters(after=after, limit=limit)
+
     async def list_outbox(
         self, *, saga: str | None = None, key: str | None = None
     ) -> list[OutboxRecord]:

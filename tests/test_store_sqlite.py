@@ -232,6 +232,51 @@ async def test_an_older_file_is_migrated_once_step_by_step(
     assert query(path, "SELECT x FROM added_in_2") == [(3,)]
 
 
+async def test_without_migrate_a_current_file_opens_and_nothing_is_written(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "sagas.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.commit(everything_changes())
+    await store.close()
+    before = path.read_bytes()
+
+    reader = SQLiteStore(path, migrate=False)
+    await reader.open()
+    found = await reader.scan_instances(limit=10)
+    await reader.close()
+
+    assert found == [instance(completed=True)]
+    assert path.read_bytes() == before
+
+
+async def test_without_migrate_nothing_is_created_or_migrated(tmp_path: Path) -> None:
+    missing, old = tmp_path / "missing.db", tmp_path / "old.db"
+    with pytest.MonkeyPatch.context() as version_2:
+        version_2.setattr(sqlite_module, "_MIGRATIONS", sqlite_module._MIGRATIONS[:1])
+        version_2.setattr(sqlite_module, "SCHEMA_VERSION", 2)
+        store = SQLiteStore(old)
+        await store.open()
+        await store.close()
+    before = old.read_bytes()
+
+    with pytest.raises(StoreError, match="unable to open database file"):
+        await SQLiteStore(missing, migrate=False).open()
+    with pytest.raises(SchemaVersionError) as caught:
+        await SQLiteStore(old, migrate=False).open()
+
+    assert not missing.exists()
+    assert old.read_bytes() == before
+    assert (caught.value.found, caught.value.supported) == (2, SCHEMA_VERSION)
+    assert str(caught.value) == (
+        f"SQLite store {str(old)!r} has schema version 2, but this sagaflow reads version "
+        f"{SCHEMA_VERSION} without migrating (migrate=False); work on a copy of the file, "
+        "which opening with migrate=True migrates (the sagaflow that wrote it cannot open "
+        "a migrated file)"
+    )
+
+
 def write_version_1_instance(path: Path, record: InstanceRecord) -> None:
     """Write an instance row as schema version 1 has it (no `state_version` column)."""
     with closing(sqlite3.connect(path)) as conn, conn:

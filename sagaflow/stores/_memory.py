@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from typing import Any, TypeVar
 
 import anyio.lowlevel
 import attrs
@@ -21,6 +22,7 @@ from ._protocol import (
 
 __all__ = ["MemoryStore"]
 
+_R = TypeVar("_R")
 _Ref = tuple[str, str]
 _ScheduleKey = tuple[str, str, str]
 
@@ -285,6 +287,30 @@ class MemoryStore:
             key=lambda o: (o.saga, o.key, o.seq, o.id),
         )
 
+    async def scan_instances(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[InstanceRecord]:
+        """Up to `limit` instances ordered by `(saga, key)`, those after `after` only."""
+        await anyio.lowlevel.checkpoint()
+        return _page(self._instances, after, limit)
+
+    async def scan_outbox(self, *, after: str | None = None, limit: int) -> list[OutboxRecord]:
+        """Up to `limit` outbox rows ordered by id, those after `after` only."""
+        await anyio.lowlevel.checkpoint()
+        return _page(self._outbox, after, limit)
+
+    async def scan_schedules(
+        self, *, after: tuple[str, str, str] | None = None, limit: int
+    ) -> list[ScheduleRecord]:
+        """Up to `limit` schedules ordered by `(saga, key, name)`, those after `after` only."""
+        await anyio.lowlevel.checkpoint()
+        return _page(self._schedules, after, limit)
+
+    async def scan_dead_letters(self, *, after: str | None = None, limit: int) -> list[DeadLetter]:
+        """Up to `limit` dead letters ordered by id, those after `after` only."""
+        await anyio.lowlevel.checkpoint()
+        return _page(self._dead, after, limit)
+
     async def list_schedules(
         self, *, saga: str | None = None, key: str | None = None
     ) -> list[ScheduleRecord]:
@@ -306,3 +332,9 @@ class MemoryStore:
             (d for d in self._dead.values() if saga is None or d.saga == saga),
             key=lambda d: (d.failed_at, d.id),
         )
+
+
+def _page(rows: Mapping[Any, _R], after: Any, limit: int) -> list[_R]:
+    """The `limit` rows with the smallest keys above `after` (one pass, no full sort)."""
+    keys = rows if after is None else (k for k in rows if k > after)
+    return [rows[k] for k in heapq.nsmallest(limit, keys)]

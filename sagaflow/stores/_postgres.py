@@ -530,6 +530,9 @@ class PostgresStore(ClusterMethods):
         poll_interval: Cluster mode: seconds between looks at the tables when no
             wake-up (LISTEN/NOTIFY) arrives; it also bounds how soon expired leases are
             noticed.
+        migrate: `True` (the default): `open` creates the schema, or migrates an
+            older one. `False`: `open` changes nothing; the schema must exist at this
+            sagaflow's version (read-only tools such as `sagaflow check` open a store so).
 
     Raises:
         ValueError: The schema name, the pool sizes, `lease` or `poll_interval` are
@@ -544,6 +547,7 @@ class PostgresStore(ClusterMethods):
     _timeout: float = attrs.field(default=30.0, kw_only=True)
     _lease: float = attrs.field(default=30.0, kw_only=True)
     _poll_interval: float = attrs.field(default=2.0, kw_only=True)
+    _migrates: bool = attrs.field(default=True, kw_only=True, alias="migrate")
     _channel: str = attrs.field(init=False)
     _redacted: str = attrs.field(init=False)
     _secrets: tuple[str, ...] = attrs.field(init=False)
@@ -697,12 +701,31 @@ class PostgresStore(ClusterMethods):
                 supported=SCHEMA_VERSION,
             )
 
+    def _refuse_migration(self, found: int | None) -> None:
+        where = f"PostgreSQL schema {self._schema!r} of {self._redacted!r}"
+        if found is None:
+            raise StoreError(
+                f"{where} holds no sagaflow store; it was opened with migrate=False, so "
+                "nothing was created"
+            )
+        self._check_version(found)  # a newer one
+        raise SchemaVersionError(
+            f"{where} has schema version {found}, but this sagaflow reads version "
+            f"{SCHEMA_VERSION} without migrating (migrate=False); work on a copy of the "
+            "schema, which opening with migrate=True migrates (the sagaflow that wrote it "
+            "cannot open a migrated schema)",
+            found=found,
+            supported=SCHEMA_VERSION,
+        )
+
     def _migrate(self, conn: psycopg.Connection[TupleRow]) -> None:
         # Most opens find the current version and need no lock and no DDL privileges.
         with conn.transaction():
             found, _ = self._read_version(conn)
         if found == SCHEMA_VERSION:
             return
+        if not self._migrates:
+            self._refuse_migration(found)
         if found is not None:
             self._check_version(found)
         with conn.transaction():
@@ -1031,6 +1054,41 @@ class PostgresStore(ClusterMethods):
             self._listing("list_outbox", filters, "saga, key, seq, id")
         )
         return found
+
+    async def scan_instances(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[InstanceRecord]:
+        """Up to `limit` instances ordered by `(saga, key)`, those after `after` only."""
+        return await self._run(
+            self._scan(InstanceRecord, "list_instances", "saga, key", after, limit)
+        )
+
+    async def scan_outbox(self, *, after: str | None = None, limit: int) -> list[OutboxRecord]:
+        """Up to `limit` outbox rows ordered by id, those after `after` only."""
+        key = None if after is None else (after,)
+        return await self._run(self._scan(OutboxRecord, "list_outbox", "id", key, limit))
+
+    async def scan_schedules(
+        self, *, after: tuple[str, str, str] | None = None, limit: int
+    ) -> list[ScheduleRecord]:
+        """Up to `limit` schedules ordered by `(saga, key, name)`, those after `after` only."""
+        scan = self._scan(ScheduleRecord, "list_schedules", "saga, key, name", after, limit)
+        return await self._run(scan)
+
+    async def scan_dead_letters(self, *, after: str | None = None, limit: int) -> list[DeadLetter]:
+        """Up to `limit` dead letters ordered by id, those after `after` only."""
+        key = None if after is None else (after,)
+        return await self._run(self._scan(DeadLetter, "list_dead_letters", "id", key, limit))
+
+    def _scan(
+        self, cls: type[T], name: str, key: str, after: Sequence[str] | None, limit: int
+    ) -> Callable[[_Pool], list[T]]:
+        """One page of a table in primary-key order, after the key `after` (a row
+        comparison, which the primary key's index answers)."""
+        where = "" if after is None else f" WHERE ({key}) > ({', '.join(['%s'] * len(after))})"
+        params = [*(after or ()), limit]
+        suffix = f"{where} ORDER BY {key} LIMIT %s"
+        return lambda pool: self._select(pool, cls, "scan rows", name, params, suffix)
 
     async def list_schedules(
         self, *, saga: str | None = None, key: str | None = None

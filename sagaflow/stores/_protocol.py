@@ -345,6 +345,33 @@ class Store(Protocol):
         """Pending outbox rows, ordered by saga, key and seq."""
         ...
 
+    async def scan_instances(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[InstanceRecord]:
+        """Up to `limit` instances ordered by `(saga, key)`, those after `after` only.
+
+        The `scan_*` methods page through every row by primary key (keyset
+        pagination), for tools that read them all, such as `Admin.check`: pass the
+        last row's key as `after` to get the next page; an empty page is the end. Each
+        call is one short read, so a scan of millions of rows holds one page in memory
+        and no lock between pages; rows written meanwhile may or may not be seen.
+        """
+        ...
+
+    async def scan_outbox(self, *, after: str | None = None, limit: int) -> list[OutboxRecord]:
+        """Up to `limit` outbox rows ordered by id, those after `after` only."""
+        ...
+
+    async def scan_schedules(
+        self, *, after: tuple[str, str, str] | None = None, limit: int
+    ) -> list[ScheduleRecord]:
+        """Up to `limit` schedules ordered by `(saga, key, name)`, those after `after` only."""
+        ...
+
+    async def scan_dead_letters(self, *, after: str | None = None, limit: int) -> list[DeadLetter]:
+        """Up to `limit` dead letters ordered by id, those after `after` only."""
+        ...
+
     async def list_schedules(
         self, *, saga: str | None = None, key: str | None = None
     ) -> list[ScheduleRecord]:

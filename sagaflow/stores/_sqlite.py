@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import urllib.parse
 from collections.abc import Callable, Collection, Iterator, Sequence
 from operator import attrgetter
 from typing import Any, TypeVar, TypeVarTuple
@@ -180,11 +181,16 @@ class SQLiteStore:
             `False` (`synchronous=NORMAL`): a commit survives a crash of the process,
             `kill -9` included, but the last commits before a power loss or an
             operating-system crash may be lost; commits cost no disk flush each.
+        migrate: `True` (the default): `open` creates the file and its schema, or
+            migrates an older schema. `False`: `open` changes nothing on disk; the file
+            must exist at this sagaflow's schema version (read-only tools such as
+            `sagaflow check` open a store so).
     """
 
     _path: str = attrs.field(converter=_fspath)
     _busy_timeout: float = attrs.field(default=5.0, kw_only=True)
     _power_safe: bool = attrs.field(default=True, kw_only=True)
+    _migrates: bool = attrs.field(default=True, kw_only=True, alias="migrate")
     _conn: sqlite3.Connection | None = attrs.field(default=None, init=False, repr=False)
     _limiter: anyio.CapacityLimiter | None = attrs.field(default=None, init=False, repr=False)
     _now: float | None = attrs.field(default=None, init=False, repr=False)
@@ -199,7 +205,8 @@ class SQLiteStore:
         """Open the file, then create the schema or migrate it to this version.
 
         Raises:
-            SchemaVersionError: The file was written by a newer sagaflow.
+            SchemaVersionError: The file was written by a newer sagaflow, or (with
+                `migrate=False`) by an older one.
             StoreError: The file cannot be opened or is not a sagaflow SQLite database.
         """
         if self._conn is not None:
@@ -281,6 +288,34 @@ class SQLiteStore:
         rows = await self._run(_fetch, sql, args)
         return [OutboxRecord(**dict(zip(_OUTBOX, row, strict=True))) for row in rows]
 
+    async def scan_instances(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[InstanceRecord]:
+        """Up to `limit` instances ordered by `(saga, key)`, those after `after` only."""
+        rows = await self._run(
+            _fetch, *_scan("instances", _INSTANCE, ("saga", "key"), after, limit)
+        )
+        return [_instance(row) for row in rows]
+
+    async def scan_outbox(self, *, after: str | None = None, limit: int) -> list[OutboxRecord]:
+        """Up to `limit` outbox rows ordered by id, those after `after` only."""
+        key = None if after is None else (after,)
+        rows = await self._run(_fetch, *_scan("outbox", _OUTBOX, ("id",), key, limit))
+        return [OutboxRecord(**dict(zip(_OUTBOX, row, strict=True))) for row in rows]
+
+    async def scan_schedules(
+        self, *, after: tuple[str, str, str] | None = None, limit: int
+    ) -> list[ScheduleRecord]:
+        """Up to `limit` schedules ordered by `(saga, key, name)`, those after `after` only."""
+        scan = _scan("schedules", _SCHEDULE, ("saga", "key", "name"), after, limit)
+        return [_schedule(row) for row in await self._run(_fetch, *scan)]
+
+    async def scan_dead_letters(self, *, after: str | None = None, limit: int) -> list[DeadLetter]:
+        """Up to `limit` dead letters ordered by id, those after `after` only."""
+        key = None if after is None else (after,)
+        rows = await self._run(_fetch, *_scan("dead_letters", _DEAD, ("id",), key, limit))
+        return [DeadLetter(**dict(zip(_DEAD, row, strict=True))) for row in rows]
+
     async def list_schedules(
         self, *, saga: str | None = None, key: str | None = None
     ) -> list[ScheduleRecord]:
@@ -307,9 +342,14 @@ class SQLiteStore:
             raise StoreError(f"SQLite store {self._path!r} failed: {exc}") from exc
 
     def _connect(self) -> sqlite3.Connection:
+        # Without migrating, nothing may be created either: not even an empty file.
+        path = self._path
+        if not self._migrates:
+            path = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
         try:
             conn = sqlite3.connect(
-                self._path,
+                path,
+                uri=not self._migrates,
                 timeout=self._busy_timeout,
                 isolation_level=None,
                 check_same_thread=False,
@@ -317,9 +357,12 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {self._path!r}: {exc}") from exc
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {'FULL' if self._power_safe else 'NORMAL'}")
-            _transaction(conn, self._migrate)
+            if self._migrates:
+                conn.execute("PRAGMA journal_mode = WAL")  # kept in the file from then on
+                _transaction(conn, self._migrate)
+            else:
+                self._require_current(conn)
         except sqlite3.Error as exc:
             conn.close()
             raise StoreError(
@@ -361,6 +404,32 @@ class SQLiteStore:
         if found != SCHEMA_VERSION:
             conn.execute(
                 "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION),)
+            )
+
+    def _require_current(self, conn: sqlite3.Connection) -> None:
+        """Check, changing nothing, that the file is a store at this schema version."""
+        has_meta = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        if has_meta is None:
+            raise StoreError(
+                f"SQLite store {self._path!r} is not a sagaflow store (it has no meta table); "
+                "it was opened with migrate=False, so nothing was created"
+            )
+        value = _scalar(conn, "SELECT value FROM meta WHERE name = 'schema_version'")
+        found = int(value) if str(value).isdigit() else -1
+        if found != SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"SQLite store {self._path!r} has schema version {found}, but this sagaflow "
+                f"reads version {SCHEMA_VERSION} without migrating (migrate=False); "
+                + (
+                    "open it with the sagaflow that wrote it, or a newer one"
+                    if found > SCHEMA_VERSION
+                    else "work on a copy of the file, which opening with migrate=True "
+                    "migrates (the sagaflow that wrote it cannot open a migrated file)"
+                ),
+                found=found,
+                supported=SCHEMA_VERSION,
             )
 
 
@@ -523,6 +592,21 @@ def _where(**filters: str | None) -> tuple[str, tuple[str, ...]]:
     if not given:
         return "", ()
     return " WHERE " + " AND ".join(f"{c} = ?" for c in given), tuple(given.values())
+
+
+def _scan(
+    table: str,
+    names: Sequence[str],
+    key: Sequence[str],
+    after: Sequence[str] | None,
+    limit: int,
+) -> tuple[str, tuple[Any, ...]]:
+    """One page of `table` in primary-key order, after the key `after` (a row value
+    comparison, which walks the primary key's b-tree from there)."""
+    columns = _columns(key)
+    where = "" if after is None else f" WHERE ({columns}) > ({', '.join('?' * len(key))})"
+    sql = f"SELECT {_columns(names)} FROM {table}{where} ORDER BY {columns} LIMIT ?"
+    return sql, (*(after or ()), limit)
 
 
 def _instance(row: Sequence[Any]) -> InstanceRecord:
