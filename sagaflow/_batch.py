@@ -85,6 +85,7 @@ class _Work:
         "blocked",
         "broken",
         "commands",
+        "corrupt",
         "deleted",
         "dirty",
         "failed",
@@ -112,6 +113,7 @@ class _Work:
         self.record = record
         self.state = state
         self.broken: DecodeError | None = None
+        self.corrupt = False  # the record itself (version, status) is unreadable
         self.dirty = False
         self.deleted = False
         self.blocked = False
@@ -209,11 +211,13 @@ class Batch:
                 w = self.work[ref]
                 w.record, w.start_version = record, record.version
                 try:
+                    _check_record(record)
                     w.state = w.spec.load_state(
                         shard.serializer, ref[1], record.state, record.state_version
                     )
                 except DecodeError as exc:
                     w.broken = exc
+                    w.corrupt = exc.field in _RECORD_FIELDS
                     log.error("%s", exc, extra={"saga": ref[0], "key": ref[1]})
 
         for item, w in zip(self.items, works, strict=True):
@@ -282,7 +286,7 @@ class Batch:
                 w, item, f"schedule {s.name!r} fell due but the instance is {state}"
             )
             return
-        if w.broken is not None and s.to_self:
+        if w.broken is not None and (s.to_self or w.corrupt):
             # Held: the instance's state cannot be decoded by this code. The timer waits
             # as a dead letter with the true reason; retrying it schedules it again.
             self._dead_schedule(
@@ -803,6 +807,41 @@ class Batch:
             shard.hold(item)
         for item in self.again:
             shard.mailbox.put_unbounded(item)
+
+
+_STATUSES = frozenset((ACTIVE, COMPLETING, COMPENSATION_FAILED))
+_RECORD_FIELDS = ("version", "status", "state_version")
+
+
+def _check_record(record: InstanceRecord) -> None:
+    """Refuse a stored instance whose bookkeeping columns are not what sagaflow writes.
+
+    Raises:
+        DecodeError: A version is not a positive int, or the status is unknown.
+    """
+    version, status, state_version = record.version, record.status, record.state_version
+    if (
+        type(version) is int
+        and version > 0
+        and status in _STATUSES
+        and type(state_version) is int
+        and state_version > 0
+    ):
+        return  # the common case, checked in one go
+    for field in _RECORD_FIELDS:
+        value = getattr(record, field)
+        if (field == "status" and value not in _STATUSES) or (
+            field != "status" and (type(value) is not int or value < 1)
+        ):
+            raise DecodeError(
+                f"stored instance of saga {record.saga!r} key {record.key!r} has "
+                f"{field} {value!r}, which sagaflow never writes (corrupt row?); the row is "
+                "kept and its events wait as dead letters: repair the row, then retry them",
+                type_name=record.saga,
+                field=field,
+                saga=record.saga,
+                key=record.key,
+            )
 
 
 def _instance_id(now: float) -> str:

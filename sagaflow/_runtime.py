@@ -424,7 +424,7 @@ class Runtime:
             MessageError: `source` gave something that is not a message.
         """
         self._check_running()
-        ack = Ack(1)  # held open until the source is exhausted
+        ack = Ack(1, poison_raises=False)  # held open until the source is exhausted
         count = 0
         activity = self._activity
         try:

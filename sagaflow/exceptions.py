@@ -16,7 +16,8 @@ SagaflowError
 │   └── DecodeError                        a stored payload no longer fits its class
 ├── ConflictError                          a commit lost an optimistic-concurrency race
 ├── StoreError (RuntimeError)              a store cannot be opened or used
-│   └── SchemaVersionError                 the store was written by an unknown schema
+│   ├── SchemaVersionError                 the store was written by an unknown schema
+│   └── UnstorableError (ValueError)       one event's effects cannot be stored (poison)
 ├── DeadLetterError (LookupError)          no dead letter or instance with that id
 └── RuntimeClosedError (RuntimeError)      the runtime is not running
 ```
@@ -42,6 +43,7 @@ __all__ = [
     "SerializationError",
     "StoreError",
     "UnknownTypeError",
+    "UnstorableError",
 ]
 
 
@@ -197,6 +199,27 @@ class SchemaVersionError(StoreError):
         super().__init__(message)
         self.found = found
         self.supported = supported
+
+
+class UnstorableError(StoreError, ValueError):
+    """The store refused what one event produced (a poison event); the rest of its batch
+    was committed, and the event was kept as a dead letter when the store could take it.
+
+    Attributes:
+        saga: The saga's name.
+        key: The instance key.
+        type_name: The event's type (the class name, if it has no stored name).
+        dead_lettered: Whether the event was kept as a dead letter.
+    """
+
+    def __init__(
+        self, message: str, *, saga: str, key: str, type_name: str, dead_lettered: bool
+    ) -> None:
+        super().__init__(message)
+        self.saga = saga
+        self.key = key
+        self.type_name = type_name
+        self.dead_lettered = dead_lettered
 
 
 class DeadLetterError(SagaflowError, LookupError):

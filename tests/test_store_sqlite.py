@@ -166,10 +166,10 @@ async def test_a_new_file_gets_the_current_schema_version(tmp_path: Path) -> Non
     ]
 
 
-async def test_an_empty_sqlite_file_gets_the_schema(tmp_path: Path) -> None:
+async def test_an_empty_sqlite_file_gets_the_schema_when_asked_to_create(tmp_path: Path) -> None:
     path = tmp_path / "empty.db"
     query(path, "PRAGMA user_version")
-    store = SQLiteStore(path)
+    store = SQLiteStore(path, create=True)
 
     await store.open()
     await store.commit(Changes(writes=[InstanceWrite(instance(), 0)]))
@@ -442,3 +442,33 @@ async def test_power_safe_chooses_full_or_normal_synchronous(
     setting = conn.execute("PRAGMA synchronous").fetchone()
     await store.close()
     assert (setting, repr(store).endswith(f"power_safe={power_safe})")) == ((level,), True)
+
+
+async def test_an_empty_file_is_refused_unless_asked_to_create_a_store(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    path.write_bytes(b"")
+
+    with pytest.raises(StoreError) as caught:
+        await SQLiteStore(path).open()
+    store = SQLiteStore(path, create=True)
+    await store.open()
+    await store.close()
+
+    assert str(caught.value) == (
+        f"SQLite file {str(path)!r} is empty (0 bytes), so it holds no sagaflow store: check "
+        "the path (or restore the copy it should be); to start a new store in it, pass "
+        "SQLiteStore(..., create=True) or delete the file"
+    )
+    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
+
+
+async def test_a_database_of_someone_else_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    query(path, "CREATE TABLE customers (id INTEGER)")
+
+    with pytest.raises(StoreError, match="holds 1 table\\(s\\) that sagaflow did not create"):
+        await SQLiteStore(path, create=True).open()
+
+    assert query(path, "SELECT name FROM sqlite_master") == [("customers",)]

@@ -185,12 +185,19 @@ class SQLiteStore:
             migrates an older schema. `False`: `open` changes nothing on disk; the file
             must exist at this sagaflow's schema version (read-only tools such as
             `sagaflow check` open a store so).
+        create: Also turn an existing empty (0-byte) file into a store. By default such
+            a file is refused, since it is more likely a failed copy or a wrong path
+            than a store to start afresh; a missing file is always created (with
+            `migrate=True`). A SQLite database holding tables sagaflow did not create is
+            always refused.
     """
 
     _path: str = attrs.field(converter=_fspath)
     _busy_timeout: float = attrs.field(default=5.0, kw_only=True)
     _power_safe: bool = attrs.field(default=True, kw_only=True)
     _migrates: bool = attrs.field(default=True, kw_only=True, alias="migrate")
+    _create: bool = attrs.field(default=False, kw_only=True, alias="create")
+    _was_empty: bool = attrs.field(default=False, init=False, repr=False)
     _conn: sqlite3.Connection | None = attrs.field(default=None, init=False, repr=False)
     _limiter: anyio.CapacityLimiter | None = attrs.field(default=None, init=False, repr=False)
     _now: float | None = attrs.field(default=None, init=False, repr=False)
@@ -344,6 +351,7 @@ class SQLiteStore:
     def _connect(self) -> sqlite3.Connection:
         # Without migrating, nothing may be created either: not even an empty file.
         path = self._path
+        self._was_empty = os.path.isfile(path) and os.path.getsize(path) == 0
         if not self._migrates:
             path = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
         try:
@@ -380,6 +388,18 @@ class SQLiteStore:
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
         ).fetchone()
         if has_meta is None:
+            tables = _scalar(conn, "SELECT count(*) FROM sqlite_master WHERE type = 'table'")
+            if tables:
+                raise StoreError(
+                    f"SQLite file {self._path!r} holds {tables} table(s) that sagaflow did "
+                    "not create; give sagaflow a file of its own"
+                )
+            if self._was_empty and not self._create:
+                raise StoreError(
+                    f"SQLite file {self._path!r} is empty (0 bytes), so it holds no sagaflow "
+                    "store: check the path (or restore the copy it should be); to start a new "
+                    "store in it, pass SQLiteStore(..., create=True) or delete the file"
+                )
             for statement in _SCHEMA_V1:
                 conn.execute(statement)
             conn.execute("INSERT INTO meta (name, value) VALUES ('schema_version', '1')")
