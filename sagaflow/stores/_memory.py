@@ -198,10 +198,20 @@ class MemoryStore:
         """The earliest due time of any pending schedule (of `sagas`, if given), or `None`."""
         await anyio.lowlevel.checkpoint()
         self._prune_due()
-        if sagas is None:
-            return self._due[0][0] if self._due else None
+        if not self._due:
+            return None
+        if sagas is None or self._due[0][4][0] in sagas:
+            return self._due[0][0]  # the common case: the earliest is of a wanted saga
         wanted = set(sagas)
-        return min((s.due for s in self._schedules.values() if s.saga in wanted), default=None)
+        window = 64
+        while True:
+            entries = heapq.nsmallest(window, self._due)
+            for when, _, _, token, skey in entries:
+                if skey[0] in wanted and self._tokens.get(skey) == token:
+                    return when
+            if len(entries) < window:
+                return None
+            window *= 4
 
     async def due_schedules(
         self, now: float, limit: int, *, sagas: Collection[str] | None = None
