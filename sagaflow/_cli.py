@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import logging
 import math
 import os
 import re
@@ -672,6 +673,11 @@ def _demo(args: argparse.Namespace) -> int:
     if missing is not None:
         print(f"sagaflow demo: error: {missing}", file=sys.stderr)
         return USAGE
+    # The demo's failures are on purpose: keep their log records out of the display.
+    quiet = logging.getLogger("sagaflow")
+    if not quiet.handlers:
+        quiet.addHandler(logging.NullHandler())
+        quiet.propagate = False
 
     async def demo() -> bool:
         result = await run_demo(
