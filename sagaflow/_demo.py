@@ -14,6 +14,7 @@ moved through the round's retries and timeouts.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -21,7 +22,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-import anyio
 import attrs
 
 from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
@@ -337,40 +337,30 @@ async def run_demo(
         dispatch_concurrency=64,
     )
     limit = orders if stop_after is None else min(orders, stop_after)
-    started = time.monotonic()
-
-    async def show_progress() -> None:
-        assert runtime is not None
-        while True:
-            _progress(out, runtime.statistics(), outcomes, orders, started)
-            await anyio.sleep(0.25)
-
+    show = _Progress(out, runtime, outcomes, orders, enabled=progress)
+    settled = True
     try:
         async with runtime:
             if resumed:
                 print(f"resuming: {resumed} order(s) in flight from an earlier run", file=out)
-            async with anyio.create_task_group() as tg:
-                if progress:
-                    tg.start_soon(show_progress)
-                settled = True
-                for first in range(0, limit, max(1, round_size)):
-                    last = min(first + max(1, round_size), limit)
-                    # Placing again an order that an earlier run placed is harmless:
-                    # the id makes it a duplicate, applied at most once.
-                    await runtime.run(_orders(first, last), id=lambda e: f"placed-{e.order_id}")
-                    if last < limit or limit == orders:  # not the round it stops after
-                        settled = await _settle(runtime, clock, store)
-                if limit == orders == 0:
+            for first in range(0, limit, max(1, round_size)):
+                last = min(first + max(1, round_size), limit)
+                # Placing again an order that an earlier run placed is harmless: the id
+                # makes it a duplicate, applied at most once.
+                await runtime.run(_orders(first, last, show), id=lambda e: f"placed-{e.order_id}")
+                if last < limit or limit == orders:  # not the round it stops after
                     settled = await _settle(runtime, clock, store)
-                await runtime.drain()
-                tg.cancel_scope.cancel()
+                show.tick()
+            if limit == orders == 0:
+                settled = await _settle(runtime, clock, store)
+            await runtime.drain()
             result = await _result(store, outcomes, limit, resumed, runtime.statistics())
     finally:
         if log is not None:
             log.close()
     result = attrs.evolve(
         result,
-        seconds=time.monotonic() - started,
+        seconds=time.monotonic() - show.started,
         finished=settled and limit == orders and result.unfinished == 0,
     )
     if progress:
@@ -379,8 +369,9 @@ async def run_demo(
     return result
 
 
-async def _orders(first: int, last: int) -> AsyncIterator[OrderPlaced]:
+async def _orders(first: int, last: int, show: _Progress) -> AsyncIterator[OrderPlaced]:
     for i in range(first, last):
+        show.tick()
         yield OrderPlaced(f"o{i}", 100 + i % 900)
 
 
@@ -447,20 +438,38 @@ async def _result(
     )
 
 
-def _progress(
-    out: Any, stats: Statistics, outcomes: dict[str, str], orders: int, started: float
-) -> None:
-    elapsed = max(time.monotonic() - started, 1e-9)
-    done = len(outcomes)
-    line = (
-        f"orders finished {done}/{orders}  handled {stats.events_handled} events "
-        f"({stats.events_handled / elapsed:,.0f}/s)  dispatched {stats.commands_dispatched}  "
-        f"outbox {stats.outbox_depth}"
-    )
-    if getattr(out, "isatty", lambda: False)():
-        print("\r" + line, end="", file=out, flush=True)
-    else:
-        print(line, file=out)
+@attrs.define(eq=False)
+class _Progress:
+    """The progress line, printed at most every quarter of a second.
+
+    Ticked from the demo's own task (no task of its own), so that an interrupt reaches
+    the caller as itself, not inside an exception group.
+    """
+
+    out: Any
+    runtime: Runtime
+    outcomes: dict[str, str]
+    orders: int
+    enabled: bool
+    started: float = attrs.field(factory=time.monotonic)
+    _shown: float = attrs.field(default=-math.inf, init=False)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if not self.enabled or now - self._shown < 0.25:
+            return
+        self._shown = now
+        stats = self.runtime.statistics()
+        elapsed = max(now - self.started, 1e-9)
+        line = (
+            f"orders finished {len(self.outcomes)}/{self.orders}  handled "
+            f"{stats.events_handled} events ({stats.events_handled / elapsed:,.0f}/s)  "
+            f"dispatched {stats.commands_dispatched}  outbox {stats.outbox_depth}"
+        )
+        if getattr(self.out, "isatty", lambda: False)():
+            print("\r" + line, end="", file=self.out, flush=True)
+        else:
+            print(line, file=self.out)
 
 
 def _summary(out: Any, r: DemoResult, db: str) -> None:
