@@ -719,7 +719,7 @@ def parser() -> argparse.ArgumentParser:
         description="Durable sagas for asyncio and trio.",
         epilog=(
             "exit codes: 0 done, 1 nothing found or operation refused, 2 usage error, "
-            "3 store unreachable or schema error"
+            "3 store unreachable or schema error, 141 the output's reader went away"
         ),
     )
     top.add_argument("--version", action="version", version=f"sagaflow {__version__}")
