@@ -177,7 +177,7 @@ def test_a_demo_killed_midway_resumes_with_the_same_mix(tmp_path: Path) -> None:
     applied twice, no outcome lost)."""
     outcomes = tmp_path / "orders.db.outcomes"
     process = subprocess.Popen(
-        command("demo", "--db", "orders.db", "--quiet", "--orders", "4000"),
+        command("demo", "--db", "orders.db", "--quiet", "--orders", "5000"),
         cwd=tmp_path,
         env=environment(),
         stdout=subprocess.DEVNULL,
@@ -193,10 +193,13 @@ def test_a_demo_killed_midway_resumes_with_the_same_mix(tmp_path: Path) -> None:
         process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL  # it was still running
 
-    second = demo(tmp_path, "--orders", "4000")
+    second = demo(tmp_path, "--orders", "5000")
 
-    assert "sagaflow demo on orders.db: 4000 orders\n" in second
-    assert {k: v for k, v in summary(second).items() if k != "resumed"} == mix(4000)
+    resumed = summary(second).pop("resumed")
+    assert resumed > 0  # the kill left orders in flight
+    assert second.startswith(f"resuming: {resumed} order(s) in flight from an earlier run\n")
+    assert "sagaflow demo on orders.db: 5000 orders\n" in second
+    assert {k: v for k, v in summary(second).items() if k != "resumed"} == mix(5000)
 
 
 @pytest.mark.anyio
