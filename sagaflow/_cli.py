@@ -406,11 +406,11 @@ _StoreCommand = Callable[[Admin, argparse.Namespace, TextIO], Awaitable[int]]
 async def _unknown_saga(admin: Admin, saga: str) -> str | None:
     """Why nothing of `saga` was found, if the store holds nothing at all of that name.
 
-    The store has no registry, so the names it knows are those of its instances and
-    dead letters. This reads them all: it runs only once a lookup has found nothing.
+    The store has no registry, so the names it knows are those of its instances,
+    schedules, commands and dead letters. It runs only once a lookup has found nothing.
     """
     store = admin.store
-    names = {r.saga for r in await store.list_instances()}
+    names = await store.saga_names()
     names.update(d.saga for d in await store.list_dead_letters())
     if saga in names:
         return None
