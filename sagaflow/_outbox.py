@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import attrs
 
+from ._calls import Interrupt, call
 from ._clock import SystemClock
 from ._hooks import Hooks
 from ._records import DispatchMeta
@@ -27,7 +28,7 @@ from .stores._protocol import (
     Store,
 )
 
-__all__ = ["Counters", "Dispatchers", "Outbox", "error_text", "note_failure"]
+__all__ = ["Counters", "Dispatchers", "Outbox", "call_dispatch", "error_text", "note_failure"]
 
 log = logging.getLogger("sagaflow.outbox")
 
@@ -61,6 +62,27 @@ class _Entry:
 def error_text(exc: BaseException) -> str:
     """An exception as `"Type: message"`, the form stored and given to `CommandFailed`."""
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def call_dispatch(
+    dispatch: Callable[[Any, DispatchMeta], Any],
+    command: Any,
+    meta: DispatchMeta,
+    timeout: float | None,
+) -> Any:
+    """Call the dispatcher within `dispatch_timeout` (see `_calls.call`); its result.
+
+    Raises:
+        TimeoutError: The call took longer than `timeout`.
+        RuntimeError: The dispatcher raised a cancellation nobody asked for.
+    """
+    return await call(
+        dispatch(command, meta),
+        timeout,
+        lambda: f"the dispatch of {type(command).__name__} for {meta.saga}/{meta.key} "
+        f"(attempt {meta.attempt})",
+        "dispatch_timeout",
+    )
 
 
 def note_failure(
@@ -172,6 +194,8 @@ class Dispatchers:
             ref = self._ready.popleft()
             try:
                 await dispatch(ref)
+            except (KeyboardInterrupt, SystemExit) as exc:
+                raise Interrupt(exc) from None
             finally:
                 self.activity.end()
 
@@ -216,6 +240,7 @@ class Outbox:
     concurrency: int = 16
     sweep_interval: float = 5.0
     hooks: Hooks | None = None
+    dispatch_timeout: float | None = None
 
     _queues: dict[_Ref, deque[_Entry]] = attrs.field(factory=dict, init=False)
     _busy: set[_Ref] = attrs.field(factory=set, init=False)
@@ -357,7 +382,7 @@ class Outbox:
     async def _dispatch_head(self, ref: _Ref) -> None:
         """Dispatch the instance's commands in order until its queue is empty or waits."""
         queue = self._queues.get(ref)
-        hooks, dispatch = self.hooks, self.dispatch
+        hooks, dispatch, timeout = self.hooks, self.dispatch, self.dispatch_timeout
         held, awaiting = self._held, self._awaiting
         while queue and ref not in held and ref not in awaiting:
             entry = queue[0]
@@ -369,14 +394,14 @@ class Outbox:
                     entry.decoded = True
                 meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
                 if hooks is None:
-                    await dispatch(entry.command, meta)
+                    await call_dispatch(dispatch, entry.command, meta, timeout)
                 else:
                     span = hooks.dispatching(entry.command, meta)
                     if span is None:
-                        await dispatch(entry.command, meta)
+                        await call_dispatch(dispatch, entry.command, meta, timeout)
                     else:
                         with span:
-                            await dispatch(entry.command, meta)
+                            await call_dispatch(dispatch, entry.command, meta, timeout)
             except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
                 self._failed(ref, entry, attempt, exc)
                 return

@@ -18,6 +18,7 @@ import anyio
 import attrs
 
 from ._batch import Batch, Item, Ref
+from ._calls import Interrupt
 from ._hooks import Hooks
 from ._outbox import Counters, Outbox, error_text
 from ._records import Unmatched
@@ -51,6 +52,8 @@ class Shard:
     cache_size: int
     conflict_retries: int
     mailbox: Mailbox[Item]
+    handler_timeout: float | None = None
+    """Seconds an async handler call may take (`None`: no limit)."""
     cache: OrderedDict[Ref, tuple[InstanceRecord, Any]] = attrs.field(
         factory=OrderedDict, init=False
     )
@@ -69,12 +72,19 @@ class Shard:
         return self._retry_due[0] if self._retry_due else None
 
     async def run(self) -> None:
-        """Take batches from the mailbox and handle them, until cancelled."""
+        """Take batches from the mailbox and handle them, until cancelled.
+
+        Raises:
+            Interrupt: User code raised `KeyboardInterrupt` or `SystemExit`.
+        """
         async with anyio.create_task_group() as tg:
             self._tg = tg
             while True:
                 await self.mailbox.wait_readable()
-                await self._process(self.mailbox.take(self.max_batch))
+                try:
+                    await self._process(self.mailbox.take(self.max_batch))
+                except (KeyboardInterrupt, SystemExit) as exc:
+                    raise Interrupt(exc) from None
 
     def _expand(self, items: list[Item]) -> list[Item]:
         """Put items behind a handler retry on hold, and release them behind it."""

@@ -1,0 +1,112 @@
+"""Calling user code (handlers, dispatchers) so that its faults stay local.
+
+- A call that takes longer than its timeout is cancelled and fails with a
+  `TimeoutError` saying so: a failed attempt like any other.
+- A cancellation exception that user code raises while the runtime is not being
+  cancelled (on asyncio, it awaited a future that something else cancelled) fails the
+  call too, instead of silently ending the task that made it.
+- `KeyboardInterrupt` and `SystemExit` stop the runtime: the task that met one raises
+  `Interrupt` (an ordinary exception, so that asyncio does not tear it out of the event
+  loop and task groups stop cleanly), and `Runtime.__aexit__` re-raises the original
+  (`interrupt_in`).
+
+Timeouts are measured in real time (the event loop's clock), not through the runtime's
+`Clock`: they guard against calls that hang, and a virtual clock standing still must not
+keep a hung call alive, nor moving it on cut a running one short.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TypeVar
+
+import anyio
+
+__all__ = ["Interrupt", "call", "interrupt_in", "seconds"]
+
+T = TypeVar("T")
+
+
+def seconds(value: timedelta | float | None, name: str) -> float | None:
+    """A timeout option as seconds (`None`: no limit).
+
+    Raises:
+        ValueError: The value is not a positive duration.
+    """
+    if value is None:
+        return None
+    result = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if not result > 0:
+        raise ValueError(
+            f"Runtime({name}=...) must be a positive number of seconds, a timedelta, or None "
+            f"for no limit; got {value!r}"
+        )
+    return result
+
+
+async def call(
+    awaitable: Awaitable[T], timeout: float | None, what: Callable[[], str], option: str
+) -> T:
+    """Await user code with a time limit.
+
+    Args:
+        awaitable: The call's result (a coroutine not yet started).
+        timeout: Seconds, or `None` for no limit.
+        what: Describes the call for an error message (called only on failure).
+        option: The `Runtime` option that set `timeout`, named in the message.
+
+    Raises:
+        TimeoutError: The call took longer than `timeout`.
+        RuntimeError: The call raised a cancellation exception although nothing
+            cancelled the runtime.
+    """
+    scope = anyio.CancelScope(
+        deadline=math.inf if timeout is None else anyio.current_time() + timeout
+    )
+    try:
+        with scope:
+            return await awaitable
+    except Exception:
+        raise  # an ordinary failure: the caller counts it
+    except BaseException as exc:
+        if (
+            isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit)
+            or anyio.current_effective_deadline() == -math.inf  # the runtime is cancelled
+            or (isinstance(exc, BaseExceptionGroup) and interrupt_in(exc) is not None)
+        ):
+            raise
+        # A cancellation nobody asked for (or another loop's cancellation exception).
+        raise RuntimeError(
+            f"{what()} raised {type(exc).__name__} although the runtime was not cancelled "
+            "(did it await something that another task cancelled?)"
+        ) from exc
+    # Only our own deadline ends the scope without a result or an exception.
+    raise TimeoutError(f"{what()} timed out after {timeout:g} s ({option})")
+
+
+class Interrupt(Exception):
+    """Carries a `KeyboardInterrupt` or `SystemExit` out of a runtime task.
+
+    Attributes:
+        original: The exception to raise to the runtime's owner.
+    """
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(f"{type(original).__name__} in a runtime task")
+        self.original = original
+
+
+def interrupt_in(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The first `KeyboardInterrupt`/`SystemExit` in `group` (carried or not), if any."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = interrupt_in(exc)
+            if found is not None:
+                return found
+        elif isinstance(exc, Interrupt):
+            return exc.original
+        elif isinstance(exc, KeyboardInterrupt | SystemExit):
+            return exc
+    return None
