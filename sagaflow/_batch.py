@@ -472,8 +472,10 @@ class Batch:
         return await call(
             result,
             self.shard.handler_timeout,
-            lambda: f"handler {handler.method} of saga {handler.saga!r} on "
-            f"{type(event).__name__} (key {key!r})",
+            lambda: (
+                f"handler {handler.method} of saga {handler.saga!r} on "
+                f"{type(event).__name__} (key {key!r})"
+            ),
             "handler_timeout",
         )
 

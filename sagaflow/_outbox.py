@@ -79,8 +79,10 @@ async def call_dispatch(
     return await call(
         dispatch(command, meta),
         timeout,
-        lambda: f"the dispatch of {type(command).__name__} for {meta.saga}/{meta.key} "
-        f"(attempt {meta.attempt})",
+        lambda: (
+            f"the dispatch of {type(command).__name__} for {meta.saga}/{meta.key} "
+            f"(attempt {meta.attempt})"
+        ),
         "dispatch_timeout",
     )
 

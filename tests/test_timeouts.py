@@ -176,9 +176,7 @@ async def test_a_hung_handler_does_not_hold_other_instances_past_its_timeout(
     timed out, while the hung one waits for its retry (the clock does not move)."""
     entered = Entered()
     registry = scripted_registry(hang_on_touched(entered))
-    async with running(
-        registry, store=store, retry=TWICE, handler_timeout=TIMEOUT, shards=1
-    ) as h:  # type: ignore[arg-type]
+    async with running(registry, store=store, retry=TWICE, handler_timeout=TIMEOUT, shards=1) as h:  # type: ignore[arg-type]
         await h.runtime.publish(Started("a"))
         async with anyio.create_task_group() as tg:
             tg.start_soon(h.runtime.publish, Touched("a", "hang"))
@@ -451,10 +449,7 @@ async def stored(path: Path) -> tuple[list[tuple[str, list[str]]], list[str]]:
     store = SQLiteStore(path)
     await store.open()
     try:
-        instances = [
-            (r.key, json.loads(r.state)["seen"])
-            for r in await store.list_instances()
-        ]
+        instances = [(r.key, json.loads(r.state)["seen"]) for r in await store.list_instances()]
         schedules = [s.type_name.rpartition(".")[2] for s in await store.list_schedules()]
         return instances, schedules
     finally:
@@ -483,12 +478,15 @@ async def test_cancelling_a_busy_runtime_stops_it_and_the_file_stays_consistent(
     registry = scripted_registry()
     with anyio.fail_after(30):
         with anyio.CancelScope() as scope:
-            async with Runtime(registry, store=SQLiteStore(path), dispatch=Recorder()) as rt:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(lambda: rt.run(source(200), id=event_id))
-                    while rt.statistics().events_handled < 50:
-                        await anyio.sleep(0.005)
-                    scope.cancel()
+            store = SQLiteStore(path)
+            async with (
+                Runtime(registry, store=store, dispatch=Recorder()) as rt,
+                anyio.create_task_group() as tg,
+            ):
+                tg.start_soon(lambda: rt.run(source(200), id=event_id))
+                while rt.statistics().events_handled < 50:
+                    await anyio.sleep(0.005)
+                scope.cancel()
         assert scope.cancelled_caught
         first, _ = await stored(path)
 
