@@ -18,9 +18,10 @@ keep a hung call alive, nor moving it on cut a running one short.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
+import types
+from collections.abc import Awaitable, Callable, Generator
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 
@@ -62,12 +63,20 @@ async def call(
         RuntimeError: The call raised a cancellation exception although nothing
             cancelled the runtime.
     """
-    scope = anyio.CancelScope(
-        deadline=math.inf if timeout is None else anyio.current_time() + timeout
-    )
+    steps = awaitable.__await__()
     try:
+        # The first step runs without a cancel scope: most calls of a busy runtime
+        # finish without waiting, and a call that does not wait cannot be interrupted
+        # anyway. Only a call that suspends pays for the scope (a few microseconds).
+        try:
+            first = steps.send(None)
+        except StopIteration as done:
+            return cast(T, done.value)
+        scope = anyio.CancelScope(
+            deadline=math.inf if timeout is None else anyio.current_time() + timeout
+        )
         with scope:
-            return await awaitable
+            return cast(T, await _resume(steps, first))
     except Exception:
         raise  # an ordinary failure: the caller counts it
     except BaseException as exc:
@@ -84,6 +93,24 @@ async def call(
         ) from exc
     # Only our own deadline ends the scope without a result or an exception.
     raise TimeoutError(f"{what()} timed out after {timeout:g} s ({option})")
+
+
+@types.coroutine
+def _resume(steps: Generator[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """Go on awaiting `steps`, which suspended (yielding `yielded` to the event loop)."""
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:  # a cancellation, or anything the loop throws in
+            try:
+                yielded = steps.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                yielded = steps.send(sent)
+            except StopIteration as done:
+                return done.value
 
 
 class Interrupt(Exception):

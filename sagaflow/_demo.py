@@ -135,7 +135,8 @@ class OrderSaga:
     @on(CommandFailed)
     def failed(self, order: Order, event: CommandFailed[Any]) -> list[Any] | None:
         command = event.command
-        if isinstance(command, CapturePayment):
+        if isinstance(command, CapturePayment) and order.status != "timed out":
+            # (Timed out first, e.g. after a restart lost the reply: already compensating.)
             order.status = "declined"
             return [
                 Unschedule("payment"),

@@ -217,9 +217,14 @@ def test_the_demo_stops_on_the_first_signal_and_a_second_run_resumes(
         )
     }
     # The simulated services answer through memory: answers pending at the stop are
-    # lost (as with a broker that does not keep them), and those orders time out.
-    assert (counts["dead letters"], counts["in flight"]) == (20, 0)
-    assert sum(counts.values()) == int(ORDERS)
+    # lost (as with a broker that does not keep them), and those orders time out; a
+    # command delivered but not yet recorded at the stop goes out again (at least once),
+    # and its answer may reach an order that has ended (one more dead letter). Every
+    # order with a number ending in 23 ends with a failed cancellation, kept for an
+    # operator; each other order is completed, compensated or timed out.
+    ended = counts["completed"] + counts["compensated"] + counts["timed out"]
+    assert (ended, counts["in flight"]) == (int(ORDERS) - int(ORDERS) // 100, 0)
+    assert counts["dead letters"] >= int(ORDERS) // 100
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
