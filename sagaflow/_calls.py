@@ -101,7 +101,7 @@ def _resume(steps: Generator[Any, Any, Any], yielded: Any) -> Generator[Any, Any
     while True:
         try:
             sent = yield yielded
-        except BaseException as exc:  # noqa: BLE001 - passed on: a cancellation, or whatever is thrown in
+        except BaseException as exc:  # noqa: BLE001 - passed on to the call
             try:
                 yielded = steps.throw(exc)
             except StopIteration as done:
