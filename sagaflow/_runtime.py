@@ -394,6 +394,11 @@ class Runtime:
             await self._shard(spec.name, key).mailbox.put(
                 Item(EVENT, spec, key, event, handler, id, ack)
             )
+        if not self._running:  # it stopped while we waited for room: nobody takes them
+            raise RuntimeClosedError(
+                "the runtime stopped before this event could be handled; publish it "
+                "again to a running runtime"
+            )
         await ack.wait()
 
     async def run(

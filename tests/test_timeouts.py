@@ -34,6 +34,7 @@ from sagas_for_tests import (
 
 from sagaflow import CommandFailed, DispatchMeta, RetryPolicy, Runtime, Schedule, Send
 from sagaflow._clock import VirtualClock
+from sagaflow.exceptions import RuntimeClosedError
 from sagaflow.stores import MemoryStore, PostgresStore, SQLiteStore, Store
 
 TIMEOUT = 0.05
@@ -496,3 +497,43 @@ async def test_cancelling_a_busy_runtime_stops_it_and_the_file_stays_consistent(
 
     assert 50 <= len(first) <= 200
     assert sorted(second) == [(e.key, [label(e)]) for e in events]
+
+
+@pytest.mark.anyio
+async def test_publishers_still_waiting_when_the_runtime_stops_hear_so(store: Store) -> None:
+    """Publishers in tasks outside the runtime's context (a web server's requests, say):
+    one whose handler hangs, one queued behind it on the same shard. Once leaving the
+    runtime gave up after `shutdown_timeout`, both get `RuntimeClosedError` instead of
+    waiting for ever."""
+    entered = Entered()
+    registry = scripted_registry(hang_on_touched(entered))
+    outcomes: list[tuple[str, str]] = []
+
+    async def publish(runtime: Runtime, event: Touched) -> None:
+        try:
+            await runtime.publish(event)
+            outcomes.append((event.key, "committed"))
+        except RuntimeClosedError as exc:
+            outcomes.append((event.key, str(exc)))
+
+    with anyio.fail_after(10):  # without the fix: the publishers wait for ever
+        async with (
+            anyio.create_task_group() as tg,
+            running(
+                registry, store=store, shards=1, handler_timeout=None, shutdown_timeout=TIMEOUT
+            ) as h,  # type: ignore[arg-type]
+        ):
+            await h.runtime.publish(Started("a"))
+            await h.runtime.publish(Started("b"))
+            tg.start_soon(publish, h.runtime, Touched("a", "hang"))
+            await entered.event.wait()
+            tg.start_soon(publish, h.runtime, Touched("b"))
+            await anyio.wait_all_tasks_blocked()
+            assert h.runtime.statistics().queued_events == 1
+
+    stopped = (
+        "the runtime stopped while this event was being handled or waiting to be; it may "
+        "not be committed: publish it again to a running runtime (with an id, it is "
+        "applied at most once)"
+    )
+    assert sorted(outcomes) == [("a", stopped), ("b", stopped)]
