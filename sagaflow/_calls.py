@@ -64,18 +64,19 @@ async def call(
             cancelled the runtime.
     """
     steps = awaitable.__await__()
+    scope = anyio.CancelScope()
     try:
-        # The first step runs without a cancel scope: most calls of a busy runtime
-        # finish without waiting, and a call that does not wait cannot be interrupted
-        # anyway. Only a call that suspends pays for the scope (a few microseconds).
-        try:
-            first = steps.send(None)
-        except StopIteration as done:
-            return cast(T, done.value)
-        scope = anyio.CancelScope(
-            deadline=math.inf if timeout is None else anyio.current_time() + timeout
-        )
         with scope:
+            # Most calls of a busy runtime finish without waiting, and one that does not
+            # wait cannot be interrupted anyway: only a call that suspends pays for the
+            # deadline (a timer on the event loop). So take the first step here, and
+            # set the deadline if it suspended.
+            try:
+                first = steps.send(None)
+            except StopIteration as done:
+                return cast(T, done.value)
+            if timeout is not None:
+                scope.deadline = anyio.current_time() + timeout
             return cast(T, await _resume(steps, first))
     except Exception:
         raise  # an ordinary failure: the caller counts it

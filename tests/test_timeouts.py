@@ -537,3 +537,44 @@ async def test_publishers_still_waiting_when_the_runtime_stops_hear_so(store: St
         "applied at most once)"
     )
     assert sorted(outcomes) == [("a", stopped), ("b", stopped)]
+
+
+@pytest.mark.anyio
+async def test_calls_with_cancel_scopes_and_task_groups_of_their_own_run_normally(
+    store: Store,
+) -> None:
+    """The runtime drives an async call's first step itself (a call that does not wait
+    needs no deadline): calls that open scopes and task groups and wait inside them, or
+    that never wait, return their results as usual."""
+    calls: list[str] = []
+
+    async def busy() -> None:
+        with anyio.move_on_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.sleep, 0)
+                await anyio.sleep(0)
+        await anyio.sleep(0)
+
+    class Scoped(Recorder):
+        async def __call__(self, command: Any, meta: DispatchMeta) -> None:
+            if command.label == "wait":
+                await busy()
+            calls.append(command.label)
+
+    async def handled(state: Log, event: Touched) -> Any:
+        if event.tag == "wait":
+            await busy()
+        return Send(Cmd(event.key, event.tag))
+
+    def script(state: Log, event: Any) -> Any:
+        return handled(state, event) if isinstance(event, Touched) else None
+
+    async with running(scripted_registry(script), store=store, recorder=Scoped()) as h:  # type: ignore[arg-type]
+        await h.runtime.publish(Started("k"))
+        for tag in ("wait", "now", "wait"):
+            await h.runtime.publish(Touched("k", tag))
+        await h.runtime.drain()
+        summary = await h.summary()
+
+    assert calls == ["wait", "now", "wait"]
+    assert summary == {"k": ("active", ["Started", "Touched:wait", "Touched:now", "Touched:wait"])}
