@@ -63,14 +63,20 @@ async def call(
         RuntimeError: The call raised a cancellation exception although nothing
             cancelled the runtime.
     """
-    steps = awaitable.__await__()
+    try:
+        steps = awaitable.__await__()
+    except AttributeError:
+        raise TypeError(
+            f"{what()} returned {awaitable!r}, which cannot be awaited: make it an "
+            "`async def` function (or an object with `async def __call__`)"
+        ) from None
     scope = anyio.CancelScope()
     try:
         with scope:
             # Most calls of a busy runtime finish without waiting, and one that does not
             # wait cannot be interrupted anyway: only a call that suspends pays for the
             # deadline (a timer on the event loop). So take the first step here, and
-            # set the deadline if it suspended.
+            # set the deadline if it suspended (the time limit counts from there).
             try:
                 first = steps.send(None)
             except StopIteration as done:
