@@ -70,20 +70,19 @@ async def call(
             f"{what()} returned {awaitable!r}, which cannot be awaited: make it an "
             "`async def` function (or an object with `async def __call__`)"
         ) from None
-    scope = anyio.CancelScope()
     try:
-        with scope:
+        if timeout is None:  # no limit: no cancel scope either
+            return cast(T, await _resume(steps, steps.send(None)))
+        with anyio.CancelScope() as scope:
             # Most calls of a busy runtime finish without waiting, and one that does not
             # wait cannot be interrupted anyway: only a call that suspends pays for the
             # deadline (a timer on the event loop). So take the first step here, and
             # set the deadline if it suspended (the time limit counts from there).
-            try:
-                first = steps.send(None)
-            except StopIteration as done:
-                return cast(T, done.value)
-            if timeout is not None:
-                scope.deadline = anyio.current_time() + timeout
+            first = steps.send(None)
+            scope.deadline = anyio.current_time() + timeout
             return cast(T, await _resume(steps, first))
+    except StopIteration as done:  # the first step finished the call
+        return cast(T, done.value)
     except Exception:
         raise  # an ordinary failure: the caller counts it
     except BaseException as exc:

@@ -284,9 +284,13 @@ async def stray_cancellation() -> None:
 
 
 @pytest.mark.anyio
-async def test_a_dispatcher_raising_cancelled_error_fails_that_call_only(store: Store) -> None:
-    """The command is retried and then fails for good like any failure; dispatching
-    goes on for the other instances, and drain() returns."""
+@pytest.mark.parametrize("limit", [60.0, None])
+async def test_a_dispatcher_raising_cancelled_error_fails_that_call_only(
+    store: Store, limit: float | None
+) -> None:
+    """The command is retried and then fails for good like any failure (with a
+    `dispatch_timeout` or without); dispatching goes on for the other instances, and
+    drain() returns."""
     errors: list[str] = []
     calls: list[tuple[str, int]] = []
 
@@ -297,7 +301,9 @@ async def test_a_dispatcher_raising_cancelled_error_fails_that_call_only(store: 
                 await stray_cancellation()
 
     registry = scripted_registry(failures_and_sends(errors))
-    async with running(registry, store=store, recorder=Cancelling(), retry=TWICE) as h:  # type: ignore[arg-type]
+    async with running(
+        registry, store=store, recorder=Cancelling(), retry=TWICE, dispatch_timeout=limit
+    ) as h:  # type: ignore[arg-type]
         await h.runtime.publish(Started("bad", "cancel"))
         for key in ("a", "b"):
             await h.runtime.publish(Started(key, "fine"))
