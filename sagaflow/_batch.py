@@ -20,6 +20,7 @@ import attrs
 
 from . import _report as report
 from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
+from ._calls import call
 from ._outbox import error_text
 from ._records import Unmatched
 from ._registry import HandlerSpec, SagaSpec
@@ -417,12 +418,12 @@ class Batch:
             if span is None:
                 result = handler.fn(state, event)
                 if handler.is_async:
-                    result = await result
+                    result = await self._call(result, handler, event, w.key)
             else:
                 with span:
                     result = handler.fn(state, event)
                     if handler.is_async:
-                        result = await result
+                        result = await self._call(result, handler, event, w.key)
             record = self._apply(w, record, state, result, version, allow_schedule, event)
         except _Rejected as exc:
             self._restore(w)
@@ -482,6 +483,18 @@ class Batch:
         self.handled += 1
         self.done.append(item)
         return True
+
+    async def _call(self, result: Any, handler: HandlerSpec, event: Any, key: str) -> Any:
+        """Await an async handler within `handler_timeout` (see `_calls.call`)."""
+        return await call(
+            result,
+            self.shard.handler_timeout,
+            lambda: (
+                f"handler {handler.method} of saga {handler.saga!r} on "
+                f"{type(event).__name__} (key {key!r})"
+            ),
+            "handler_timeout",
+        )
 
     def _restore(self, w: _Work) -> None:
         """Undo a failed handler's changes to the state object."""

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sqlite3
 import sys
 import time
@@ -23,7 +24,7 @@ import traceback
 import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import anyio
 import attrs
@@ -581,7 +582,10 @@ def _run_store_command(args: argparse.Namespace, command: _StoreCommand) -> int:
             await store.close()
 
     try:
-        return anyio.run(run)
+        return run_until_signal(run)
+    except Stopped as stop:
+        print(f"stopped: {_what_is_safe(args.command)}", file=sys.stderr)
+        return stop.code
     except StoreError as exc:
         print(f"sagaflow {args.command}: {exc}", file=sys.stderr)
         return UNREACHABLE
@@ -702,10 +706,19 @@ def _demo(args: argparse.Namespace) -> int:
         return result.finished or args.stop_after is not None
 
     try:
-        ok = anyio.run(demo, backend=args.backend)
-    except KeyboardInterrupt:
-        print("\ninterrupted: everything committed is in the file; run again to resume")
-        return 130
+        ok = run_until_signal(demo, backend=args.backend)
+    except Stopped as stop:
+        if sys.stdout.isatty() and not args.quiet:
+            print()  # end the progress line
+        where = (
+            "nothing is kept in memory"
+            if args.db == ":memory:"
+            else (
+                f"everything committed is safe in {args.db}; run the same command again to resume"
+            )
+        )
+        print(f"stopped: {where}", file=sys.stderr)
+        return stop.code
     return OK if ok else NOTHING
 
 
@@ -855,6 +868,79 @@ def _check_parser(commands: Any) -> None:
         "the sagaflow that wrote it cannot open it afterwards",
     )
     check.set_defaults(run=_check)
+
+
+# -- stopping on a signal --------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class Stopped(Exception):
+    """SIGINT (Ctrl-C) or SIGTERM stopped a command.
+
+    Attributes:
+        code: The exit code: 128 + the signal's number (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.code = 128 + signum
+
+
+def run_until_signal(main: Callable[[], Awaitable[T]], *, backend: str = "asyncio") -> T:
+    """`anyio.run(main)`, cancelled by the first SIGINT or SIGTERM.
+
+    Cancelling stops what `main` runs (a `Runtime` among them) at once and cleanly:
+    what was committed stays committed. A second signal while it stops acts as usual.
+
+    Raises:
+        Stopped: A signal stopped `main` (also for a `KeyboardInterrupt` that came
+            before the signal handlers were in place).
+    """
+    signals: list[int] = []
+
+    async def watched() -> list[T]:
+        result: list[T] = []
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, tg.cancel_scope, signals)
+            try:
+                result.append(await main())
+            except Exception as exc:  # noqa: BLE001 - raised below as itself, not grouped
+                failure = exc
+            tg.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return result
+
+    try:
+        result = anyio.run(watched, backend=backend)
+    except KeyboardInterrupt:
+        raise Stopped(signal.SIGINT) from None
+    if not result:
+        raise Stopped(signals[0] if signals else signal.SIGINT)
+    return result[0]
+
+
+async def _watch_signals(scope: anyio.CancelScope, signals: list[int]) -> None:
+    try:
+        receiver = anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+        with receiver as received:
+            async for signum in received:
+                signals.append(signum)
+                scope.cancel()
+                return
+    except NotImplementedError:  # no signal handlers here (Windows): Ctrl-C still works
+        await anyio.sleep_forever()
+
+
+def _what_is_safe(command: str) -> str:
+    if command in {"retry", "discard", "abort"}:
+        return (
+            f"{command} changes the store in one transaction: it happened whole or not at "
+            "all (look with `sagaflow show` or `sagaflow dead-letters`)"
+        )
+    return "nothing was changed"
 
 
 # -- the parser ------------------------------------------------------------------------

@@ -385,6 +385,7 @@ class Cluster:
     concurrency: int = 16
     capacity: int = 1024
     hooks: Hooks | None = None
+    dispatch_timeout: float | None = None
     owner: str = attrs.field(factory=make_owner)
 
     outbox: ClusterOutbox = attrs.field(init=False)
@@ -411,6 +412,7 @@ class Cluster:
             concurrency=self.concurrency,
             capacity=self.capacity,
             hooks=self.hooks,
+            dispatch_timeout=self.dispatch_timeout,
         )
         claims = _ScheduleClaims(self.store, self.owner, self.clock, sagas)
         self.timer = ClusterTimer(claims, self.clock, self.activity, self.fire)

@@ -24,7 +24,7 @@ import anyio.lowlevel
 import attrs
 
 from ._hooks import Hooks
-from ._outbox import Counters, Dispatchers, error_text, note_failure, returned_false
+from ._outbox import Counters, Dispatchers, call_dispatch, error_text, note_failure
 from ._records import DispatchMeta
 from ._registry import Registry
 from ._retry import RetryPolicy
@@ -109,6 +109,7 @@ class ClusterOutbox:
     concurrency: int = 16
     capacity: int = 1024
     hooks: Hooks | None = None
+    dispatch_timeout: float | None = None
 
     _queues: dict[_Ref, deque[_Entry]] = attrs.field(factory=dict, init=False)
     _busy: set[_Ref] = attrs.field(factory=set, init=False)
@@ -377,13 +378,12 @@ class ClusterOutbox:
                 entry.decoded = True
             meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
             span = None if self.hooks is None else self.hooks.dispatching(entry.command, meta)
+            timeout = self.dispatch_timeout
             if span is None:
-                if await self.dispatch(entry.command, meta) is False:
-                    raise returned_false()
+                await call_dispatch(self.dispatch, entry.command, meta, timeout)
             else:
                 with span:
-                    if await self.dispatch(entry.command, meta) is False:
-                        raise returned_false()
+                    await call_dispatch(self.dispatch, entry.command, meta, timeout)
         except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
             self._dispatch_failed(ref, entry, attempt, exc)
             return

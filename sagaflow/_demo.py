@@ -150,6 +150,7 @@ class OrderSaga:
     def failed(self, order: Order, event: CommandFailed[Any]) -> list[Any] | None:
         command = event.command
         if isinstance(command, CapturePayment) and order.status == "reserved":
+            # (Not when it timed out first: the timeout is already compensating.)
             order.status = "declined"
             return [
                 Unschedule("payment"),

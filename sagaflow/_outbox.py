@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import attrs
 
+from ._calls import Interrupt, call
 from ._clock import SystemClock
 from ._hooks import Hooks
 from ._records import DispatchMeta
@@ -34,6 +35,7 @@ __all__ = [
     "Counters",
     "Dispatchers",
     "Outbox",
+    "call_dispatch",
     "checked_dispatcher",
     "error_text",
     "note_failure",
@@ -148,6 +150,32 @@ def returned_false() -> DispatchError:
     )
 
 
+async def call_dispatch(
+    dispatch: Callable[[Any, DispatchMeta], Any],
+    command: Any,
+    meta: DispatchMeta,
+    timeout: float | None,
+) -> Any:
+    """Call the dispatcher within `dispatch_timeout` (see `_calls.call`).
+
+    Raises:
+        TimeoutError: The call took longer than `timeout`.
+        RuntimeError: The dispatcher raised a cancellation nobody asked for.
+        DispatchError: The dispatcher returned `False` (a failed attempt).
+    """
+    result = await call(
+        dispatch(command, meta),
+        timeout,
+        lambda: (
+            f"the dispatch of {type(command).__name__} for {meta.saga}/{meta.key} "
+            f"(attempt {meta.attempt})"
+        ),
+        "dispatch_timeout",
+    )
+    if result is False:
+        raise returned_false()
+
+
 def note_failure(
     row: OutboxRecord,
     attempt: int,
@@ -250,6 +278,8 @@ class Dispatchers:
             ref = self._ready.popleft()
             try:
                 await dispatch(ref)
+            except (KeyboardInterrupt, SystemExit) as exc:
+                raise Interrupt(exc) from None
             finally:
                 self.activity.end()
 
@@ -296,6 +326,7 @@ class Outbox:
     hooks: Hooks | None = None
     sagas: Collection[str] | None = None
     """The registered sagas: rows of others are kept in the store, not dispatched."""
+    dispatch_timeout: float | None = None
 
     _queues: dict[_Ref, deque[_Entry]] = attrs.field(factory=dict, init=False)
     _busy: set[_Ref] = attrs.field(factory=set, init=False)
@@ -437,7 +468,7 @@ class Outbox:
     async def _dispatch_head(self, ref: _Ref) -> None:
         """Dispatch the instance's commands in order until its queue is empty or waits."""
         queue = self._queues.get(ref)
-        hooks, dispatch = self.hooks, self.dispatch
+        hooks, dispatch, timeout = self.hooks, self.dispatch, self.dispatch_timeout
         held, awaiting = self._held, self._awaiting
         while queue and ref not in held and ref not in awaiting:
             entry = queue[0]
@@ -449,17 +480,14 @@ class Outbox:
                     entry.decoded = True
                 meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
                 if hooks is None:
-                    if await dispatch(entry.command, meta) is False:
-                        raise returned_false()
+                    await call_dispatch(dispatch, entry.command, meta, timeout)
                 else:
                     span = hooks.dispatching(entry.command, meta)
                     if span is None:
-                        if await dispatch(entry.command, meta) is False:
-                            raise returned_false()
+                        await call_dispatch(dispatch, entry.command, meta, timeout)
                     else:
                         with span:
-                            if await dispatch(entry.command, meta) is False:
-                                raise returned_false()
+                            await call_dispatch(dispatch, entry.command, meta, timeout)
             except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
                 self._failed(ref, entry, attempt, exc)
                 return

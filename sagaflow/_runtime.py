@@ -14,6 +14,7 @@ import attrs
 
 from ._actions import CommandFailed
 from ._batch import EVENT, FAILED, FINALIZE, FIRE, Item
+from ._calls import interrupt_in, seconds
 from ._clock import SystemClock
 from ._cluster import Cluster, ClusterOutbox, cluster_store
 from ._hooks import Hooks
@@ -132,15 +133,31 @@ class Runtime:
         hooks: Metrics and tracing callbacks (see `Hooks`).
         sweep_interval: Seconds between looks at the store for commands and instances
             an operator changed while the runtime runs (see `Admin`).
+        handler_timeout: How long one call of an async handler may take (seconds or a
+            `timedelta`; `None`: no limit). A call that takes longer is cancelled and
+            counts as a failed attempt: retried per the retry policy, then
+            dead-lettered with an error saying it timed out. A sync handler cannot be
+            interrupted: one that blocks holds its shard until it returns.
+        dispatch_timeout: How long one dispatcher call may take (seconds or a
+            `timedelta`; `None`: no limit). A call that takes longer is cancelled and
+            counts as a failed attempt: retried, then `CommandFailed`.
+        shutdown_timeout: How long leaving the context waits for the work due now
+            (seconds or a `timedelta`; `None`: as long as it takes). Work still in
+            flight then is stopped and stays in the store for the next start: the
+            runtime logs a WARNING saying so.
         cluster: Share the store with other runtime processes (needs a store that
             supports it, such as `PostgresStore`): `publish` goes through the store's
             shared inbox, commands and due schedules are claimed with leases, and no
             state is cached between batches. See the how-to "Scaling out".
 
+    Timeouts are measured in real time (the event loop's clock), not through `clock`:
+    they guard against calls that hang.
+
     Raises:
         DispatcherError: `dispatch` is not an async callable (a plain `def` function,
             say); a `TypeError`.
         TypeError: `cluster=True` with a store that cannot be shared.
+        ValueError: An option is out of range (a timeout that is not positive).
     """
 
     def __init__(
@@ -162,12 +179,18 @@ class Runtime:
         hooks: Hooks | None = None,
         sweep_interval: float = 5.0,
         cluster: bool = False,
+        handler_timeout: timedelta | float | None = 60.0,
+        dispatch_timeout: timedelta | float | None = 60.0,
+        shutdown_timeout: timedelta | float | None = 30.0,
     ) -> None:
         if not registry.sagas:
             raise ValueError("the registry has no sagas: register at least one first")
         if shards < 1 or max_batch < 1 or queue_size < 1 or dispatch_concurrency < 1:
             raise ValueError("shards, max_batch, queue_size, dispatch_concurrency must be >= 1")
         dispatch = checked_dispatcher(dispatch)
+        handler_limit = seconds(handler_timeout, "handler_timeout")
+        dispatch_limit = seconds(dispatch_timeout, "dispatch_timeout")
+        self._shutdown_timeout = seconds(shutdown_timeout, "shutdown_timeout")
         self._registry = registry
         self._store = store
         self._dispatch = dispatch
@@ -196,6 +219,7 @@ class Runtime:
             hooks=hooks,
             sweep_interval=sweep_interval,
             sagas=frozenset(registry.sagas),
+            dispatch_timeout=dispatch_limit,
         )
         self._timer = Timer(
             store, self._clock, self._activity, self._fire, sagas=sorted(registry.sagas)
@@ -216,6 +240,7 @@ class Runtime:
                 concurrency=dispatch_concurrency,
                 capacity=queue_size,
                 hooks=hooks,
+                dispatch_timeout=dispatch_limit,
             )
             self._outbox, self._timer = self._cluster.outbox, self._cluster.timer
         # Another process may change any instance between two batches: no cache.
@@ -237,6 +262,7 @@ class Runtime:
                 cache_size=per_shard_cache,
                 conflict_retries=conflict_retries,
                 mailbox=Mailbox(queue_size),
+                handler_timeout=handler_limit,
             )
             for _ in range(shards)
         ]
@@ -288,9 +314,10 @@ class Runtime:
     ) -> bool | None:
         tg = self._tg
         assert tg is not None
+        interrupt: BaseException | None = None
         try:
             if exc is None:
-                await self.drain()
+                await self._finish_due_work()
         finally:
             self._running = False
             self._tg = None
@@ -299,10 +326,36 @@ class Runtime:
                 # The body's own exception is not the task group's business: it
                 # propagates from here unchanged, not wrapped in an ExceptionGroup.
                 await tg.__aexit__(None, None, None)
+            except BaseExceptionGroup as group:
+                # KeyboardInterrupt and SystemExit surface as themselves, so that
+                # `except KeyboardInterrupt` works around the runtime.
+                interrupt = interrupt_in(group)
+                if interrupt is None:
+                    raise
             finally:
                 with anyio.CancelScope(shield=True):
                     await self._store.close()
+        if interrupt is not None:
+            raise interrupt
         return None
+
+    async def _finish_due_work(self) -> None:
+        """`drain()` for at most `shutdown_timeout`; say what stays in the store after."""
+        with anyio.move_on_after(self._shutdown_timeout) as scope:
+            await self.drain()
+        if scope.cancelled_caught:
+            stats = self.statistics()
+            log.warning(
+                "stopping after waiting %g s (shutdown_timeout) for the work due now, with "
+                "%d event(s) queued, %d task(s) under way and %d command(s) not yet "
+                "dispatched: what was committed (state, commands, schedules) stays in the "
+                "store for the next start; events not yet committed were never "
+                "acknowledged to their publishers",
+                self._shutdown_timeout,
+                stats.queued_events,
+                stats.in_flight,
+                stats.outbox_depth,
+            )
 
     async def _recover(self) -> None:
         """Pick up what a previous run left: held instances, commands, finished ones."""
@@ -396,6 +449,11 @@ class Runtime:
             await self._shard(spec.name, key).mailbox.put(
                 Item(EVENT, spec, key, event, handler, id, ack)
             )
+        if not self._running:  # it stopped while we waited for room: nobody takes them
+            raise RuntimeClosedError(
+                "the runtime stopped before this event could be handled; publish it "
+                "again to a running runtime"
+            )
         await ack.wait()
 
     async def run(
@@ -443,10 +501,15 @@ class Runtime:
                         mailbox.put_unbounded(item)  # room: no need to suspend
                     else:
                         await mailbox.put(item)
-        finally:
+        except Exception:
+            # The source failed: what it gave before is committed before its error
+            # surfaces. Cancelled or interrupted, `run` does not wait: the shards may
+            # be stopping too, and what was not committed was never acknowledged.
             ack.pending -= 1
-            with anyio.CancelScope(shield=True):
-                await ack.wait()
+            await ack.wait()
+            raise
+        ack.pending -= 1
+        await ack.wait()
         return count
 
     def _not_routed(self, event: object, via: str) -> None:

@@ -21,13 +21,14 @@ import attrs
 
 from . import _report as report
 from ._batch import EVENT, Batch, Item, Ref
+from ._calls import Interrupt
 from ._hooks import Hooks
 from ._outbox import Counters, Outbox, error_text
 from ._records import Unmatched
 from ._retry import RetryPolicy
 from ._serialization import Serializer
-from ._sync import Activity, Mailbox
-from .exceptions import ConflictError, UnstorableError
+from ._sync import Ack, Activity, Mailbox
+from .exceptions import ConflictError, RuntimeClosedError, UnstorableError
 from .stores._protocol import Changes, DeadLetter, InstanceRecord, Store
 
 __all__ = ["Shard"]
@@ -54,11 +55,17 @@ class Shard:
     cache_size: int
     conflict_retries: int
     mailbox: Mailbox[Item]
+    handler_timeout: float | None = None
+    """Seconds an async handler call may take (`None`: no limit)."""
     cache: OrderedDict[Ref, tuple[InstanceRecord, Any]] = attrs.field(
         factory=OrderedDict, init=False
     )
     """Committed instances and their states, least recently used first."""
     _held: dict[Ref, list[Item]] = attrs.field(factory=dict, init=False)
+    _current: list[Item] = attrs.field(factory=list, init=False)
+    """The items of the batch under way."""
+    _deferred: set[Item] = attrs.field(factory=set, init=False)
+    """Items waiting for their handler retry."""
     _retry_due: list[float] = attrs.field(factory=list, init=False)
     _tg: anyio.abc.TaskGroup | None = attrs.field(default=None, init=False)
 
@@ -72,12 +79,44 @@ class Shard:
         return self._retry_due[0] if self._retry_due else None
 
     async def run(self) -> None:
-        """Take batches from the mailbox and handle them, until cancelled."""
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            while True:
-                await self.mailbox.wait_readable()
-                await self._process(self.mailbox.take(self.max_batch))
+        """Take batches from the mailbox and handle them, until cancelled.
+
+        When it stops, the publishers still waiting for one of its items hear so (see
+        `_abandon`).
+
+        Raises:
+            Interrupt: User code raised `KeyboardInterrupt` or `SystemExit`.
+        """
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                while True:
+                    await self.mailbox.wait_readable()
+                    try:
+                        await self._process(self.mailbox.take(self.max_batch))
+                    except (KeyboardInterrupt, SystemExit) as exc:
+                        raise Interrupt(exc) from None
+        finally:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Fail the publishers of the items this stopped shard still has.
+
+        Only `publish` and `run` wait on a plain `Ack`; due schedules and cluster inbox
+        rows are in the store and are taken up again by the next start.
+        """
+        items = [*self._current, *self.mailbox.take(len(self.mailbox)), *self._deferred]
+        for held in self._held.values():
+            items += held
+        self._current, self._deferred, self._held = [], set(), {}
+        error = RuntimeClosedError(
+            "the runtime stopped while this event was being handled or waiting to be; it "
+            "may not be committed: publish it again to a running runtime (with an id, it "
+            "is applied at most once)"
+        )
+        for item in items:
+            if type(item.ack) is Ack:
+                item.ack.done(error)
 
     def _expand(self, items: list[Item]) -> list[Item]:
         """Put items behind a handler retry on hold, and release them behind it."""
@@ -102,6 +141,11 @@ class Shard:
         items = self._expand(items)
         if not items:
             return
+        self._current = items
+        await self._handle(items)
+        self._current = []  # (left as is when cancelled: `_abandon` needs them)
+
+    async def _handle(self, items: list[Item]) -> None:
         error = await self._attempt(items)
         if error is None:
             return
@@ -256,6 +300,7 @@ class Shard:
         ref = (item.saga.name, item.key)
         self._held.setdefault(ref, [])
         heapq.heappush(self._retry_due, due)
+        self._deferred.add(item)
         self.activity.end()
         self._tg.start_soon(self._wake_later, item, due)
 
@@ -268,6 +313,7 @@ class Shard:
         await self.clock.sleep_until(due)
         self._retry_due.remove(due)
         heapq.heapify(self._retry_due)
+        self._deferred.discard(item)
         self.activity.begin()
         item.retry = True
         self.mailbox.put_unbounded(item)

@@ -1,0 +1,145 @@
+"""Calling user code (handlers, dispatchers) so that its faults stay local.
+
+- A call that takes longer than its timeout is cancelled and fails with a
+  `TimeoutError` saying so: a failed attempt like any other.
+- A cancellation exception that user code raises while the runtime is not being
+  cancelled (on asyncio, it awaited a future that something else cancelled) fails the
+  call too, instead of silently ending the task that made it.
+- `KeyboardInterrupt` and `SystemExit` stop the runtime: the task that met one raises
+  `Interrupt` (an ordinary exception, so that asyncio does not tear it out of the event
+  loop and task groups stop cleanly), and `Runtime.__aexit__` re-raises the original
+  (`interrupt_in`).
+
+Timeouts are measured in real time (the event loop's clock), not through the runtime's
+`Clock`: they guard against calls that hang, and a virtual clock standing still must not
+keep a hung call alive, nor moving it on cut a running one short.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Awaitable, Callable, Generator
+from datetime import timedelta
+from typing import Any, TypeVar, cast
+
+import anyio
+
+__all__ = ["Interrupt", "call", "interrupt_in", "seconds"]
+
+T = TypeVar("T")
+
+
+def seconds(value: timedelta | float | None, name: str) -> float | None:
+    """A timeout option as seconds (`None`: no limit).
+
+    Raises:
+        ValueError: The value is not a positive duration.
+    """
+    if value is None:
+        return None
+    result = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if not result > 0:
+        raise ValueError(
+            f"Runtime({name}=...) must be a positive number of seconds, a timedelta, or None "
+            f"for no limit; got {value!r}"
+        )
+    return result
+
+
+async def call(
+    awaitable: Awaitable[T], timeout: float | None, what: Callable[[], str], option: str
+) -> T:
+    """Await user code with a time limit.
+
+    Args:
+        awaitable: The call's result (a coroutine not yet started).
+        timeout: Seconds, or `None` for no limit.
+        what: Describes the call for an error message (called only on failure).
+        option: The `Runtime` option that set `timeout`, named in the message.
+
+    Raises:
+        TimeoutError: The call took longer than `timeout`.
+        RuntimeError: The call raised a cancellation exception although nothing
+            cancelled the runtime.
+    """
+    try:
+        steps = awaitable.__await__()
+    except AttributeError:
+        raise TypeError(
+            f"{what()} returned {awaitable!r}, which cannot be awaited: make it an "
+            "`async def` function (or an object with `async def __call__`)"
+        ) from None
+    try:
+        if timeout is None:  # no limit: no cancel scope either
+            return cast(T, await _resume(steps, steps.send(None)))
+        with anyio.CancelScope() as scope:
+            # Most calls of a busy runtime finish without waiting, and one that does not
+            # wait cannot be interrupted anyway: only a call that suspends pays for the
+            # deadline (a timer on the event loop). So take the first step here, and
+            # set the deadline if it suspended (the time limit counts from there).
+            first = steps.send(None)
+            scope.deadline = anyio.current_time() + timeout
+            return cast(T, await _resume(steps, first))
+    except StopIteration as done:  # the first step finished the call
+        return cast(T, done.value)
+    except Exception:
+        raise  # an ordinary failure: the caller counts it
+    except BaseException as exc:
+        if (
+            isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit)
+            or anyio.current_effective_deadline() == -math.inf  # the runtime is cancelled
+            or (isinstance(exc, BaseExceptionGroup) and interrupt_in(exc) is not None)
+        ):
+            raise
+        # A cancellation nobody asked for (or another loop's cancellation exception).
+        raise RuntimeError(
+            f"{what()} raised {type(exc).__name__} although the runtime was not cancelled "
+            "(did it await something that another task cancelled?)"
+        ) from exc
+    # Only our own deadline ends the scope without a result or an exception.
+    raise TimeoutError(f"{what()} timed out after {timeout:g} s ({option})")
+
+
+@types.coroutine
+def _resume(steps: Generator[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """Go on awaiting `steps`, which suspended (yielding `yielded` to the event loop)."""
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:  # noqa: BLE001 - passed on to the call
+            try:
+                yielded = steps.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                yielded = steps.send(sent)
+            except StopIteration as done:
+                return done.value
+
+
+class Interrupt(Exception):
+    """Carries a `KeyboardInterrupt` or `SystemExit` out of a runtime task.
+
+    Attributes:
+        original: The exception to raise to the runtime's owner.
+    """
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(f"{type(original).__name__} in a runtime task")
+        self.original = original
+
+
+def interrupt_in(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The first `KeyboardInterrupt`/`SystemExit` in `group` (carried or not), if any."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = interrupt_in(exc)
+            if found is not None:
+                return found
+        elif isinstance(exc, Interrupt):
+            return exc.original
+        elif isinstance(exc, KeyboardInterrupt | SystemExit):
+            return exc
+    return None
