@@ -584,22 +584,3 @@ async def test_calls_with_cancel_scopes_and_task_groups_of_their_own_run_normall
 
     assert calls == ["wait", "now", "wait"]
     assert summary == {"k": ("active", ["Started", "Touched:wait", "Touched:now", "Touched:wait"])}
-
-
-@pytest.mark.anyio
-async def test_a_dispatcher_that_is_not_async_fails_with_a_clear_error() -> None:
-    errors: list[str] = []
-
-    class Sync(Recorder):
-        def __call__(self, command: Any, meta: DispatchMeta) -> Any:  # type: ignore[override]
-            return None
-
-    registry = scripted_registry(failures_and_sends(errors))
-    async with running(registry, recorder=Sync(), retry=RetryPolicy(max_attempts=1)) as h:
-        await h.runtime.publish(Started("k", "x"))
-        await h.runtime.drain()
-
-    assert errors == [
-        "TypeError: the dispatch of Cmd for S/k (attempt 1) returned None, which cannot be "
-        "awaited: make it an `async def` function (or an object with `async def __call__`)"
-    ]
