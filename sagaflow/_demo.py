@@ -136,6 +136,8 @@ class OrderSaga:
     def failed(self, order: Order, event: CommandFailed[Any]) -> list[Any] | None:
         command = event.command
         if isinstance(command, CapturePayment):
+            if order.status == "timed out":
+                return None  # the timeout compensated the order while the capture retried
             order.status = "declined"
             return [
                 Unschedule("payment"),
