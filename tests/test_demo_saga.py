@@ -38,7 +38,7 @@ async def test_a_decline_after_the_payment_timeout_compensates_once() -> None:
         assert (scenario.sent, scenario.compensations) == ([], [])
         await scenario.advance(4 * PAYMENT_TIMEOUT)  # the capture fails for good
         assert scenario.compensations == [ReleaseStock("o3"), CancelOrder("o3", "timeout")]
-        assert scenario.state == Order("timed out", 103)
+        assert (scenario.completed, scenario.status) == (True, None)  # ended
         assert scenario.dead_letters == []
 
 
