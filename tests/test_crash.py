@@ -242,13 +242,14 @@ def crash_at(tmp: Path, *, backend: str, point: str, k: int) -> None:
 # Each point is hit in three runs in a row, at the K-th occurrence counted from the
 # start of that run. Whether a run reaches its K must not depend on the machine's
 # speed: with group commit, a slow commit lets more items pile up for the next one, so
-# a run under load makes fewer commits (it once finished the script in fewer than 20).
+# a run under load makes fewer commits (a third round once finished in fewer than 20).
 # The crashing runs therefore take one item per batch (`--max-batch 1`): a commit
 # applies at most one event, fired timeout or handled failure. The script has 90 events,
 # 11 timeouts, 8 charges that fail for good, 117 deliveries and 24 compensation
 # dispatches (40 orders), and a run killed at the K-th occurrence has got at most K of
-# them done, so every K below is at most a third of what the earlier rounds can have
-# left over (for `after-commit` 20: at least 109 - 1 - 8 items, one commit each).
+# them done, so every K below is at most what the earlier rounds can have left over:
+# `after-commit` 20 of at least 109 - 1 - 8 items (one commit each), and at the
+# tightest, `timer-fired` 4 of at least 11 - 1 - 3 timeouts.
 ROUNDS = {
     "before-commit": (1, 6, 15),
     "after-commit": (1, 8, 20),
