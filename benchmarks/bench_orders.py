@@ -1,4 +1,4 @@
-"""The "orders" workload (shared/bench/WORKLOAD.md) through sagaflow's public API.
+"""The "orders" workload (`_workload.py`) through sagaflow's public API.
 
 Prints one JSON line with the same fields as the hand-written limit programs
 (`events_per_s`, `peak_rss_mib`, `ok`, ...), after checking that the dispatcher
@@ -7,8 +7,8 @@ received exactly the expected commands and that no state or schedule is left.
     python benchmarks/bench_orders.py --store memory --n 20000 --w 1000
     python benchmarks/bench_orders.py --store sqlite --backend trio
 
-The workload module is read from $SAGAFLOW_BENCH_DIR, else ../shared/bench next to
-the repository.
+The workload module is `_workload.py` next to this file; $SAGAFLOW_BENCH_DIR (or
+../shared/bench next to the repository), when it holds one, takes precedence.
 """
 
 from __future__ import annotations

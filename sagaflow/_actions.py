@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import Generic, TypeAlias, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar
 
 import attrs
 
 __all__ = [
     "Action",
+    "HandlerResult",
     "CommandFailed",
     "Compensate",
     "Complete",
@@ -102,4 +103,8 @@ class CommandFailed(Generic[T]):
     attempts: int
 
 
-Action: TypeAlias = "Send[object] | Schedule[object] | Unschedule | Compensate | Complete"
+Action: TypeAlias = "Send[Any] | Schedule[Any] | Unschedule | Compensate | Complete"
+"""One action a handler can return (`Send` and `Schedule` of any message type)."""
+
+HandlerResult: TypeAlias = "Action | Iterable[Action] | None"
+"""What a handler returns: nothing, one action, or an iterable of actions."""

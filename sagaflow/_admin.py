@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from ._check import CheckReport, check
 from ._clock import SystemClock
 from ._registry import Registry
 from .exceptions import ConflictError, DeadLetterError
@@ -223,6 +224,44 @@ class Admin:
             "or Admin.list_dead_letters()"
         )
 
+    async def check(self, *, page: int = 1000, failures_per_group: int | None = 20) -> CheckReport:
+        """Decode every stored row with the current code and registry; change nothing.
+
+        The pre-deploy check: run it with the code about to be deployed (its registry)
+        against the store in use. Every instance state (through its saga's upcasters,
+        from the version it was written at), outbox command, scheduled message, dead
+        letter (event or command) and, on a store shared in cluster mode, inbox event
+        is decoded exactly as a runtime would decode it. Each row is ok, would be
+        upcast (written at an older version, and the whole upcaster chain succeeds), or
+        would fail: it cannot be decoded (a renamed or removed field with no upcaster,
+        a JSON value that is not an object, a type name not on the allow-list), an
+        upcaster fails, it was written by a newer version than the code, or its saga is
+        neither registered nor an alias of a registered saga. Rows stored under an
+        alias count as the saga that took the alias over.
+
+        Rows are read in pages ordered by primary key, one short read per page, so the
+        check runs next to working runtimes and on millions of rows in bounded memory.
+        Rows written while it runs may or may not be checked.
+
+        Args:
+            page: Rows read per store call.
+            failures_per_group: How many failing rows each group lists (`count` is the
+                total); `None` lists them all.
+
+        Returns:
+            The report; `report.ok` is `False` when any row would fail.
+
+        Raises:
+            TypeError: The `Admin` was made without a registry.
+            ValueError: `page` or `failures_per_group` is out of range.
+        """
+        if self._registry is None:
+            raise TypeError(
+                "Admin.check decodes rows with the sagas' code: make the Admin with the "
+                "registry to check, Admin(store, registry=registry)"
+            )
+        return await check(self._store, self._registry, page=page, listed=failures_per_group)
+
     # -- changing ------------------------------------------------------------------
 
     async def retry(self, id: str, *, runtime: Runtime | None = None) -> DeadLetter:
@@ -236,8 +275,15 @@ class Admin:
         ended is dispatched on its own. The command is dispatched by the next runtime that
         starts on the store, or by a running one once it reads the store's outbox again.
 
-        An event is published again through `runtime` (which must be running), with its
-        original event id if it had one, and its dead letter is removed once
+        A scheduled message that could not be delivered to its instance (a `to_self`
+        timer, for example of an instance whose state could not be decoded) is
+        scheduled again, due now, under its old name (or under its id if that name is
+        pending again); no runtime is needed: a running one fires it once its timer
+        looks at the store again. With `runtime=`, it looks at once, and `retry`
+        returns once the runtime has delivered it (`drain`).
+
+        Any other event is published again through `runtime` (which must be running),
+        with its original event id if it had one, and its dead letter is removed once
         `runtime.publish` returns (if it fails again, a new dead letter replaces it). The
         event must still reach the dead letter's saga and key; without an event id it
         must reach no other saga, which would handle it a second time.
@@ -258,6 +304,9 @@ class Admin:
         """
         for attempt in range(1, _RACES + 1):
             letter = await self.get_dead_letter(id)
+            if letter.kind == EVENT and letter.name is not None:
+                await self._reschedule(letter, runtime)
+                return letter
             if letter.kind == EVENT:
                 await self._republish(letter, runtime)
                 return letter
@@ -307,6 +356,60 @@ class Admin:
             )
             return letter
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def retry_instance(
+        self, saga: str, key: str, *, runtime: Runtime | None = None
+    ) -> list[DeadLetter]:
+        """Retry every dead letter of one instance, oldest first (see `retry`).
+
+        This is how an instance that was held (its state could not be decoded, say)
+        resumes once the code can read it again: its events and timers are delivered
+        again in the order they failed.
+
+        Returns:
+            The dead letters retried, oldest first.
+
+        Raises:
+            DeadLetterError: As `retry`; the letters before it were retried.
+        """
+        letters = await self.list_dead_letters(saga=saga, key=key)
+        for letter in letters:
+            await self.retry(letter.id, runtime=runtime)
+        return letters
+
+    async def _reschedule(self, letter: DeadLetter, runtime: Runtime | None) -> None:
+        assert letter.name is not None
+        # Due now for the runtime that fires it (its clock may be a virtual one).
+        now = self._clock.now() if runtime is None else runtime._clock.now()
+        pending = {
+            s.name for s in await self._store.list_schedules(saga=letter.saga, key=letter.key)
+        }
+        name = letter.id if letter.name in pending else letter.name
+        schedule = ScheduleRecord(
+            letter.id,
+            letter.saga,
+            letter.key,
+            name,
+            now,
+            True,
+            letter.type_name,
+            letter.payload,
+            letter.seq,
+        )
+        await self._store.commit(Changes(schedule_puts=[schedule], dead_letter_deletes=[letter.id]))
+        if runtime is not None:
+            runtime._schedule_added(now)
+            # Delivered before whatever is retried next: the instance sees them in order.
+            await runtime.drain()
+        log.info(
+            "retried dead letter %s (scheduled %s of %s/%s): scheduled again as %r, due now",
+            letter.id,
+            letter.type_name,
+            letter.saga,
+            letter.key,
+            name,
+            extra={"saga": letter.saga, "key": letter.key, "dead_letter_id": letter.id},
+        )
 
     async def _republish(self, letter: DeadLetter, runtime: Runtime | None) -> None:
         where = f"{letter.saga}/{letter.key}"

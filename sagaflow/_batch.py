@@ -8,15 +8,17 @@ after a lost concurrency race.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from . import _report as report
 from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
 from ._outbox import error_text
 from ._records import Unmatched
@@ -83,6 +85,7 @@ class _Work:
         "blocked",
         "broken",
         "commands",
+        "corrupt",
         "deleted",
         "dirty",
         "failed",
@@ -110,6 +113,7 @@ class _Work:
         self.record = record
         self.state = state
         self.broken: DecodeError | None = None
+        self.corrupt = False  # the record itself (version, status) is unreadable
         self.dirty = False
         self.deleted = False
         self.blocked = False
@@ -151,6 +155,7 @@ class Batch:
     held: list[Item] = attrs.field(factory=list)
     again: list[Item] = attrs.field(factory=list)
     unmatched: list[Unmatched] = attrs.field(factory=list)
+    taken_failures: list[OutboxRecord] = attrs.field(factory=list)  # by CommandFailed handlers
     handled: int = 0
     commit_seconds: float = 0.0
     outbox_adds: list[OutboxRecord] = attrs.field(factory=list)
@@ -206,11 +211,13 @@ class Batch:
                 w = self.work[ref]
                 w.record, w.start_version = record, record.version
                 try:
-                    w.state = shard.serializer.loads(
-                        record.state, w.spec.state_type, w.spec.name, saga=ref[0], key=ref[1]
+                    _check_record(record)
+                    w.state = w.spec.load_state(
+                        shard.serializer, ref[1], record.state, record.state_version
                     )
                 except DecodeError as exc:
                     w.broken = exc
+                    w.corrupt = exc.field in _RECORD_FIELDS
                     log.error("%s", exc, extra={"saga": ref[0], "key": ref[1]})
 
         for item, w in zip(self.items, works, strict=True):
@@ -272,15 +279,22 @@ class Batch:
         if s.id not in self.loaded.schedule_ids or skey in self.schedule_ops:
             self.done.append(item)  # replaced, cancelled or already fired
             return
-        if w.record is None or w.record.status != ACTIVE or w.broken is not None:
+        if w.record is None or w.record.status != ACTIVE:
             # Schedules go with Complete; one left over cannot be delivered any more.
             state = "gone" if w.record is None else w.record.status
             self._dead_schedule(
                 w, item, f"schedule {s.name!r} fell due but the instance is {state}"
             )
             return
+        if w.broken is not None and (s.to_self or w.corrupt):
+            # Held: the instance's state cannot be decoded by this code. The timer waits
+            # as a dead letter with the true reason; retrying it schedules it again.
+            self._dead_schedule(
+                w, item, f"schedule {s.name!r} fell due but the instance is held: {w.broken}"
+            )
+            return
         try:
-            message = self.shard.serializer.decode(s.type_name, s.payload)
+            message = self.shard.serializer.decode(s.type_name, s.payload, saga=s.saga, key=s.key)
         except SerializationError as exc:
             self._dead_schedule(w, item, str(exc))
             return
@@ -318,7 +332,8 @@ class Batch:
         assert s is not None
         self.schedule_ops[(s.saga, s.key, s.name)] = None
         kind = "event" if s.to_self else "send"
-        self._dead(w, item, s.type_name, s.payload, kind, error, s.attempts + 1)
+        seq = s.seq if s.to_self else 0
+        self._dead(w, item, s.type_name, s.payload, kind, error, s.attempts + 1, seq, s.name)
         self.done.append(item)
 
     async def _failed(self, w: _Work, item: Item) -> None:
@@ -345,6 +360,8 @@ class Batch:
         w.failed = row
         if row.kind == COMPENSATE or not usable or handler is None or w.handler_error:
             self._dead(w, item, row.type_name, row.payload, row.kind, error, row.attempts, row.seq)
+        else:
+            self.taken_failures.append(row)
         if row.kind == COMPENSATE and w.record is not None:
             bump = 0 if w.dirty and w.record.version > w.start_version else 1
             w.record = attrs.evolve(
@@ -469,8 +486,8 @@ class Batch:
     def _restore(self, w: _Work) -> None:
         """Undo a failed handler's changes to the state object."""
         if w.record is not None:
-            w.state = self.shard.serializer.loads(
-                w.record.state, w.spec.state_type, w.spec.name, saga=w.spec.name, key=w.key
+            w.state = w.spec.load_state(
+                self.shard.serializer, w.key, w.record.state, w.record.state_version
             )
 
     def _give_up(
@@ -587,18 +604,13 @@ class Batch:
                         )
                     complete = True
                 else:
-                    raise self._reject(
-                        w,
-                        event,
-                        f"returned {action!r}, which is not an action (Send, Schedule, "
-                        "Unschedule, Compensate, Complete)",
-                    )
+                    raise self._reject(w, event, _not_an_action(action))
             if outputs > _MAX_OUTPUTS:
                 raise self._reject(w, event, f"more than {_MAX_OUTPUTS} commands at once")
             state_json = ser.dumps(state, spec.state_name)
         except SerializationError as exc:
             del rows[first_row:], commands[first_row:]
-            raise self._reject(w, event, str(exc)) from exc
+            raise self._reject(w, event, str(exc))  # noqa: B904 - the ActionError is its cause
         except BaseException:
             del rows[first_row:], commands[first_row:]
             raise
@@ -630,6 +642,7 @@ class Batch:
             self.now,
             None if event_type is CommandFailed else ser.name_of(event_type),
             record.completed or complete,
+            spec.version,
         )
 
     @staticmethod
@@ -677,6 +690,7 @@ class Batch:
         error: str,
         attempts: int,
         seq: int = 0,
+        name: str | None = None,
     ) -> None:
         if item.row is not None:
             did = item.row.id
@@ -688,10 +702,19 @@ class Batch:
             did = uuid.uuid4().hex
         self.dead.append(
             DeadLetter(
-                did, w.spec.name, w.key, kind, type_name, payload, error, attempts, self.now, seq
+                did,
+                w.spec.name,
+                w.key,
+                kind,
+                type_name,
+                payload,
+                error,
+                attempts,
+                self.now,
+                seq,
+                name if kind == "event" else None,
             )
         )
-        self.shard.counters.events_dead_lettered += kind == "event"
 
     def _changes(self) -> Changes:
         writes: list[InstanceWrite] = []
@@ -766,24 +789,14 @@ class Batch:
         counters = shard.counters
         counters.events_handled += self.handled
         counters.batches_committed += 1
-        counters.events_unmatched += len(self.unmatched)
-        for u in self.unmatched:
-            log.info(
-                "%s for saga %r key %r matched no instance: %s",
-                type(u.event).__name__,
-                u.saga,
-                u.key,
-                u.reason,
-                extra={"saga": u.saga, "key": u.key, "event_type": type(u.event).__name__},
-            )
-            if shard.on_unmatched is not None:
-                _call_hook(shard.on_unmatched, u)
-            if shard.hooks is not None:
-                _call_hook(shard.hooks.unmatched, u)
+        if self.unmatched:
+            report.unmatched(self.unmatched, counters, shard.on_unmatched, shard.hooks)
+        if self.dead:
+            report.dead_letters(self.dead, counters, shard.hooks)
+        if self.taken_failures:
+            report.taken_failures(self.taken_failures)
         if shard.hooks is not None:
-            for letter in self.dead:
-                _call_hook(shard.hooks.dead_letter, letter)
-            _call_hook(shard.hooks.batch_committed, len(self.items), self.commit_seconds)
+            report.call_hook(shard.hooks.batch_committed, len(self.items), self.commit_seconds)
         for item in self.done:
             if item.ack is not None:
                 item.ack.done()
@@ -796,6 +809,41 @@ class Batch:
             shard.mailbox.put_unbounded(item)
 
 
+_STATUSES = frozenset((ACTIVE, COMPLETING, COMPENSATION_FAILED))
+_RECORD_FIELDS = ("version", "status", "state_version")
+
+
+def _check_record(record: InstanceRecord) -> None:
+    """Refuse a stored instance whose bookkeeping columns are not what sagaflow writes.
+
+    Raises:
+        DecodeError: A version is not a positive int, or the status is unknown.
+    """
+    version, status, state_version = record.version, record.status, record.state_version
+    if (
+        type(version) is int
+        and version > 0
+        and status in _STATUSES
+        and type(state_version) is int
+        and state_version > 0
+    ):
+        return  # the common case, checked in one go
+    for field in _RECORD_FIELDS:
+        value = getattr(record, field)
+        if (field == "status" and value not in _STATUSES) or (
+            field != "status" and (type(value) is not int or value < 1)
+        ):
+            raise DecodeError(
+                f"stored instance of saga {record.saga!r} key {record.key!r} has "
+                f"{field} {value!r}, which sagaflow never writes (corrupt row?); the row is "
+                "kept and its events wait as dead letters: repair the row, then retry them",
+                type_name=record.saga,
+                field=field,
+                saga=record.saga,
+                key=record.key,
+            )
+
+
 def _instance_id(now: float) -> str:
     """A new incarnation's id: 32 hex digits, the creation time in milliseconds first.
 
@@ -803,14 +851,6 @@ def _instance_id(now: float) -> str:
     together in the stores' indexes (like a UUIDv7) instead of at random pages.
     """
     return f"{max(0, int(now * 1000)):012x}{os.urandom(10).hex()}"
-
-
-def _call_hook(hook: Callable[..., None], *args: Any) -> None:
-    """Call a user's hook after a commit; its failure must not stop the runtime."""
-    try:
-        hook(*args)
-    except Exception:
-        log.exception("hook %r raised; the runtime goes on", hook)
 
 
 _ACTIONS = frozenset((Send, Schedule, Unschedule, Compensate, Complete))
@@ -824,8 +864,28 @@ def _actions(result: Any, w: _Work, event: Any) -> Iterable[Any]:
         return result
     if isinstance(result, Send | Schedule | Unschedule | Compensate | Complete):
         return (result,)
-    if isinstance(result, str | bytes) or not isinstance(result, Iterable):
-        raise Batch._reject(
-            w, event, f"returned {result!r}; return None, an action or an iterable of actions"
-        )
+    if isinstance(result, str | bytes | dict) or not isinstance(result, Iterable):
+        raise Batch._reject(w, event, _not_an_action(result))
     return result
+
+
+def _not_an_action(value: Any) -> str:
+    """Why a value a handler returned is not an action, and what was likely meant."""
+    if isinstance(value, type):
+        name = value.__qualname__
+        if value in _ACTIONS:
+            return f"returned the class {name}, not an action: return {name}(...) instead"
+        return f"returned the class {name}, which is not an action"
+    shown = repr(value)
+    if len(shown) > 200:
+        shown = shown[:197] + "..."
+    cls = type(value)
+    if attrs.has(cls) or dataclasses.is_dataclass(cls):
+        return (
+            f"returned {shown}, which is not an action: to send it as a command, "
+            f"return Send({cls.__qualname__}(...))"
+        )
+    return (
+        f"returned {shown}, which is not an action: return None, an action (Send, "
+        "Schedule, Unschedule, Compensate, Complete) or a list of actions"
+    )

@@ -1,8 +1,9 @@
 """The `sagaflow` command line: the demo, store inspection and repair, saga diagrams.
 
 Exit codes: 0 done; 1 nothing found, or the operation was refused; 2 a usage error (bad
-arguments, a `module:attribute` that cannot be loaded); 3 the store cannot be reached or
-its schema is not one this sagaflow reads.
+arguments, a `module:attribute` that cannot be loaded, a backend that is not installed);
+3 the store cannot be reached or its schema is not one this sagaflow reads; 141 the
+reader of the output went away (`| head`), as a program killed by SIGPIPE reports it.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import argparse
 import contextlib
 import importlib
 import json
+import logging
 import math
 import os
 import re
 import sqlite3
 import sys
 import time
+import traceback
 import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -25,13 +28,16 @@ from typing import Any, TextIO
 import anyio
 import attrs
 
+from . import __version__
 from ._admin import Admin, InstanceInfo
+from ._check import CheckReport
 from ._registry import Registry
 from .exceptions import ConflictError, DeadLetterError, StoreError
 from .stores._protocol import DeadLetter, OutboxRecord, ScheduleRecord, Store
 
 __all__ = [
     "UsageError",
+    "check_json",
     "format_duration",
     "load_registry",
     "main",
@@ -41,9 +47,11 @@ __all__ = [
 ]
 
 OK, NOTHING, USAGE, UNREACHABLE = 0, 1, 2, 3
+BROKEN_PIPE = 128 + 13  # what a shell reports for a program killed by SIGPIPE
 
 _URL_HELP = (
-    "the store: sqlite:///absolute/path.db, sqlite:relative/path.db, or "
+    "the store: sqlite:///absolute/path.db (or sqlite:////absolute/path.db), "
+    "sqlite:relative/path.db, or "
     "postgresql://user:password@host/dbname (the password is never printed)"
 )
 
@@ -118,13 +126,15 @@ def _short(type_name: str | None) -> str:
 # -- opening a store by URL ------------------------------------------------------------
 
 
-def open_store(url: str, *, schema: str | None = None) -> Store:
+def open_store(url: str, *, schema: str | None = None, migrate: bool = True) -> Store:
     """The store a URL names (not opened yet).
 
     Args:
         url: `sqlite:///absolute/path.db`, `sqlite:relative/path.db`, or a PostgreSQL URL
             (`postgresql://...` or `postgres://...`).
         schema: The PostgreSQL schema holding sagaflow's tables (default `sagaflow`).
+        migrate: Whether opening the store may migrate an older schema (see the
+            stores' `migrate` argument).
 
     Raises:
         UsageError: The URL is not one of these forms.
@@ -141,20 +151,22 @@ def open_store(url: str, *, schema: str | None = None) -> Store:
     if scheme == "sqlite":
         if schema is not None:
             raise UsageError("--schema is for PostgreSQL stores only")
-        return _sqlite_store(rest)
+        return _sqlite_store(rest, migrate=migrate)
     if scheme in ("postgresql", "postgres"):
         try:
             from .stores._postgres import PostgresStore
         except ImportError as exc:
             raise StoreError(str(exc)) from None
         try:
-            return PostgresStore(url, schema=schema or "sagaflow", max_size=2, timeout=10)
+            return PostgresStore(
+                url, schema=schema or "sagaflow", max_size=2, timeout=10, migrate=migrate
+            )
         except ValueError as exc:  # the schema name
             raise UsageError(str(exc)) from None
     raise UsageError(f"unsupported store URL scheme {scheme!r}: use sqlite: or postgresql:")
 
 
-def _sqlite_store(rest: str) -> Store:
+def _sqlite_store(rest: str, *, migrate: bool = True) -> Store:
     from .stores._sqlite import SQLiteStore
 
     if rest.startswith("//"):
@@ -164,7 +176,9 @@ def _sqlite_store(rest: str) -> Store:
                 "a sqlite URL names a local file: sqlite:///absolute/path.db or "
                 "sqlite:relative/path.db"
             )
-        path = "/" + path
+        # sqlite:////abs/path.db, SQLAlchemy's spelling, names the same file as
+        # sqlite:///abs/path.db: the empty authority is followed by the absolute path.
+        path = "/" + path.lstrip("/")
     else:
         path = rest
     path = urllib.parse.unquote(path)
@@ -177,13 +191,17 @@ def _sqlite_store(rest: str) -> Store:
             f"{relative!r} in the current directory write sqlite:{relative}"
         )
     _check_sqlite_file(path)
-    return SQLiteStore(path)
+    return SQLiteStore(path, migrate=migrate)
 
 
 def _check_sqlite_file(path: str) -> None:
     """Refuse a missing file, or one sagaflow did not write: opening it would write to it."""
+    if os.path.isdir(path):
+        raise StoreError(
+            f"no sagaflow store at {path!r}: it is a directory; name the store's file in it"
+        )
     if not os.path.isfile(path):
-        what = "is not a file" if os.path.exists(path) else "does not exist"
+        what = "is not a regular file" if os.path.exists(path) else "does not exist"
         raise StoreError(f"no sagaflow store at {path!r}: the file {what}")
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
     try:
@@ -385,6 +403,27 @@ def _show_text(info: InstanceInfo, now: float) -> str:
 _StoreCommand = Callable[[Admin, argparse.Namespace, TextIO], Awaitable[int]]
 
 
+async def _unknown_saga(admin: Admin, saga: str) -> str | None:
+    """Why nothing of `saga` was found, if the store holds nothing at all of that name.
+
+    The store has no registry, so the names it knows are those of its instances,
+    schedules, commands and dead letters. It runs only once a lookup has found nothing.
+    """
+    store = admin.store
+    names = await store.saga_names()
+    names.update(d.saga for d in await store.list_dead_letters())
+    if saga in names:
+        return None
+    if not names:
+        return f"no saga named {saga!r} is in this store, which holds no instances at all"
+    known = ", ".join(repr(n) for n in sorted(names))
+    return (
+        f"no saga named {saga!r} is in this store, only {known}: a saga goes by the name "
+        "it was registered with (its class name, unless @registry.saga(name=...) gave "
+        "another)"
+    )
+
+
 async def _instances(admin: Admin, args: argparse.Namespace, out: TextIO) -> int:
     now = time.time()
     infos = await admin.list_instances(saga=args.saga, status=args.status, stalled=args.stalled)
@@ -399,16 +438,28 @@ async def _instances(admin: Admin, args: argparse.Namespace, out: TextIO) -> int
         which = [f"saga {args.saga!r}"] if args.saga else []
         which += [f"status {args.status!r}"] if args.status else []
         which += [f"no progress for {format_duration(args.stalled)}"] if args.stalled else []
+        unknown = args.saga and await _unknown_saga(admin, args.saga)
         print(
-            "no instances in flight" + (f" ({', '.join(which)})" if which else ""),
+            unknown or "no instances in flight" + (f" ({', '.join(which)})" if which else ""),
             file=sys.stderr,
         )
         return NOTHING
     return OK
 
 
+async def _find(admin: Admin, saga: str, key: str) -> InstanceInfo:
+    """`admin.show(saga, key)`, its error saying so when the store knows no such saga."""
+    try:
+        return await admin.show(saga, key)
+    except DeadLetterError as exc:
+        unknown = await _unknown_saga(admin, saga)
+        if unknown is None:
+            raise
+        raise DeadLetterError(unknown) from exc
+
+
 async def _show(admin: Admin, args: argparse.Namespace, out: TextIO) -> int:
-    info = await admin.show(args.saga, args.key)
+    info = await _find(admin, args.saga, args.key)
     if args.json:
         _dump(instance_json(info, full=True), out)
     else:
@@ -424,7 +475,8 @@ async def _dead_letters(admin: Admin, args: argparse.Namespace, out: TextIO) -> 
         print(_letters_table(letters, time.time()), file=out)
     if not letters:
         which = f" of saga {args.saga!r}" if args.saga else ""
-        print(f"no dead letters{which}", file=sys.stderr)
+        unknown = args.saga and await _unknown_saga(admin, args.saga)
+        print(unknown or f"no dead letters{which}", file=sys.stderr)
         return NOTHING
     return OK
 
@@ -438,6 +490,13 @@ async def _retry(admin: Admin, args: argparse.Namespace, out: TextIO) -> int:
         _dump({"retried": _row_json(letter, full=True), "instance_status": status}, out)
         return OK
     where = f"{letter.saga} {letter.key}"
+    if letter.name is not None:
+        print(
+            f"retried {letter.id}: scheduled {_short(letter.type_name)} of {where} is "
+            "scheduled again, due now; a runtime delivers it to the instance",
+            file=out,
+        )
+        return OK
     print(
         f"retried {letter.id}: {letter.kind} {_short(letter.type_name)} of {where} is back "
         "in the outbox, with its attempts reset",
@@ -482,7 +541,7 @@ async def _discard(admin: Admin, args: argparse.Namespace, out: TextIO) -> int:
 
 
 async def _abort(admin: Admin, args: argparse.Namespace, out: TextIO) -> int:
-    info = await admin.show(args.saga, args.key)
+    info = await _find(admin, args.saga, args.key)
     question = (
         f"abort {info.saga} {info.key} ({info.status}), deleting its state, "
         f"{len(info.schedules)} schedule(s) and {len(info.outbox)} command(s)?"
@@ -538,8 +597,9 @@ def load_registry(target: str) -> Registry:
     """The `Registry` that `module:attribute` names; the current directory is importable.
 
     Raises:
-        UsageError: `target` is malformed, its module or attribute does not exist, or
-            it is not a `Registry`. Errors raised by the module itself propagate.
+        UsageError: `target` is malformed, its module cannot be imported (it does not
+            exist, or importing it raised), its attribute does not exist, or it is not
+            a `Registry`.
     """
     module_name, colon, attribute = target.partition(":")
     if not colon or not module_name or not attribute:
@@ -551,11 +611,14 @@ def load_registry(target: str) -> Registry:
     except ModuleNotFoundError as exc:
         missing = exc.name or ""
         if module_name != missing and not module_name.startswith(missing + "."):
-            raise  # the module exists, but something it imports does not
+            # The module exists, but something it imports does not.
+            raise _import_failed(module_name, exc) from None
         raise UsageError(
             f"no module named {missing!r} (is the current directory, or the package's, "
             "on the import path?)"
         ) from None
+    except Exception as exc:  # noqa: BLE001 - whatever the module raises, it did not load
+        raise _import_failed(module_name, exc) from None
     for part in attribute.split("."):
         try:
             obj = getattr(obj, part)
@@ -564,6 +627,24 @@ def load_registry(target: str) -> Registry:
     if not isinstance(obj, Registry):
         raise UsageError(f"{target} is a {type(obj).__name__}, not a sagaflow Registry")
     return obj
+
+
+def _import_failed(module_name: str, exc: Exception) -> UsageError:
+    """The error for a module that raised while being imported, with where it raised.
+
+    The place is the innermost line of the user's code: a registration error raised
+    inside sagaflow points at the decorator or call that caused it.
+    """
+    where = ""
+    ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(("<", ours))
+    ]
+    if frames and not isinstance(exc, SyntaxError):  # a SyntaxError names its own line
+        where = f" ({frames[-1].filename}, line {frames[-1].lineno})"
+    return UsageError(
+        f"importing module {module_name!r} failed{where}: {type(exc).__name__}: {exc}"
+    )
 
 
 def _diagram(args: argparse.Namespace) -> int:
@@ -584,8 +665,32 @@ def _diagram(args: argparse.Namespace) -> int:
     return OK
 
 
+def _backend_missing(backend: str) -> str | None:
+    """Why the event loop `backend` cannot run here, if it cannot."""
+    if backend == "asyncio":
+        return None
+    try:
+        importlib.import_module(backend)
+    except ImportError as exc:
+        return (
+            f"the {backend} backend needs the {backend} package, which cannot be imported "
+            f"({exc}): install it (python -m pip install {backend}) or use --backend asyncio"
+        )
+    return None
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
+
+    missing = _backend_missing(args.backend)
+    if missing is not None:
+        print(f"sagaflow demo: error: {missing}", file=sys.stderr)
+        return USAGE
+    # The demo's failures are on purpose: keep their log records out of the display.
+    quiet = logging.getLogger("sagaflow")
+    if not quiet.handlers:
+        quiet.addHandler(logging.NullHandler())
+        quiet.propagate = False
 
     async def demo() -> bool:
         result = await run_demo(
@@ -602,6 +707,154 @@ def _demo(args: argparse.Namespace) -> int:
         print("\ninterrupted: everything committed is in the file; run again to resume")
         return 130
     return OK if ok else NOTHING
+
+
+# -- check -----------------------------------------------------------------------------
+
+_WOULD_FAIL = 1
+_OUTCOMES = {"ok": "ok", "upcast": "would upcast", "fail": "would fail"}
+
+
+def _failures_option(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rows (0 or more) or 'all'")
+    return value
+
+
+def _page_option(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a page size (1 or more rows)")
+    return value
+
+
+def check_json(report: CheckReport) -> dict[str, Any]:
+    """A check report as JSON: the verdict, the totals and every group with its failures."""
+    return {
+        "ok": report.ok,
+        "rows": report.rows,
+        "upcast": report.upcast,
+        "failed": report.failed,
+        "groups": [attrs.asdict(g) for g in report.groups],
+    }
+
+
+def _check_text(report: CheckReport) -> str:
+    if not report.groups:
+        return "the store holds no rows: nothing to check"
+    rows = [
+        [
+            g.what.replace("_", " "),
+            g.saga,
+            g.type_name or "-",
+            str(g.version),
+            _OUTCOMES[g.outcome],
+            str(g.count),
+        ]
+        for g in report.groups
+    ]
+    parts = [table(["KIND", "SAGA", "TYPE", "VERSION", "OUTCOME", "ROWS"], rows)]
+    for g in report.groups:
+        if g.outcome != "fail":
+            continue
+        kind = g.what.replace("_", " ")
+        lines = [f"{kind} {g.saga} {g.type_name or '-'} version {g.version}: {g.count} would fail"]
+        lines += [f"  {f.saga} {f.key} (id {f.id}): {f.error}" for f in g.failures]
+        if g.count > len(g.failures):
+            lines.append(f"  ... and {g.count - len(g.failures)} more")
+        parts.append("\n".join(lines))
+    ok = report.rows - report.upcast - report.failed
+    summary = f"{report.rows} row(s): {ok} ok, {report.upcast} would upcast, "
+    if report.ok:
+        summary += "none would fail: this code can read everything stored"
+    else:
+        summary += f"{report.failed} would fail: this code cannot read them; do not deploy it yet"
+    parts.append(summary)
+    return "\n\n".join(parts)
+
+
+def _check(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    try:
+        registry = load_registry(args.target)
+        store = open_store(args.url, schema=args.schema, migrate=args.migrate)
+    except UsageError as exc:
+        print(f"sagaflow check: error: {exc}", file=sys.stderr)
+        return USAGE
+    except StoreError as exc:
+        print(f"sagaflow check: {exc}", file=sys.stderr)
+        return UNREACHABLE
+
+    async def run() -> CheckReport:
+        await store.open()
+        try:
+            admin = Admin(store, registry=registry)
+            return await admin.check(page=args.page, failures_per_group=args.failures)
+        finally:
+            await store.close()
+
+    try:
+        report = anyio.run(run)
+    except StoreError as exc:
+        print(f"sagaflow check: {exc}", file=sys.stderr)
+        return UNREACHABLE
+    if args.json:
+        _dump(check_json(report), out)
+    else:
+        print(_check_text(report), file=out)
+    return OK if report.ok else _WOULD_FAIL
+
+
+def _check_parser(commands: Any) -> None:
+    check = commands.add_parser(
+        "check",
+        help="check that new code can read every stored row (run before a deploy)",
+        description=(
+            "Decode every stored row (instance states, outbox commands, scheduled "
+            "messages, dead letters, the cluster inbox) with the registry of the code "
+            "about to be deployed, and report, grouped by kind, saga, type and version, "
+            "the rows that are ok, that would be upcast and that would fail. Changes "
+            "nothing; an older store schema is not migrated (see --migrate). Exit "
+            "status 0 when nothing would fail, 1 when something would."
+        ),
+    )
+    check.add_argument(
+        "target",
+        metavar="MODULE:ATTRIBUTE",
+        help="the new code's Registry, e.g. myapp.sagas:registry (the current directory is "
+        "on the import path)",
+    )
+    check.add_argument("url", metavar="URL", help=_URL_HELP)
+    check.add_argument(
+        "--schema", help="the PostgreSQL schema holding sagaflow's tables (default sagaflow)"
+    )
+    check.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    check.add_argument(
+        "--failures",
+        type=_failures_option,
+        default=20,
+        metavar="N",
+        help="failing rows listed per group (default 20; 'all' for every one)",
+    )
+    check.add_argument(
+        "--page", type=_page_option, default=1000, metavar="N", help="rows per read (default 1000)"
+    )
+    check.add_argument(
+        "--migrate",
+        action="store_true",
+        help="migrate an older store schema first: for a copy of the store only, since "
+        "the sagaflow that wrote it cannot open it afterwards",
+    )
+    check.set_defaults(run=_check)
 
 
 # -- the parser ------------------------------------------------------------------------
@@ -627,9 +880,10 @@ def parser() -> argparse.ArgumentParser:
         description="Durable sagas for asyncio and trio.",
         epilog=(
             "exit codes: 0 done, 1 nothing found or operation refused, 2 usage error, "
-            "3 store unreachable or schema error"
+            "3 store unreachable or schema error, 141 the output's reader went away"
         ),
     )
+    top.add_argument("--version", action="version", version=f"sagaflow {__version__}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -701,7 +955,8 @@ def parser() -> argparse.ArgumentParser:
         "retry",
         "put a dead command back in the outbox",
         "Put a command dead letter back into its instance's outbox with its attempts reset. "
-        "A failed compensation resumes its chain. Event dead letters are retried from code, "
+        "A failed compensation resumes its chain. A timer that could not be delivered is "
+        "scheduled again, due now. Other event dead letters are retried from code, "
         "with Admin.retry(id, runtime=runtime).",
         _retry,
     )
@@ -749,11 +1004,22 @@ def parser() -> argparse.ArgumentParser:
     )
     diagram.add_argument("--saga", help="only this saga")
     diagram.set_defaults(run=_diagram)
+
+    _check_parser(commands)
     return top
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = parser().parse_args(argv)
-    code: int = args.run(args)
+    code: int = OK
+    try:
+        code = args.run(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at exit
+    except* BrokenPipeError:
+        code = BROKEN_PIPE
+        # The reader stopped reading (`| head`): not an error worth a traceback. Python
+        # flushes stdout once more at exit; pointing it at devnull keeps that quiet
+        # (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return code

@@ -22,7 +22,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import anyio
@@ -31,6 +31,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import attrs
 
+from . import _report as report
 from ._batch import EVENT, Item
 from ._cluster_outbox import ClusterOutbox, Wakeup
 from ._hooks import Hooks
@@ -45,9 +46,6 @@ from .stores._claims import ClusterStore, InboxRecord
 from .stores._protocol import (
     Changes,
     DeadLetter,
-    InstanceRecord,
-    Loaded,
-    LoadRequest,
     OutboxRecord,
     ScheduleRecord,
     Store,
@@ -81,49 +79,18 @@ class _ScheduleClaims:
     clock: Clock
     sagas: Sequence[str]
 
-    async def due_schedules(self, now: float, limit: int) -> list[ScheduleRecord]:
+    async def due_schedules(
+        self, now: float, limit: int, *, sagas: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
         return await self.store.claim_schedules(self.owner, now, limit, sagas=self.sagas)
 
-    async def next_due(self) -> float | None:
+    async def next_due(self, *, sagas: Collection[str] | None = None) -> float | None:
         # Capped by the poll: other processes add schedules without telling us, and
         # schedules leased to a process that died come free when the lease expires.
         now = self.clock.now()
         due = await self.store.next_claimable_due(self.owner, now, sagas=self.sagas)
         poll = now + self.store.poll_interval
         return poll if due is None else min(due, poll)
-
-    # The rest of the store protocol, for the type checker's sake: the timer reads
-    # only the two methods above.
-
-    async def open(self) -> None:
-        await self.store.open()
-
-    async def close(self) -> None:
-        await self.store.close()
-
-    async def load(self, request: LoadRequest) -> Loaded:
-        return await self.store.load(request)
-
-    async def commit(self, changes: Changes) -> None:
-        await self.store.commit(changes)
-
-    async def list_instances(
-        self, *, saga: str | None = None, status: str | None = None, limit: int | None = None
-    ) -> list[InstanceRecord]:
-        return await self.store.list_instances(saga=saga, status=status, limit=limit)
-
-    async def list_outbox(
-        self, *, saga: str | None = None, key: str | None = None
-    ) -> list[OutboxRecord]:
-        return await self.store.list_outbox(saga=saga, key=key)
-
-    async def list_schedules(
-        self, *, saga: str | None = None, key: str | None = None
-    ) -> list[ScheduleRecord]:
-        return await self.store.list_schedules(saga=saga, key=key)
-
-    async def list_dead_letters(self, *, saga: str | None = None) -> list[DeadLetter]:
-        return await self.store.list_dead_letters(saga=saga)
 
 
 @attrs.define(eq=False)
@@ -177,7 +144,9 @@ class Inbox:
     activity: Activity
     route: Callable[[str, str], Mailbox[Item]]
     announce: Callable[[str], None]
+    counters: Counters
     capacity: int = 1024
+    hooks: Hooks | None = None
 
     _claim: Wakeup = attrs.field(init=False)
     _check: Wakeup = attrs.field(init=False)
@@ -297,6 +266,7 @@ class Inbox:
                 if rejected:
                     letters = [self._dead_letter(row) for row in rejected]
                     await self.store.commit(Changes(dead_letters=letters))
+                    report.dead_letters(letters, self.counters, self.hooks)
                     for row in rejected:
                         self._owned[row.pos] = (row.saga, row.key)
                         self._acks.append(row.pos)
@@ -335,14 +305,6 @@ class Inbox:
             reason = f"saga {row.saga!r} does not handle {row.type_name!r} (any more)"
         except SerializationError as exc:
             reason = str(exc)
-        log.error(
-            "inbox event %s for %s/%s cannot be handled, dead-lettered: %s",
-            row.type_name,
-            row.saga,
-            row.key,
-            reason,
-            extra={"saga": row.saga, "key": row.key},
-        )
         return DeadLetter(
             f"{row.saga}:{row.key}:{row.event_id}",
             row.saga,
@@ -460,7 +422,9 @@ class Cluster:
             activity=self.activity,
             route=self.route,
             announce=self.announce,
+            counters=self.counters,
             capacity=self.capacity,
+            hooks=self.hooks,
         )
 
     def next_wakeup(self) -> float:

@@ -24,7 +24,7 @@ import anyio.lowlevel
 import attrs
 
 from ._hooks import Hooks
-from ._outbox import Counters, Dispatchers, error_text, note_failure
+from ._outbox import Counters, Dispatchers, error_text, note_failure, returned_false
 from ._records import DispatchMeta
 from ._registry import Registry
 from ._retry import RetryPolicy
@@ -378,10 +378,12 @@ class ClusterOutbox:
             meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
             span = None if self.hooks is None else self.hooks.dispatching(entry.command, meta)
             if span is None:
-                await self.dispatch(entry.command, meta)
+                if await self.dispatch(entry.command, meta) is False:
+                    raise returned_false()
             else:
                 with span:
-                    await self.dispatch(entry.command, meta)
+                    if await self.dispatch(entry.command, meta) is False:
+                        raise returned_false()
         except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
             self._dispatch_failed(ref, entry, attempt, exc)
             return

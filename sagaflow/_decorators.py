@@ -2,16 +2,54 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TypeAlias, TypeVar, overload
 
 import attrs
 
+from ._actions import HandlerResult
 from ._retry import RetryPolicy
 
-__all__ = ["CorrelateMark", "HandlerMark", "correlate", "on"]
+__all__ = ["CorrelateMark", "HandlerDecorator", "HandlerMark", "correlate", "on"]
+
+Key: TypeAlias = "str | None"
+"""What a correlate function returns: the instance key, or `None` for "not for this saga"."""
 
 F = TypeVar("F", bound=Callable[..., Any])
+CorrelateT = TypeVar("CorrelateT", bound=Callable[[Any, Any], Key])
+HandlerT = TypeVar(
+    "HandlerT",
+    bound=Callable[[Any, Any, Any], "HandlerResult | Coroutine[Any, Any, HandlerResult]"],
+)
+E_co = TypeVar("E_co", covariant=True)
+E = TypeVar("E")
+E1 = TypeVar("E1")
+E2 = TypeVar("E2")
+E3 = TypeVar("E3")
+E4 = TypeVar("E4")
+E5 = TypeVar("E5")
+E6 = TypeVar("E6")
+S = TypeVar("S")
+St = TypeVar("St")
+HandlerResultT = TypeVar(
+    "HandlerResultT", bound="HandlerResult | Coroutine[Any, Any, HandlerResult]"
+)
+
+
+class HandlerDecorator(Protocol[E_co]):
+    """What `@on(A, B)` returns, for the type checker: it takes a handler whose event
+    parameter accepts `A | B` and that returns actions (sync or async).
+
+    The method keeps its state and return types, so tests can call it directly (with
+    positional arguments); its event parameter is typed as the `@on` types.
+    """
+
+    # `E` is bound through `self`, that is from the `@on(...)` types, before `fn` is
+    # looked at: so `fn`'s event parameter is checked against them, not inferred from it.
+    def __call__(
+        self: HandlerDecorator[E], fn: Callable[[S, St, E], HandlerResultT], /
+    ) -> Callable[[S, St, E], HandlerResultT]: ...
+
 
 HANDLER_ATTR = "__sagaflow_on__"
 CORRELATE_ATTR = "__sagaflow_correlate__"
@@ -34,16 +72,98 @@ class CorrelateMark:
     types: tuple[type, ...]
 
 
+# One overload per number of event types lets the type checker tie the handler's event
+# parameter to them; past six, a handler is checked for its shape and result only.
+@overload
+def on(
+    t1: type[E1],
+    /,
+    *,
+    start: bool = ...,
+    internal: bool = ...,
+    retry: RetryPolicy | None = ...,
+) -> HandlerDecorator[E1]: ...
+@overload
+def on(
+    t1: type[E1],
+    t2: type[E2],
+    /,
+    *,
+    start: bool = ...,
+    internal: bool = ...,
+    retry: RetryPolicy | None = ...,
+) -> HandlerDecorator[E1 | E2]: ...
+@overload
+def on(
+    t1: type[E1],
+    t2: type[E2],
+    t3: type[E3],
+    /,
+    *,
+    start: bool = ...,
+    internal: bool = ...,
+    retry: RetryPolicy | None = ...,
+) -> HandlerDecorator[E1 | E2 | E3]: ...
+@overload
+def on(
+    t1: type[E1],
+    t2: type[E2],
+    t3: type[E3],
+    t4: type[E4],
+    /,
+    *,
+    start: bool = ...,
+    internal: bool = ...,
+    retry: RetryPolicy | None = ...,
+) -> HandlerDecorator[E1 | E2 | E3 | E4]: ...
+@overload
+def on(
+    t1: type[E1],
+    t2: type[E2],
+    t3: type[E3],
+    t4: type[E4],
+    t5: type[E5],
+    /,
+    *,
+    start: bool = ...,
+    internal: bool = ...,
+    retry: RetryPolicy | None = ...,
+) -> HandlerDecorator[E1 | E2 | E3 | E4 | E5]: ...
+@overload
+def on(
+    t1: type[E1],
+    t2: type[E2],
+    t3: type[E3],
+    t4: type[E4],
+    t5: type[E5],
+    t6: type[E6],
+    /,
+    *,
+    start: bool = ...,
+    internal: bool = ...,
+    retry: RetryPolicy | None = ...,
+) -> HandlerDecorator[E1 | E2 | E3 | E4 | E5 | E6]: ...
+@overload
+def on(
+    *types: type,
+    start: bool = ...,
+    internal: bool = ...,
+    retry: RetryPolicy | None = ...,
+) -> Callable[[HandlerT], HandlerT]: ...
 def on(
     *types: type,
     start: bool = False,
     internal: bool = False,
     retry: RetryPolicy | None = None,
-) -> Callable[[F], F]:
+) -> Any:
     """Mark a saga method as the handler of one or more event types.
 
     The method is called as `handler(self, state, event)`, may be sync or async, mutates
-    `state` in place, and returns `None`, one action or an iterable of actions.
+    `state` in place, and returns `None`, one action or an iterable of actions
+    (`sagaflow.typing.HandlerResult`). A type checker holds the method to that: its event
+    parameter must accept every type listed, and it must return actions. For the type
+    checker the method's event parameter becomes the listed types, so list every type in
+    one `@on(A, B)` rather than stacking `@on(A)` on `@on(B)`.
 
     Args:
         *types: The event types handled; subclasses are handled too.
@@ -73,15 +193,16 @@ def on(
 
 
 @overload
-def correlate(*types: type) -> Callable[[F], F]: ...
+def correlate(*types: type) -> Callable[[CorrelateT], CorrelateT]: ...
 @overload
-def correlate(fn: F, /) -> F: ...
+def correlate(fn: CorrelateT, /) -> CorrelateT: ...
 def correlate(*args: Any) -> Any:
     """Mark a saga method as the function that maps an event to an instance key.
 
     Bare (`@correlate`) it applies to every event type the saga handles; called
     (`@correlate(A, B)`) to those types only. It is called as `fn(self, event)` and
-    returns the key (`str`) or `None` when the event is not for this saga.
+    returns the key (`str`) or `None` when the event is not for this saga; a type
+    checker rejects a correlate function annotated to return anything else.
     """
     if len(args) == 1 and callable(args[0]) and not isinstance(args[0], type):
         setattr(args[0], CORRELATE_ATTR, CorrelateMark(types=()))
@@ -91,7 +212,7 @@ def correlate(*args: Any) -> Any:
             raise TypeError(f"@correlate() takes event classes, got {t!r}")
     mark = CorrelateMark(types=tuple(args))
 
-    def decorate(fn: F) -> F:
+    def decorate(fn: CorrelateT) -> CorrelateT:
         setattr(fn, CORRELATE_ATTR, mark)
         return fn
 

@@ -38,10 +38,11 @@ class Hooks:
         """A dispatch failed and will be tried again after `delay` seconds."""
 
     def dead_letter(self, letter: DeadLetter) -> None:
-        """A command or event became a dead letter (committed)."""
+        """A command or event became a dead letter (committed; also logged at WARNING)."""
 
     def unmatched(self, unmatched: Unmatched) -> None:
-        """An event reached a saga but no instance that could take it."""
+        """An event reached no instance that could take it, or no saga handles its type
+        (then `unmatched.saga` and `unmatched.key` are `None`); also logged at WARNING."""
 
     def batch_committed(self, size: int, seconds: float) -> None:
         """A shard committed a batch of `size` items; the commit took `seconds`."""

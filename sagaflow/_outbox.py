@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import heapq
+import inspect
 import logging
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import anyio
@@ -18,6 +20,7 @@ from ._records import DispatchMeta
 from ._retry import RetryPolicy
 from ._serialization import Serializer
 from ._sync import Activity
+from .exceptions import DispatcherError, DispatchError
 from .stores._protocol import (
     COMPENSATION_FAILED,
     COMPLETING,
@@ -27,7 +30,15 @@ from .stores._protocol import (
     Store,
 )
 
-__all__ = ["Counters", "Dispatchers", "Outbox", "error_text", "note_failure"]
+__all__ = [
+    "Counters",
+    "Dispatchers",
+    "Outbox",
+    "checked_dispatcher",
+    "error_text",
+    "note_failure",
+    "returned_false",
+]
 
 log = logging.getLogger("sagaflow.outbox")
 
@@ -42,12 +53,14 @@ class Counters:
     events_duplicate: int = 0
     events_unmatched: int = 0
     events_dead_lettered: int = 0
+    dead_letters: int = 0
     handler_retries: int = 0
     commands_dispatched: int = 0
     command_retries: int = 0
     commands_failed: int = 0
     batches_committed: int = 0
     conflicts: int = 0
+    orphan_sagas: int = 0
 
 
 @attrs.define(eq=False)
@@ -63,6 +76,78 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def checked_dispatcher(dispatch: object) -> Callable[[Any, DispatchMeta], Awaitable[Any]]:
+    """The dispatcher to call, checked once: a plain `def` is refused here, not on its
+    first command.
+
+    Coroutine functions, objects whose `__call__` is `async def` and `functools.partial`
+    of either are used as they are. Other callables that may return an awaitable (a
+    wrapper of a coroutine function, a builtin) are wrapped so that a call returning
+    something that cannot be awaited fails that attempt with a clear error.
+
+    Raises:
+        DispatcherError: `dispatch` is not callable, a class, a plain `def` function or
+            method, or an object whose `__call__` is a plain `def`.
+    """
+    target = dispatch
+    while isinstance(target, functools.partial):
+        target = target.func
+    if inspect.iscoroutinefunction(target):
+        return dispatch  # type: ignore[return-value]
+    fix = "(command, meta)` function, or an object with an `async def __call__`"
+    if not callable(target):
+        raise DispatcherError(
+            f"the dispatcher {dispatch!r} is not callable: pass an `async def {fix}"
+        )
+    if isinstance(target, type):
+        name = target.__qualname__
+        raise DispatcherError(
+            f"the dispatcher {name} is a class, not an instance of it: pass dispatch={name}(...)"
+        )
+    if inspect.isfunction(target) or inspect.ismethod(target):
+        if inspect.iscoroutinefunction(inspect.unwrap(target)):
+            return _awaiting(dispatch, target.__qualname__)  # a wrapper of one
+        raise DispatcherError(
+            f"the dispatcher {target.__qualname__!r} is a plain `def` function, but the "
+            "runtime awaits what the dispatcher returns: define it with `async def "
+            f"{target.__name__}{fix}"
+        )
+    call = type(target).__call__
+    if inspect.iscoroutinefunction(call):
+        return dispatch  # type: ignore[return-value]
+    name = f"a {type(target).__qualname__} object"
+    if inspect.isfunction(call):
+        raise DispatcherError(
+            f"the dispatcher ({name}) has a plain `def __call__`, but the runtime awaits "
+            "what the dispatcher returns: define it as `async def __call__(self, command, "
+            "meta)`"
+        )
+    return _awaiting(dispatch, name)
+
+
+def _awaiting(dispatch: Any, name: str) -> Callable[[Any, DispatchMeta], Awaitable[Any]]:
+    """`dispatch`, failing the attempt clearly when a call gives no awaitable."""
+
+    async def call(command: Any, meta: DispatchMeta) -> Any:
+        result = dispatch(command, meta)
+        if not inspect.isawaitable(result):
+            raise DispatcherError(
+                f"the dispatcher {name} returned {result!r} for a {type(command).__name__}, "
+                "which cannot be awaited: define it with `async def`"
+            )
+        return await result
+
+    return call
+
+
+def returned_false() -> DispatchError:
+    """The error of an attempt whose dispatcher returned `False`."""
+    return DispatchError(
+        "the dispatcher returned False, which reports a failed dispatch "
+        "(return None or True for success, or raise to say why it failed)"
+    )
+
+
 def note_failure(
     row: OutboxRecord,
     attempt: int,
@@ -74,7 +159,7 @@ def note_failure(
     counters: Counters,
     hooks: Hooks | None,
 ) -> tuple[str, float | None]:
-    """Count, log and report a failed dispatch; decide whether it is tried again.
+    """Count a failed dispatch, and log and report it if it is tried again.
 
     Shared by the in-process outbox and the cluster one, which differ only in how they
     keep the retry and hand over a give-up.
@@ -103,16 +188,9 @@ def note_failure(
             extra=extra,
         )
         return error, due
+    # Logged once its instance has dealt with it: at INFO if its CommandFailed handler
+    # took it, at WARNING as a dead letter if not (`_batch.py`, `_report.py`).
     counters.commands_failed += 1
-    log.error(
-        "command %s of %s/%s failed for good after %d attempt(s): %s",
-        row.type_name,
-        row.saga,
-        row.key,
-        attempt,
-        error,
-        extra=extra,
-    )
     return error, None
 
 
@@ -216,6 +294,8 @@ class Outbox:
     concurrency: int = 16
     sweep_interval: float = 5.0
     hooks: Hooks | None = None
+    sagas: Collection[str] | None = None
+    """The registered sagas: rows of others are kept in the store, not dispatched."""
 
     _queues: dict[_Ref, deque[_Entry]] = attrs.field(factory=dict, init=False)
     _busy: set[_Ref] = attrs.field(factory=set, init=False)
@@ -369,14 +449,17 @@ class Outbox:
                     entry.decoded = True
                 meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
                 if hooks is None:
-                    await dispatch(entry.command, meta)
+                    if await dispatch(entry.command, meta) is False:
+                        raise returned_false()
                 else:
                     span = hooks.dispatching(entry.command, meta)
                     if span is None:
-                        await dispatch(entry.command, meta)
+                        if await dispatch(entry.command, meta) is False:
+                            raise returned_false()
                     else:
                         with span:
-                            await dispatch(entry.command, meta)
+                            if await dispatch(entry.command, meta) is False:
+                                raise returned_false()
             except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
                 self._failed(ref, entry, attempt, exc)
                 return
@@ -519,7 +602,12 @@ class Outbox:
                 rows = await self.store.list_outbox()
             finally:
                 self._swept_away = None
-            rows = [row for row in rows if row.id not in swept_away]
+            sagas = self.sagas
+            rows = [
+                row
+                for row in rows
+                if row.id not in swept_away and (sagas is None or row.saga in sagas)
+            ]
             # What the shards changed while we read is theirs: only act on what we saw.
             for ref in held_before - failed:
                 if ref in self._held:  # resumed (or aborted) by an operator

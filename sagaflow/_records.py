@@ -29,17 +29,18 @@ class DispatchMeta:
 
 @attrs.frozen
 class Unmatched:
-    """An event that reached a saga but no instance that could take it.
+    """An event that reached no instance that could take it, or no saga at all.
 
     Attributes:
         event: The event.
-        saga: The saga's name.
-        key: The key the saga's correlate function returned.
-        reason: Why: no live instance and the handler is not `start=True`, or the
-            instance is completing.
+        saga: The saga's name, or `None` when no saga handles the event's type.
+        key: The key the saga's correlate function returned, or `None` when no saga
+            handles the event's type.
+        reason: Why: no live instance and the handler is not `start=True`, the instance
+            has completed, or no saga handles this type.
     """
 
     event: object
-    saga: str
-    key: str
+    saga: str | None
+    key: str | None
     reason: str

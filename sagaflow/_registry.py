@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar, overload
 
 import attrs
 
 from ._actions import CommandFailed
 from ._decorators import CORRELATE_ATTR, HANDLER_ATTR, CorrelateMark, HandlerMark
+from ._evolution import UPCAST_ATTR, Upcaster, check_chain
 from ._retry import RetryPolicy
 from ._serialization import Serializer
 from .exceptions import RegistrationError, RegistrationErrors, SerializationError
@@ -44,6 +45,12 @@ class SagaSpec:
     handlers: dict[type, HandlerSpec] = attrs.field(repr=False)
     correlates: dict[type, Callable[[Any], Any]] = attrs.field(repr=False)
     default_correlate: Callable[[Any], Any] | None = attrs.field(repr=False)
+    version: int = 1
+    """The version its state is written at; rows of older versions are upcast."""
+    upcasters: Mapping[int, Upcaster] = attrs.field(factory=dict, repr=False)
+    """`{n: fn}`: turns stored state JSON of version n into n + 1."""
+    aliases: tuple[str, ...] = ()
+    """Older names of the saga: their stored rows are taken over when a runtime starts."""
     _handler_cache: dict[type, HandlerSpec | None] = attrs.field(
         factory=dict, init=False, repr=False
     )
@@ -79,6 +86,24 @@ class SagaSpec:
     def new_state(self) -> Any:
         """A fresh default state for a new instance."""
         return self.state_type()
+
+    def load_state(self, serializer: Serializer, key: str, text: str, version: int) -> Any:
+        """Decode a stored state written at `version`, upcasting it to `self.version`.
+
+        Raises:
+            DecodeError: It cannot be decoded; the message names saga, key, version and
+                field.
+        """
+        return serializer.loads(
+            text,
+            self.state_type,
+            self.state_name,
+            saga=self.name,
+            key=key,
+            version=version,
+            current=self.version,
+            upcasters=self.upcasters,
+        )
 
 
 Target = tuple[SagaSpec, HandlerSpec, Callable[[Any], Any]]
@@ -119,6 +144,7 @@ class Registry:
     _serializer: Serializer = attrs.field(factory=Serializer, init=False)
     _routes: dict[type, tuple[Target, ...]] = attrs.field(factory=dict, init=False)
     _allow: tuple[str, ...] = attrs.field(default=(), alias="allow", converter=tuple)
+    _aliases: dict[str, str] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._serializer.allow(self._allow)
@@ -129,17 +155,33 @@ class Registry:
         return dict(self._sagas)
 
     @property
+    def aliases(self) -> dict[str, str]:
+        """Older saga names and the registered saga that took each over (a copy)."""
+        return dict(self._aliases)
+
+    @property
     def serializer(self) -> Serializer:
         """The serializer, with the type allow-list this registry built."""
         return self._serializer
 
-    def saga(self, *, state: type, name: str | None = None) -> Callable[[C], C]:
+    def saga(
+        self,
+        *,
+        state: type,
+        name: str | None = None,
+        version: int = 1,
+        aliases: Iterable[str] = (),
+    ) -> Callable[[C], C]:
         """Class decorator: instantiate the class with no arguments and register it.
 
         Args:
             state: The per-instance state class (attrs or dataclass, default-constructible,
                 round-trips through cattrs).
             name: The saga's stable name; defaults to the class name.
+            version: The version of its stored state; every version below it needs an
+                `@upcast` function on the class.
+            aliases: Names the saga was stored under before (a renamed saga); a runtime
+                takes their rows over when it starts.
 
         Returns:
             A decorator that registers the class and returns it unchanged.
@@ -154,18 +196,30 @@ class Registry:
                     f"({exc}); create it yourself and call registry.register(obj, state=...)",
                     saga=name or cls.__name__,
                 ) from exc
-            self.register(obj, state=state, name=name)
+            self.register(obj, state=state, name=name, version=version, aliases=aliases)
             return cls
 
         return decorate
 
-    def register(self, obj: S, *, state: type, name: str | None = None) -> S:
+    def register(
+        self,
+        obj: S,
+        *,
+        state: type,
+        name: str | None = None,
+        version: int = 1,
+        aliases: Iterable[str] = (),
+    ) -> S:
         """Register a saga object (so it can carry collaborators).
 
         Args:
             obj: An instance of a class with `@on` handlers and `@correlate` functions.
             state: The per-instance state class.
             name: The saga's stable name; defaults to the class name.
+            version: The version of its stored state; every version below it needs an
+                `@upcast` function on the class.
+            aliases: Names the saga was stored under before (a renamed saga); a runtime
+                takes their rows over when it starts.
 
         Returns:
             `obj`, unchanged.
@@ -191,6 +245,17 @@ class Registry:
             problem("the name must be a non-empty printable string without edge spaces")
         if name in self._sagas:
             problem("a saga of this name is already registered; pass name=... to tell them apart")
+        elif name in self._aliases:
+            problem(f"the name is an alias of saga {self._aliases[name]!r}")
+        aliases = tuple(aliases)
+        for alias in aliases:
+            if not isinstance(alias, str) or not alias or not alias.isprintable():
+                problem(f"alias {alias!r} must be a non-empty printable string")
+            elif alias == name or alias in self._sagas:
+                problem(f"alias {alias!r} is the name of a registered saga")
+            elif alias in self._aliases:
+                problem(f"alias {alias!r} is already an alias of saga {self._aliases[alias]!r}")
+        upcasters: dict[int, Upcaster] = {}
 
         handlers: dict[type, HandlerSpec] = {}
         correlates: dict[type, Callable[[Any], Any]] = {}
@@ -207,6 +272,15 @@ class Registry:
             cmark: CorrelateMark | None = getattr(raw, CORRELATE_ATTR, None) or getattr(
                 fn, CORRELATE_ATTR, None
             )
+            umark: int | None = getattr(raw, UPCAST_ATTR, None) or getattr(fn, UPCAST_ATTR, None)
+            if umark is not None:
+                if hmarks or cmark is not None:
+                    problem(f"{attr_name} is marked @upcast and @on/@correlate; split it")
+                elif umark in upcasters:
+                    problem(f"two upcasters for version {umark}; {attr_name} is the second")
+                else:
+                    upcasters[umark] = getattr(obj, attr_name)
+                continue
             if not hmarks and cmark is None:
                 continue
             marked = marked or bool(hmarks)
@@ -271,7 +345,12 @@ class Registry:
             handlers=handlers,
             correlates=correlates,
             default_correlate=default_correlate,
+            version=version,
+            upcasters=upcasters,
+            aliases=aliases,
         )
+        for msg in check_chain(f"saga {name!r}", version, upcasters):
+            problems.append(RegistrationError(msg, saga=name))
         for t, h in handlers.items():
             if h.internal or issubclass(t, CommandFailed):
                 continue
@@ -291,7 +370,7 @@ class Registry:
         try:
             for t in handlers:
                 if not issubclass(t, CommandFailed):
-                    self._serializer.register(t)
+                    self._serializer.register_handled(t)
         except SerializationError as exc:
             raise RegistrationError(f"saga {name!r}: {exc}", saga=name) from exc
         self._serializer.allow(
@@ -302,6 +381,8 @@ class Registry:
             }
         )
         self._sagas[name] = spec
+        for alias in aliases:
+            self._aliases[alias] = name
         self._routes.clear()
         return obj
 
@@ -345,24 +426,66 @@ class Registry:
         return []
 
     @overload
-    def message(self, cls: C, /, *, name: str | None = None) -> C: ...
+    def message(
+        self,
+        cls: C,
+        /,
+        *,
+        name: str | None = None,
+        version: int = 1,
+        aliases: Iterable[str] = (),
+        upcasters: Mapping[int, Upcaster] | None = None,
+    ) -> C: ...
     @overload
-    def message(self, cls: None = None, /, *, name: str | None = None) -> Callable[[C], C]: ...
-    def message(self, cls: Any = None, /, *, name: str | None = None) -> Any:
+    def message(
+        self,
+        cls: None = None,
+        /,
+        *,
+        name: str | None = None,
+        version: int = 1,
+        aliases: Iterable[str] = (),
+        upcasters: Mapping[int, Upcaster] | None = None,
+    ) -> Callable[[C], C]: ...
+    def message(
+        self,
+        cls: Any = None,
+        /,
+        *,
+        name: str | None = None,
+        version: int = 1,
+        aliases: Iterable[str] = (),
+        upcasters: Mapping[int, Upcaster] | None = None,
+    ) -> Any:
         """Put a message class on the type allow-list, optionally under a stable name.
 
         Usable as `registry.message(Cls)`, `registry.message(Cls, name="orders.v1.Cls")`
         or as a class decorator (`@registry.message(name=...)`). Needed for classes that
-        are not found by package prefix, such as classes defined inside functions, and to
-        keep stored rows readable across a rename.
+        are not found by package prefix, such as classes defined inside functions, to
+        keep stored rows readable across a rename or a move to another module
+        (`aliases=` lists the names it was stored under before), and to change a stored
+        message's shape (`version=` with `upcasters=`).
+
+        Args:
+            cls: The message class (events, commands, scheduled messages).
+            name: The stable name rows are written under; by default the module and
+                qualified name.
+            version: The current version of its stored JSON; rows written at an older
+                version are upcast when read, and the row records the version.
+            aliases: Older stored names that still resolve to this class.
+            upcasters: `{n: fn}`: `fn` turns the JSON object of version n into version
+                n + 1; one for every n below `version`.
 
         Raises:
-            RegistrationError: The name is taken by another class.
+            RegistrationError: A name is taken by another class, or the version and
+                upcasters do not fit (a gap in the chain).
         """
 
         def decorate(c: type) -> type:
             try:
-                self._serializer.register(c, name)
+                self._serializer.register(
+                    c, name, version=version, aliases=aliases, upcasters=upcasters
+                )
             except SerializationError as exc:
                 raise RegistrationError(str(exc)) from exc
             return c

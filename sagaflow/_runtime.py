@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterable, Callable
 from datetime import timedelta
@@ -11,18 +12,20 @@ from typing import Any, Self, cast
 import anyio
 import attrs
 
+from ._actions import CommandFailed
 from ._batch import EVENT, FAILED, FINALIZE, FIRE, Item
 from ._clock import SystemClock
 from ._cluster import Cluster, ClusterOutbox, cluster_store
 from ._hooks import Hooks
-from ._outbox import Counters, Outbox
+from ._outbox import Counters, Outbox, checked_dispatcher
 from ._records import Unmatched
 from ._registry import Registry, SagaSpec
+from ._report import unmatched
 from ._retry import RetryPolicy
 from ._shard import Shard
 from ._sync import Ack, Activity, Mailbox
 from ._timer import Timer
-from .exceptions import RuntimeClosedError
+from .exceptions import MessageError, RuntimeClosedError, SerializationError
 from .stores._protocol import (
     COMPENSATION_FAILED,
     COMPLETING,
@@ -61,14 +64,20 @@ class Statistics:
         cached_states: Instance states held in memory.
         events_handled: Handler calls whose result was committed.
         events_duplicate: Events skipped because their id was already applied.
-        events_unmatched: Events that reached no instance (see `on_unmatched`).
+        events_unmatched: Events that reached no instance, or no saga handles (see
+            `on_unmatched`).
         events_dead_lettered: Events whose handler kept failing (or could not be applied).
+        dead_letters: Dead letters kept, of every kind: events and due schedules that
+            could not be applied, and commands and compensations that failed for good
+            with no `CommandFailed` handler to take them (each logged at WARNING).
         handler_retries: Handler calls that raised and were tried again.
         commands_dispatched: Successful dispatcher calls.
         command_retries: Dispatcher calls that raised and were tried again.
         commands_failed: Commands that failed for good.
         batches_committed: Store commits of handled batches.
         conflicts: Batches handled again after losing a concurrency race.
+        orphan_sagas: Saga names with rows in the store that no registered saga
+            answers to, found when the runtime started (each logged at WARNING).
     """
 
     queued_events: int
@@ -80,12 +89,14 @@ class Statistics:
     events_duplicate: int
     events_unmatched: int
     events_dead_lettered: int
+    dead_letters: int
     handler_retries: int
     commands_dispatched: int
     command_retries: int
     commands_failed: int
     batches_committed: int
     conflicts: int
+    orphan_sagas: int
 
 
 class Runtime:
@@ -97,8 +108,10 @@ class Runtime:
     Args:
         registry: The sagas to run.
         store: Where instances, the outbox and schedules live.
-        dispatch: Called as `await dispatch(command, meta)` for every command; raising
-            means failure (retried per `retry`, then `CommandFailed`).
+        dispatch: Called as `await dispatch(command, meta)` for every command: an
+            `async def` function, or an object with an `async def __call__`. Raising or
+            returning `False` means failure (retried per `retry`, then `CommandFailed`);
+            any other result is success.
         retry: The retry policy for commands and handlers.
         clock: Time source (`now()` and `sleep_until(t)`); the default is the wall clock.
         shards: How many shard workers handle events concurrently. Each shard handles
@@ -114,8 +127,8 @@ class Runtime:
             redelivered event is not applied again (a `timedelta` or seconds).
         conflict_retries: How often a batch that lost a concurrency race is handled
             again before its events fail.
-        on_unmatched: Called with an `Unmatched` record when an event reaches a saga but
-            no instance that could take it.
+        on_unmatched: Called with an `Unmatched` record when an event reaches no
+            instance that could take it, or no saga handles its type.
         hooks: Metrics and tracing callbacks (see `Hooks`).
         sweep_interval: Seconds between looks at the store for commands and instances
             an operator changed while the runtime runs (see `Admin`).
@@ -125,6 +138,8 @@ class Runtime:
             state is cached between batches. See the how-to "Scaling out".
 
     Raises:
+        DispatcherError: `dispatch` is not an async callable (a plain `def` function,
+            say); a `TypeError`.
         TypeError: `cluster=True` with a store that cannot be shared.
     """
 
@@ -152,9 +167,12 @@ class Runtime:
             raise ValueError("the registry has no sagas: register at least one first")
         if shards < 1 or max_batch < 1 or queue_size < 1 or dispatch_concurrency < 1:
             raise ValueError("shards, max_batch, queue_size, dispatch_concurrency must be >= 1")
+        dispatch = checked_dispatcher(dispatch)
         self._registry = registry
         self._store = store
         self._dispatch = dispatch
+        self._on_unmatched = on_unmatched
+        self._hooks = hooks
         self._policy = retry or RetryPolicy()
         self._clock: Clock = clock or SystemClock()
         retention = (
@@ -177,8 +195,11 @@ class Runtime:
             concurrency=dispatch_concurrency,
             hooks=hooks,
             sweep_interval=sweep_interval,
+            sagas=frozenset(registry.sagas),
         )
-        self._timer = Timer(store, self._clock, self._activity, self._fire)
+        self._timer = Timer(
+            store, self._clock, self._activity, self._fire, sagas=sorted(registry.sagas)
+        )
         self._cluster: Cluster | None = None
         if cluster:
             self._cluster = Cluster(
@@ -285,6 +306,7 @@ class Runtime:
 
     async def _recover(self) -> None:
         """Pick up what a previous run left: held instances, commands, finished ones."""
+        await self._adopt()
         for record in await self._store.list_instances(status=COMPENSATION_FAILED):
             self._outbox.hold((record.saga, record.key))
         await self._outbox.recover()
@@ -292,6 +314,31 @@ class Runtime:
             ref = (record.saga, record.key)
             if record.saga in self._registry.sagas:
                 self._outbox.completing(ref)
+
+    async def _adopt(self) -> None:
+        """Take over the rows of renamed sagas; report the rows no saga is registered for."""
+        sagas = self._registry.sagas
+        for spec in sagas.values():
+            for alias in spec.aliases:
+                moved = await self._store.rename_saga(alias, spec.name)
+                if moved:
+                    log.info(
+                        "saga %r took over %d instance(s) stored under its old name %r",
+                        spec.name,
+                        moved,
+                        alias,
+                        extra={"saga": spec.name},
+                    )
+        for name in sorted(await self._store.saga_names() - sagas.keys()):
+            self._counters.orphan_sagas += 1
+            log.warning(
+                "the store holds instances, schedules or commands of saga %r, which is not "
+                "registered: they are kept, and skipped until a saga of that name (or with "
+                "aliases=(%r,)) is registered; `sagaflow check` lists them",
+                name,
+                name,
+                extra={"saga": name},
+            )
 
     def _check_running(self) -> None:
         if not self._running:
@@ -319,6 +366,11 @@ class Runtime:
         With `cluster=True` the event is first written to the store's shared inbox, and
         whichever process takes it handles it; this still returns once it is committed.
 
+        An event whose type no saga handles is reported as unmatched (a WARNING log
+        record, the `events_unmatched` counter and the `on_unmatched` hook), not
+        applied. One that every saga's correlate function declined (returned `None`)
+        is not reported: that is the sagas' decision.
+
         Args:
             event: The event (any attrs or dataclass instance a saga handles).
             id: With an id, a redelivered event is applied at most once per instance
@@ -326,11 +378,14 @@ class Runtime:
 
         Raises:
             RuntimeClosedError: The runtime is not running.
+            MessageError: `event` is not a message (a string, a dict, a class...);
+                a `TypeError`.
             TypeError: A correlate function returned something other than `str`/`None`.
         """
         self._check_running()
         targets = self._targets(event)
         if not targets:
+            self._not_routed(event, "publish")
             return
         if self._cluster is not None:
             await self._cluster.publish(event, targets, id)
@@ -352,7 +407,10 @@ class Runtime:
         """Feed events from an async iterable or anyio receive stream.
 
         Publishing waits while the shards' mailboxes are full (backpressure). Returns
-        once every event consumed from `source` is committed.
+        once every event consumed from `source` is committed. Events are routed as by
+        `publish`: one that no saga handles is reported as unmatched, and an item that
+        is not a message stops the run with `MessageError` (after the events consumed
+        before it are committed).
 
         Args:
             source: Events, e.g. a `MemoryObjectReceiveStream` or an async generator.
@@ -363,9 +421,10 @@ class Runtime:
 
         Raises:
             RuntimeClosedError: The runtime is not running.
+            MessageError: `source` gave something that is not a message.
         """
         self._check_running()
-        ack = Ack(1)  # held open until the source is exhausted
+        ack = Ack(1, poison_raises=False)  # held open until the source is exhausted
         count = 0
         activity = self._activity
         try:
@@ -373,6 +432,8 @@ class Runtime:
                 count += 1
                 event_id = id(event) if id is not None else None
                 targets = self._targets(event)
+                if not targets:
+                    self._not_routed(event, "run")
                 for spec, handler, key in targets:
                     ack.pending += 1
                     activity.begin()
@@ -387,6 +448,43 @@ class Runtime:
             with anyio.CancelScope(shield=True):
                 await ack.wait()
         return count
+
+    def _not_routed(self, event: object, via: str) -> None:
+        """`event` reached no saga: refuse what is not a message, report the rest.
+
+        Off the hot path: only for events that no saga took.
+        """
+        if self._registry.routes(type(event)):
+            return  # every correlate function returned None: not for these sagas
+        problem = _not_a_message(event, self._registry)
+        if problem is not None:
+            raise MessageError(
+                f"{via}() takes a message, an instance of an attrs class or dataclass that "
+                f"a saga handles, but was given {problem}",
+                value=event,
+            )
+        unmatched(
+            [Unmatched(event, None, None, self._unrouted_reason(type(event)))],
+            self._counters,
+            self._on_unmatched,
+            self._hooks,
+        )
+
+    def _unrouted_reason(self, cls: type) -> str:
+        if issubclass(cls, CommandFailed):
+            return (
+                "CommandFailed is delivered by the runtime to the instance whose command "
+                "failed; it cannot be published"
+            )
+        internal = sorted(
+            spec.name for spec in self._registry.sagas.values() if spec.handler_for(cls)
+        )
+        if internal:
+            return (
+                f"saga(s) {', '.join(map(repr, internal))} take {cls.__name__} only from "
+                "their own to_self schedules (internal=True)"
+            )
+        return "no saga handles this type"
 
     async def drain(self) -> None:
         """Wait until no event is queued or being handled and nothing is due now.
@@ -431,12 +529,14 @@ class Runtime:
             events_duplicate=c.events_duplicate,
             events_unmatched=c.events_unmatched,
             events_dead_lettered=c.events_dead_lettered,
+            dead_letters=c.dead_letters,
             handler_retries=c.handler_retries,
             commands_dispatched=c.commands_dispatched,
             command_retries=c.command_retries,
             commands_failed=c.commands_failed,
             batches_committed=c.batches_committed,
             conflicts=c.conflicts,
+            orphan_sagas=c.orphan_sagas,
         )
 
     # -- callbacks from the outbox and the timer -----------------------------------
@@ -453,6 +553,10 @@ class Runtime:
         self._shard(row.saga, row.key).mailbox.put_unbounded(
             Item(FAILED, spec, row.key, command, row=row)
         )
+
+    def _schedule_added(self, due: float) -> None:
+        """A schedule was put in the store behind the timer's back (`Admin.retry`)."""
+        self._timer.notify(due)
 
     def _outbox_empty(self, ref: tuple[str, str]) -> None:
         spec = self._spec(ref[0])
@@ -475,6 +579,31 @@ class Runtime:
                 Item(FIRE, spec, row.key, ack=Settled(self._timer, row.id), schedule=row)
             )
         return taken
+
+
+def _not_a_message(event: object, registry: Registry) -> str | None:
+    """What is wrong with `event` as a message, or `None` if it is one."""
+    if isinstance(event, type):
+        name = event.__qualname__
+        return f"the class {name} itself, not an instance of it: pass {name}(...)"
+    cls = type(event)
+    if attrs.has(cls) or dataclasses.is_dataclass(cls):
+        return None
+    try:
+        registry.serializer.name_of(cls)  # a class registered with registry.message
+    except SerializationError:
+        pass
+    else:
+        return None
+    shown = repr(event)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    hint = ""
+    if isinstance(event, dict):
+        hint = ": build the event from its class instead of a dict of its fields"
+    elif isinstance(event, str | bytes):
+        hint = ": build the event from its class instead of its text"
+    return f"a {cls.__qualname__} ({shown}){hint}"
 
 
 def _bad_key(spec: SagaSpec, key: object, event: object) -> TypeError:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import json.scanner
+import re
 import sys
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import attrs
@@ -21,9 +22,10 @@ import cattrs
 from cattrs.errors import IterableValidationError, IterableValidationNote
 from cattrs.preconf.json import JsonConverter, make_converter
 
+from ._evolution import Upcaster, UpcastFailure, check_chain, run_chain
 from .exceptions import DecodeError, SerializationError, UnknownTypeError
 
-__all__ = ["Serializer", "default_type_name"]
+__all__ = ["Serializer", "default_type_name", "split_type_name"]
 
 T = TypeVar("T")
 
@@ -31,6 +33,16 @@ T = TypeVar("T")
 def default_type_name(cls: type) -> str:
     """The name a class is stored under unless it was registered with a stable one."""
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def split_type_name(stored: str) -> tuple[str, int]:
+    """A stored type name as `(name, version)`: `"shop.OrderPlaced@2"` is version 2 of
+    `"shop.OrderPlaced"`; a name without `@` is version 1 (as every row written before
+    versions existed)."""
+    name, at, version = stored.rpartition("@")
+    if at and version.isdigit() and not version.startswith("0"):
+        return name, int(version)
+    return stored, 1
 
 
 def _exact(cls: type) -> Callable[[Any, Any], Any]:
@@ -60,10 +72,11 @@ def _strict_converter() -> JsonConverter:
     """cattrs' JSON converter, minus its lenient coercions.
 
     A stored value of the wrong JSON type is an error, not silently converted
-    (`null` is no `"None"`, `1.9` no `1`, `"abc"` no `["a", "b", "c"]`), so a changed
-    schema shows up as a `DecodeError` naming the field instead of as bad data.
+    (`null` is no `"None"`, `1.9` no `1`, `"abc"` no `["a", "b", "c"]`), and so is a key
+    the class has no field for (a renamed or removed field), so a changed schema shows up
+    as a `DecodeError` naming the field instead of as silently lost data.
     """
-    converter = make_converter()
+    converter = make_converter(forbid_extra_keys=True)
     for cls in (str, int, float, bool):
         converter.register_structure_hook(cls, _exact(cls))
 
@@ -143,13 +156,33 @@ def _first_field(exc: BaseException) -> tuple[str | None, str]:
     if messages:
         reason, _, where = messages[0].rpartition(" @ ")
         field = where.lstrip("$.").strip() or None
+        extra = re.fullmatch(r"extra fields found \((.*)\)", reason)
+        if extra:
+            names = sorted(extra.group(1).split(", "))
+            field = ".".join(p for p in (field, names[0]) if p)
+            reason = (
+                f"unknown field(s) {', '.join(map(repr, names))}: the class has no such "
+                "field (renamed or removed?); bump the version and add an upcaster that "
+                "renames or drops it"
+            )
         return field, reason or messages[0]
     return None, f"{type(exc).__name__}: {exc}"
+
+
+def _field_count(cls: type) -> int:
+    if attrs.has(cls):
+        return len(attrs.fields(cls))
+    if dataclasses.is_dataclass(cls):
+        return len(dataclasses.fields(cls))
+    return 0
 
 
 @attrs.define(eq=False)
 class Serializer:
     """Turns messages and states into `(type name, JSON text)` and back.
+
+    A message type registered at a version above 1 is stored as `"name@version"`; rows of
+    older versions are brought up to date by its upcasters when they are read.
 
     Args:
         prefixes: Top-level package prefixes whose attrs and dataclass classes may be
@@ -165,6 +198,11 @@ class Serializer:
     _hooks: dict[type, Callable[[Any], Any]] = attrs.field(factory=dict, init=False)
     _names: dict[type, str] = attrs.field(factory=dict, init=False)
     _structurers: dict[type, Callable[[Any, Any], Any]] = attrs.field(factory=dict, init=False)
+    _versions: dict[type, tuple[int, Mapping[int, Upcaster]]] = attrs.field(
+        factory=dict, init=False
+    )
+    _implicit: set[type] = attrs.field(factory=set, init=False)
+    """Classes on the list under their default name only because a saga handles them."""
 
     @property
     def converter(self) -> JsonConverter:
@@ -180,27 +218,82 @@ class Serializer:
         """Put the classes of more package prefixes on the allow-list."""
         self._prefixes.update(prefixes)
 
-    def register(self, cls: type, name: str | None = None) -> str:
+    def register_handled(self, cls: type) -> str:
+        """Put a handled event type on the allow-list under its default name, unless it
+        is registered already; a later `register` may still give it a stable name."""
+        name = self._names.get(cls)
+        if name is not None:
+            return name
+        name = self.register(cls)
+        self._implicit.add(cls)
+        return name
+
+    def register(
+        self,
+        cls: type,
+        name: str | None = None,
+        *,
+        version: int = 1,
+        aliases: Iterable[str] = (),
+        upcasters: Mapping[int, Upcaster] | None = None,
+    ) -> str:
         """Put `cls` on the allow-list under `name` (default: module and qualified name).
 
+        Args:
+            cls: The message class.
+            name: Its stable stored name.
+            version: Its current version; rows stored at a lower one are upcast.
+            aliases: Older names it was stored under (a renamed or moved class).
+            upcasters: `{n: fn}` turns the JSON of version n into n + 1, for every n
+                below `version`.
+
         Raises:
-            SerializationError: `name` is taken by another class, or `cls` already has
-                another name.
+            SerializationError: A name is taken by another class, `cls` already has
+                another name, or the version and upcasters do not fit.
         """
         name = name or default_type_name(cls)
-        known = self._by_name.get(name)
-        if known is not None and known is not cls:
-            raise SerializationError(
-                f"type name {name!r} is already used by {known!r}; give {cls!r} another stable name"
-            )
+        upcasters = dict(upcasters or {})
+        aliases = tuple(aliases)
+        problems = check_chain(f"message type {name!r}", version, upcasters)
+        for n in (name, *aliases):
+            if not isinstance(n, str) or not n or "@" in n or not n.isprintable():
+                problems.append(f"type name {n!r} must be a non-empty printable string without '@'")
+                continue
+            known = self._by_name.get(n)
+            if known is not None and known is not cls:
+                problems.append(
+                    f"type name {n!r} is already used by {known!r}; give {cls!r} another "
+                    "stable name"
+                )
         other = self._names.get(cls)
+        if cls in self._implicit and other is not None:
+            # A saga put it on the list under its default name: that name stays readable.
+            if other != name and other not in aliases:
+                aliases = (*aliases, other)
+            other = None
         if other is not None and other != name:
-            raise SerializationError(
+            problems.append(
                 f"{cls!r} is already registered as {other!r}, cannot rename it to {name!r}"
             )
-        self._by_name[name] = cls
+        known_version = self._versions.get(cls)
+        if known_version is not None and known_version[0] != version:
+            problems.append(
+                f"{cls!r} is already registered at version {known_version[0]}, not {version}"
+            )
+        if problems:
+            raise SerializationError("; ".join(problems))
+        for n in (name, *aliases):
+            self._by_name[n] = cls
         self._names[cls] = name
+        self._implicit.discard(cls)
+        if version != 1 or upcasters:
+            self._versions[cls] = (version, upcasters)
+        self._encoders.pop(cls, None)
         return name
+
+    def version_of(self, cls: type) -> int:
+        """The version `cls` is written at (1 unless registered with another)."""
+        return self._versions.get(cls, (1, {}))[0]
 
     def name_of(self, cls: type) -> str:
         """The stable name of `cls`, checking that it resolves back to `cls`.
@@ -223,22 +316,25 @@ class Serializer:
         return name
 
     def resolve(self, name: str) -> type:
-        """The class stored under `name`.
+        """The class stored under `name` (a version suffix `@n` is ignored).
 
         Raises:
             UnknownTypeError: `name` is not on the allow-list.
         """
         cls = self._by_name.get(name)
         if cls is None:
-            cls = self._resolve_by_prefix(name)
+            base = split_type_name(name)[0]
+            cls = self._by_name.get(base) or self._resolve_by_prefix(base)
             if cls is None:
                 raise UnknownTypeError(
                     f"type name {name!r} is not on sagaflow's allow-list: register the "
-                    "class with registry.message(...) or allow its package with "
-                    "Registry(allow=[...]), and make sure its module is imported",
+                    "class with registry.message(...) (aliases=... for a class that was "
+                    "renamed or moved) or allow its package with Registry(allow=[...]), "
+                    "and make sure its module is imported",
                     type_name=name,
                 )
-            self._by_name[name] = cls
+            if base == name:
+                self._by_name[name] = cls
         return cls
 
     def _resolve_by_prefix(self, name: str) -> type | None:
@@ -250,16 +346,23 @@ class Serializer:
             module = sys.modules.get(module_name)
             if module is None:
                 continue
-            if not any(module_name == p or module_name.startswith(p + ".") for p in self._prefixes):
+            if not self._allowed(module_name):
                 return None
             obj: Any = module
             for attr in parts[cut:]:
                 obj = getattr(obj, attr, None)
-            return obj if _is_message_class(obj) else None
+            # Only a class that lives under an allowed prefix: an allowed module's
+            # attribute may be a class imported from anywhere else.
+            if _is_message_class(obj) and self._allowed(obj.__module__):
+                return obj  # type: ignore[no-any-return]
+            return None
         return None
 
+    def _allowed(self, module_name: str) -> bool:
+        return any(module_name == p or module_name.startswith(p + ".") for p in self._prefixes)
+
     def encode(self, value: object) -> tuple[str, str]:
-        """Encode a message as `(type name, JSON text)`.
+        """Encode a message as `(stored type name, JSON text)`.
 
         Raises:
             UnknownTypeError: Its class is not on the allow-list.
@@ -270,6 +373,9 @@ class Serializer:
             name, unstructure = self._encoders[cls]
         except KeyError:
             name = self.name_of(cls)
+            version = self.version_of(cls)
+            if version != 1:
+                name = f"{name}@{version}"
             unstructure = self._converter.get_unstructure_hook(cls)
             self._encoders[cls] = name, unstructure
         try:
@@ -292,14 +398,29 @@ class Serializer:
                 f"cannot encode a {name!r} value as JSON: {type(exc).__name__}: {exc}"
             ) from exc
 
-    def decode(self, name: str, data: str) -> object:
-        """Decode a message stored as `(type name, JSON text)`.
+    def decode(
+        self, name: str, data: str, *, saga: str | None = None, key: str | None = None
+    ) -> object:
+        """Decode a message stored as `(type name, JSON text)`, upcasting older versions.
 
         Raises:
             UnknownTypeError: `name` is not on the allow-list.
-            DecodeError: The payload does not fit the class.
+            DecodeError: The payload does not fit the class, or its version is newer
+                than the class's.
         """
-        return self.loads(data, self.resolve(name), name)
+        cls = self.resolve(name)
+        base, stored = split_type_name(name)
+        current, upcasters = self._versions.get(cls, (1, {}))
+        return self.loads(
+            data,
+            cls,
+            base,
+            saga=saga,
+            key=key,
+            version=stored,
+            current=current,
+            upcasters=upcasters,
+        )
 
     def loads(
         self,
@@ -309,29 +430,71 @@ class Serializer:
         *,
         saga: str | None = None,
         key: str | None = None,
+        version: int = 1,
+        current: int = 1,
+        upcasters: Mapping[int, Upcaster] | None = None,
     ) -> T:
-        """Decode JSON text as `cls`; errors name `name`, `saga`, `key` and the field.
+        """Decode JSON text stored at `version` as `cls` at version `current`.
+
+        The upcasters bring older JSON up to `current` first. At the current version
+        decoding is strict: the JSON must be an object, not empty when the class has
+        fields, with no key the class does not know, and values of the right JSON types.
+        Errors name `name`, `saga`, `key`, the version and the field.
 
         Raises:
-            DecodeError: The text is not JSON or does not fit `cls`.
+            DecodeError: The text is not JSON, does not fit `cls`, was written by a newer
+                version, or an upcaster failed.
         """
-        structure = self._structurers.get(cls)
-        if structure is None:
-            structure = self._structurers[cls] = self._converter.get_structure_hook(cls)
+        field: str | None = None
         try:
-            return structure(self._decode(data), cls)  # type: ignore[no-any-return]
+            value = self._decode(data)
+            if version != current:
+                if version > current:
+                    raise _Unfit(
+                        f"it was written at version {version}, newer than this code's "
+                        f"version {current}; run the code that wrote it, or a newer one"
+                    )
+                value = run_chain(value, version, upcasters or {}, current)
+            if type(value) is not dict:
+                if _is_message_class(cls):
+                    raise _Unfit(f"the stored JSON is {_json_kind(value)}, not an object")
+            elif not value and _field_count(cls):
+                raise _Unfit(
+                    "the stored JSON is an empty object, but the class has fields (sagaflow "
+                    "always writes every field, so the row is not what it wrote)"
+                )
+            structure = self._structurers.get(cls)
+            if structure is None:
+                structure = self._structurers[cls] = self._converter.get_structure_hook(cls)
+            return structure(value, cls)  # type: ignore[no-any-return]
         except Exception as exc:
             if isinstance(exc, json.JSONDecodeError):
-                field, reason = None, f"corrupt JSON ({exc})"
+                reason = f"corrupt JSON ({exc})"
+            elif isinstance(exc, _Unfit | UpcastFailure):
+                reason = str(exc)
             else:
                 field, reason = _first_field(exc)
             where = f" of saga {saga!r} key {key!r}" if saga is not None else ""
             at = f" at field {field!r}" if field else ""
             raise DecodeError(
-                f"stored {name!r}{where} cannot be decoded{at}: {reason}; the row is kept, "
-                "fix the class (or migrate the data) and retry",
+                f"stored {name!r}{where} cannot be decoded{at}: {reason} (stored at "
+                f"version {version}); the row is kept: fix the class, add an upcaster or "
+                "roll back, then retry",
                 type_name=name,
                 field=field,
                 saga=saga,
                 key=key,
+                version=version,
             ) from exc
+
+
+class _Unfit(Exception):
+    """A stored value is not what the class at this version can read."""
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if value is None:
+        return "null"
+    return f"a {type(value).__name__} ({value!r:.40})"

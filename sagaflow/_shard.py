@@ -9,7 +9,9 @@ handler is waiting for a retry; the work on one batch is a `Batch` (`_batch.py`)
 from __future__ import annotations
 
 import heapq
+import json
 import logging
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -17,15 +19,16 @@ from typing import Any
 import anyio
 import attrs
 
-from ._batch import Batch, Item, Ref
+from . import _report as report
+from ._batch import EVENT, Batch, Item, Ref
 from ._hooks import Hooks
 from ._outbox import Counters, Outbox, error_text
 from ._records import Unmatched
 from ._retry import RetryPolicy
 from ._serialization import Serializer
 from ._sync import Activity, Mailbox
-from .exceptions import ConflictError
-from .stores._protocol import InstanceRecord, Store
+from .exceptions import ConflictError, UnstorableError
+from .stores._protocol import Changes, DeadLetter, InstanceRecord, Store
 
 __all__ = ["Shard"]
 
@@ -99,6 +102,19 @@ class Shard:
         items = self._expand(items)
         if not items:
             return
+        error = await self._attempt(items)
+        if error is None:
+            return
+        if len(items) > 1 and not isinstance(error, ConflictError):
+            await self._isolate(items, error)
+            return
+        if len(items) == 1 and not isinstance(error, ConflictError):
+            await self._poison(items[0], error)
+            return
+        self._fail(items, error)
+
+    async def _attempt(self, items: list[Item]) -> Exception | None:
+        """Handle and commit `items` (again after lost races); the error if it failed."""
         for _ in range(self.conflict_retries):
             batch = Batch(self, items)
             try:
@@ -109,17 +125,102 @@ class Shard:
                 self._evict(batch.work)
                 log.debug("batch lost a race on %d instance(s), handling again", len(exc.instances))
                 continue
-            except Exception as exc:  # noqa: BLE001 - the store failed: tell the publishers
+            except Exception as exc:  # noqa: BLE001 - the store failed: the caller decides
                 self.outbox.give_back(*batch.carried)
                 self._evict(batch.work)
-                log.error("could not commit a batch of %d item(s): %s", len(items), error_text(exc))
-                for item in items:
-                    self._finish(item, exc)
-                return
+                return exc
             batch.publish()
-            return
-        error = ConflictError([(i.saga.name, i.key) for i in items])
+            return None
         log.error("gave up on a batch after %d conflicts", self.conflict_retries)
+        return ConflictError([(i.saga.name, i.key) for i in items])
+
+    async def _isolate(self, items: list[Item], error: Exception) -> None:
+        """A batch failed to commit: commit its halves apart, down to the item that broke it.
+
+        If both halves fail, the store itself is failing (not one item): every item of the
+        batch fails with the error, as a whole batch would.
+        """
+        middle = len(items) // 2
+        halves = (items[:middle], items[middle:])
+        errors = [await self._attempt(half) for half in halves]
+        if all(e is not None for e in errors):
+            self._fail(items, error)
+            return
+        for half, failed in zip(halves, errors, strict=True):
+            if failed is None:
+                continue
+            if isinstance(failed, ConflictError):
+                self._fail(half, failed)
+            elif len(half) == 1:
+                await self._poison(half[0], failed)
+            else:
+                await self._isolate(half, failed)
+
+    async def _poison(self, item: Item, error: Exception) -> None:
+        """One item's effects cannot be stored: keep it as a dead letter, tell its
+        publisher which event, saga and key it was, and go on."""
+        if item.kind != EVENT:
+            # A due schedule or a failed command: the runtime tries it again later.
+            self._fail([item], error)
+            return
+        saga, key = item.saga.name, item.key
+        event = item.event
+        try:
+            type_name, payload = self.serializer.encode(event)
+        except Exception:  # noqa: BLE001 - the dead letter keeps what can be kept
+            type_name, payload = type(event).__qualname__, json.dumps(repr(event))
+        # Escaped, so that what broke the commit (a lone surrogate, a NUL) cannot break
+        # the dead letter too.
+        payload = json.dumps(json.loads(payload), ensure_ascii=True)
+        what = f"{type(event).__name__} for saga {saga!r} key {key!r}"
+        reason = f"the store refused it: {error_text(error)}"
+        dead = False
+        letter_id = uuid.uuid4().hex if item.event_id is None else f"{saga}:{key}:{item.event_id}"
+        letter = DeadLetter(
+            _storable(letter_id),
+            _storable(saga),
+            _storable(key),
+            "event",
+            _storable(type_name),
+            payload,
+            _storable(reason),
+            1,
+            self.clock.now(),
+        )
+        try:
+            await self.store.commit(Changes(dead_letters=[letter]))
+        except Exception as exc:  # noqa: BLE001 - then it is only reported
+            log.error("could not keep %s as a dead letter: %s", what, error_text(exc))
+        else:
+            dead = True
+            report.dead_letters([letter], self.counters, self.hooks)
+        if not dead:
+            log.error(
+                "could not commit %s: %s",
+                what,
+                reason,
+                extra={"saga": saga, "key": key, "event_type": type(event).__name__},
+            )
+        unstorable = UnstorableError(
+            f"{what} could not be stored: {reason}; "
+            + (
+                "it was kept as a dead letter, the rest of its batch was committed"
+                if dead
+                else "the rest of its batch was committed"
+            ),
+            saga=saga,
+            key=key,
+            type_name=type_name,
+            dead_lettered=dead,
+        )
+        unstorable.__cause__ = error
+        if item.ack is not None:
+            item.ack.poisoned(unstorable, dead)
+        self.activity.end()
+
+    def _fail(self, items: list[Item], error: Exception) -> None:
+        if not isinstance(error, ConflictError):
+            log.error("could not commit a batch of %d item(s): %s", len(items), error_text(error))
         for item in items:
             self._finish(item, error)
 
@@ -162,3 +263,8 @@ class Shard:
         self.activity.begin()
         item.retry = True
         self.mailbox.put_unbounded(item)
+
+
+def _storable(text: str) -> str:
+    """`text` with what no store takes escaped: lone surrogates and NULs."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")

@@ -60,6 +60,13 @@ class Ack:
     pending: int = 0
     error: BaseException | None = None
     _done: anyio.Event | None = None
+    poison_raises: bool = True
+    """Whether a poison event that was dead-lettered fails the wait (`publish`), or
+    counts as settled like any dead letter (`run`, which goes on with the source)."""
+
+    def poisoned(self, error: BaseException, dead_lettered: bool) -> None:
+        """A target could not be stored; it was dead-lettered if `dead_lettered`."""
+        self.done(error if self.poison_raises or not dead_lettered else None)
 
     def done(self, error: BaseException | None = None) -> None:
         if error is not None and self.error is None:

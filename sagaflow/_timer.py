@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Collection
+from typing import Any, Protocol
 
 import anyio
 import attrs
 
 from ._sync import Activity
-from .stores._protocol import ScheduleRecord, Store
+from .stores._protocol import ScheduleRecord
 
-__all__ = ["Timer"]
+__all__ = ["DueSchedules", "Timer"]
 
 log = logging.getLogger("sagaflow.timer")
+
+
+class DueSchedules(Protocol):
+    """Where the timer finds due schedules: a store, or cluster mode's claims."""
+
+    async def due_schedules(
+        self, now: float, limit: int, *, sagas: Collection[str] | None = None
+    ) -> list[ScheduleRecord]: ...
+
+    async def next_due(self, *, sagas: Collection[str] | None = None) -> float | None: ...
 
 
 @attrs.define(eq=False)
@@ -27,14 +37,15 @@ class Timer:
     and handed to `fire`, which passes them to the shards and returns how many it took;
     each one stays "in flight" until its shard calls `settled`, so a schedule whose
     instance waits (for a handler retry, say) is neither fired twice nor read in a loop.
-    A page that could not be taken (its saga is not registered) is looked at again
-    `backoff` seconds later.
+    Only schedules of `sagas` (the registered ones) are read, so rows of a saga that is
+    not registered any more never crowd out the others.
     """
 
-    store: Store
+    store: DueSchedules
     clock: Any
     activity: Activity
     fire: Callable[[list[ScheduleRecord]], int]
+    sagas: Collection[str] | None = None
     page: int = 256
     backoff: float = 1.0
     _target: float | None = attrs.field(default=None, init=False)
@@ -101,7 +112,7 @@ class Timer:
             self._dirty = False
             now = self.clock.now()
             inflight = self._inflight
-            rows = await self.store.due_schedules(now, self.page + len(inflight))
+            rows = await self.store.due_schedules(now, self.page + len(inflight), sagas=self.sagas)
             fresh = [r for r in rows if r.id not in inflight]
             if fresh and self.fire(fresh):
                 continue
@@ -111,6 +122,6 @@ class Timer:
                 self._target = now + self.backoff
                 return
             if not self._dirty:
-                self._target = await self.store.next_due()
+                self._target = await self.store.next_due(sagas=self.sagas)
             if not self._dirty:
                 return

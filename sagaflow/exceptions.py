@@ -8,12 +8,16 @@ SagaflowError
 ├── RegistrationError (TypeError)          a saga, handler or type is declared wrongly
 ├── RegistrationErrors (ExceptionGroup)    several registration problems at once
 ├── ActionError (TypeError)                a handler returned something that is not an action
+├── MessageError (TypeError)               publish or run was given something that is not a message
+├── DispatchError                          a dispatcher returned False (a failed attempt)
+│   └── DispatcherError (TypeError)        the dispatcher is not an async callable
 ├── SerializationError (ValueError)        a value cannot be encoded or decoded
 │   ├── UnknownTypeError (LookupError)     a stored type name is not on the allow-list
 │   └── DecodeError                        a stored payload no longer fits its class
 ├── ConflictError                          a commit lost an optimistic-concurrency race
 ├── StoreError (RuntimeError)              a store cannot be opened or used
-│   └── SchemaVersionError                 the store was written by an unknown schema
+│   ├── SchemaVersionError                 the store was written by an unknown schema
+│   └── UnstorableError (ValueError)       one event's effects cannot be stored (poison)
 ├── DeadLetterError (LookupError)          no dead letter or instance with that id
 └── RuntimeClosedError (RuntimeError)      the runtime is not running
 ```
@@ -28,6 +32,9 @@ __all__ = [
     "ConflictError",
     "DeadLetterError",
     "DecodeError",
+    "DispatchError",
+    "DispatcherError",
+    "MessageError",
     "RegistrationError",
     "RegistrationErrors",
     "RuntimeClosedError",
@@ -36,6 +43,7 @@ __all__ = [
     "SerializationError",
     "StoreError",
     "UnknownTypeError",
+    "UnstorableError",
 ]
 
 
@@ -81,6 +89,39 @@ class ActionError(SagaflowError, TypeError):
         self.key = key
 
 
+class MessageError(SagaflowError, TypeError):
+    """`publish` or `run` was given something that is not a message.
+
+    A message is an instance of an attrs class or a dataclass (or of a class registered
+    with `registry.message`); a string, a dict of its fields or the class itself is not.
+
+    Attributes:
+        value: What was given.
+    """
+
+    def __init__(self, message: str, *, value: object) -> None:
+        super().__init__(message)
+        self.value = value
+
+
+class DispatchError(SagaflowError):
+    """A dispatch failed without an exception of the dispatcher's own.
+
+    The runtime records it as the error of that attempt (retried, then `CommandFailed`
+    or a dead letter): the dispatcher returned `False`, or (as `DispatcherError`) its call
+    gave something that cannot be awaited.
+    """
+
+
+class DispatcherError(DispatchError, TypeError):
+    """The dispatcher is not an async callable.
+
+    Raised by `Runtime(...)` for a plain `def` function or an object with a plain
+    `def __call__`, and used as the error of an attempt whose call returned something
+    that cannot be awaited.
+    """
+
+
 class SerializationError(SagaflowError, ValueError):
     """A value cannot be encoded to, or decoded from, its stored JSON form."""
 
@@ -105,6 +146,7 @@ class DecodeError(SerializationError):
         field: The dotted path of the first field that failed, if known.
         saga: The saga whose row it is, if known.
         key: The instance key, if known.
+        version: The version the row was written at.
     """
 
     def __init__(
@@ -115,12 +157,14 @@ class DecodeError(SerializationError):
         field: str | None = None,
         saga: str | None = None,
         key: str | None = None,
+        version: int = 1,
     ) -> None:
         super().__init__(message)
         self.type_name = type_name
         self.field = field
         self.saga = saga
         self.key = key
+        self.version = version
 
 
 class ConflictError(SagaflowError):
@@ -155,6 +199,27 @@ class SchemaVersionError(StoreError):
         super().__init__(message)
         self.found = found
         self.supported = supported
+
+
+class UnstorableError(StoreError, ValueError):
+    """The store refused what one event produced (a poison event); the rest of its batch
+    was committed, and the event was kept as a dead letter when the store could take it.
+
+    Attributes:
+        saga: The saga's name.
+        key: The instance key.
+        type_name: The event's type (the class name, if it has no stored name).
+        dead_lettered: Whether the event was kept as a dead letter.
+    """
+
+    def __init__(
+        self, message: str, *, saga: str, key: str, type_name: str, dead_lettered: bool
+    ) -> None:
+        super().__init__(message)
+        self.saga = saga
+        self.key = key
+        self.type_name = type_name
+        self.dead_lettered = dead_lettered
 
 
 class DeadLetterError(SagaflowError, LookupError):

@@ -239,7 +239,7 @@ class OpenTelemetryHooks(Hooks):
         self._unmatched.add(
             1,
             {
-                "sagaflow.saga": unmatched.saga,
+                "sagaflow.saga": unmatched.saga or "",  # None: no saga handles the type
                 "sagaflow.event_type": type(unmatched.event).__name__,
             },
         )

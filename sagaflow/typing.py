@@ -3,6 +3,8 @@
 - `Dispatch`: what `Runtime(dispatch=...)` calls for every command.
 - `Clock`: what `Runtime(clock=...)` reads time and waits through.
 - `Store`: where a runtime keeps its data (see `sagaflow.stores`).
+- `Action` and `HandlerResult`: what an `@on` handler returns, for annotating handlers
+  (`-> list[Action]`); a type checker rejects a handler annotated to return anything else.
 """
 
 from __future__ import annotations
@@ -10,20 +12,21 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
+from ._actions import Action, HandlerResult
 from ._records import DispatchMeta
 from .stores._protocol import Store
 
-__all__ = ["Clock", "Dispatch", "DispatchMeta", "Store"]
+__all__ = ["Action", "Clock", "Dispatch", "DispatchMeta", "HandlerResult", "Store"]
 
 
 class Dispatch(Protocol):
     """`async def dispatch(command, meta) -> None`, or an object with such an `__call__`.
 
-    It reports failure by raising; `meta.id` is stable per command, so the
-    receiver can deduplicate.
+    It reports failure by raising or by returning `False` (any other result is success);
+    `meta.id` is stable per command, so the receiver can deduplicate.
     """
 
-    def __call__(self, command: Any, meta: DispatchMeta, /) -> Awaitable[None]: ...
+    def __call__(self, command: Any, meta: DispatchMeta, /) -> Awaitable[object]: ...
 
 
 class Clock(Protocol):

@@ -8,13 +8,14 @@ from hypothesis import settings
 # The suite lives outside test modules: let pytest explain its failed asserts too.
 pytest.register_assert_rewrite("store_conformance")
 
-# Hypothesis fails an example that takes over 200 ms by default: on a slow or shared
-# machine that measures the machine, not sagaflow.
-settings.register_profile("sagaflow", deadline=None)
-settings.load_profile("sagaflow")
-
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Run each `@pytest.mark.anyio` test once per event loop."""
     return str(request.param)
+
+
+# The machine running the suite may be slow and shared: no test depends on how fast an
+# example runs, so Hypothesis' per-example deadline is off everywhere.
+settings.register_profile("sagaflow", deadline=None)
+settings.load_profile("sagaflow")

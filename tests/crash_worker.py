@@ -53,7 +53,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -317,18 +317,42 @@ class CrashingStore:
             self.trigger.hit("timer-fired", fires)
             self.trigger.hit("failure-after-commit", failures)
 
-    async def next_due(self) -> float | None:
-        return await self.inner.next_due()
+    async def next_due(self, *, sagas: Collection[str] | None = None) -> float | None:
+        return await self.inner.next_due(sagas=sagas)
 
-    async def due_schedules(self, now: float, limit: int) -> list[ScheduleRecord]:
-        rows = await self.inner.due_schedules(now, limit)
+    async def due_schedules(
+        self, now: float, limit: int, *, sagas: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
+        rows = await self.inner.due_schedules(now, limit, sagas=sagas)
         self._due.update((r.saga, r.key, r.name) for r in rows)
         return rows
+
+    async def saga_names(self) -> set[str]:
+        return await self.inner.saga_names()
+
+    async def rename_saga(self, old: str, new: str) -> int:
+        return await self.inner.rename_saga(old, new)
 
     async def list_instances(
         self, *, saga: str | None = None, status: str | None = None, limit: int | None = None
     ) -> list[InstanceRecord]:
         return await self.inner.list_instances(saga=saga, status=status, limit=limit)
+
+    async def scan_instances(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[InstanceRecord]:
+        return await self.inner.scan_instances(after=after, limit=limit)
+
+    async def scan_outbox(self, *, after: str | None = None, limit: int) -> list[OutboxRecord]:
+        return await self.inner.scan_outbox(after=after, limit=limit)
+
+    async def scan_schedules(
+        self, *, after: tuple[str, str, str] | None = None, limit: int
+    ) -> list[ScheduleRecord]:
+        return await self.inner.scan_schedules(after=after, limit=limit)
+
+    async def scan_dead_letters(self, *, after: str | None = None, limit: int) -> list[DeadLetter]:
+        return await self.inner.scan_dead_letters(after=after, limit=limit)
 
     async def list_outbox(
         self, *, saga: str | None = None, key: str | None = None

@@ -18,6 +18,7 @@ Every test runs on asyncio and trio (the `anyio_backend` fixture of `conftest.py
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -167,6 +168,28 @@ async def everything(store: Store) -> tuple[Any, ...]:
         await store.list_schedules(),
         await store.list_dead_letters(),
         await store.next_due(),
+    )
+
+
+async def scan_pages(
+    scan: Callable[..., Awaitable[list[Any]]], last: Callable[[Any], Any], *, limit: int
+) -> list[list[Any]]:
+    """Every page of a `scan_*` method, each read after the last key of the one before."""
+    pages: list[list[Any]] = []
+    after = None
+    while rows := await scan(after=after, limit=limit):
+        pages.append(rows)
+        after = last(rows[-1])
+    return pages
+
+
+def everything_once() -> Changes:
+    """One row of every kind."""
+    return Changes(
+        writes=[InstanceWrite(instance(), expected_version=0)],
+        schedule_puts=[schedule("s1")],
+        outbox_adds=[outbox_row("c1")],
+        dead_letters=[dead_letter("d1")],
     )
 
 
@@ -930,6 +953,91 @@ class StoreConformance:
         assert await store.list_dead_letters() == [r["d4"], r["d2"], r["d3"], r["d1"]]
         assert await store.list_dead_letters(saga="A") == [r["d2"], r["d3"]]
         assert await store.list_dead_letters(saga="C") == []
+
+    # -- scans: every row in pages, by primary key
+
+    async def test_scans_of_an_empty_store_are_empty(self, store: Store) -> None:
+        assert await store.scan_instances(limit=10) == []
+        assert await store.scan_outbox(limit=10) == []
+        assert await store.scan_schedules(limit=10) == []
+        assert await store.scan_dead_letters(limit=10) == []
+
+    async def test_scan_instances_pages_by_saga_and_key(self, store: Store) -> None:
+        # Keys that sort differently by bytes, by locale and by number: code point order.
+        keys = ["", "B", "a", "a/b", "ab", "k10", "k2", "é", "ünï", "🚀", "x\ny", "Z"]
+        records = [instance(k, saga=saga) for saga in ("Ship", SAGA) for k in keys]
+        await store.commit(create(*records))
+        expected = sorted(records, key=lambda r: (r.saga, r.key))
+
+        pages = await scan_pages(store.scan_instances, lambda r: (r.saga, r.key), limit=5)
+
+        assert pages == [expected[i : i + 5] for i in range(0, len(expected), 5)]
+        assert (
+            await store.scan_instances(after=(expected[-1].saga, expected[-1].key), limit=5) == []
+        )
+        assert await store.scan_instances(after=("Ship", "k10"), limit=2) == [
+            instance("k2", saga="Ship"),
+            instance("x\ny", saga="Ship"),
+        ]
+
+    async def test_scan_outbox_pages_by_id(self, store: Store) -> None:
+        rows = [
+            outbox_row(id, saga=saga, key=key, seq=seq)
+            for id, saga, key, seq in [
+                ("c3", "B", "k1", 1),
+                ("c1", "A", "k2", 2),
+                ("c10", "A", "k1", 1),
+                ("c2", "B", "k1", 2),
+                ("ç", "A", "k1", 3),
+            ]
+        ]
+        await store.commit(Changes(outbox_adds=rows))
+        by_id = sorted(rows, key=lambda o: o.id)
+
+        pages = await scan_pages(store.scan_outbox, lambda o: o.id, limit=2)
+
+        assert pages == [by_id[0:2], by_id[2:4], by_id[4:]]
+        assert await store.scan_outbox(after="c10", limit=10) == by_id[2:]
+
+    async def test_scan_schedules_pages_by_saga_key_and_name(self, store: Store) -> None:
+        rows = [
+            schedule(id, saga=saga, key=key, name=name, due=due)
+            for id, saga, key, name, due in [
+                ("s1", "B", "k1", "b", 1.0),
+                ("s2", "A", "k2", "a", 2.0),
+                ("s3", "A", "k1", "b", 3.0),
+                ("s4", "A", "k1", "a", 4.0),
+                ("s5", "A", "k1", "ab", 0.5),
+            ]
+        ]
+        await store.commit(Changes(schedule_puts=rows))
+        by_key = sorted(rows, key=lambda s: (s.saga, s.key, s.name))
+
+        pages = await scan_pages(store.scan_schedules, lambda s: (s.saga, s.key, s.name), limit=2)
+
+        assert pages == [by_key[0:2], by_key[2:4], by_key[4:]]
+        assert await store.scan_schedules(after=("A", "k1", "ab"), limit=10) == by_key[2:]
+
+    async def test_scan_dead_letters_pages_by_id(self, store: Store) -> None:
+        rows = [dead_letter(id, failed_at=t) for id, t in [("d2", 1.0), ("d1", 3.0), ("d3", 2.0)]]
+        await store.commit(Changes(dead_letters=rows))
+        by_id = sorted(rows, key=lambda d: d.id)
+
+        pages = await scan_pages(store.scan_dead_letters, lambda d: d.id, limit=1)
+
+        assert pages == [[d] for d in by_id]
+        assert await store.scan_dead_letters(after="d1", limit=10) == by_id[1:]
+
+    async def test_scans_change_nothing(self, store: Store) -> None:
+        await store.commit(everything_once())
+        before = await everything(store)
+
+        await store.scan_instances(limit=1)
+        await store.scan_outbox(limit=1)
+        await store.scan_schedules(limit=1)
+        await store.scan_dead_letters(limit=1)
+
+        assert await everything(store) == before
 
     # -- dead letters
 

@@ -168,23 +168,29 @@ async def test_handler_returning_a_tuple_of_mixed_actions_applies_each() -> None
         ]
 
 
+GENERIC = (
+    ", which is not an action: return None, an action (Send, Schedule, Unschedule, "
+    "Compensate, Complete) or a list of actions"
+)
+
 NOT_ACTIONS = [
-    pytest.param(
-        lambda key: 42, "returned 42; return None, an action or an iterable of actions", id="int"
-    ),
-    pytest.param(
-        lambda key: "Send",
-        "returned 'Send'; return None, an action or an iterable of actions",
-        id="str",
-    ),
+    pytest.param(lambda key: 42, "returned 42" + GENERIC, id="int"),
+    pytest.param(lambda key: "Send", "returned 'Send'" + GENERIC, id="str"),
     pytest.param(
         lambda key: Cmd(key, "bare"),
-        "returned Cmd(key='k', label='bare'); return None, an action or an iterable of actions",
+        "returned Cmd(key='k', label='bare'), which is not an action: to send it as a "
+        "command, return Send(Cmd(...))",
         id="command-without-send",
     ),
     pytest.param(
+        lambda key: Complete,
+        "returned the class Complete, not an action: return Complete(...) instead",
+        id="action-class",
+    ),
+    pytest.param(lambda key: {"key": key}, "returned {'key': 'k'}" + GENERIC, id="dict"),
+    pytest.param(
         lambda key: [Send(Cmd(key, "ok")), 42],
-        "returned 42, which is not an action (Send, Schedule, Unschedule, Compensate, Complete)",
+        "returned 42" + GENERIC,
         id="list-with-a-stray-value",
     ),
 ]

@@ -7,6 +7,7 @@ by `<t>`; the JSON outputs are compared with the numbers read back from the stor
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import pytest
 from _postgres_server import pg_schema, postgres_dsn  # noqa: F401
 from ops_sagas import Services, prepare
 
+import sagaflow
 from sagaflow import Runtime
 from sagaflow._cli import format_duration, parse_duration
 from sagaflow.stores import DeadLetter, InstanceRecord, OutboxRecord, SQLiteStore
@@ -182,6 +184,7 @@ def test_instances_json_has_the_records_ages_and_pending_rows(db: Path, url: str
                 "updated_at": r.updated_at,
                 "last_event": r.last_event,
                 "completed": r.completed,
+                "state_version": 1,
                 "schedules": [
                     {
                         "id": s["id"],
@@ -221,6 +224,7 @@ def test_instances_json_has_the_records_ages_and_pending_rows(db: Path, url: str
                         "attempts": d.attempts,
                         "failed_at": d.failed_at,
                         "seq": d.seq,
+                        "name": d.name,
                     }
                     for d in dead
                 ],
@@ -255,18 +259,64 @@ def test_instances_filters(url: str, options: list[str], keys: list[str]) -> Non
 
 
 def test_instances_finding_nothing_exits_1(url: str) -> None:
-    table = cli("instances", url, "--saga", "nope", "--stalled", "90m")
+    table = cli("instances", url, "--saga", "order", "--status", "completing", "--stalled", "90m")
     as_json = cli("instances", url, "--json", "--stalled", "20d")
 
     assert (table.returncode, table.stdout, table.stderr) == (
         1,
         "",
-        "no instances in flight (saga 'nope', no progress for 1h30m)\n",
+        "no instances in flight (saga 'order', status 'completing', no progress for 1h30m)\n",
     )
     assert (as_json.returncode, as_json.stdout, as_json.stderr) == (
         1,
         "[]\n",
         "no instances in flight (no progress for 20d00h)\n",
+    )
+
+
+UNKNOWN_SAGA = (
+    "no saga named 'OrderSaga' is in this store, only 'order', 'shipping': a saga goes by "
+    "the name it was registered with (its class name, unless @registry.saga(name=...) gave "
+    "another)\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("args", "prefix"),
+    [
+        (["instances", "--saga", "OrderSaga"], ""),
+        (["instances", "--saga", "OrderSaga", "--status", "active", "--json"], ""),
+        (["dead-letters", "--saga", "OrderSaga"], ""),
+        (["show", "OrderSaga", "a1"], "sagaflow show: "),
+        (["abort", "OrderSaga", "a1", "--yes"], "sagaflow abort: "),
+    ],
+)
+def test_a_saga_name_the_store_does_not_know_is_named_with_the_ones_it_does(
+    url: str, args: list[str], prefix: str
+) -> None:
+    """A class name where the registered name belongs (`OrderSaga` for "order") is not
+    "nothing found": the message lists the sagas the store holds."""
+    command, *rest = args
+    result = cli(command, url, *rest)
+
+    assert (result.returncode, result.stderr) == (1, prefix + UNKNOWN_SAGA)
+    assert result.stdout in ("", "[]\n")
+
+
+def test_an_empty_store_says_it_holds_no_saga(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+
+    async def create() -> None:
+        store = SQLiteStore(path)
+        await store.open()
+        await store.close()
+
+    anyio.run(create)
+    result = cli("instances", f"sqlite://{path}", "--saga", "order")
+
+    assert (result.returncode, result.stderr) == (
+        1,
+        "no saga named 'order' is in this store, which holds no instances at all\n",
     )
 
 
@@ -418,16 +468,13 @@ def test_dead_letters_json_and_filter(db: Path, url: str) -> None:
                 "attempts": 3,
                 "failed_at": send.failed_at,
                 "seq": send.seq,
+                "name": None,
                 "payload": {"key": "s1"},
             }
         ],
     )
-    nothing = cli("dead-letters", url, "--saga", "nope")
-    assert (nothing.returncode, nothing.stdout, nothing.stderr) == (
-        1,
-        "",
-        "no dead letters of saga 'nope'\n",
-    )
+    nothing = cli("dead-letters", url, "--saga", "OrderSaga")
+    assert (nothing.returncode, nothing.stdout, nothing.stderr) == (1, "", UNKNOWN_SAGA)
 
 
 # -- retry, discard, abort -------------------------------------------------------------
@@ -496,6 +543,7 @@ def test_retry_json(db: Path, url: str) -> None:
                 "attempts": 3,
                 "failed_at": dead.failed_at,
                 "seq": dead.seq,
+                "name": None,
                 "payload": {"key": "s1"},
             },
             "instance_status": "active",
@@ -638,6 +686,133 @@ def test_three_slashes_name_an_absolute_path_and_the_error_says_so(db: Path) -> 
         3,
         f"sagaflow instances: no sagaflow store at '/{db.name}': sqlite:/// names an "
         f"absolute path; for '{db.name}' in the current directory write sqlite:{db.name}\n",
+    )
+
+
+def test_four_slashes_name_an_absolute_path_too(db: Path) -> None:
+    """`sqlite:////abs/path.db`, SQLAlchemy's spelling, names the same file as three."""
+    four = cli("instances", f"sqlite:///{db}", "--json")
+    three = cli("instances", f"sqlite://{db}", "--json")
+
+    assert (four.returncode, four.stderr) == (0, "")
+    assert [r["instance_id"] for r in json.loads(four.stdout)] == [
+        r["instance_id"] for r in json.loads(three.stdout)
+    ]
+    assert len(json.loads(four.stdout)) == 5
+
+
+def test_a_directory_is_not_taken_for_a_store(tmp_path: Path) -> None:
+    (tmp_path / "data.db").mkdir()
+
+    result = cli("instances", "sqlite:data.db", cwd=tmp_path)
+
+    assert (result.returncode, result.stdout, result.stderr) == (
+        3,
+        "",
+        "sagaflow instances: no sagaflow store at 'data.db': it is a directory; name the "
+        "store's file in it\n",
+    )
+
+
+def test_version() -> None:
+    result = cli("--version")
+
+    assert sagaflow.__version__ == importlib.metadata.version("sagaflow")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0,
+        f"sagaflow {sagaflow.__version__}\n",
+        "",
+    )
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(url: str) -> None:
+    """`sagaflow instances URL | head`: the pipe closes early; the command ends with
+    exit code 141 (as if killed by SIGPIPE) and no BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: the first write fails with EPIPE
+    try:
+        result = subprocess.run(
+            [sys.executable, "-W", "error", "-m", "sagaflow", "instances", url],
+            cwd=TESTS,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])},
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+    assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_the_trio_backend_without_trio_installed_is_a_usage_error(tmp_path: Path) -> None:
+    """`--backend trio` where trio cannot be imported: one line saying what to install."""
+    script = (
+        "import sys; sys.modules['trio'] = None\n"  # what a missing package looks like
+        "from sagaflow.__main__ import main\n"
+        "sys.exit(main(['demo', '--backend', 'trio', '--orders', '5']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith(
+        "sagaflow demo: error: the trio backend needs the trio package, which cannot be imported ("
+    )
+    assert result.stderr.endswith(
+        "): install it (python -m pip install trio) or use --backend asyncio\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (
+            "import attrs\nraise RuntimeError('no configuration')\n",
+            "importing module 'broken' failed ({path}, line 2): RuntimeError: no configuration",
+        ),
+        (
+            "import no_such_dependency\n",
+            "importing module 'broken' failed ({path}, line 1): ModuleNotFoundError: No "
+            "module named 'no_such_dependency'",
+        ),
+        (
+            "from sagaflow import Registry\nregistry = Registry()\n\n"
+            "@registry.saga(state=int)\nclass Empty:\n    pass\n",
+            "importing module 'broken' failed ({path}, line 4): RegistrationError: saga "
+            "'Empty': Empty has no @on handlers",
+        ),
+        (
+            "registry = (\n",
+            "importing module 'broken' failed: SyntaxError: '(' was never closed "
+            "(broken.py, line 1)",
+        ),
+    ],
+)
+def test_a_registry_module_that_fails_to_import_is_a_usage_error(
+    tmp_path: Path, source: str, message: str
+) -> None:
+    """The module's own error, and where it was raised, in one line: exit code 2."""
+    path = tmp_path / "broken.py"
+    path.write_text(source)
+
+    result = cli("diagram", "broken:registry", cwd=tmp_path)
+
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2,
+        "",
+        f"sagaflow diagram: error: {message.format(path=path)}\n",
     )
 
 
@@ -853,7 +1028,7 @@ def test_the_demo_still_runs(tmp_path: Path) -> None:
     result = cli("demo", "--orders", "20", "--db", "demo.db", "--quiet", cwd=tmp_path)
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("sagaflow demo on demo.db\n  completed")
+    assert result.stdout.startswith("sagaflow demo on demo.db: 20 orders\n  completed")
 
 
 @pytest.mark.parametrize(

@@ -124,6 +124,9 @@ class Count:
     failures: list[str] = attrs.Factory(list)
 
 
+COUNT_ZERO = '{"count": 0, "woken": 0, "failures": []}'
+
+
 class StepSaga:
     """Records the steps of a key in order; one `Did` per step."""
 
@@ -441,7 +444,7 @@ async def test_work_claimed_by_a_process_that_died_is_taken_over_after_its_lease
     )
     await store.commit(
         Changes(
-            writes=[InstanceWrite(instance("counter", "a", "{}", now), 0)],
+            writes=[InstanceWrite(instance("counter", "a", COUNT_ZERO, now), 0)],
             outbox_adds=rows,
             schedule_puts=[wake],
         )
@@ -491,7 +494,9 @@ async def test_a_give_up_left_by_a_process_that_died_reaches_the_instance_once(
         for i, label in enumerate(("first", "second"))
     ]
     await store.commit(
-        Changes(writes=[InstanceWrite(instance("counter", "a", "{}", now), 0)], outbox_adds=rows)
+        Changes(
+            writes=[InstanceWrite(instance("counter", "a", COUNT_ZERO, now), 0)], outbox_adds=rows
+        )
     )
     dead = "dead-process"
     claimed = await store.claim_commands(dead, now, 10, sagas=["counter"], mine=[])

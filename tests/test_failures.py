@@ -4,6 +4,7 @@ handlers, schedules whose handler raises, undecodable state, and restarts."""
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from functools import partial
 from typing import Any
 
@@ -943,9 +944,11 @@ class FlakyStore(MemoryStore):
         self._hiccup("deliveries" if only_deliveries else "commit")
         await super().commit(changes)
 
-    async def due_schedules(self, now: float, limit: int) -> list[ScheduleRecord]:
+    async def due_schedules(
+        self, now: float, limit: int, *, sagas: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
         self._hiccup("due_schedules")
-        return await super().due_schedules(now, limit)
+        return await super().due_schedules(now, limit, sagas=sagas)
 
 
 @pytest.mark.anyio

@@ -1122,12 +1122,14 @@ async def test_statistics_is_a_frozen_snapshot() -> None:
             events_duplicate=0,
             events_unmatched=0,
             events_dead_lettered=0,
+            dead_letters=0,
             handler_retries=0,
             commands_dispatched=0,
             command_retries=0,
             commands_failed=0,
             batches_committed=0,
             conflicts=0,
+            orphan_sagas=0,
         )
         assert attrs.evolve(after, batches_committed=0) == Statistics(
             queued_events=0,
@@ -1139,12 +1141,14 @@ async def test_statistics_is_a_frozen_snapshot() -> None:
             events_duplicate=1,
             events_unmatched=1,
             events_dead_lettered=0,
+            dead_letters=0,
             handler_retries=0,
             commands_dispatched=2,
             command_retries=0,
             commands_failed=0,
             batches_committed=0,
             conflicts=0,
+            orphan_sagas=0,
         )
         with pytest.raises(attrs.exceptions.FrozenInstanceError):
             after.events_handled = 0  # type: ignore[misc]

@@ -19,7 +19,15 @@ import attrs
 import psycopg
 import pytest
 from _postgres_server import pg_schema, postgres_dsn  # noqa: F401
-from store_conformance import SAGA, StoreConformance, create, instance, outbox_row, schedule
+from store_conformance import (
+    SAGA,
+    StoreConformance,
+    create,
+    instance,
+    outbox_row,
+    scan_pages,
+    schedule,
+)
 
 from sagaflow.exceptions import ConflictError, SchemaVersionError, StoreError
 from sagaflow.stores import (
@@ -31,6 +39,7 @@ from sagaflow.stores import (
     Store,
     _postgres,
 )
+from sagaflow.stores._claims import InboxRecord
 from sagaflow.stores._postgres import SCHEMA_VERSION, PostgresStore, redact_dsn
 
 SECRET = "s3cr3t-Pa55"
@@ -373,6 +382,52 @@ async def test_an_older_schema_is_migrated_step_by_step(
     assert await meta_version(postgres_dsn, pg_schema) == str(SCHEMA_VERSION + 1)
     await execute(postgres_dsn, f'SELECT 1 / (x - 41) FROM "{pg_schema}".extra')
     await store.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.anyio
+async def test_without_migrate_nothing_is_created_or_migrated(
+    postgres_dsn: str,  # noqa: F811
+    pg_schema: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(StoreError, match="holds no sagaflow store"):
+        await PostgresStore(postgres_dsn, schema=pg_schema, migrate=False).open()
+    store = PostgresStore(postgres_dsn, schema=pg_schema)
+    await store.open()
+    await store.commit(create(instance()))
+    await store.close()
+    reader = PostgresStore(postgres_dsn, schema=pg_schema, migrate=False)
+    await reader.open()
+    assert await reader.scan_instances(limit=5) == [instance()]
+    await reader.close()
+    step = ("CREATE TABLE {s}.extra (x int)",)
+    monkeypatch.setattr(_postgres, "_MIGRATIONS", (*_postgres._MIGRATIONS, step))
+    monkeypatch.setattr(_postgres, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+
+    with pytest.raises(SchemaVersionError) as caught:
+        await reader.open()
+
+    assert (caught.value.found, caught.value.supported) == (SCHEMA_VERSION, SCHEMA_VERSION + 1)
+    assert "without migrating (migrate=False); work on a copy" in str(caught.value)
+    assert await meta_version(postgres_dsn, pg_schema) == str(SCHEMA_VERSION)
+
+
+@pytest.mark.postgres
+@pytest.mark.anyio
+async def test_scan_inbox_pages_by_position(pg_store: PostgresStore) -> None:
+    rows = [
+        InboxRecord(0, saga, key, f"e{n}", False, "shop.OrderPlaced", "{}", 5.0)
+        for n, (saga, key) in enumerate([("B", "k1"), ("A", "k2"), ("A", "k1"), ("B", "k0")])
+    ]
+    positions = await pg_store.put_inbox(rows)
+    stored = [attrs.evolve(r, pos=p) for r, p in zip(rows, positions, strict=True)]
+
+    pages = await scan_pages(pg_store.scan_inbox, lambda r: r.pos, limit=3)
+
+    assert pages == [stored[:3], stored[3:]]
+    assert await pg_store.scan_inbox(after=positions[1], limit=10) == stored[2:]
+    assert await pg_store.list_inbox() == stored
 
 
 # -- fields beyond the conformance suite's

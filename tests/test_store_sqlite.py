@@ -8,6 +8,7 @@ from contextlib import closing
 from pathlib import Path
 
 import anyio
+import attrs
 import pytest
 from store_conformance import (
     SAGA,
@@ -22,7 +23,9 @@ from sagaflow.exceptions import ConflictError, SchemaVersionError, StoreError
 from sagaflow.stores import (
     COMPLETING,
     Changes,
+    DeadLetter,
     DedupMark,
+    InstanceRecord,
     InstanceWrite,
     Loaded,
     LoadRequest,
@@ -163,10 +166,10 @@ async def test_a_new_file_gets_the_current_schema_version(tmp_path: Path) -> Non
     ]
 
 
-async def test_an_empty_sqlite_file_gets_the_schema(tmp_path: Path) -> None:
+async def test_an_empty_sqlite_file_gets_the_schema_when_asked_to_create(tmp_path: Path) -> None:
     path = tmp_path / "empty.db"
     query(path, "PRAGMA user_version")
-    store = SQLiteStore(path)
+    store = SQLiteStore(path, create=True)
 
     await store.open()
     await store.commit(Changes(writes=[InstanceWrite(instance(), 0)]))
@@ -201,17 +204,20 @@ async def test_an_older_file_is_migrated_once_step_by_step(
         version_1.setattr(sqlite_module, "SCHEMA_VERSION", 1)
         store = SQLiteStore(path)
         await store.open()
-        await store.commit(Changes(writes=[InstanceWrite(instance(), 0)]))
         await store.close()
+    write_version_1_instance(path, instance())
     steps: list[str] = []
+    real = sqlite_module._MIGRATIONS
 
     def to_2(conn: sqlite3.Connection) -> None:
         steps.append("1->2")
         conn.execute("CREATE TABLE added_in_2 (x INTEGER)")
+        real[0](conn)
 
     def to_3(conn: sqlite3.Connection) -> None:
         steps.append("2->3")
         conn.execute("INSERT INTO added_in_2 (x) VALUES (3)")
+        real[1](conn)
 
     monkeypatch.setattr(sqlite_module, "_MIGRATIONS", (to_2, to_3))
     monkeypatch.setattr(sqlite_module, "SCHEMA_VERSION", 3)
@@ -226,6 +232,83 @@ async def test_an_older_file_is_migrated_once_step_by_step(
     assert query(path, "SELECT x FROM added_in_2") == [(3,)]
 
 
+async def test_without_migrate_a_current_file_opens_and_nothing_is_written(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "sagas.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.commit(everything_changes())
+    await store.close()
+    before = path.read_bytes()
+
+    reader = SQLiteStore(path, migrate=False)
+    await reader.open()
+    found = await reader.scan_instances(limit=10)
+    await reader.close()
+
+    assert found == [instance(completed=True)]
+    assert path.read_bytes() == before
+
+
+async def test_without_migrate_nothing_is_created_or_migrated(tmp_path: Path) -> None:
+    missing, old = tmp_path / "missing.db", tmp_path / "old.db"
+    with pytest.MonkeyPatch.context() as version_2:
+        version_2.setattr(sqlite_module, "_MIGRATIONS", sqlite_module._MIGRATIONS[:1])
+        version_2.setattr(sqlite_module, "SCHEMA_VERSION", 2)
+        store = SQLiteStore(old)
+        await store.open()
+        await store.close()
+    before = old.read_bytes()
+
+    with pytest.raises(StoreError, match="unable to open database file"):
+        await SQLiteStore(missing, migrate=False).open()
+    with pytest.raises(SchemaVersionError) as caught:
+        await SQLiteStore(old, migrate=False).open()
+
+    assert not missing.exists()
+    assert old.read_bytes() == before
+    assert (caught.value.found, caught.value.supported) == (2, SCHEMA_VERSION)
+    assert str(caught.value) == (
+        f"SQLite store {str(old)!r} has schema version 2, but this sagaflow reads version "
+        f"{SCHEMA_VERSION} without migrating (migrate=False); work on a copy of the file, "
+        "which opening with migrate=True migrates (the sagaflow that wrote it cannot open "
+        "a migrated file)"
+    )
+
+
+def write_version_1_instance(path: Path, record: InstanceRecord) -> None:
+    """Write an instance row as schema version 1 has it (no `state_version` column)."""
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(
+            "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            attrs.astuple(record)[:10],
+        )
+
+
+async def test_a_version_2_file_records_state_versions_and_timer_names(tmp_path: Path) -> None:
+    """Version 3 adds `instances.state_version` (1 for existing rows) and
+    `dead_letters.name`; rows written before keep their meaning."""
+    path = tmp_path / "v2.db"
+    with pytest.MonkeyPatch.context() as version_2:
+        version_2.setattr(sqlite_module, "_MIGRATIONS", sqlite_module._MIGRATIONS[:1])
+        version_2.setattr(sqlite_module, "SCHEMA_VERSION", 2)
+        store = SQLiteStore(path)
+        await store.open()
+        await store.close()
+    write_version_1_instance(path, instance())
+
+    store = SQLiteStore(path)
+    await store.open()
+    letter = DeadLetter("d1", "OrderSaga", "k1", "event", "T", "{}", "boom", 1, 5.0, 7, "pay")
+    await store.commit(Changes(dead_letters=[letter]))
+    found = (await store.list_instances(), await store.list_dead_letters())
+    await store.close()
+
+    assert found == ([attrs.evolve(instance(), state_version=1)], [letter])
+    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [("3",)]
+
+
 async def test_a_version_1_file_gets_the_index_of_unusual_statuses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -237,9 +320,9 @@ async def test_a_version_1_file_gets_the_index_of_unusual_statuses(
         version_1.setattr(sqlite_module, "SCHEMA_VERSION", 1)
         store = SQLiteStore(path)
         await store.open()
-        await store.commit(Changes(writes=[InstanceWrite(instance(), 0)]))
-        await store.commit(Changes(writes=[InstanceWrite(completing, 0)]))
         await store.close()
+    write_version_1_instance(path, instance())
+    write_version_1_instance(path, completing)
     indexes_before = query(path, "SELECT name FROM sqlite_master WHERE name = 'instances_unusual'")
 
     store = SQLiteStore(path)
@@ -253,8 +336,8 @@ async def test_a_version_1_file_gets_the_index_of_unusual_statuses(
     await store.close()
 
     plan = query(path, "EXPLAIN QUERY PLAN " + statements[0])
-    assert (indexes_before, SCHEMA_VERSION) == ([], 2)
-    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [("2",)]
+    assert (indexes_before, SCHEMA_VERSION) == ([], 3)
+    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [("3",)]
     assert found == ([completing], [instance()])
     assert "INDEX instances_unusual (status=?)" in plan[0][-1]
 
@@ -359,3 +442,33 @@ async def test_power_safe_chooses_full_or_normal_synchronous(
     setting = conn.execute("PRAGMA synchronous").fetchone()
     await store.close()
     assert (setting, repr(store).endswith(f"power_safe={power_safe})")) == ((level,), True)
+
+
+async def test_an_empty_file_is_refused_unless_asked_to_create_a_store(tmp_path: Path) -> None:
+    path = tmp_path / "empty.db"
+    path.write_bytes(b"")
+
+    with pytest.raises(StoreError) as caught:
+        await SQLiteStore(path).open()
+    store = SQLiteStore(path, create=True)
+    await store.open()
+    await store.close()
+
+    assert str(caught.value) == (
+        f"SQLite file {str(path)!r} is empty (0 bytes), so it holds no sagaflow store: check "
+        "the path (or restore the copy it should be); to start a new store in it, pass "
+        "SQLiteStore(..., create=True) or delete the file"
+    )
+    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
+
+
+async def test_a_database_of_someone_else_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    query(path, "CREATE TABLE customers (id INTEGER)")
+
+    with pytest.raises(StoreError, match="holds 1 table\\(s\\) that sagaflow did not create"):
+        await SQLiteStore(path, create=True).open()
+
+    assert query(path, "SELECT name FROM sqlite_master") == [("customers",)]

@@ -28,6 +28,7 @@ from sagaflow import (
 )
 from sagaflow.stores import MemoryStore, SQLiteStore, Store
 from sagaflow.testing import Scenario, SyncScenario, VirtualClock
+from sagaflow.typing import Action
 
 
 @attrs.frozen
@@ -73,7 +74,7 @@ class OrderSaga:
         ]
 
     @on(PaymentTimedOut, internal=True)
-    async def timed_out(self, order: Order, event: PaymentTimedOut) -> list[object]:
+    async def timed_out(self, order: Order, event: PaymentTimedOut) -> list[Action]:
         return [Unschedule("payment"), Compensate([ReserveStock(event.order_id, 0)]), Complete()]
 
     @on(CommandFailed)
@@ -99,8 +100,13 @@ async def dispatch(command: object, meta: DispatchMeta) -> None:
     assert_type(meta.attempt, int)
 
 
+async def accepted(command: object, meta: DispatchMeta) -> bool:
+    return meta.attempt < 3  # False is a failed attempt
+
+
 async def run() -> None:
     store: Store = SQLiteStore("sagas.db")
+    Runtime(registry, store=store, dispatch=accepted)
     async with Runtime(registry, store=store, dispatch=dispatch, clock=VirtualClock()) as rt:
         assert_type(rt, Runtime)
         await rt.publish(OrderPlaced("o-1", 5), id="e-1")

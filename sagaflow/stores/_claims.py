@@ -198,6 +198,11 @@ class ClusterStore(Store, Protocol):
         """Every inbox row, in inbox order."""
         ...
 
+    async def scan_inbox(self, *, after: int | None = None, limit: int) -> list[InboxRecord]:
+        """Up to `limit` inbox rows ordered by position, those after `after` only (keyset
+        pagination, as `Store.scan_instances`)."""
+        ...
+
     async def renew_leases(
         self,
         owner: str,

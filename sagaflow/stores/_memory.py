@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import heapq
+from collections.abc import Collection, Mapping
+from typing import Any, TypeVar
 
 import anyio.lowlevel
 import attrs
@@ -20,6 +22,7 @@ from ._protocol import (
 
 __all__ = ["MemoryStore"]
 
+_R = TypeVar("_R")
 _Ref = tuple[str, str]
 _ScheduleKey = tuple[str, str, str]
 
@@ -191,16 +194,33 @@ class MemoryStore:
         while due and self._tokens.get(due[0][4]) != due[0][3]:
             heapq.heappop(due)
 
-    async def next_due(self) -> float | None:
-        """The earliest due time of any pending schedule, or `None`."""
+    async def next_due(self, *, sagas: Collection[str] | None = None) -> float | None:
+        """The earliest due time of any pending schedule (of `sagas`, if given), or `None`."""
         await anyio.lowlevel.checkpoint()
         self._prune_due()
-        return self._due[0][0] if self._due else None
+        if not self._due:
+            return None
+        if sagas is None or self._due[0][4][0] in sagas:
+            return self._due[0][0]  # the common case: the earliest is of a wanted saga
+        wanted = set(sagas)
+        window = 64
+        while True:
+            entries = heapq.nsmallest(window, self._due)
+            for when, _, _, token, skey in entries:
+                if skey[0] in wanted and self._tokens.get(skey) == token:
+                    return when
+            if len(entries) < window:
+                return None
+            window *= 4
 
-    async def due_schedules(self, now: float, limit: int) -> list[ScheduleRecord]:
-        """Up to `limit` schedules due at or before `now`, earliest first."""
+    async def due_schedules(
+        self, now: float, limit: int, *, sagas: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
+        """Up to `limit` schedules (of `sagas`, if given) due at or before `now`,
+        earliest first."""
         await anyio.lowlevel.checkpoint()
         self._prune_due()
+        wanted = None if sagas is None else set(sagas)
         # The heap holds stale entries (at most about half of it, see `commit`): look a
         # little further than `limit`, and further still if that was not enough.
         window = limit * 2 + 16
@@ -210,11 +230,43 @@ class MemoryStore:
             for when, _, _, token, skey in entries:
                 if when > now or len(found) >= limit:
                     return found
-                if self._tokens.get(skey) == token:
+                if self._tokens.get(skey) == token and (wanted is None or skey[0] in wanted):
                     found.append(self._schedules[skey])
             if len(entries) < window:
                 return found
             window *= 2
+
+    async def saga_names(self) -> set[str]:
+        """The names of the sagas that have instances, schedules or outbox rows."""
+        await anyio.lowlevel.checkpoint()
+        names = {saga for saga, _ in self._instances}
+        names.update(saga for saga, _, _ in self._schedules)
+        names.update(row.saga for row in self._outbox.values())
+        return names
+
+    async def rename_saga(self, old: str, new: str) -> int:
+        """Move the rows of saga `old` to `new`, except keys `new` already has."""
+        await anyio.lowlevel.checkpoint()
+        taken = {k for s, k in self._instances if s == new}
+        for s, key, name in [k for k in self._schedules if k[0] == old and k[1] not in taken]:
+            if (new, key, name) not in self._schedules:
+                schedule = self._schedules[(s, key, name)]
+                self._drop_schedule((s, key, name))
+                self._put_schedule(attrs.evolve(schedule, saga=new))
+        for row in [r for r in self._outbox.values() if r.saga == old and r.key not in taken]:
+            self._drop_outbox(row.id)
+            self._outbox[row.id] = attrs.evolve(row, saga=new)
+            self._outbox_of.setdefault((new, row.key), set()).add(row.id)
+        for did, letter in self._dead.items():
+            if letter.saga == old and letter.key not in taken:
+                self._dead[did] = attrs.evolve(letter, saga=new)
+        for mark in [m for m in self._marks if m[0] == old and m[1] not in taken]:
+            if (new, *mark[1:]) not in self._marks:
+                self._marks[(new, *mark[1:])] = self._marks.pop(mark)
+        moved = [ref for ref in self._instances if ref[0] == old and ref[1] not in taken]
+        for ref in moved:
+            self._instances[(new, ref[1])] = attrs.evolve(self._instances.pop(ref), saga=new)
+        return len(moved)
 
     async def list_instances(
         self, *, saga: str | None = None, status: str | None = None, limit: int | None = None
@@ -245,6 +297,30 @@ class MemoryStore:
             key=lambda o: (o.saga, o.key, o.seq, o.id),
         )
 
+    async def scan_instances(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[InstanceRecord]:
+        """Up to `limit` instances ordered by `(saga, key)`, those after `after` only."""
+        await anyio.lowlevel.checkpoint()
+        return _page(self._instances, after, limit)
+
+    async def scan_outbox(self, *, after: str | None = None, limit: int) -> list[OutboxRecord]:
+        """Up to `limit` outbox rows ordered by id, those after `after` only."""
+        await anyio.lowlevel.checkpoint()
+        return _page(self._outbox, after, limit)
+
+    async def scan_schedules(
+        self, *, after: tuple[str, str, str] | None = None, limit: int
+    ) -> list[ScheduleRecord]:
+        """Up to `limit` schedules ordered by `(saga, key, name)`, those after `after` only."""
+        await anyio.lowlevel.checkpoint()
+        return _page(self._schedules, after, limit)
+
+    async def scan_dead_letters(self, *, after: str | None = None, limit: int) -> list[DeadLetter]:
+        """Up to `limit` dead letters ordered by id, those after `after` only."""
+        await anyio.lowlevel.checkpoint()
+        return _page(self._dead, after, limit)
+
     async def list_schedules(
         self, *, saga: str | None = None, key: str | None = None
     ) -> list[ScheduleRecord]:
@@ -266,3 +342,9 @@ class MemoryStore:
             (d for d in self._dead.values() if saga is None or d.saga == saga),
             key=lambda d: (d.failed_at, d.id),
         )
+
+
+def _page(rows: Mapping[Any, _R], after: Any, limit: int) -> list[_R]:
+    """The `limit` rows with the smallest keys above `after` (one pass, no full sort)."""
+    keys = rows if after is None else (k for k in rows if k > after)
+    return [rows[k] for k in heapq.nsmallest(limit, keys)]

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import re
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -127,7 +127,7 @@ def redact_dsn(dsn: str) -> str:
 
 # -- schema
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The newest schema version this sagaflow writes; stored in the `meta` table."""
 
 # Each step migrates from the version equal to its index to the next one. `{s}` is the
@@ -225,17 +225,24 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX inbox_instance ON {s}.inbox (saga, key, pos)",
     ),
+    # 2 -> 3: every state row records the saga state version it was written at, and the
+    # dead letter of an undeliverable timer its schedule's name (to schedule it again).
+    (
+        "ALTER TABLE {s}.instances ADD COLUMN state_version integer NOT NULL DEFAULT 1",
+        "ALTER TABLE {s}.dead_letters ADD COLUMN name text",
+    ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 _SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 _INSTANCE = (
-    "saga, key, version, status, state, instance_id, created_at, updated_at, last_event, completed"
+    "saga, key, version, status, state, instance_id, created_at, updated_at, last_event, "
+    "completed, state_version"
 )
 _OUTBOX = "id, saga, key, seq, kind, type_name, payload, attempts, due, error"
 _SCHEDULE = "id, saga, key, name, due, to_self, type_name, payload, seq, attempts"
-_DEAD = "id, saga, key, kind, type_name, payload, error, attempts, failed_at, seq"
+_DEAD = "id, saga, key, kind, type_name, payload, error, attempts, failed_at, seq, name"
 _TEXTS2 = "unnest(%b::text[], %b::text[])"
 
 # `{s}` is the quoted schema name; column lists are spliced in now.
@@ -273,18 +280,18 @@ _SQL = {
     "update_instances": (
         "UPDATE {s}.instances i SET version = w.version, status = w.status, state = w.state, "
         "instance_id = w.instance_id, created_at = w.created_at, updated_at = w.updated_at, "
-        "last_event = w.last_event, completed = w.completed "
+        "last_event = w.last_event, completed = w.completed, state_version = w.state_version "
         "FROM unnest(%b::text[], %b::text[], %b::int8[], %b::int8[], %b::text[], %b::text[], "
-        "%b::text[], %b::float8[], %b::float8[], %b::text[], %b::bool[]) "
+        "%b::text[], %b::float8[], %b::float8[], %b::text[], %b::bool[], %b::int4[]) "
         "AS w(saga, key, expected, version, status, state, instance_id, created_at, "
-        "updated_at, last_event, completed) "
+        "updated_at, last_event, completed, state_version) "
         "WHERE i.saga = w.saga AND i.key = w.key AND i.version = w.expected "
         "RETURNING i.saga, i.key"
     ),
     "insert_instances": (
         f"INSERT INTO {{s}}.instances ({_INSTANCE}) "
         "SELECT * FROM unnest(%b::text[], %b::text[], %b::int8[], %b::text[], %b::text[], "
-        "%b::text[], %b::float8[], %b::float8[], %b::text[], %b::bool[]) "
+        "%b::text[], %b::float8[], %b::float8[], %b::text[], %b::bool[], %b::int4[]) "
         "ON CONFLICT (saga, key) DO NOTHING RETURNING saga, key"
     ),
     # -- commit: schedules
@@ -332,11 +339,11 @@ _SQL = {
     "add_dead_letters": (
         f"INSERT INTO {{s}}.dead_letters ({_DEAD}) "
         "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], "
-        "%b::text[], %b::text[], %b::int4[], %b::float8[], %b::int8[]) "
+        "%b::text[], %b::text[], %b::int4[], %b::float8[], %b::int8[], %b::text[]) "
         "ON CONFLICT (id) DO UPDATE SET saga = excluded.saga, key = excluded.key, "
         "kind = excluded.kind, type_name = excluded.type_name, payload = excluded.payload, "
         "error = excluded.error, attempts = excluded.attempts, "
-        "failed_at = excluded.failed_at, seq = excluded.seq"
+        "failed_at = excluded.failed_at, seq = excluded.seq, name = excluded.name"
     ),
     "put_marks": (
         "INSERT INTO {s}.dedup_marks (saga, key, event_id, expires_at) "
@@ -344,9 +351,41 @@ _SQL = {
         "ON CONFLICT (saga, key, event_id) DO UPDATE SET expires_at = excluded.expires_at"
     ),
     # -- reads
-    "next_due": "SELECT min(due) FROM {s}.schedules",
+    "next_due": (
+        "SELECT min(due) FROM {s}.schedules WHERE %s::text[] IS NULL OR saga = ANY(%s::text[])"
+    ),
     "due_schedules": (
-        f"SELECT {_SCHEDULE} FROM {{s}}.schedules WHERE due <= %s ORDER BY due, seq, id LIMIT %s"
+        f"SELECT {_SCHEDULE} FROM {{s}}.schedules WHERE due <= %s "
+        "AND (%s::text[] IS NULL OR saga = ANY(%s::text[])) ORDER BY due, seq, id LIMIT %s"
+    ),
+    # A loose index scan: one index seek per saga name, not a read of every row.
+    "saga_names": " UNION ".join(
+        f"(WITH RECURSIVE n(saga) AS (SELECT min(saga) FROM {{s}}.{table} UNION ALL "
+        f"SELECT (SELECT min(saga) FROM {{s}}.{table} WHERE saga > n.saga) FROM n "
+        "WHERE n.saga IS NOT NULL) SELECT saga FROM n WHERE saga IS NOT NULL)"
+        for table in ("instances", "schedules", "outbox")
+    ),
+    # Moves the rows of saga old to new except the keys new has an instance of (and rows
+    # whose primary key new already holds); instances go last, so the test sees them unmoved.
+    "rename_saga": ";".join(
+        f"UPDATE {{s}}.{table} t SET saga = %(new)s WHERE t.saga = %(old)s AND NOT EXISTS "
+        f"(SELECT FROM {{s}}.instances i WHERE i.saga = %(new)s AND i.key = t.key){extra}"
+        for table, extra in (
+            (
+                "schedules",
+                " AND NOT EXISTS (SELECT FROM {s}.schedules x WHERE x.saga = %(new)s "
+                "AND x.key = t.key AND x.name = t.name)",
+            ),
+            ("outbox", ""),
+            ("inbox", ""),
+            ("dead_letters", ""),
+            (
+                "dedup_marks",
+                " AND NOT EXISTS (SELECT FROM {s}.dedup_marks x WHERE x.saga = %(new)s "
+                "AND x.key = t.key AND x.event_id = t.event_id)",
+            ),
+            ("instances", ""),
+        )
     ),
     "list_instances": f"SELECT {_INSTANCE} FROM {{s}}.instances",
     "list_outbox": f"SELECT {_OUTBOX} FROM {{s}}.outbox",
@@ -422,6 +461,7 @@ def _instance_row(r: InstanceRecord) -> tuple[Any, ...]:
         float(r.updated_at),
         r.last_event,
         r.completed,
+        r.state_version,
     )
 
 
@@ -490,6 +530,9 @@ class PostgresStore(ClusterMethods):
         poll_interval: Cluster mode: seconds between looks at the tables when no
             wake-up (LISTEN/NOTIFY) arrives; it also bounds how soon expired leases are
             noticed.
+        migrate: `True` (the default): `open` creates the schema, or migrates an
+            older one. `False`: `open` changes nothing; the schema must exist at this
+            sagaflow's version (read-only tools such as `sagaflow check` open a store so).
 
     Raises:
         ValueError: The schema name, the pool sizes, `lease` or `poll_interval` are
@@ -504,6 +547,7 @@ class PostgresStore(ClusterMethods):
     _timeout: float = attrs.field(default=30.0, kw_only=True)
     _lease: float = attrs.field(default=30.0, kw_only=True)
     _poll_interval: float = attrs.field(default=2.0, kw_only=True)
+    _migrates: bool = attrs.field(default=True, kw_only=True, alias="migrate")
     _channel: str = attrs.field(init=False)
     _redacted: str = attrs.field(init=False)
     _secrets: tuple[str, ...] = attrs.field(init=False)
@@ -657,12 +701,31 @@ class PostgresStore(ClusterMethods):
                 supported=SCHEMA_VERSION,
             )
 
+    def _refuse_migration(self, found: int | None) -> None:
+        where = f"PostgreSQL schema {self._schema!r} of {self._redacted!r}"
+        if found is None:
+            raise StoreError(
+                f"{where} holds no sagaflow store; it was opened with migrate=False, so "
+                "nothing was created"
+            )
+        self._check_version(found)  # a newer one
+        raise SchemaVersionError(
+            f"{where} has schema version {found}, but this sagaflow reads version "
+            f"{SCHEMA_VERSION} without migrating (migrate=False); work on a copy of the "
+            "schema, which opening with migrate=True migrates (the sagaflow that wrote it "
+            "cannot open a migrated schema)",
+            found=found,
+            supported=SCHEMA_VERSION,
+        )
+
     def _migrate(self, conn: psycopg.Connection[TupleRow]) -> None:
         # Most opens find the current version and need no lock and no DDL privileges.
         with conn.transaction():
             found, _ = self._read_version(conn)
         if found == SCHEMA_VERSION:
             return
+        if not self._migrates:
+            self._refuse_migration(found)
         if found is not None:
             self._check_version(found)
         with conn.transaction():
@@ -871,6 +934,7 @@ class PostgresStore(ClusterMethods):
                     d.attempts,
                     float(d.failed_at),
                     d.seq,
+                    d.name,
                 )
                 for d in dead
             ]
@@ -880,27 +944,61 @@ class PostgresStore(ClusterMethods):
             rows = [(m.saga, m.key, m.event_id, float(m.expires_at)) for m in marks]
             cur.execute(sql["put_marks"], _columns(rows))
 
-    async def next_due(self) -> float | None:
-        """The earliest due time of any pending schedule, or `None`."""
+    async def next_due(self, *, sagas: Collection[str] | None = None) -> float | None:
+        """The earliest due time of any pending schedule (of `sagas`, if given), or `None`."""
+        among = None if sagas is None else list(sagas)
 
         def query(pool: _Pool) -> float | None:
             with self._translate("read the next due time"), pool.connection() as conn:
-                row = conn.execute(self._sql["next_due"]).fetchone()
+                row = conn.execute(self._sql["next_due"], (among, among)).fetchone()
             return None if row is None or row[0] is None else float(row[0])
 
         return await self._run(query)
 
-    async def due_schedules(self, now: float, limit: int) -> list[ScheduleRecord]:
-        """Up to `limit` schedules due at or before `now`, earliest first.
+    async def due_schedules(
+        self, now: float, limit: int, *, sagas: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
+        """Up to `limit` schedules (of `sagas`, if given) due at or before `now`,
+        earliest first.
 
         Leases taken with `claim_due_schedules` are not looked at: this is the
         single-process read.
         """
+        among = None if sagas is None else list(sagas)
         return await self._run(
             lambda pool: self._select(
-                pool, ScheduleRecord, "read due schedules", "due_schedules", (now, limit)
+                pool,
+                ScheduleRecord,
+                "read due schedules",
+                "due_schedules",
+                (now, among, among, limit),
             )
         )
+
+    async def saga_names(self) -> set[str]:
+        """The names of the sagas that have instances, schedules or outbox rows."""
+
+        def query(pool: _Pool) -> set[str]:
+            with self._translate("read saga names"), pool.connection() as conn:
+                return {name for (name,) in conn.execute(self._sql["saga_names"]).fetchall()}
+
+        return await self._run(query)
+
+    async def rename_saga(self, old: str, new: str) -> int:
+        """Move the rows of saga `old` to `new`, except keys `new` already has."""
+
+        def rename(pool: _Pool) -> int:
+            moved = 0
+            with (
+                self._translate("rename a saga"),
+                pool.connection() as conn,
+                conn.transaction(),
+            ):
+                for statement in self._sql["rename_saga"].split(";"):
+                    moved = conn.execute(statement, {"old": old, "new": new}).rowcount
+            return moved
+
+        return await self._run(rename)
 
     def _select(
         self,
@@ -956,6 +1054,41 @@ class PostgresStore(ClusterMethods):
             self._listing("list_outbox", filters, "saga, key, seq, id")
         )
         return found
+
+    async def scan_instances(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[InstanceRecord]:
+        """Up to `limit` instances ordered by `(saga, key)`, those after `after` only."""
+        return await self._run(
+            self._scan(InstanceRecord, "list_instances", "saga, key", after, limit)
+        )
+
+    async def scan_outbox(self, *, after: str | None = None, limit: int) -> list[OutboxRecord]:
+        """Up to `limit` outbox rows ordered by id, those after `after` only."""
+        key = None if after is None else (after,)
+        return await self._run(self._scan(OutboxRecord, "list_outbox", "id", key, limit))
+
+    async def scan_schedules(
+        self, *, after: tuple[str, str, str] | None = None, limit: int
+    ) -> list[ScheduleRecord]:
+        """Up to `limit` schedules ordered by `(saga, key, name)`, those after `after` only."""
+        scan = self._scan(ScheduleRecord, "list_schedules", "saga, key, name", after, limit)
+        return await self._run(scan)
+
+    async def scan_dead_letters(self, *, after: str | None = None, limit: int) -> list[DeadLetter]:
+        """Up to `limit` dead letters ordered by id, those after `after` only."""
+        key = None if after is None else (after,)
+        return await self._run(self._scan(DeadLetter, "list_dead_letters", "id", key, limit))
+
+    def _scan(
+        self, cls: type[T], name: str, key: str, after: Sequence[str] | None, limit: int
+    ) -> Callable[[_Pool], list[T]]:
+        """One page of a table in primary-key order, after the key `after` (a row
+        comparison, which the primary key's index answers)."""
+        where = "" if after is None else f" WHERE ({key}) > ({', '.join(['%s'] * len(after))})"
+        params = [*(after or ()), limit]
+        suffix = f"{where} ORDER BY {key} LIMIT %s"
+        return lambda pool: self._select(pool, cls, "scan rows", name, params, suffix)
 
     async def list_schedules(
         self, *, saga: str | None = None, key: str | None = None

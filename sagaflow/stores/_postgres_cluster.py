@@ -218,6 +218,10 @@ CLUSTER_SQL = {
         "SELECT pos, saga, key, event_id, generated, type_name, payload, created_at "
         "FROM {s}.inbox ORDER BY pos"
     ),
+    "scan_inbox": (
+        "SELECT pos, saga, key, event_id, generated, type_name, payload, created_at "
+        "FROM {s}.inbox WHERE pos > %(after)s ORDER BY pos LIMIT %(limit)s"
+    ),
     "renew_commands": (
         "UPDATE {s}.outbox SET lease_expires = greatest(lease_expires, "
         "CASE WHEN failed THEN %(expires_failed)s ELSE %(expires)s END) "
@@ -631,6 +635,14 @@ class ClusterMethods:
         """Every inbox row (events published but not handled yet), in inbox order."""
         return await self._run(
             lambda pool: self._select(pool, InboxRecord, "list rows", "list_inbox")
+        )
+
+    async def scan_inbox(self, *, after: int | None = None, limit: int) -> list[InboxRecord]:
+        """Up to `limit` inbox rows ordered by position, those after `after` only (see
+        `Store.scan_instances`)."""
+        params = {"after": -(2**63) if after is None else after, "limit": limit}
+        return await self._run(
+            lambda pool: self._select(pool, InboxRecord, "scan rows", "scan_inbox", params)
         )
 
     async def renew_leases(

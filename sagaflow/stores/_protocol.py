@@ -6,7 +6,7 @@ JSON text with a stable type name, so a store never imports user classes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -57,6 +57,8 @@ class InstanceRecord:
         last_event: The type name of the last event handled.
         completed: `Complete()` was returned; the instance ends once its outbox is
             empty (this survives a "compensation failed" status and an operator's retry).
+        state_version: The saga's state version `state` was written at (rows written
+            before versions existed are version 1).
     """
 
     saga: str
@@ -69,6 +71,7 @@ class InstanceRecord:
     updated_at: float
     last_event: str | None = None
     completed: bool = False
+    state_version: int = 1
 
 
 @attrs.frozen
@@ -152,6 +155,8 @@ class DeadLetter:
         seq: For commands, the outbox position to resume from on retry.
         attempts: How many times it was tried.
         failed_at: Wall-clock seconds of the last failure.
+        name: For a scheduled message that could not be delivered to its instance
+            (`to_self`), the schedule's name: retrying it schedules it again, due now.
     """
 
     id: str
@@ -164,6 +169,7 @@ class DeadLetter:
     attempts: int
     failed_at: float
     seq: int = 0
+    name: str | None = None
 
 
 @attrs.frozen
@@ -297,12 +303,34 @@ class Store(Protocol):
         """
         ...
 
-    async def next_due(self) -> float | None:
-        """The earliest due time of any pending schedule, or `None`."""
+    async def next_due(self, *, sagas: Collection[str] | None = None) -> float | None:
+        """The earliest due time of any pending schedule (of `sagas`, if given), or `None`."""
         ...
 
-    async def due_schedules(self, now: float, limit: int) -> list[ScheduleRecord]:
-        """Up to `limit` schedules due at or before `now`, earliest first."""
+    async def due_schedules(
+        self, now: float, limit: int, *, sagas: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
+        """Up to `limit` schedules due at or before `now`, earliest first.
+
+        With `sagas`, only schedules of those sagas: the rows of a saga that is not
+        registered any more never crowd out the others.
+        """
+        ...
+
+    async def saga_names(self) -> set[str]:
+        """The names of the sagas that have instances, schedules or outbox rows."""
+        ...
+
+    async def rename_saga(self, old: str, new: str) -> int:
+        """Move the rows of saga `old` to saga `new` in one transaction (a renamed saga).
+
+        Instances, schedules, outbox rows, dead letters and dedup marks move, key by key,
+        except the keys that already have an instance under `new`: those stay under
+        `old`. Idempotent.
+
+        Returns:
+            How many instances moved.
+        """
         ...
 
     async def list_instances(
@@ -315,6 +343,33 @@ class Store(Protocol):
         self, *, saga: str | None = None, key: str | None = None
     ) -> list[OutboxRecord]:
         """Pending outbox rows, ordered by saga, key and seq."""
+        ...
+
+    async def scan_instances(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[InstanceRecord]:
+        """Up to `limit` instances ordered by `(saga, key)`, those after `after` only.
+
+        The `scan_*` methods page through every row by primary key (keyset
+        pagination), for tools that read them all, such as `Admin.check`: pass the
+        last row's key as `after` to get the next page; an empty page is the end. Each
+        call is one short read, so a scan of millions of rows holds one page in memory
+        and no lock between pages; rows written meanwhile may or may not be seen.
+        """
+        ...
+
+    async def scan_outbox(self, *, after: str | None = None, limit: int) -> list[OutboxRecord]:
+        """Up to `limit` outbox rows ordered by id, those after `after` only."""
+        ...
+
+    async def scan_schedules(
+        self, *, after: tuple[str, str, str] | None = None, limit: int
+    ) -> list[ScheduleRecord]:
+        """Up to `limit` schedules ordered by `(saga, key, name)`, those after `after` only."""
+        ...
+
+    async def scan_dead_letters(self, *, after: str | None = None, limit: int) -> list[DeadLetter]:
+        """Up to `limit` dead letters ordered by id, those after `after` only."""
         ...
 
     async def list_schedules(

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+import urllib.parse
+from collections.abc import Callable, Collection, Iterator, Sequence
 from operator import attrgetter
 from typing import Any, TypeVar, TypeVarTuple
 
@@ -85,8 +86,15 @@ def _index_unusual_statuses(conn: sqlite3.Connection) -> None:
     )
 
 
+def _record_versions(conn: sqlite3.Connection) -> None:
+    """Version 3: every state row records the saga state version it was written at, and
+    a dead letter of an undeliverable timer its schedule's name (to schedule it again)."""
+    conn.execute("ALTER TABLE instances ADD COLUMN state_version INTEGER NOT NULL DEFAULT 1")
+    conn.execute("ALTER TABLE dead_letters ADD COLUMN name TEXT")
+
+
 # `_MIGRATIONS[n - 1]` turns schema version n into n + 1, inside the opening transaction.
-_MIGRATIONS: tuple[_Migration, ...] = (_index_unusual_statuses,)
+_MIGRATIONS: tuple[_Migration, ...] = (_index_unusual_statuses, _record_versions)
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
 """The schema version this sagaflow writes."""
 
@@ -173,11 +181,23 @@ class SQLiteStore:
             `False` (`synchronous=NORMAL`): a commit survives a crash of the process,
             `kill -9` included, but the last commits before a power loss or an
             operating-system crash may be lost; commits cost no disk flush each.
+        migrate: `True` (the default): `open` creates the file and its schema, or
+            migrates an older schema. `False`: `open` changes nothing on disk; the file
+            must exist at this sagaflow's schema version (read-only tools such as
+            `sagaflow check` open a store so).
+        create: Also turn an existing empty (0-byte) file into a store. By default such
+            a file is refused, since it is more likely a failed copy or a wrong path
+            than a store to start afresh; a missing file is always created (with
+            `migrate=True`). A SQLite database holding tables sagaflow did not create is
+            always refused.
     """
 
     _path: str = attrs.field(converter=_fspath)
     _busy_timeout: float = attrs.field(default=5.0, kw_only=True)
     _power_safe: bool = attrs.field(default=True, kw_only=True)
+    _migrates: bool = attrs.field(default=True, kw_only=True, alias="migrate")
+    _create: bool = attrs.field(default=False, kw_only=True, alias="create")
+    _was_empty: bool = attrs.field(default=False, init=False, repr=False)
     _conn: sqlite3.Connection | None = attrs.field(default=None, init=False, repr=False)
     _limiter: anyio.CapacityLimiter | None = attrs.field(default=None, init=False, repr=False)
     _now: float | None = attrs.field(default=None, init=False, repr=False)
@@ -192,7 +212,8 @@ class SQLiteStore:
         """Open the file, then create the schema or migrate it to this version.
 
         Raises:
-            SchemaVersionError: The file was written by a newer sagaflow.
+            SchemaVersionError: The file was written by a newer sagaflow, or (with
+                `migrate=False`) by an older one.
             StoreError: The file cannot be opened or is not a sagaflow SQLite database.
         """
         if self._conn is not None:
@@ -227,17 +248,32 @@ class SQLiteStore:
             return
         await self._run(_commit, changes, self._now)
 
-    async def next_due(self) -> float | None:
-        """The earliest due time of any pending schedule, or `None`."""
-        due: float | None = await self._run(_scalar, "SELECT min(due) FROM schedules")
+    async def next_due(self, *, sagas: Collection[str] | None = None) -> float | None:
+        """The earliest due time of any pending schedule (of `sagas`, if given), or `None`."""
+        among, args = _among(sagas)
+        sql = f"SELECT min(due) FROM schedules{' WHERE ' + among if among else ''}"
+        rows = await self._run(_fetch, sql, args)
+        due: float | None = rows[0][0]
         return due
 
-    async def due_schedules(self, now: float, limit: int) -> list[ScheduleRecord]:
-        """Up to `limit` schedules due at or before `now`, earliest first."""
+    async def due_schedules(
+        self, now: float, limit: int, *, sagas: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
+        """Up to `limit` schedules (of `sagas`, if given) due at or before `now`,
+        earliest first."""
+        among, args = _among(sagas)
         sql = f"SELECT {_columns(_SCHEDULE)} FROM schedules WHERE due <= ? "
-        sql += "ORDER BY due, seq, id LIMIT ?"
-        rows = await self._run(_fetch, sql, (now, limit))
+        sql += f"{'AND ' + among if among else ''} ORDER BY due, seq, id LIMIT ?"
+        rows = await self._run(_fetch, sql, (now, *args, limit))
         return [_schedule(row) for row in rows]
+
+    async def saga_names(self) -> set[str]:
+        """The names of the sagas that have instances, schedules or outbox rows."""
+        return await self._run(_saga_names)
+
+    async def rename_saga(self, old: str, new: str) -> int:
+        """Move the rows of saga `old` to `new`, except keys `new` already has."""
+        return await self._run(_rename_saga, old, new)
 
     async def list_instances(
         self, *, saga: str | None = None, status: str | None = None, limit: int | None = None
@@ -258,6 +294,34 @@ class SQLiteStore:
         sql = f"SELECT {_columns(_OUTBOX)} FROM outbox{where} ORDER BY saga, key, seq, id"
         rows = await self._run(_fetch, sql, args)
         return [OutboxRecord(**dict(zip(_OUTBOX, row, strict=True))) for row in rows]
+
+    async def scan_instances(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[InstanceRecord]:
+        """Up to `limit` instances ordered by `(saga, key)`, those after `after` only."""
+        rows = await self._run(
+            _fetch, *_scan("instances", _INSTANCE, ("saga", "key"), after, limit)
+        )
+        return [_instance(row) for row in rows]
+
+    async def scan_outbox(self, *, after: str | None = None, limit: int) -> list[OutboxRecord]:
+        """Up to `limit` outbox rows ordered by id, those after `after` only."""
+        key = None if after is None else (after,)
+        rows = await self._run(_fetch, *_scan("outbox", _OUTBOX, ("id",), key, limit))
+        return [OutboxRecord(**dict(zip(_OUTBOX, row, strict=True))) for row in rows]
+
+    async def scan_schedules(
+        self, *, after: tuple[str, str, str] | None = None, limit: int
+    ) -> list[ScheduleRecord]:
+        """Up to `limit` schedules ordered by `(saga, key, name)`, those after `after` only."""
+        scan = _scan("schedules", _SCHEDULE, ("saga", "key", "name"), after, limit)
+        return [_schedule(row) for row in await self._run(_fetch, *scan)]
+
+    async def scan_dead_letters(self, *, after: str | None = None, limit: int) -> list[DeadLetter]:
+        """Up to `limit` dead letters ordered by id, those after `after` only."""
+        key = None if after is None else (after,)
+        rows = await self._run(_fetch, *_scan("dead_letters", _DEAD, ("id",), key, limit))
+        return [DeadLetter(**dict(zip(_DEAD, row, strict=True))) for row in rows]
 
     async def list_schedules(
         self, *, saga: str | None = None, key: str | None = None
@@ -285,9 +349,15 @@ class SQLiteStore:
             raise StoreError(f"SQLite store {self._path!r} failed: {exc}") from exc
 
     def _connect(self) -> sqlite3.Connection:
+        # Without migrating, nothing may be created either: not even an empty file.
+        path = self._path
+        self._was_empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        if not self._migrates:
+            path = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=rw"
         try:
             conn = sqlite3.connect(
-                self._path,
+                path,
+                uri=not self._migrates,
                 timeout=self._busy_timeout,
                 isolation_level=None,
                 check_same_thread=False,
@@ -295,9 +365,12 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {self._path!r}: {exc}") from exc
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {'FULL' if self._power_safe else 'NORMAL'}")
-            _transaction(conn, self._migrate)
+            if self._migrates:
+                conn.execute("PRAGMA journal_mode = WAL")  # kept in the file from then on
+                _transaction(conn, self._migrate)
+            else:
+                self._require_current(conn)
         except sqlite3.Error as exc:
             conn.close()
             raise StoreError(
@@ -315,6 +388,18 @@ class SQLiteStore:
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
         ).fetchone()
         if has_meta is None:
+            tables = _scalar(conn, "SELECT count(*) FROM sqlite_master WHERE type = 'table'")
+            if tables:
+                raise StoreError(
+                    f"SQLite file {self._path!r} holds {tables} table(s) that sagaflow did "
+                    "not create; give sagaflow a file of its own"
+                )
+            if self._was_empty and not self._create:
+                raise StoreError(
+                    f"SQLite file {self._path!r} is empty (0 bytes), so it holds no sagaflow "
+                    "store: check the path (or restore the copy it should be); to start a new "
+                    "store in it, pass SQLiteStore(..., create=True) or delete the file"
+                )
             for statement in _SCHEMA_V1:
                 conn.execute(statement)
             conn.execute("INSERT INTO meta (name, value) VALUES ('schema_version', '1')")
@@ -339,6 +424,32 @@ class SQLiteStore:
         if found != SCHEMA_VERSION:
             conn.execute(
                 "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION),)
+            )
+
+    def _require_current(self, conn: sqlite3.Connection) -> None:
+        """Check, changing nothing, that the file is a store at this schema version."""
+        has_meta = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        if has_meta is None:
+            raise StoreError(
+                f"SQLite store {self._path!r} is not a sagaflow store (it has no meta table); "
+                "it was opened with migrate=False, so nothing was created"
+            )
+        value = _scalar(conn, "SELECT value FROM meta WHERE name = 'schema_version'")
+        found = int(value) if str(value).isdigit() else -1
+        if found != SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"SQLite store {self._path!r} has schema version {found}, but this sagaflow "
+                f"reads version {SCHEMA_VERSION} without migrating (migrate=False); "
+                + (
+                    "open it with the sagaflow that wrote it, or a newer one"
+                    if found > SCHEMA_VERSION
+                    else "work on a copy of the file, which opening with migrate=True "
+                    "migrates (the sagaflow that wrote it cannot open a migrated file)"
+                ),
+                found=found,
+                supported=SCHEMA_VERSION,
             )
 
 
@@ -431,6 +542,61 @@ def _lookup(
         )
 
 
+def _among(sagas: Collection[str] | None) -> tuple[str, tuple[str, ...]]:
+    """A `saga IN (...)` term for `sagas` (none at all: a term that is never true)."""
+    if sagas is None:
+        return "", ()
+    names = tuple(sagas)
+    return (f"saga IN ({', '.join('?' * len(names))})" if names else "0"), names
+
+
+def _saga_names(conn: sqlite3.Connection) -> set[str]:
+    # One index seek per saga name (a loose index scan), not a read of every row.
+    names: set[str] = set()
+    for table in ("instances", "schedules", "outbox"):
+        found = conn.execute(f"SELECT min(saga) FROM {table}").fetchone()[0]
+        while found is not None:
+            names.add(found)
+            sql = f"SELECT min(saga) FROM {table} WHERE saga > ?"
+            found = conn.execute(sql, (found,)).fetchone()[0]
+    return names
+
+
+# Each moves the rows of saga ?1 to ?2 except the keys ?2 has an instance of (and rows
+# whose primary key ?2 already holds); instances go last, so the test sees them unmoved.
+_RENAMES = tuple(
+    f"UPDATE {table} SET saga = ?2 WHERE saga = ?1 AND NOT EXISTS (SELECT 1 FROM "
+    f"instances AS i WHERE i.saga = ?2 AND i.key = {table}.key){extra}"
+    for table, extra in (
+        (
+            "schedules",
+            " AND NOT EXISTS (SELECT 1 FROM schedules AS s WHERE s.saga = ?2 "
+            "AND s.key = schedules.key AND s.name = schedules.name)",
+        ),
+        ("outbox", ""),
+        ("dead_letters", ""),
+        (
+            "marks",
+            " AND NOT EXISTS (SELECT 1 FROM marks AS m WHERE m.saga = ?2 "
+            "AND m.key = marks.key AND m.event_id = marks.event_id)",
+        ),
+        ("instances", ""),
+    )
+)
+
+
+def _rename_saga(conn: sqlite3.Connection, old: str, new: str) -> int:
+    moved = 0
+
+    def rename(conn: sqlite3.Connection) -> None:
+        nonlocal moved
+        for sql in _RENAMES:
+            moved = conn.execute(sql, (old, new)).rowcount
+
+    _transaction(conn, rename)
+    return moved
+
+
 def _fetch(conn: sqlite3.Connection, sql: str, args: Sequence[Any]) -> list[Any]:
     return conn.execute(sql, args).fetchall()
 
@@ -448,11 +614,26 @@ def _where(**filters: str | None) -> tuple[str, tuple[str, ...]]:
     return " WHERE " + " AND ".join(f"{c} = ?" for c in given), tuple(given.values())
 
 
+def _scan(
+    table: str,
+    names: Sequence[str],
+    key: Sequence[str],
+    after: Sequence[str] | None,
+    limit: int,
+) -> tuple[str, tuple[Any, ...]]:
+    """One page of `table` in primary-key order, after the key `after` (a row value
+    comparison, which walks the primary key's b-tree from there)."""
+    columns = _columns(key)
+    where = "" if after is None else f" WHERE ({columns}) > ({', '.join('?' * len(key))})"
+    sql = f"SELECT {_columns(names)} FROM {table}{where} ORDER BY {columns} LIMIT ?"
+    return sql, (*(after or ()), limit)
+
+
 def _instance(row: Sequence[Any]) -> InstanceRecord:
     # Columns in the order of the record's attributes; SQLite has no booleans.
-    saga, key, version, status, state, instance_id, created, updated, last, completed = row
+    saga, key, version, status, state, instance_id, created, updated, last, completed, sv = row
     return InstanceRecord(
-        saga, key, version, status, state, instance_id, created, updated, last, bool(completed)
+        saga, key, version, status, state, instance_id, created, updated, last, bool(completed), sv
     )
 
 

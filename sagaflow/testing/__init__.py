@@ -4,11 +4,13 @@
 a memory store, a recording dispatcher and a `VirtualClock`: given past events, when an
 event arrives or time advances, check the commands sent, compensations, schedules,
 state and completion. `Recorder`, `VirtualClock` and `advance` let an integration test
-drive a full `Runtime` on any store the same way, without sleeping.
+drive a full `Runtime` on any store the same way, without sleeping. `load_state` and
+`load_message` decode rows of older versions with today's code, to test upcasters.
 """
 
 from .._clock import VirtualClock
 from ._checks import Scheduled
+from ._evolution import load_message, load_state
 from ._recorder import Dispatched, Recorder
 from ._scenario import Scenario
 from ._sync import SyncScenario
@@ -22,4 +24,6 @@ __all__ = [
     "SyncScenario",
     "VirtualClock",
     "advance",
+    "load_message",
+    "load_state",
 ]

@@ -315,10 +315,8 @@ class Scenario(Checks[S]):
         await self._end(step)
         if self._current.unmatched:
             u = self._current.unmatched[0]
-            self._fail(
-                f"the given event {u.event!r} matched no instance of saga {u.saga!r} "
-                f"key {u.key!r}: {u.reason}"
-            )
+            where = "saga" if u.saga is None else f"instance of saga {u.saga!r} key {u.key!r}"
+            self._fail(f"the given event {u.event!r} matched no {where}: {u.reason}")
         self._current = attrs.evolve(self._current, dispatched=(), unmatched=())
 
     async def when(self, event: object, *, id: str | None = None) -> None:
@@ -445,8 +443,7 @@ class Scenario(Checks[S]):
         ser = self._registry.serializer
         records = {r.key: r for r in await store.list_instances(saga=name)}
         states: dict[str, S] = {
-            key: ser.loads(r.state, spec.state_type, name, saga=name, key=key)
-            for key, r in records.items()
+            key: spec.load_state(ser, key, r.state, r.state_version) for key, r in records.items()
         }
         schedules: dict[str, list[Scheduled]] = {}
         for s in await store.list_schedules(saga=name):

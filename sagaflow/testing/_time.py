@@ -34,13 +34,15 @@ async def settle(runtime: Runtime) -> None:
 
 
 async def _next_schedule(runtime: Runtime, now: float) -> float | None:
-    """The earliest due time of a schedule after `now`."""
-    due = await runtime.store.next_due()
+    """The earliest due time of a schedule of the runtime's sagas after `now`."""
+    sagas = sorted(runtime.registry.sagas)
+    due = await runtime.store.next_due(sagas=sagas)
     if due is None or due > now:
         return due
-    # A schedule due now survived a drain, so the runtime cannot fire it (its saga is not
-    # registered): look past it rather than stop at it for ever.
-    return next((s.due for s in await runtime.store.list_schedules() if s.due > now), None)
+    # A schedule due now survived a drain (a runtime waiting to retry it, say): look
+    # past it rather than stop at it for ever.
+    later = (s for s in await runtime.store.list_schedules() if s.due > now and s.saga in sagas)
+    return min((s.due for s in later), default=None)
 
 
 async def advance(runtime: Runtime, clock: VirtualClock, by: timedelta | float) -> None:
