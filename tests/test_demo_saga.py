@@ -1,9 +1,10 @@
 """The demo's order saga: one compensation per order, whatever answers first.
 
 An order whose payment is declined can also time out: the payment timeout fires while
-the capture is still being retried (the outbox is behind, or the worker was killed and
-its timeouts are overdue when it starts again). The timeout compensates the order; the
-decline that comes after it must not compensate it a second time.
+the capture is still being retried (after a `kill -9`, say, the timeouts are overdue when
+the demo starts again). The timeout compensates the order; the decline that comes after
+it must not compensate it a second time (issue 13 saw two chains, with different command
+ids, for one declined payment).
 """
 
 from __future__ import annotations
