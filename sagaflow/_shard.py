@@ -108,7 +108,9 @@ class Shard:
         if len(items) > 1 and not isinstance(error, ConflictError):
             await self._isolate(items, error)
             return
-        if len(items) == 1 and not isinstance(error, ConflictError):
+        if len(items) == 1 and _refused(error):
+            # Alone, nothing shows the store works: only an error about the data it was
+            # given marks the event as poison; anything else fails it as the store's error.
             await self._poison(items[0], error)
             return
         self._fail(items, error)
@@ -152,7 +154,13 @@ class Shard:
             if isinstance(failed, ConflictError):
                 self._fail(half, failed)
             elif len(half) == 1:
-                await self._poison(half[0], failed)
+                # Its sibling committed, so the store works; once more, in case the store
+                # hiccuped just then, before it counts as poison.
+                again = await self._attempt(half)
+                if isinstance(again, ConflictError):
+                    self._fail(half, again)
+                elif again is not None:
+                    await self._poison(half[0], again)
             else:
                 await self._isolate(half, failed)
 
@@ -263,6 +271,24 @@ class Shard:
         self.activity.begin()
         item.retry = True
         self.mailbox.put_unbounded(item)
+
+
+_REFUSALS = frozenset(("DataError", "IntegrityError", "InterfaceError", "ProgrammingError"))
+
+
+def _refused(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) is a store refusing the data it was given
+    (an encoding or type error, a DB-API data error), not the store failing."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, UnicodeError | TypeError | ValueError) and not isinstance(
+            seen, OSError
+        ):
+            return True
+        if _REFUSALS.intersection(c.__name__ for c in type(seen).__mro__):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _storable(text: str) -> str:
