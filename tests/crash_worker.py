@@ -3,7 +3,7 @@
 Run it as::
 
     python tests/crash_worker.py --db PATH --log PATH --orders N
-        [--pace SECONDS] [--crash POINT:K] [--backend asyncio|trio]
+        [--pace SECONDS] [--crash POINT:K] [--max-batch N] [--backend asyncio|trio]
 
 Every start publishes the whole event script from the beginning, with event ids, like
 a broker that redelivers everything it has not seen acknowledged: deduplication must
@@ -36,6 +36,13 @@ returns, so a handler applied twice shows up as a repeated or skipped `n`.
 - `mid-dispatch`: after the K-th successful command reached the log, before the
   dispatcher returns (the delivery is never recorded in the store).
 - `compensation`: in the K-th dispatch of a compensation, before it reaches the log.
+- `failure-before-commit` / `failure-after-commit`: just before / after the commit that
+  applies the K-th `CommandFailed` (a charge failed for good, the handler compensates;
+  several may be applied in one commit).
+
+`--max-batch 1` makes every event, fired schedule and handled failure take a commit of
+its own, so the number of commits and points a run passes no longer depends on how
+fast the machine is (group commit takes more items at once when commits are slow).
 """
 
 from __future__ import annotations
@@ -85,6 +92,8 @@ POINTS = (
     "timer-fired",
     "mid-dispatch",
     "compensation",
+    "failure-before-commit",
+    "failure-after-commit",
 )
 SHORT_TIMEOUT = 0.2  # seconds, plus STAGGER per order: expiring orders fire one by one
 STAGGER = 0.015
@@ -295,15 +304,18 @@ class CrashingStore:
         if not changes:
             await self.inner.commit(changes)
             return
-        # Schedules fired by this commit are counted one by one: several due at once
-        # may fire in one commit.
+        # Schedules fired and failures handled by this commit are counted one by one:
+        # a batch may take several. Only the CommandFailed handler compensates.
         fires = sum((d.saga, d.key, d.name) in self._due for d in changes.schedule_deletes)
+        failures = len({(r.saga, r.key) for r in changes.outbox_adds if r.kind == "compensate"})
         async with self._lock:
             self.trigger.hit("before-commit")
             self.trigger.hit("timer-due", fires)
+            self.trigger.hit("failure-before-commit", failures)
             await self.inner.commit(changes)
             self.trigger.hit("after-commit")
             self.trigger.hit("timer-fired", fires)
+            self.trigger.hit("failure-after-commit", failures)
 
     async def next_due(self, *, sagas: Collection[str] | None = None) -> float | None:
         return await self.inner.next_due(sagas=sagas)
@@ -427,7 +439,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             dispatch=Dispatcher(fd, trigger),
             retry=RetryPolicy(max_attempts=3, initial_delay=0.01, max_delay=0.05),
             shards=4,
-            max_batch=16,
+            max_batch=args.max_batch,
         )
         async with runtime:
             print("STARTED", flush=True)
@@ -462,6 +474,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--orders", type=int, default=40)
     parser.add_argument("--pace", type=float, default=0.0, metavar="SECONDS")
     parser.add_argument("--crash", default=None, metavar="POINT:K")
+    parser.add_argument("--max-batch", type=int, default=16, metavar="N")
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     return parser.parse_args(argv)
 

@@ -3,7 +3,8 @@
 `crash_worker.py` runs an order saga on a SQLite file and logs every dispatch attempt
 (fsync'd before the dispatcher returns). These tests kill it with SIGKILL at chosen
 points (before and after a commit, while a timer is due, in the middle of a dispatch,
-during a compensation) and at random moments, start it again on the same file until it
+during a compensation, around the commit that handles a command failed for good) and
+at random moments, start it again on the same file until it
 finishes, and check the log against a model of what the event script must produce:
 
 - every command is delivered, and each one (type, order, event) under one command id
@@ -11,6 +12,8 @@ finishes, and check the log against a model of what the event script must produc
 - no event is applied twice: every handler bumps a counter that the commands carry, so
   a second application shows up as another `n` (and another id);
 - every due timeout fires exactly once, and none that was cancelled fires;
+- a command that failed for good is handled once: one compensation chain, under one
+  set of ids, whether the crash came before or after its handler's commit;
 - compensations run in order and continue where the crash stopped them;
 - an instance's commands are first delivered in the order they were produced;
 - nothing is left over: no instance, outbox row, schedule, dead letter or unmatched event.
@@ -163,10 +166,11 @@ def worker_command(
     orders: int = ORDERS,
     pace: float = 0.0,
     crash: str | None = None,
+    max_batch: int = 16,
 ) -> list[str]:
     command = [sys.executable, str(WORKER), "--db", str(tmp / "sagas.db")]
     command += ["--log", str(tmp / "dispatch.log"), "--orders", str(orders)]
-    command += ["--backend", backend, "--pace", str(pace)]
+    command += ["--backend", backend, "--pace", str(pace), "--max-batch", str(max_batch)]
     if crash is not None:
         command += ["--crash", crash]
     return command
@@ -179,8 +183,11 @@ def run_worker(
     orders: int = ORDERS,
     pace: float = 0.0,
     crash: str | None = None,
+    max_batch: int = 16,
 ) -> subprocess.CompletedProcess[str]:
-    command = worker_command(tmp, backend=backend, orders=orders, pace=pace, crash=crash)
+    command = worker_command(
+        tmp, backend=backend, orders=orders, pace=pace, crash=crash, max_batch=max_batch
+    )
     try:
         return subprocess.run(
             command,
@@ -221,7 +228,8 @@ def finish(tmp: Path, *, backend: str, orders: int = ORDERS, pace: float = 0.0) 
 
 
 def crash_at(tmp: Path, *, backend: str, point: str, k: int) -> None:
-    result = run_worker(tmp, backend=backend, crash=f"{point}:{k}")
+    """Run the worker until the K-th `point`, where it must die (see `ROUNDS`)."""
+    result = run_worker(tmp, backend=backend, crash=f"{point}:{k}", max_batch=1)
     assert result.returncode == KILLED, (
         f"expected a SIGKILL at {point}:{k}, got exit {result.returncode}:\n"
         f"{result.stdout}\n{tail(result.stderr)}"
@@ -232,9 +240,16 @@ def crash_at(tmp: Path, *, backend: str, point: str, k: int) -> None:
 # -- chosen crash points ------------------------------------------------------------
 
 # Each point is hit in three runs in a row, at the K-th occurrence counted from the
-# start of that run (timers count fired schedules, since several may fire in one
-# commit); all K stay well below what one clean run passes (with 40 orders: ~65
-# commits, 11 due timeouts, 117 deliveries, 24 compensation dispatches).
+# start of that run. Whether a run reaches its K must not depend on the machine's
+# speed: with group commit, a slow commit lets more items pile up for the next one, so
+# a run under load makes fewer commits (a third round once finished in fewer than 20).
+# The crashing runs therefore take one item per batch (`--max-batch 1`): a commit
+# applies at most one event, fired timeout or handled failure. The script has 90 events,
+# 11 timeouts, 8 charges that fail for good, 117 deliveries and 24 compensation
+# dispatches (40 orders), and a run killed at the K-th occurrence has got at most K of
+# them done, so every K below is at most what the earlier rounds can have left over:
+# `after-commit` 20 of at least 109 - 1 - 8 items (one commit each), and at the
+# tightest, `timer-fired` 4 of at least 11 - 1 - 3 timeouts.
 ROUNDS = {
     "before-commit": (1, 6, 15),
     "after-commit": (1, 8, 20),
@@ -242,6 +257,8 @@ ROUNDS = {
     "timer-fired": (1, 3, 4),
     "mid-dispatch": (1, 20, 40),
     "compensation": (1, 4, 7),
+    "failure-before-commit": (1, 2, 3),
+    "failure-after-commit": (1, 2, 3),
 }
 
 
