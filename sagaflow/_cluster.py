@@ -326,7 +326,7 @@ class Inbox:
             releases, self._releases = self._releases, []
             self._flush_event = anyio.Event()
             try:
-                await self.store.ack_inbox(acks)
+                await self.store.ack_inbox(self.owner, acks)
                 await self.store.release_inbox(self.owner, releases)
                 for pos in (*acks, *releases):
                     self._owned.pop(pos, None)

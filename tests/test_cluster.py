@@ -533,7 +533,7 @@ async def test_an_event_handled_but_not_acknowledged_is_applied_once(
     registry = make_registry()
     crashing = make_store(postgres_dsn, pg_schema)
 
-    async def no_ack(positions: Any) -> None:
+    async def no_ack(owner: str, positions: Any) -> None:
         raise StoreError("the process died before acknowledging")
 
     crashing.ack_inbox = no_ack  # type: ignore[method-assign]
@@ -1040,3 +1040,37 @@ def test_several_processes_killed_again_and_again_soak(
     """Four processes, 3000 orders, five kills at random moments."""
     seed = int(os.environ.get("SAGAFLOW_SOAK_SEED", "1"))
     run_fleet(fleet_factory, workers=4, orders=3000, hot=200, kills=5, seed=seed)
+
+
+@pytest.mark.anyio
+async def test_an_ack_from_a_process_whose_lease_was_taken_over_deletes_nothing(
+    postgres_dsn: str,  # noqa: F811
+    pg_schema: str,  # noqa: F811
+) -> None:
+    """A stalled process that committed an event after its lease ran out must not delete
+    the row (nor its dedup mark) that another process took over: that one would find no
+    mark and apply the event a second time."""
+    from sagaflow.stores import Changes, DedupMark
+    from sagaflow.stores._claims import InboxRecord
+
+    store = make_store(postgres_dsn, pg_schema)
+    await store.open()
+    try:
+        type_name, payload = make_registry().serializer.encode(Bump("a", "x"))
+        row = InboxRecord(0, "counter", "a", "made-up", True, type_name, payload, 0.0)
+        (pos,) = await store.put_inbox([row])
+        await store.claim_inbox("stalled", 1.0, 10, sagas=["counter"], mine=[])
+        later = 1.0 + store.lease_seconds + 1
+        taken = await store.claim_inbox("other", later, 10, sagas=["counter"], mine=[])
+        await store.commit(Changes(marks=[DedupMark("counter", "a", "made-up", later + 60)]))
+
+        await store.ack_inbox("stalled", [pos])
+        after_stale_ack = await inbox_of(postgres_dsn, pg_schema)
+        marks = execute(postgres_dsn, f'SELECT event_id FROM "{pg_schema}".dedup_marks')
+        await store.ack_inbox("other", [pos])
+        after_ack = await inbox_of(postgres_dsn, pg_schema)
+    finally:
+        await store.close()
+
+    assert [r.pos for r in taken] == [pos]
+    assert (after_stale_ack, marks, after_ack) == ([(pos, "other")], [("made-up",)], [])

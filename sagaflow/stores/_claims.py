@@ -182,8 +182,9 @@ class ClusterStore(Store, Protocol):
         rows behind a first row `owner` holds for the instances in `mine`."""
         ...
 
-    async def ack_inbox(self, positions: Sequence[int]) -> None:
-        """Delete handled inbox rows, with the dedup marks of their made-up event ids."""
+    async def ack_inbox(self, owner: str, positions: Sequence[int]) -> None:
+        """Delete handled inbox rows that `owner` still holds, with the dedup marks of
+        their made-up event ids (a row another process took over stays, with its mark)."""
         ...
 
     async def release_inbox(self, owner: str, positions: Sequence[int]) -> None:

@@ -205,7 +205,7 @@ CLUSTER_SQL = {
     ),
     "ack_inbox": (
         "WITH gone AS (DELETE FROM {s}.inbox WHERE pos = ANY(%(positions)s::int8[]) "
-        "RETURNING saga, key, event_id, generated) "
+        "AND lease_owner = %(owner)s RETURNING saga, key, event_id, generated) "
         "DELETE FROM {s}.dedup_marks d USING gone WHERE gone.generated "
         "AND d.saga = gone.saga AND d.key = gone.key AND d.event_id = gone.event_id"
     ),
@@ -595,13 +595,16 @@ class ClusterMethods:
         found = await self._run(lambda pool: self._transaction(pool, "claim inbox rows", claim))
         return sorted((InboxRecord(*row) for row in found), key=lambda r: r.pos)
 
-    async def ack_inbox(self, positions: Sequence[int]) -> None:
-        """Delete handled inbox rows, and the dedup marks of their made-up event ids
-        (a row that is gone cannot be delivered again, so its mark has done its job)."""
+    async def ack_inbox(self, owner: str, positions: Sequence[int]) -> None:
+        """Delete handled inbox rows that `owner` still holds, and the dedup marks of
+        their made-up event ids (a row that is gone cannot be delivered again, so its
+        mark has done its job). A row whose lease another process took over (this one
+        stalled past it) stays, and so does its mark: that process finds the event
+        applied, as a duplicate, and acknowledges it itself."""
         if not positions:
             await anyio.lowlevel.checkpoint()
             return
-        params = {"positions": sorted(set(positions))}
+        params = {"owner": owner, "positions": sorted(set(positions))}
         await self._run(
             lambda pool: self._transaction(
                 pool,
