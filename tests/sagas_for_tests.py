@@ -278,7 +278,7 @@ async def running(
     clock: VirtualClock | None = None,
     recorder: Recorder | None = None,
     retry: RetryPolicy = RETRY,
-    timeout: float = 5,
+    timeout: float = 60,
     **options: Any,
 ) -> AsyncIterator[Harness]:
     """Run `registry` on a `MemoryStore` and a `VirtualClock`; fail after `timeout` s."""

@@ -692,7 +692,7 @@ async def _schedule_behind_a_handler_retry() -> None:
         return None
 
     slow_retry = RetryPolicy(max_attempts=3, initial_delay=10, jitter=False)
-    async with running(scripted_registry(script), retry=slow_retry, timeout=1) as h:
+    async with running(scripted_registry(script), retry=slow_retry) as h:
         await h.runtime.publish(Started("a"))
         await h.runtime.publish(Started("b"))
         async with anyio.create_task_group() as tg:
@@ -972,7 +972,7 @@ async def test_a_failed_commit_makes_publish_raise_and_applies_nothing() -> None
 async def test_drain_does_not_wait_for_the_retry_of_a_failed_delivery_record() -> None:
     store = FlakyStore()
     store.failing["deliveries"] = 1
-    async with running(scripted_registry(sends(Started=["s"])), store=store, timeout=1) as h:
+    async with running(scripted_registry(sends(Started=["s"])), store=store) as h:
         await h.runtime.publish(Started("k"))
         await h.runtime.drain()
         assert h.dispatched.labels() == ["s"]

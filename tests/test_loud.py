@@ -719,7 +719,7 @@ async def test_cluster_dead_letters_and_false_dispatches_are_loud(
         hooks=heard,
         cluster=True,
     ) as runtime:
-        with anyio.fail_after(20):
+        with anyio.fail_after(60):
             await runtime.publish(Started("k"))
             await runtime.publish(Touched("k"), id="e1")
 

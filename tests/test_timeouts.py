@@ -376,7 +376,7 @@ async def test_leaving_with_a_hung_dispatch_stops_after_shutdown_timeout_and_kee
     path = tmp_path / "sagas.db"
     dispatcher = Hanging()
     registry = scripted_registry(failures_and_sends([]))
-    with anyio.fail_after(10):
+    with anyio.fail_after(60):
         async with Runtime(
             registry,
             store=SQLiteStore(path),
@@ -428,7 +428,7 @@ async def test_leaving_with_a_hung_handler_stops_after_shutdown_timeout_and_keep
         return hang_on_touched(entered)(state, event)
 
     clock = VirtualClock()
-    with anyio.fail_after(10):
+    with anyio.fail_after(60):
         async with running(
             scripted_registry(script),
             store=SQLiteStore(path),  # type: ignore[arg-type]
@@ -522,7 +522,7 @@ async def test_publishers_still_waiting_when_the_runtime_stops_hear_so(store: St
         except RuntimeClosedError as exc:
             outcomes.append((event.key, str(exc)))
 
-    with anyio.fail_after(10):  # without the fix: the publishers wait for ever
+    with anyio.fail_after(60):  # without the fix: the publishers wait for ever
         async with (
             anyio.create_task_group() as tg,
             running(
