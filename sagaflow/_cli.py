@@ -563,10 +563,16 @@ async def _abort(admin: Admin, args: argparse.Namespace, out: TextIO) -> int:
     return OK
 
 
-def _run_store_command(args: argparse.Namespace, command: _StoreCommand) -> int:
+def _run_store_command(
+    args: argparse.Namespace,
+    command: _StoreCommand,
+    *,
+    registry: Registry | None = None,
+    migrate: bool = True,
+) -> int:
     out = sys.stdout
     try:
-        store = open_store(args.url, schema=args.schema)
+        store = open_store(args.url, schema=args.schema, migrate=migrate)
     except UsageError as exc:
         print(f"sagaflow {args.command}: error: {exc}", file=sys.stderr)
         return USAGE
@@ -577,7 +583,7 @@ def _run_store_command(args: argparse.Namespace, command: _StoreCommand) -> int:
     async def run() -> int:
         await store.open()
         try:
-            return await command(Admin(store), args, out)
+            return await command(Admin(store, registry=registry), args, out)
         finally:
             await store.close()
 
@@ -795,36 +801,22 @@ def _check_text(report: CheckReport) -> str:
     return "\n\n".join(parts)
 
 
-def _check(args: argparse.Namespace) -> int:
-    out = sys.stdout
-    try:
-        registry = load_registry(args.target)
-        store = open_store(args.url, schema=args.schema, migrate=args.migrate)
-    except UsageError as exc:
-        print(f"sagaflow check: error: {exc}", file=sys.stderr)
-        return USAGE
-    except StoreError as exc:
-        print(f"sagaflow check: {exc}", file=sys.stderr)
-        return UNREACHABLE
-
-    async def run() -> CheckReport:
-        await store.open()
-        try:
-            admin = Admin(store, registry=registry)
-            return await admin.check(page=args.page, failures_per_group=args.failures)
-        finally:
-            await store.close()
-
-    try:
-        report = anyio.run(run)
-    except StoreError as exc:
-        print(f"sagaflow check: {exc}", file=sys.stderr)
-        return UNREACHABLE
+async def _check(admin: Admin, args: argparse.Namespace, out: TextIO) -> int:
+    report = await admin.check(page=args.page, failures_per_group=args.failures)
     if args.json:
         _dump(check_json(report), out)
     else:
         print(_check_text(report), file=out)
     return OK if report.ok else _WOULD_FAIL
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    try:
+        registry = load_registry(args.target)
+    except UsageError as exc:
+        print(f"sagaflow check: error: {exc}", file=sys.stderr)
+        return USAGE
+    return _run_store_command(args, _check, registry=registry, migrate=args.migrate)
 
 
 def _check_parser(commands: Any) -> None:
@@ -867,7 +859,7 @@ def _check_parser(commands: Any) -> None:
         help="migrate an older store schema first: for a copy of the store only, since "
         "the sagaflow that wrote it cannot open it afterwards",
     )
-    check.set_defaults(run=_check)
+    check.set_defaults(run=_run_check)
 
 
 # -- stopping on a signal --------------------------------------------------------------
