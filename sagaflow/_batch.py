@@ -23,7 +23,7 @@ from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unsch
 from ._calls import call
 from ._outbox import error_text
 from ._records import Unmatched
-from ._registry import HandlerSpec, SagaSpec
+from ._registry import RECORD_FIELDS, HandlerSpec, SagaSpec
 from ._sync import Ack
 from .exceptions import ActionError, DecodeError, SerializationError
 from .stores._protocol import (
@@ -212,13 +212,10 @@ class Batch:
                 w = self.work[ref]
                 w.record, w.start_version = record, record.version
                 try:
-                    _check_record(record)
-                    w.state = w.spec.load_state(
-                        shard.serializer, ref[1], record.state, record.state_version
-                    )
+                    w.state = w.spec.load_record(shard.serializer, record)
                 except DecodeError as exc:
                     w.broken = exc
-                    w.corrupt = exc.field in _RECORD_FIELDS
+                    w.corrupt = exc.field in RECORD_FIELDS
                     log.error("%s", exc, extra={"saga": ref[0], "key": ref[1]})
 
         for item, w in zip(self.items, works, strict=True):
@@ -820,41 +817,6 @@ class Batch:
             shard.hold(item)
         for item in self.again:
             shard.mailbox.put_unbounded(item)
-
-
-_STATUSES = frozenset((ACTIVE, COMPLETING, COMPENSATION_FAILED))
-_RECORD_FIELDS = ("version", "status", "state_version")
-
-
-def _check_record(record: InstanceRecord) -> None:
-    """Refuse a stored instance whose bookkeeping columns are not what sagaflow writes.
-
-    Raises:
-        DecodeError: A version is not a positive int, or the status is unknown.
-    """
-    version, status, state_version = record.version, record.status, record.state_version
-    if (
-        type(version) is int
-        and version > 0
-        and status in _STATUSES
-        and type(state_version) is int
-        and state_version > 0
-    ):
-        return  # the common case, checked in one go
-    for field in _RECORD_FIELDS:
-        value = getattr(record, field)
-        if (field == "status" and value not in _STATUSES) or (
-            field != "status" and (type(value) is not int or value < 1)
-        ):
-            raise DecodeError(
-                f"stored instance of saga {record.saga!r} key {record.key!r} has "
-                f"{field} {value!r}, which sagaflow never writes (corrupt row?); the row is "
-                "kept and its events wait as dead letters: repair the row, then retry them",
-                type_name=record.saga,
-                field=field,
-                saga=record.saga,
-                key=record.key,
-            )
 
 
 def _instance_id(now: float) -> str:

@@ -19,7 +19,7 @@ from ._registry import Registry, SagaSpec
 from ._serialization import split_type_name
 from .exceptions import DecodeError, UnknownTypeError
 from .stores._claims import ClusterStore
-from .stores._protocol import Store
+from .stores._protocol import InstanceRecord, Store
 
 __all__ = [
     "DEAD_LETTER",
@@ -191,14 +191,15 @@ class _Checker:
         )
         self.tally.add((what, saga, type_name, version, FAIL), CheckFailure(saga, key, id, error))
 
-    def state(self, saga: str, key: str, id: str, text: str, version: int) -> None:
+    def state(self, record: InstanceRecord) -> None:
+        saga, key, id, version = record.saga, record.key, record.instance_id, record.state_version
         spec = self.spec(saga)
         if spec is None:
             self.orphan(STATE, saga, key, id, "", version)
             return
         group = (STATE, spec.name, spec.state_name, version)
         try:
-            spec.load_state(self.registry.serializer, key, text, version)
+            spec.load_record(self.registry.serializer, record)
         except DecodeError as exc:
             self.tally.add((*group, FAIL), CheckFailure(saga, key, id, str(exc)))
         else:
@@ -246,7 +247,7 @@ async def check(store: Store, registry: Registry, *, page: int, listed: int | No
     checker = _Checker(registry, _Tally(listed))
     async for instances in _pages(store.scan_instances, lambda r: (r.saga, r.key), page):
         for r in instances:
-            checker.state(r.saga, r.key, r.instance_id, r.state, r.state_version)
+            checker.state(r)
     async for outbox in _pages(store.scan_outbox, lambda o: o.id, page):
         for o in outbox:
             checker.message(OUTBOX, o.saga, o.key, o.id, o.type_name, o.payload)

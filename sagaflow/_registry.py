@@ -13,7 +13,8 @@ from ._decorators import CORRELATE_ATTR, HANDLER_ATTR, CorrelateMark, HandlerMar
 from ._evolution import UPCAST_ATTR, Upcaster, check_chain
 from ._retry import RetryPolicy
 from ._serialization import Serializer
-from .exceptions import RegistrationError, RegistrationErrors, SerializationError
+from .exceptions import DecodeError, RegistrationError, RegistrationErrors, SerializationError
+from .stores._protocol import ACTIVE, COMPENSATION_FAILED, COMPLETING, InstanceRecord
 
 __all__ = ["HandlerSpec", "Registry", "SagaSpec", "Target"]
 
@@ -87,6 +88,17 @@ class SagaSpec:
         """A fresh default state for a new instance."""
         return self.state_type()
 
+    def load_record(self, serializer: Serializer, record: InstanceRecord) -> Any:
+        """Decode a stored instance's state, after checking its bookkeeping columns.
+
+        Raises:
+            DecodeError: The row is corrupt (a version that is not a positive int, an
+                unknown status: `field` names the column), or its state cannot be
+                decoded (see `load_state`).
+        """
+        _check_record(record)
+        return self.load_state(serializer, record.key, record.state, record.state_version)
+
     def load_state(self, serializer: Serializer, key: str, text: str, version: int) -> Any:
         """Decode a stored state written at `version`, upcasting it to `self.version`.
 
@@ -104,6 +116,42 @@ class SagaSpec:
             current=self.version,
             upcasters=self.upcasters,
         )
+
+
+RECORD_FIELDS = ("version", "status", "state_version")
+"""The bookkeeping columns of an instance row that `SagaSpec.load_record` checks."""
+_STATUSES = frozenset((ACTIVE, COMPLETING, COMPENSATION_FAILED))
+
+
+def _check_record(record: InstanceRecord) -> None:
+    """Refuse a stored instance whose bookkeeping columns are not what sagaflow writes.
+
+    Raises:
+        DecodeError: A version is not a positive int, or the status is unknown.
+    """
+    version, status, state_version = record.version, record.status, record.state_version
+    if (
+        type(version) is int
+        and version > 0
+        and status in _STATUSES
+        and type(state_version) is int
+        and state_version > 0
+    ):
+        return  # the common case, checked in one go
+    for field in RECORD_FIELDS:
+        value = getattr(record, field)
+        if (field == "status" and value not in _STATUSES) or (
+            field != "status" and (type(value) is not int or value < 1)
+        ):
+            raise DecodeError(
+                f"stored instance of saga {record.saga!r} key {record.key!r} has "
+                f"{field} {value!r}, which sagaflow never writes (corrupt row?); the row is "
+                "kept and its events wait as dead letters: repair the row, then retry them",
+                type_name=record.saga,
+                field=field,
+                saga=record.saga,
+                key=record.key,
+            )
 
 
 Target = tuple[SagaSpec, HandlerSpec, Callable[[Any], Any]]

@@ -17,7 +17,7 @@ import attrs
 import pytest
 from _postgres_server import pg_schema, postgres_dsn  # noqa: F401
 
-from sagaflow import DispatchMeta, Registry, Runtime, correlate, on
+from sagaflow import Admin, DispatchMeta, Registry, Runtime, correlate, on
 from sagaflow.exceptions import UnstorableError
 from sagaflow.stores import Changes, MemoryStore, SQLiteStore, Store
 
@@ -187,12 +187,17 @@ async def test_a_corrupt_instance_row_holds_only_that_instance(
     with closing(sqlite3.connect(path)) as conn, conn:
         conn.execute(f"UPDATE instances SET {column} = {value} WHERE key = 'a'")
 
-    with anyio.fail_after(30):
+    with anyio.fail_after(60):
         async with Runtime(registry(), store=SQLiteStore(path), dispatch=dispatch) as runtime:
             await runtime.run(events(["a", "b"]))
             letters = await runtime.store.list_dead_letters()
             counts = {r.key: r.state for r in await runtime.store.list_instances()}
+            report = await Admin(runtime.store, registry=registry()).check()
 
     assert [(d.key, d.kind) for d in letters] == [("a", "event")]
     assert f"stored instance of saga 'counter' key 'a' has {shown}" in letters[0].error
     assert counts == {"a": '{"count": 1}', "b": '{"count": 2}'}
+    # The pre-deploy check reads instance rows as the runtime does: it sees the same fault.
+    (failure,) = report.failures
+    assert (failure.key, report.failed) == ("a", 1)
+    assert f"has {shown}, which sagaflow never writes" in failure.error

@@ -442,9 +442,7 @@ class Scenario(Checks[S]):
         name = spec.name
         ser = self._registry.serializer
         records = {r.key: r for r in await store.list_instances(saga=name)}
-        states: dict[str, S] = {
-            key: spec.load_state(ser, key, r.state, r.state_version) for key, r in records.items()
-        }
+        states: dict[str, S] = {key: spec.load_record(ser, r) for key, r in records.items()}
         schedules: dict[str, list[Scheduled]] = {}
         for s in await store.list_schedules(saga=name):
             schedules.setdefault(s.key, []).append(self._scheduled(s))
