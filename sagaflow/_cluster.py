@@ -113,6 +113,11 @@ class _Delivery(Ack):
     def done(self, error: BaseException | None = None) -> None:
         self._inbox._done(self._row, error)
 
+    def poisoned(self, error: BaseException, dead_lettered: bool) -> None:
+        # Kept as a dead letter: handled, like any dead letter. Delivered again, it would
+        # only be refused again.
+        self.done(None if dead_lettered else error)
+
 
 @attrs.define(eq=False)
 class _Waiter:

@@ -201,3 +201,59 @@ async def test_a_corrupt_instance_row_holds_only_that_instance(
     (failure,) = report.failures
     assert (failure.key, report.failed) == ("a", 1)
     assert f"has {shown}, which sagaflow never writes" in failure.error
+
+
+@attrs.frozen
+class Note:
+    key: str
+    text: str
+
+
+@attrs.define
+class Noted:
+    text: str = ""
+
+
+class NoteSaga:
+    @correlate
+    def key(self, event: Note) -> str:
+        return event.key
+
+    @on(Note, start=True)
+    def note(self, state: Noted, event: Note) -> None:
+        # A bug of the kind a store refuses: "!" becomes a lone surrogate, which no
+        # UTF-8 column takes (the event itself, with its "!", was stored fine).
+        state.text = event.text.replace("!", "\ud800")
+
+
+async def test_in_cluster_mode_an_event_whose_state_the_store_refuses_is_dead_lettered_once(
+    postgres_dsn: str,  # noqa: F811
+    pg_schema: str,  # noqa: F811
+) -> None:
+    """The inbox takes the event, but the state its handler makes cannot be stored: the event
+    is dead-lettered and acknowledged (not delivered again and again), the others of its
+    batch are committed."""
+    from sagaflow.stores import PostgresStore
+
+    made = Registry()
+    made.register(NoteSaga(), state=Noted, name="notes")
+    notes = [Note(f"k{i}", "fine") for i in range(20)]
+    notes.insert(7, Note("bad", "bang!"))
+    with anyio.fail_after(60):
+        async with Runtime(
+            made,
+            store=PostgresStore(postgres_dsn, schema=pg_schema, poll_interval=0.05),
+            dispatch=dispatch,
+            cluster=True,
+        ) as runtime:
+            async with anyio.create_task_group() as tg:
+                for note in notes:
+                    tg.start_soon(runtime.publish, note)
+            await runtime.drain()
+            store = runtime.store
+            instances = sorted(r.key for r in await store.list_instances())
+            letters = [(d.key, d.type_name) for d in await store.list_dead_letters()]
+            inbox = await store.list_inbox()  # type: ignore[attr-defined]
+
+    assert instances == sorted(f"k{i}" for i in range(20))
+    assert (letters, inbox) == ([("bad", "test_poison.Note")], [])
