@@ -315,28 +315,37 @@ class Runtime:
         tg = self._tg
         assert tg is not None
         interrupt: BaseException | None = None
+        stopping: BaseException | None = None  # what ended the finishing work, if anything
         try:
             if exc is None:
                 await self._finish_due_work()
-        finally:
-            self._running = False
-            self._tg = None
-            tg.cancel_scope.cancel()
-            try:
-                # The body's own exception is not the task group's business: it
-                # propagates from here unchanged, not wrapped in an ExceptionGroup.
+        except BaseException as error:  # noqa: BLE001 - passed on below, or taken back
+            # The task group's own cancellation (a runtime task failed meanwhile) must
+            # reach its __aexit__, which takes it back; any other goes on from here.
+            stopping = error
+        self._running = False
+        self._tg = None
+        tg.cancel_scope.cancel()
+        try:
+            # The body's own exception is not the task group's business: it propagates
+            # from here unchanged, not wrapped in an ExceptionGroup.
+            if stopping is None:
                 await tg.__aexit__(None, None, None)
-            except BaseExceptionGroup as group:
-                # KeyboardInterrupt and SystemExit surface as themselves, so that
-                # `except KeyboardInterrupt` works around the runtime.
-                interrupt = interrupt_in(group)
-                if interrupt is None:
-                    raise
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await self._store.close()
+            elif await tg.__aexit__(type(stopping), stopping, stopping.__traceback__):
+                stopping = None  # it was the group's own cancellation, now taken back
+        except BaseExceptionGroup as group:
+            # KeyboardInterrupt and SystemExit surface as themselves, so that
+            # `except KeyboardInterrupt` works around the runtime.
+            interrupt = interrupt_in(group)
+            if interrupt is None:
+                raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._store.close()
         if interrupt is not None:
             raise interrupt
+        if stopping is not None:
+            raise stopping
         return None
 
     async def _finish_due_work(self) -> None:

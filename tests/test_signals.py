@@ -288,3 +288,37 @@ def test_a_store_command_stops_on_the_first_signal(
             process.communicate()
 
     assert (process.returncode, err) == (code, line)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_interrupt_while_leaving_the_runtime_surfaces_as_itself(backend: str) -> None:
+    """The dispatcher raises KeyboardInterrupt while `__aexit__` waits for the work due
+    now (another dispatch hangs): the caller still gets KeyboardInterrupt, not the
+    cancellation the failing task brought on the runtime's task group."""
+
+    class LateInterrupt(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.leaving = anyio.Event()
+
+        async def __call__(self, command: Any, meta: DispatchMeta) -> None:
+            if meta.key == "hung":  # keeps `__aexit__` waiting for the work due now
+                await anyio.sleep_forever()
+            await self.leaving.wait()
+            raise KeyboardInterrupt
+
+    registry = scripted_registry(raising(KeyboardInterrupt, "dispatcher"))
+
+    async def main() -> str:
+        dispatcher = LateInterrupt()
+        try:
+            with anyio.fail_after(60):
+                async with Runtime(registry, store=MemoryStore(), dispatch=dispatcher) as rt:
+                    await rt.publish(Started("hung"))
+                    await rt.publish(Started("k"))
+                    dispatcher.leaving.set()  # no await after it: __aexit__ is waiting then
+        except KeyboardInterrupt:
+            return "caught KeyboardInterrupt"
+        return "not raised"
+
+    assert anyio.run(main, backend=backend) == "caught KeyboardInterrupt"
