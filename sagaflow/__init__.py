@@ -6,7 +6,16 @@ register it in a `Registry`, and run it with a `Runtime` on a store.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
+from ._actions import (
+    Associate,
+    CommandFailed,
+    Compensate,
+    Complete,
+    Dissociate,
+    Schedule,
+    Send,
+    Unschedule,
+)
 from ._admin import Admin, InstanceInfo
 from ._check import CheckFailure, CheckGroup, CheckReport
 from ._clock import SystemClock
@@ -26,6 +35,7 @@ except PackageNotFoundError:  # imported from a source tree that was never insta
 
 __all__ = [
     "Admin",
+    "Associate",
     "CheckFailure",
     "CheckGroup",
     "CheckReport",
@@ -33,6 +43,7 @@ __all__ = [
     "Compensate",
     "Complete",
     "DispatchMeta",
+    "Dissociate",
     "Hooks",
     "InstanceInfo",
     "Registry",

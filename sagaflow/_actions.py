@@ -10,8 +10,10 @@ import attrs
 
 __all__ = [
     "Action",
+    "Associate",
     "HandlerResult",
     "CommandFailed",
+    "Dissociate",
     "Compensate",
     "Complete",
     "Schedule",
@@ -88,6 +90,37 @@ class Complete:
 
 
 @attrs.frozen
+class Associate:
+    """Make this instance reachable through the association `name` = `value`.
+
+    An event whose saga declares `@correlate(EventType, via=name)` is looked up among
+    the associations of that name: it reaches every instance associated with the value
+    its correlate function returns (fan-out). Committed with the state change that
+    returned it; associating a pair the instance has already is a no-op. An instance's
+    associations go with it when it ends.
+
+    Attributes:
+        name: The association's name, as in `@correlate(..., via=name)`.
+        value: The value looked up: a `str` (convert ids yourself, e.g. `str(n)`, so
+            that the correlate function returns the same text).
+    """
+
+    name: str
+    value: str
+
+
+@attrs.frozen
+class Dissociate:
+    """Remove the association `name` = `value` from this instance (a no-op if absent).
+
+    Committed with the state change that returned it. See `Associate`.
+    """
+
+    name: str
+    value: str
+
+
+@attrs.frozen
 class CommandFailed(Generic[T]):
     """Delivered to an instance when a command it sent failed for good.
 
@@ -103,7 +136,9 @@ class CommandFailed(Generic[T]):
     attempts: int
 
 
-Action: TypeAlias = "Send[Any] | Schedule[Any] | Unschedule | Compensate | Complete"
+Action: TypeAlias = (
+    "Send[Any] | Schedule[Any] | Unschedule | Compensate | Complete | Associate | Dissociate"
+)
 """One action a handler can return (`Send` and `Schedule` of any message type)."""
 
 HandlerResult: TypeAlias = "Action | Iterable[Action] | None"

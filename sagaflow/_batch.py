@@ -19,7 +19,17 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from . import _report as report
-from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
+from ._actions import (
+    Associate,
+    CommandFailed,
+    Compensate,
+    Complete,
+    Dissociate,
+    Schedule,
+    Send,
+    Unschedule,
+)
+from ._associations import Fanout
 from ._calls import call
 from ._outbox import error_text
 from ._records import Unmatched
@@ -32,6 +42,7 @@ from .stores._protocol import (
     COMPENSATION_FAILED,
     COMPLETING,
     SEND,
+    Association,
     Changes,
     DeadLetter,
     DedupMark,
@@ -49,11 +60,11 @@ from .stores._protocol import (
 if TYPE_CHECKING:
     from ._shard import Shard
 
-__all__ = ["EVENT", "FAILED", "FINALIZE", "FIRE", "Batch", "Item", "Ref"]
+__all__ = ["EVENT", "FAILED", "FINALIZE", "FIRE", "VIA", "Batch", "Item", "Ref", "resolve"]
 
 log = logging.getLogger("sagaflow.runtime")
 
-EVENT, FIRE, FAILED, FINALIZE = range(4)
+EVENT, FIRE, FAILED, FINALIZE, VIA = range(5)
 _SEQ_BITS = 16
 _MAX_OUTPUTS = 1 << _SEQ_BITS
 Ref = tuple[str, str]
@@ -62,8 +73,10 @@ Ref = tuple[str, str]
 
 @attrs.define(eq=False, slots=True)
 class Item:
-    """One unit of work for a shard: an event, a due schedule, a failed command, or
-    the end of a completing instance's outbox."""
+    """One unit of work for a shard: an event, a due schedule, a failed command, the
+    end of a completing instance's outbox, or an event routed via an association (`VIA`:
+    `key` is the value looked up, `fanout` the tally the shards share; the batch hands
+    the event to each of this shard's instances associated with it)."""
 
     kind: int
     saga: SagaSpec
@@ -76,6 +89,7 @@ class Item:
     row: OutboxRecord | None = None
     attempts: int = 0
     retry: bool = False
+    fanout: Fanout | None = None
 
 
 class _Work:
@@ -132,6 +146,38 @@ class _Work:
             self.puts.append(name)
 
 
+_Lookup = tuple[str, str, str]
+"""An association lookup: `(saga, name, value)`."""
+
+
+async def resolve(shard: Shard, vias: list[Item]) -> dict[_Lookup, list[str]]:
+    """The keys of `shard`'s own instances associated with each `VIA` item's value.
+
+    From the shard's cache, else one store read per saga and association name.
+    """
+    cache = shard.associations
+    found: dict[_Lookup, list[str]] = {}
+    wanted: dict[tuple[str, str], set[str]] = {}
+    for item in vias:
+        f = item.fanout
+        assert f is not None
+        lookup = (f.saga, f.name, f.value)
+        if lookup in found:
+            continue
+        cached = cache.get(*lookup)
+        if cached is None:
+            wanted.setdefault((f.saga, f.name), set()).add(f.value)
+        else:
+            found[lookup] = sorted(cached)
+    for (saga, name), values in wanted.items():
+        stored = await shard.store.find_associated(saga, name, sorted(values))
+        for value in values:
+            keys = [key for key in stored.get(value, ()) if shard.owns(saga, key)]
+            cache.fill(saga, name, value, keys)
+            found[(saga, name, value)] = keys
+    return found
+
+
 class _Rejected(Exception):
     """A handler's result cannot be applied and retrying will not help."""
 
@@ -162,6 +208,12 @@ class Batch:
     outbox_adds: list[OutboxRecord] = attrs.field(factory=list)
     carried: tuple[list[str], list[OutboxUpdate]] = attrs.field(factory=lambda: ([], []))
     commands: list[Any] = attrs.field(factory=list)  # the decoded `outbox_adds`
+    # Association changes of this batch: `{(saga, name, value): {key: put?}}`.
+    associating: dict[_Lookup, dict[str, bool]] = attrs.field(factory=dict)
+    association_puts: list[Association] = attrs.field(factory=list)
+    association_deletes: list[Association] = attrs.field(factory=list)
+    associated: dict[_Lookup, list[str]] = attrs.field(factory=dict)  # looked up at start
+    fanned: list[tuple[Item, int]] = attrs.field(factory=list)  # VIA items, instances reached
 
     async def run(self) -> None:
         outbox = self.shard.outbox
@@ -187,23 +239,42 @@ class Batch:
         missing: list[Ref] = []
         marks: list[tuple[str, str, str]] = []
         schedule_ids: list[str] = []
-        for item in self.items:
-            ref = (item.saga.name, item.key)
+        vias: list[Item] = []
+
+        def work_of(spec: SagaSpec, key: str) -> _Work:
+            ref = (spec.name, key)
             w = work.get(ref)
             if w is None:
                 hit = cache.get(ref)
                 if hit is None:
                     missing.append(ref)
-                    w = _Work(item.saga, item.key, 0, None)
+                    w = _Work(spec, key, 0, None)
                 else:
                     cache.move_to_end(ref)
-                    w = _Work(item.saga, item.key, hit[0].version, hit[0], hit[1])
+                    w = _Work(spec, key, hit[0].version, hit[0], hit[1])
                 work[ref] = w
-            works.append(w)
+            return w
+
+        for item in self.items:
+            if item.kind == VIA:
+                vias.append(item)
+                works.append(_NO_WORK)
+                continue
+            works.append(work_of(item.saga, item.key))
             if item.event_id is not None:
-                marks.append((*ref, item.event_id))
+                marks.append((item.saga.name, item.key, item.event_id))
             if item.schedule is not None:
                 schedule_ids.append(item.schedule.id)
+        if vias:
+            # The instances each fan-out reaches are loaded with the others, in one read.
+            self.associated = await resolve(shard, vias)
+            for item in vias:
+                f = item.fanout
+                assert f is not None
+                for key in self.associated[(f.saga, f.name, f.value)]:
+                    work_of(item.saga, key)
+                    if item.event_id is not None:
+                        marks.append((f.saga, key, item.event_id))
         if missing or marks or schedule_ids:
             self.loaded = await shard.store.load(
                 LoadRequest(missing, marks, schedule_ids, self.now)
@@ -219,7 +290,9 @@ class Batch:
                     log.error("%s", exc, extra={"saga": ref[0], "key": ref[1]})
 
         for item, w in zip(self.items, works, strict=True):
-            if w.blocked:
+            if item.kind == VIA:
+                await self._fan_out(item)
+            elif w.blocked:
                 self.held.append(item)
             elif w.deleted:
                 self.again.append(item)
@@ -237,6 +310,44 @@ class Batch:
                 self._finalize(w, item)
 
     # -- items ---------------------------------------------------------------------
+
+    async def _fan_out(self, item: Item) -> None:
+        """Hand a `VIA` item's event to each instance of this shard associated with its
+        value now: as looked up when the batch began, changed by what the batch did
+        before it (associations made or removed, instances ended)."""
+        f = item.fanout
+        assert f is not None and item.handler is not None
+        lookup = (f.saga, f.name, f.value)
+        looked_up = self.associated[lookup]
+        keys = set(looked_up)
+        for key, put in self.associating.get(lookup, {}).items():
+            if put:
+                keys.add(key)
+            else:
+                keys.discard(key)
+        targets = [key for key in sorted(keys) if not self.work[(f.saga, key)].deleted]
+        if item.event_id is not None:
+            # Associated earlier in this batch: their dedup marks were not read yet.
+            unread = [(f.saga, key, item.event_id) for key in keys.difference(looked_up)]
+            if unread:
+                extra = await self.shard.store.load(LoadRequest(marks=unread, now=self.now))
+                if self.loaded is None:
+                    self.loaded = extra
+                else:
+                    self.loaded.marks.update(extra.marks)
+        held = self.shard.held_refs
+        for key in targets:
+            ref = (f.saga, key)
+            w = self.work[ref]
+            one = Item(EVENT, item.saga, key, item.event, item.handler, item.event_id, item.ack)
+            if w.blocked or ref in held:
+                self.held.append(one)  # behind a handler retry of its instance
+            elif self._admit(w, one):
+                applied = await self._handle(w, one, item.handler, item.event, True)
+                if applied and item.event_id is not None:
+                    self._applied(w, item.event_id)
+        self.fanned.append((item, len(targets)))
+        self.done.append(item)
 
     def _admit(self, w: _Work, item: Item) -> bool:
         """Whether the event goes to its handler; if not, settle it here (a plain
@@ -421,7 +532,7 @@ class Batch:
                     result = handler.fn(state, event)
                     if handler.is_async:
                         result = await self._call(result, handler, event, w.key)
-            record = self._apply(w, record, state, result, version, allow_schedule, event)
+            record = self._apply(w, record, state, result, version, allow_schedule, event, handler)
         except _Rejected as exc:
             self._restore(w)
             cause = exc.__cause__ or exc
@@ -527,12 +638,14 @@ class Batch:
         version: int,
         allow_schedule: bool,
         event: Any,
+        handler: HandlerSpec,
     ) -> InstanceRecord:
-        """Turn a handler's result into outbox rows and schedule changes.
+        """Turn a handler's result into outbox rows, schedule and association changes.
 
         Raises:
             _Rejected: The result cannot be applied (not an action, a Schedule where
-                none is allowed, a value that cannot be serialized).
+                none is allowed, a value that cannot be serialized, an association
+                that is not made of strings).
         """
         spec, key = w.spec, w.key
         ser = self.shard.serializer
@@ -545,6 +658,7 @@ class Batch:
         schedule_ops: list[tuple[str, ScheduleRecord | None]] | None = None
         scheduled = False
         complete = False
+        associating: list[tuple[str, str, bool]] | None = None
         encode = ser.encode
         cls = type(result)
         if cls is list or cls is tuple:
@@ -607,6 +721,13 @@ class Batch:
                     if schedule_ops is None:
                         schedule_ops = []
                     schedule_ops.append((action.name, None))
+                elif cls is Associate or cls is Dissociate:
+                    name, value = action.name, action.value
+                    if type(name) is not str or not name or type(value) is not str:
+                        raise self._reject(w, event, _bad_association(action, handler))
+                    if associating is None:
+                        associating = []
+                    associating.append((name, value, cls is Associate))
                 elif cls is Complete:
                     if scheduled:
                         raise self._reject(
@@ -636,6 +757,8 @@ class Batch:
                 for name in w.puts or ():
                     ops.pop((spec.name, key, name), None)
                 self.clears.append((spec.name, key))
+        for name, value, put in associating or ():
+            self.associating.setdefault((spec.name, name, value), {})[key] = put
         status = record.status
         if complete and status == ACTIVE:
             status = COMPLETING
@@ -749,9 +872,17 @@ class Batch:
         if deletes and clears:  # deleting an instance deletes its schedules too
             gone = {(d.saga, d.key) for d in deletes}
             clears = [ref for ref in clears if ref not in gone]
+        for (saga, name, value), keys in self.associating.items():
+            for key, put in keys.items():
+                w = self.work[(saga, key)]
+                if w.record is not None and not w.deleted:  # else they go with it
+                    added = self.association_puts if put else self.association_deletes
+                    added.append(Association(saga, name, value, key))
         return Changes(
             writes=writes,
             deletes=deletes,
+            association_deletes=self.association_deletes,
+            association_puts=self.association_puts,
             schedule_clears=clears,
             schedule_deletes=sdeletes,
             schedule_puts=puts,
@@ -767,10 +898,26 @@ class Batch:
         shard = self.shard
         outbox = shard.outbox
         outbox.recorded(self.carried[0])
+        associations = shard.associations
+        for a in self.association_deletes:
+            associations.delete(a)
+        for a in self.association_puts:
+            associations.put(a)
+        for item, reached in self.fanned:
+            shard.activity.begin(reached)
+            if item.ack is not None:
+                item.ack.pending += reached
+            assert item.fanout is not None
+            if item.fanout.looked(reached):
+                self.unmatched.append(
+                    Unmatched(item.event, item.saga.name, None, item.fanout.reason())
+                )
         if self.outbox_adds:
             # Before the per-instance calls below: they look at the instances' queues.
             outbox.add(self.outbox_adds, self.commands)
         for ref, w in self.work.items():
+            if w.deleted or w.record is None:
+                associations.forget(ref)  # (a stale lookup may have named a gone one)
             if w.deleted:
                 shard.cache.pop(ref, None)
                 outbox.forget(ref)
@@ -828,7 +975,8 @@ def _instance_id(now: float) -> str:
     return f"{max(0, int(now * 1000)):012x}{os.urandom(10).hex()}"
 
 
-_ACTIONS = frozenset((Send, Schedule, Unschedule, Compensate, Complete))
+_ACTIONS = frozenset((Send, Schedule, Unschedule, Compensate, Complete, Associate, Dissociate))
+_NO_WORK: Any = None  # the place of a VIA item in the list of works: it has none of its own
 
 
 def _actions(result: Any, w: _Work, event: Any) -> Iterable[Any]:
@@ -837,7 +985,9 @@ def _actions(result: Any, w: _Work, event: Any) -> Iterable[Any]:
         return ()
     if isinstance(result, list | tuple):
         return result
-    if isinstance(result, Send | Schedule | Unschedule | Compensate | Complete):
+    if isinstance(
+        result, Send | Schedule | Unschedule | Compensate | Complete | Associate | Dissociate
+    ):
         return (result,)
     if isinstance(result, str | bytes | dict) or not isinstance(result, Iterable):
         raise Batch._reject(w, event, _not_an_action(result))
@@ -862,5 +1012,22 @@ def _not_an_action(value: Any) -> str:
         )
     return (
         f"returned {shown}, which is not an action: return None, an action (Send, "
-        "Schedule, Unschedule, Compensate, Complete) or a list of actions"
+        "Schedule, Unschedule, Compensate, Complete, Associate, Dissociate) or a list "
+        "of actions"
+    )
+
+
+def _bad_association(action: Associate | Dissociate, handler: HandlerSpec) -> str:
+    """Why an `Associate`/`Dissociate` cannot be applied: its name or value."""
+    what = type(action).__name__
+    shown = f"{what}(name={action.name!r}, value={action.value!r})"
+    if type(action.name) is not str or not action.name:
+        return (
+            f"handler {handler.method} returned {shown}: the name must be a non-empty str, "
+            "the via= of a correlate function"
+        )
+    return (
+        f"handler {handler.method} returned {shown}: the value must be a str, got "
+        f"{type(action.value).__name__}; convert it (e.g. str(...)) the same way the "
+        "correlate function does"
     )

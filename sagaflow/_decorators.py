@@ -67,9 +67,14 @@ class HandlerMark:
 
 @attrs.frozen
 class CorrelateMark:
-    """What `@correlate` recorded on a method; empty `types` means every handled type."""
+    """What `@correlate` recorded on a method; empty `types` means every handled type.
+
+    With `via`, the function returns a value that is looked up among the associations
+    of that name (see `Associate`), not an instance key.
+    """
 
     types: tuple[type, ...]
+    via: str | None = None
 
 
 # One overload per number of event types lets the type checker tie the handler's event
@@ -193,24 +198,46 @@ def on(
 
 
 @overload
-def correlate(*types: type) -> Callable[[CorrelateT], CorrelateT]: ...
+def correlate(*types: type, via: str | None = None) -> Callable[[CorrelateT], CorrelateT]: ...
 @overload
 def correlate(fn: CorrelateT, /) -> CorrelateT: ...
-def correlate(*args: Any) -> Any:
+def correlate(*args: Any, via: str | None = None) -> Any:
     """Mark a saga method as the function that maps an event to an instance key.
 
     Bare (`@correlate`) it applies to every event type the saga handles; called
     (`@correlate(A, B)`) to those types only. It is called as `fn(self, event)` and
     returns the key (`str`) or `None` when the event is not for this saga; a type
     checker rejects a correlate function annotated to return anything else.
+
+    With `via=name` (`@correlate(ShipmentDelivered, via="shipment")`) it returns a value
+    that is looked up among the saga's associations of that name (see `Associate`): the
+    event reaches every instance associated with the value, each handled and committed
+    as if it had been published for that instance's key (fan-out), and none if no
+    instance is (it is reported as unmatched). Start handlers need a direct key, so
+    `via` cannot cover an event type handled with `start=True`.
+
+    Raises:
+        TypeError: A type is not a class, or `via` is not a non-empty string or is
+            given without event types.
     """
-    if len(args) == 1 and callable(args[0]) and not isinstance(args[0], type):
+    if len(args) == 1 and callable(args[0]) and not isinstance(args[0], type) and via is None:
         setattr(args[0], CORRELATE_ATTR, CorrelateMark(types=()))
         return args[0]
     for t in args:
         if not isinstance(t, type):
             raise TypeError(f"@correlate() takes event classes, got {t!r}")
-    mark = CorrelateMark(types=tuple(args))
+    if via is not None:
+        if not isinstance(via, str) or not via or not via.isprintable():
+            raise TypeError(
+                f"@correlate(..., via={via!r}): via names an association, a non-empty "
+                'printable string such as via="shipment"'
+            )
+        if not args:
+            raise TypeError(
+                f"@correlate(via={via!r}) needs the event types it routes, e.g. "
+                f"@correlate(ShipmentDelivered, via={via!r}): start events need a direct key"
+            )
+    mark = CorrelateMark(types=tuple(args), via=via)
 
     def decorate(fn: CorrelateT) -> CorrelateT:
         setattr(fn, CORRELATE_ATTR, mark)

@@ -35,9 +35,11 @@ class Unmatched:
         event: The event.
         saga: The saga's name, or `None` when no saga handles the event's type.
         key: The key the saga's correlate function returned, or `None` when no saga
-            handles the event's type.
+            handles the event's type, or when the saga routes it via an association
+            (the reason names it).
         reason: Why: no live instance and the handler is not `start=True`, the instance
-            has completed, or no saga handles this type.
+            has completed, no instance is associated with the value looked up, or no
+            saga handles this type.
     """
 
     event: object

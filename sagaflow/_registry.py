@@ -16,7 +16,7 @@ from ._serialization import Serializer
 from .exceptions import DecodeError, RegistrationError, RegistrationErrors, SerializationError
 from .stores._protocol import ACTIVE, COMPENSATION_FAILED, COMPLETING, InstanceRecord
 
-__all__ = ["HandlerSpec", "Registry", "SagaSpec", "Target"]
+__all__ = ["HandlerSpec", "Registry", "SagaSpec", "Target", "Via"]
 
 C = TypeVar("C", bound=type)
 S = TypeVar("S")
@@ -34,6 +34,20 @@ class HandlerSpec:
     is_async: bool
     fn: Callable[[Any, Any], Any] = attrs.field(repr=False)
     retry: RetryPolicy | None = None
+
+
+@attrs.frozen
+class Via:
+    """A correlate function declared with `via=name`: what it returns is looked up among
+    the saga's associations of that name instead of being the instance key."""
+
+    fn: Callable[[Any], Any] = attrs.field(repr=False)
+    name: str
+    method: str
+    """The correlate method's name, for error messages."""
+
+    def __call__(self, event: Any) -> Any:
+        return self.fn(event)
 
 
 @attrs.define(eq=False)
@@ -155,7 +169,8 @@ def _check_record(record: InstanceRecord) -> None:
 
 
 Target = tuple[SagaSpec, HandlerSpec, Callable[[Any], Any]]
-"""A saga, the handler an event type reaches there, and the correlate function."""
+"""A saga, the handler an event type reaches there, and the correlate function (a `Via`
+when it returns an association value instead of a key)."""
 
 
 def _positional_arity(fn: Callable[..., Any]) -> tuple[int, bool]:
@@ -351,10 +366,11 @@ class Registry:
                     if default_correlate is not None:
                         problem(f"two bare @correlate functions; {attr_name} is the second")
                     default_correlate = bound
+                fn_for_types = bound if cmark.via is None else Via(bound, cmark.via, attr_name)
                 for t in cmark.types:
                     if t in correlates:
                         problem(f"two correlate functions for {t.__qualname__}")
-                    correlates[t] = bound
+                    correlates[t] = fn_for_types
                 continue
             if arity != 3 and not (varargs and arity <= 3):
                 problem(f"handler {attr_name} must take (self, state, event), {_takes(arity)}")
@@ -402,11 +418,19 @@ class Registry:
         for t, h in handlers.items():
             if h.internal or issubclass(t, CommandFailed):
                 continue
-            if spec.correlate_for(t) is None:
+            found = spec.correlate_for(t)
+            if found is None:
                 problem(
                     f"handled event type {t.__qualname__} ({h.method}) has no correlate "
                     "function: add a bare @correlate, list the type in @correlate(...), "
                     "or mark the handler internal=True if it only gets to_self schedules"
+                )
+            elif h.start and isinstance(found, Via):
+                problem(
+                    f"start handler {h.method} takes {t.__qualname__}, which correlate "
+                    f"function {found.method} routes via the association {found.name!r}: "
+                    "a start event needs a direct key (an instance that does not exist yet "
+                    "has no associations); give it a correlate function without via="
                 )
         problems.extend(self._check_state(name, state))
 

@@ -79,6 +79,14 @@ def unmatched(
                 u.reason,
                 extra={"saga": None, "key": None, "event_type": event_type},
             )
+        elif u.key is None:  # routed via an association: the reason names it
+            log.warning(
+                "%s for saga %r matched no instance, it was not applied: %s",
+                event_type,
+                u.saga,
+                u.reason,
+                extra={"saga": u.saga, "key": None, "event_type": event_type},
+            )
         else:
             log.warning(
                 "%s for saga %r key %r matched no instance, it was not applied: %s",

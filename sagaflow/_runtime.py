@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import AsyncIterable, Callable
 from datetime import timedelta
@@ -13,17 +14,18 @@ import anyio
 import attrs
 
 from ._actions import CommandFailed
-from ._batch import EVENT, FAILED, FINALIZE, FIRE, Item
+from ._associations import Fanout
+from ._batch import EVENT, FAILED, FINALIZE, FIRE, VIA, Item
 from ._calls import interrupt_in, seconds
 from ._clock import SystemClock
 from ._cluster import Cluster, ClusterOutbox, cluster_store
 from ._hooks import Hooks
 from ._outbox import Counters, Outbox, checked_dispatcher
 from ._records import Unmatched
-from ._registry import Registry, SagaSpec
+from ._registry import HandlerSpec, Registry, SagaSpec, Via
 from ._report import unmatched
 from ._retry import RetryPolicy
-from ._shard import Shard
+from ._shard import Shard, shard_index
 from ._sync import Ack, Activity, Mailbox
 from ._timer import Timer
 from .exceptions import MessageError, RuntimeClosedError, SerializationError
@@ -39,6 +41,10 @@ from .typing import Clock, Dispatch
 __all__ = ["Runtime", "Statistics"]
 
 log = logging.getLogger("sagaflow.runtime")
+
+_Target = tuple[SagaSpec, HandlerSpec, str, Via | None]
+"""Where an event goes: a saga, its handler, the key (or the association value looked
+up, with the `Via` correlate function that returned it)."""
 
 
 class Settled(Ack):
@@ -122,7 +128,8 @@ class Runtime:
         max_batch: The most items one shard handles in one commit.
         queue_size: Items a shard's mailbox holds before `publish` waits (backpressure).
             A longer queue adds latency and memory, not throughput.
-        cache_size: Instance states kept in memory, over all shards.
+        cache_size: Instance states kept in memory, over all shards; as many
+            association lookups (instance keys) are kept besides.
         dispatch_concurrency: Commands dispatched at once (one per instance at a time).
         dedup_retention: How long an event id stays known after it was applied, so a
             redelivered event is not applied again (a `timedelta` or seconds).
@@ -263,8 +270,10 @@ class Runtime:
                 conflict_retries=conflict_retries,
                 mailbox=Mailbox(queue_size),
                 handler_timeout=handler_limit,
+                index=index,
+                shards=shards,
             )
-            for _ in range(shards)
+            for index in range(shards)
         ]
         self._tg: anyio.abc.TaskGroup | None = None
         self._running = False
@@ -409,18 +418,53 @@ class Runtime:
             )
 
     def _shard(self, saga: str, key: str) -> Shard:
-        return self._shards[hash((saga, key)) % len(self._shards)]
+        return self._shards[shard_index(saga, key, len(self._shards))]
 
-    def _targets(self, event: object) -> list[tuple[SagaSpec, Any, str]]:
-        targets = []
+    def _targets(self, event: object) -> list[_Target]:
+        targets: list[_Target] = []
         for spec, handler, correlate in self._registry.routes(type(event)):
             key = correlate(event)
             if key is None:
                 continue
+            via = correlate if type(correlate) is Via else None
             if type(key) is not str:
-                raise _bad_key(spec, key, event)
-            targets.append((spec, handler, key))
+                raise _bad_key(spec, key, event, via)
+            targets.append((spec, handler, key, via))
         return targets
+
+    def _items(
+        self, event: object, target: _Target, id: str | None, ack: Ack
+    ) -> list[tuple[Shard, Item]]:
+        """The items one target of an event makes, with the shard each goes to: an event
+        for a key goes to its instance's shard, one routed via an association to every
+        shard (each finds its own instances)."""
+        spec, handler, key, via = target
+        if via is None:
+            return [(self._shard(spec.name, key), Item(EVENT, spec, key, event, handler, id, ack))]
+        fanout = Fanout(spec.name, via.name, key, len(self._shards))
+        item = functools.partial(Item, VIA, spec, key, event, handler, id, ack, fanout=fanout)
+        return [(shard, item()) for shard in self._shards]
+
+    async def _look_up(self, event: object, targets: list[_Target]) -> list[_Target]:
+        """Cluster mode: `targets` with those routed via an association replaced by the
+        instances associated in the store now (one read each); report those that find
+        none as unmatched."""
+        found: list[_Target] = []
+        for spec, handler, key, via in targets:
+            if via is None:
+                found.append((spec, handler, key, None))
+                continue
+            keys = (await self._store.find_associated(spec.name, via.name, [key])).get(key, [])
+            found += [(spec, handler, k, None) for k in keys]
+            if not keys:
+                reason = Fanout(spec.name, via.name, key, 0).reason()
+                unmatched(
+                    [Unmatched(event, spec.name, None, reason)],
+                    self._counters,
+                    self._on_unmatched,
+                    self._hooks,
+                )
+        return found
 
     async def publish(self, event: object, *, id: str | None = None) -> None:
         """Route an event to its sagas and return once its effects are committed.
@@ -450,14 +494,17 @@ class Runtime:
             self._not_routed(event, "publish")
             return
         if self._cluster is not None:
-            await self._cluster.publish(event, targets, id)
+            if any(via is not None for *_, via in targets):
+                targets = await self._look_up(event, targets)
+            if targets:
+                await self._cluster.publish(event, [t[:3] for t in targets], id)
             return
-        ack = Ack(len(targets))
-        for spec, handler, key in targets:
+        ack = Ack(0)
+        items = [pair for target in targets for pair in self._items(event, target, id, ack)]
+        ack.pending = len(items)
+        for shard, item in items:
             self._activity.begin()
-            await self._shard(spec.name, key).mailbox.put(
-                Item(EVENT, spec, key, event, handler, id, ack)
-            )
+            await shard.mailbox.put(item)
         if not self._running:  # it stopped while we waited for room: nobody takes them
             raise RuntimeClosedError(
                 "the runtime stopped before this event could be handled; publish it "
@@ -501,15 +548,15 @@ class Runtime:
                 targets = self._targets(event)
                 if not targets:
                     self._not_routed(event, "run")
-                for spec, handler, key in targets:
-                    ack.pending += 1
-                    activity.begin()
-                    item = Item(EVENT, spec, key, event, handler, event_id, ack)
-                    mailbox = self._shard(spec.name, key).mailbox
-                    if len(mailbox) < mailbox.limit:
-                        mailbox.put_unbounded(item)  # room: no need to suspend
-                    else:
-                        await mailbox.put(item)
+                for target in targets:
+                    for shard, item in self._items(event, target, event_id, ack):
+                        ack.pending += 1
+                        activity.begin()
+                        mailbox = shard.mailbox
+                        if len(mailbox) < mailbox.limit:
+                            mailbox.put_unbounded(item)  # room: no need to suspend
+                        else:
+                            await mailbox.put(item)
         except Exception:
             # The source failed: what it gave before is committed before its error
             # surfaces. Cancelled or interrupted, `run` does not wait: the shards may
@@ -678,7 +725,14 @@ def _not_a_message(event: object, registry: Registry) -> str | None:
     return f"a {cls.__qualname__} ({shown}){hint}"
 
 
-def _bad_key(spec: SagaSpec, key: object, event: object) -> TypeError:
+def _bad_key(spec: SagaSpec, key: object, event: object, via: Via | None) -> TypeError:
+    if via is not None:
+        return TypeError(
+            f"the correlate function {via.method} of saga {spec.name!r} returned {key!r} "
+            f"({type(key).__name__}) for {type(event).__qualname__}; it routes via the "
+            f"association {via.name!r}, so it must return the value looked up (a str, "
+            "as given to Associate) or None"
+        )
     return TypeError(
         f"the correlate function of saga {spec.name!r} returned {key!r} "
         f"({type(key).__name__}) for {type(event).__qualname__}; "

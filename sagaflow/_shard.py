@@ -13,14 +13,15 @@ import json
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import anyio
 import attrs
 
 from . import _report as report
-from ._batch import EVENT, Batch, Item, Ref
+from ._associations import AssociationCache
+from ._batch import EVENT, VIA, Batch, Item, Ref, resolve
 from ._calls import Interrupt
 from ._hooks import Hooks
 from ._outbox import Counters, Outbox, error_text
@@ -31,9 +32,14 @@ from ._sync import Ack, Activity, Mailbox
 from .exceptions import ConflictError, RuntimeClosedError, UnstorableError
 from .stores._protocol import Changes, DeadLetter, InstanceRecord, Store
 
-__all__ = ["Shard"]
+__all__ = ["Shard", "shard_index"]
 
 log = logging.getLogger("sagaflow.runtime")
+
+
+def shard_index(saga: str, key: str, shards: int) -> int:
+    """The shard that handles instance `(saga, key)`, of `shards`."""
+    return hash((saga, key)) % shards
 
 
 @attrs.define(eq=False)
@@ -57,6 +63,9 @@ class Shard:
     mailbox: Mailbox[Item]
     handler_timeout: float | None = None
     """Seconds an async handler call may take (`None`: no limit)."""
+    index: int = 0
+    shards: int = 1
+    """This shard's place among the runtime's shards, and how many there are."""
     cache: OrderedDict[Ref, tuple[InstanceRecord, Any]] = attrs.field(
         factory=OrderedDict, init=False
     )
@@ -68,6 +77,21 @@ class Shard:
     """Items waiting for their handler retry."""
     _retry_due: list[float] = attrs.field(factory=list, init=False)
     _tg: anyio.abc.TaskGroup | None = attrs.field(default=None, init=False)
+    associations: AssociationCache = attrs.field(init=False)
+    """Association lookups of this shard's instances (empty when `cache_size` is 0)."""
+
+    @associations.default
+    def _association_cache(self) -> AssociationCache:
+        return AssociationCache(self.cache_size)
+
+    def owns(self, saga: str, key: str) -> bool:
+        """Whether instance `(saga, key)` is handled by this shard."""
+        return shard_index(saga, key, self.shards) == self.index
+
+    @property
+    def held_refs(self) -> Collection[Ref]:
+        """The instances whose later events wait behind a handler retry."""
+        return self._held.keys()
 
     @property
     def cached(self) -> int:
@@ -125,7 +149,9 @@ class Shard:
         out: list[Item] = []
         for item in items:
             ref = (item.saga.name, item.key)
-            if item.retry:
+            if item.kind == VIA:
+                out.append(item)  # its batch holds back the instances it reaches
+            elif item.retry:
                 held = self._held.pop(ref, [])
                 self.activity.begin(len(held))
                 out.append(item)
@@ -155,7 +181,10 @@ class Shard:
         if len(items) == 1 and _refused(error):
             # Alone, nothing shows the store works: only an error about the data it was
             # given marks the event as poison; anything else fails it as the store's error.
-            await self._poison(items[0], error)
+            if items[0].kind == VIA:
+                await self._split(items[0], error)
+            else:
+                await self._poison(items[0], error)
             return
         self._fail(items, error)
 
@@ -207,6 +236,31 @@ class Shard:
                     await self._poison(half[0], again)
             else:
                 await self._isolate(half, failed)
+
+    async def _split(self, item: Item, error: Exception) -> None:
+        """The store refused the effects of a fan-out: deliver the event instance by
+        instance instead, so that only those whose effects cannot be stored are kept as
+        dead letters."""
+        try:
+            keys = next(iter((await resolve(self, [item])).values()))
+        except Exception as exc:  # noqa: BLE001 - the store fails: so does the event
+            self._fail([item], exc)
+            return
+        fanout = item.fanout
+        assert fanout is not None and item.ack is not None
+        items = [
+            Item(EVENT, item.saga, key, item.event, item.handler, item.event_id, item.ack)
+            for key in keys
+        ]
+        self.activity.begin(len(items))
+        item.ack.pending += len(items)
+        if fanout.looked(len(items)):
+            unmatched = Unmatched(item.event, item.saga.name, None, fanout.reason())
+            report.unmatched([unmatched], self.counters, self.on_unmatched, self.hooks)
+        self._finish(item)
+        items = self._expand(items)
+        if items:
+            await self._handle(items)
 
     async def _poison(self, item: Item, error: Exception) -> None:
         """One item's effects cannot be stored: keep it as a dead letter, tell its

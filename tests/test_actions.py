@@ -170,7 +170,7 @@ async def test_handler_returning_a_tuple_of_mixed_actions_applies_each() -> None
 
 GENERIC = (
     ", which is not an action: return None, an action (Send, Schedule, Unschedule, "
-    "Compensate, Complete) or a list of actions"
+    "Compensate, Complete, Associate, Dissociate) or a list of actions"
 )
 
 NOT_ACTIONS = [

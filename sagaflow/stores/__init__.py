@@ -12,6 +12,7 @@ from ._protocol import (
     ACTIVE,
     COMPENSATION_FAILED,
     COMPLETING,
+    Association,
     Changes,
     DeadLetter,
     DedupMark,
@@ -43,6 +44,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "ACTIVE",
+    "Association",
     "COMPENSATION_FAILED",
     "COMPLETING",
     "Changes",

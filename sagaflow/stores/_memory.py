@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio.lowlevel
@@ -11,6 +11,7 @@ import attrs
 
 from ..exceptions import ConflictError
 from ._protocol import (
+    Association,
     Changes,
     DeadLetter,
     InstanceRecord,
@@ -49,6 +50,9 @@ class MemoryStore:
     _next_token: int = attrs.field(default=0, init=False)
     _dead: dict[str, DeadLetter] = attrs.field(factory=dict, init=False)
     _marks: dict[tuple[str, str, str], float] = attrs.field(factory=dict, init=False)
+    # (saga, name, value) -> keys, and (saga, key) -> (name, value) pairs: both ways.
+    _associated: dict[tuple[str, str, str], set[str]] = attrs.field(factory=dict, init=False)
+    _associations_of: dict[_Ref, set[tuple[str, str]]] = attrs.field(factory=dict, init=False)
     _loads: int = attrs.field(default=0, init=False)
 
     async def open(self) -> None:
@@ -85,8 +89,15 @@ class MemoryStore:
             self._clear_schedules(ref)
             for oid in self._outbox_of.pop(ref, ()):
                 self._outbox.pop(oid, None)
+            for name, value in self._associations_of.get(ref, set()).copy():
+                self._dissociate(Association(d.saga, name, value, d.key))
         for w in changes.writes:
             self._instances[(w.record.saga, w.record.key)] = w.record
+        for a in changes.association_deletes:
+            self._dissociate(a)
+        for a in changes.association_puts:
+            self._associated.setdefault((a.saga, a.name, a.value), set()).add(a.key)
+            self._associations_of.setdefault((a.saga, a.key), set()).add((a.name, a.value))
         for ref in changes.schedule_clears:
             self._clear_schedules(ref)
         for sd in changes.schedule_deletes:
@@ -145,6 +156,18 @@ class MemoryStore:
                 conflicts[ref] = None
             versions[ref] = after
         return list(conflicts)
+
+    def _dissociate(self, a: Association) -> None:
+        keys = self._associated.get((a.saga, a.name, a.value))
+        if keys is not None:
+            keys.discard(a.key)
+            if not keys:
+                del self._associated[(a.saga, a.name, a.value)]
+        pairs = self._associations_of.get((a.saga, a.key))
+        if pairs is not None:
+            pairs.discard((a.name, a.value))
+            if not pairs:
+                del self._associations_of[(a.saga, a.key)]
 
     def _put_schedule(self, s: ScheduleRecord) -> None:
         skey = (s.saga, s.key, s.name)
@@ -263,6 +286,12 @@ class MemoryStore:
         for mark in [m for m in self._marks if m[0] == old and m[1] not in taken]:
             if (new, *mark[1:]) not in self._marks:
                 self._marks[(new, *mark[1:])] = self._marks.pop(mark)
+        for (saga, key), pairs in list(self._associations_of.items()):
+            if saga == old and key not in taken:
+                for name, value in pairs.copy():
+                    self._dissociate(Association(old, name, value, key))
+                    self._associated.setdefault((new, name, value), set()).add(key)
+                    self._associations_of.setdefault((new, key), set()).add((name, value))
         moved = [ref for ref in self._instances if ref[0] == old and ref[1] not in taken]
         for ref in moved:
             self._instances[(new, ref[1])] = attrs.evolve(self._instances.pop(ref), saga=new)
@@ -333,6 +362,34 @@ class MemoryStore:
                 if (saga is None or s.saga == saga) and (key is None or s.key == key)
             ),
             key=lambda s: (s.due, s.seq, s.id),
+        )
+
+    async def find_associated(
+        self, saga: str, name: str, values: Sequence[str]
+    ) -> dict[str, list[str]]:
+        """The keys of the instances of `saga` associated with each of `values`."""
+        await anyio.lowlevel.checkpoint()
+        found = {}
+        for value in values:
+            keys = self._associated.get((saga, name, value))
+            if keys:
+                found[value] = sorted(keys)
+        return found
+
+    async def list_associations(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[Association]:
+        """Associations, optionally of one saga or instance, ordered by saga, key, name
+        and value."""
+        await anyio.lowlevel.checkpoint()
+        return sorted(
+            (
+                Association(s, name, value, k)
+                for (s, k), pairs in self._associations_of.items()
+                if (saga is None or s == saga) and (key is None or k == key)
+                for name, value in pairs
+            ),
+            key=lambda a: (a.saga, a.key, a.name, a.value),
         )
 
     async def list_dead_letters(self, *, saga: str | None = None) -> list[DeadLetter]:

@@ -28,6 +28,7 @@ import attrs
 
 from ..exceptions import ConflictError, SchemaVersionError, StoreError
 from ._protocol import (
+    Association,
     Changes,
     DeadLetter,
     InstanceDelete,
@@ -127,7 +128,7 @@ def redact_dsn(dsn: str) -> str:
 
 # -- schema
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The newest schema version this sagaflow writes; stored in the `meta` table."""
 
 # Each step migrates from the version equal to its index to the next one. `{s}` is the
@@ -231,6 +232,19 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE {s}.instances ADD COLUMN state_version integer NOT NULL DEFAULT 1",
         "ALTER TABLE {s}.dead_letters ADD COLUMN name text",
     ),
+    # 3 -> 4: associations, the other ways than its key to find an instance. The primary
+    # key answers "which instances have this value" (routing), the second index "which
+    # associations has this instance" (deleting them with it, showing them).
+    (
+        """CREATE TABLE {s}.associations (
+            saga text COLLATE "C" NOT NULL,
+            name text COLLATE "C" NOT NULL,
+            value text COLLATE "C" NOT NULL,
+            key text COLLATE "C" NOT NULL,
+            PRIMARY KEY (saga, name, value, key)
+        )""",
+        "CREATE INDEX associations_instance ON {s}.associations (saga, key)",
+    ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -293,6 +307,21 @@ _SQL = {
         "SELECT * FROM unnest(%b::text[], %b::text[], %b::int8[], %b::text[], %b::text[], "
         "%b::text[], %b::float8[], %b::float8[], %b::text[], %b::bool[], %b::int4[]) "
         "ON CONFLICT (saga, key) DO NOTHING RETURNING saga, key"
+    ),
+    # -- commit: associations
+    "clear_associations": (
+        f"DELETE FROM {{s}}.associations t USING {_TEXTS2} AS c(saga, key) "
+        "WHERE t.saga = c.saga AND t.key = c.key"
+    ),
+    "delete_associations": (
+        "DELETE FROM {s}.associations t "
+        "USING unnest(%b::text[], %b::text[], %b::text[], %b::text[]) AS d(saga, name, value, key) "
+        "WHERE t.saga = d.saga AND t.name = d.name AND t.value = d.value AND t.key = d.key"
+    ),
+    "put_associations": (
+        "INSERT INTO {s}.associations (saga, name, value, key) "
+        "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[]) "
+        "ON CONFLICT DO NOTHING"
     ),
     # -- commit: schedules
     "clear_schedules": (
@@ -380,6 +409,11 @@ _SQL = {
             ("inbox", ""),
             ("dead_letters", ""),
             (
+                "associations",
+                " AND NOT EXISTS (SELECT FROM {s}.associations x WHERE x.saga = %(new)s "
+                "AND x.name = t.name AND x.value = t.value AND x.key = t.key)",
+            ),
+            (
                 "dedup_marks",
                 " AND NOT EXISTS (SELECT FROM {s}.dedup_marks x WHERE x.saga = %(new)s "
                 "AND x.key = t.key AND x.event_id = t.event_id)",
@@ -387,6 +421,11 @@ _SQL = {
             ("instances", ""),
         )
     ),
+    "find_associated": (
+        "SELECT value, key FROM {s}.associations "
+        "WHERE saga = %s AND name = %s AND value = ANY(%s::text[]) ORDER BY value, key"
+    ),
+    "list_associations": "SELECT saga, name, value, key FROM {s}.associations",
     "list_instances": f"SELECT {_INSTANCE} FROM {{s}}.instances",
     "list_outbox": f"SELECT {_OUTBOX} FROM {{s}}.outbox",
     "list_schedules": f"SELECT {_SCHEDULE} FROM {{s}}.schedules",
@@ -463,6 +502,10 @@ def _instance_row(r: InstanceRecord) -> tuple[Any, ...]:
         r.completed,
         r.state_version,
     )
+
+
+def _association(a: Association) -> tuple[str, str, str, str]:
+    return (a.saga, a.name, a.value, a.key)
 
 
 def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
@@ -867,6 +910,18 @@ class PostgresStore(ClusterMethods):
             raise ConflictError(list(dict.fromkeys(r for r in order if r in conflicts)))
 
         gone_refs = sorted({_ref(d) for d in deletes})
+        if gone_refs:
+            cur.execute(sql["clear_associations"], _columns(gone_refs))
+        if ch.association_deletes:
+            cur.execute(
+                sql["delete_associations"],
+                _columns(sorted(set(map(_association, ch.association_deletes)))),
+            )
+        if ch.association_puts:
+            cur.execute(
+                sql["put_associations"],
+                _columns(sorted(set(map(_association, ch.association_puts)))),
+            )
         if cleared := sorted({*gone_refs, *((saga, key) for saga, key in ch.schedule_clears)}):
             cur.execute(sql["clear_schedules"], _columns(cleared))
         if ch.schedule_deletes:
@@ -1021,6 +1076,7 @@ class PostgresStore(ClusterMethods):
         self, name: str, filters: dict[str, Any], order: str, limit: int | None = None
     ) -> Callable[[_Pool], list[Any]]:
         cls = {
+            "list_associations": Association,
             "list_instances": InstanceRecord,
             "list_outbox": OutboxRecord,
             "list_schedules": ScheduleRecord,
@@ -1097,6 +1153,35 @@ class PostgresStore(ClusterMethods):
         filters = {"saga": saga, "key": key}
         found: list[ScheduleRecord] = await self._run(
             self._listing("list_schedules", filters, "due, seq, pos")
+        )
+        return found
+
+    async def find_associated(
+        self, saga: str, name: str, values: Sequence[str]
+    ) -> dict[str, list[str]]:
+        """The keys of the instances of `saga` associated with each of `values`."""
+        if not values:
+            await anyio.lowlevel.checkpoint()
+            return {}
+        params = (saga, name, sorted(set(values)))
+
+        def query(pool: _Pool) -> dict[str, list[str]]:
+            found: dict[str, list[str]] = {}
+            with self._translate("read associations"), pool.connection() as conn:
+                for value, key in conn.execute(self._sql["find_associated"], params):
+                    found.setdefault(value, []).append(key)
+            return found
+
+        return await self._run(query)
+
+    async def list_associations(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[Association]:
+        """Associations, optionally of one saga or instance, ordered by saga, key, name
+        and value."""
+        filters = {"saga": saga, "key": key}
+        found: list[Association] = await self._run(
+            self._listing("list_associations", filters, "saga, key, name, value")
         )
         return found
 

@@ -174,6 +174,9 @@ CLUSTER_SQL = {
         " AND NOT EXISTS (SELECT FROM {s}.outbox o WHERE o.saga = i.saga AND o.key = i.key)"
         " RETURNING i.saga, i.key"
     ),
+    "finish_associations": (
+        f"DELETE FROM {{s}}.associations t USING {_MINE} WHERE t.saga = m.saga AND t.key = m.key"
+    ),
     "finish_schedules": (
         f"DELETE FROM {{s}}.schedules t USING {_MINE} WHERE t.saga = m.saga AND t.key = m.key"
     ),
@@ -479,6 +482,7 @@ class ClusterMethods:
             gone = sorted((saga, key) for saga, key in cur.fetchall())
             if gone:
                 cur.execute(sql["finish_schedules"], _arrays(gone))
+                cur.execute(sql["finish_associations"], _arrays(gone))
             return gone
 
         return await self._run(lambda pool: self._transaction(pool, "finish instances", finish))

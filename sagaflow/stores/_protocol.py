@@ -13,6 +13,7 @@ import attrs
 
 __all__ = [
     "ACTIVE",
+    "Association",
     "COMPENSATION_FAILED",
     "COMPLETING",
     "Changes",
@@ -183,6 +184,20 @@ class DedupMark:
 
 
 @attrs.frozen
+class Association:
+    """Instance `(saga, key)` is found under association `name` = `value`.
+
+    Stored in a table indexed by `(saga, name, value)`, so routing an event by an
+    association costs one index lookup; `(saga, name, value, key)` is unique.
+    """
+
+    saga: str
+    name: str
+    value: str
+    key: str
+
+
+@attrs.frozen
 class InstanceWrite:
     """Insert or update an instance; `expected_version` 0 means it must not exist yet."""
 
@@ -192,7 +207,8 @@ class InstanceWrite:
 
 @attrs.frozen
 class InstanceDelete:
-    """Delete an instance with its schedules and outbox rows (dead letters stay)."""
+    """Delete an instance with its schedules, outbox rows and associations (dead letters
+    stay)."""
 
     saga: str
     key: str
@@ -203,9 +219,11 @@ class InstanceDelete:
 class Changes:
     """Everything one batch changed, committed atomically by `Store.commit`.
 
-    A store applies, in this order: instance deletes (with their schedules and outbox
-    rows; deleting an absent instance with `expected_version` 0 only drops those),
-    instance writes, schedule clears (all schedules of an instance), schedule deletes,
+    A store applies, in this order: instance deletes (with their schedules, outbox rows
+    and associations; deleting an absent instance with `expected_version` 0 only drops
+    those), instance writes, association deletes (a no-op for a missing one),
+    association puts (a no-op for one already there), schedule clears (all schedules
+    of an instance), schedule deletes,
     schedule puts (replacing the same `(saga, key, name)`, or the same id), outbox
     deletes, outbox adds (replacing the same id), outbox updates (a no-op for a missing
     row), dead-letter deletes, dead-letter adds and dedup marks. Every `expected_version`
@@ -217,6 +235,8 @@ class Changes:
 
     writes: Sequence[InstanceWrite] = ()
     deletes: Sequence[InstanceDelete] = ()
+    association_deletes: Sequence[Association] = ()
+    association_puts: Sequence[Association] = ()
     schedule_clears: Sequence[tuple[str, str]] = ()
     schedule_deletes: Sequence[ScheduleDelete] = ()
     schedule_puts: Sequence[ScheduleRecord] = ()
@@ -232,6 +252,8 @@ class Changes:
             (
                 self.writes,
                 self.deletes,
+                self.association_deletes,
+                self.association_puts,
                 self.schedule_clears,
                 self.schedule_deletes,
                 self.schedule_puts,
@@ -324,9 +346,9 @@ class Store(Protocol):
     async def rename_saga(self, old: str, new: str) -> int:
         """Move the rows of saga `old` to saga `new` in one transaction (a renamed saga).
 
-        Instances, schedules, outbox rows, dead letters and dedup marks move, key by key,
-        except the keys that already have an instance under `new`: those stay under
-        `old`. Idempotent.
+        Instances, associations, schedules, outbox rows, dead letters and dedup marks
+        move, key by key, except the keys that already have an instance under `new`:
+        those stay under `old`. Idempotent.
 
         Returns:
             How many instances moved.
@@ -376,6 +398,23 @@ class Store(Protocol):
         self, *, saga: str | None = None, key: str | None = None
     ) -> list[ScheduleRecord]:
         """Pending schedules, ordered by due time, then seq."""
+        ...
+
+    async def find_associated(
+        self, saga: str, name: str, values: Sequence[str]
+    ) -> dict[str, list[str]]:
+        """The keys of the instances of `saga` associated with each of `values` under `name`.
+
+        One indexed read, however many values. Values no instance is associated with
+        are absent from the answer; each list of keys is sorted.
+        """
+        ...
+
+    async def list_associations(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[Association]:
+        """Associations, optionally of one saga or instance, ordered by saga, key, name
+        and value."""
         ...
 
     async def list_dead_letters(self, *, saga: str | None = None) -> list[DeadLetter]:

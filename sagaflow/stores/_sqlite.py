@@ -23,6 +23,7 @@ import attrs
 from ..exceptions import ConflictError, SchemaVersionError, StoreError
 from ._protocol import (
     ACTIVE,
+    Association,
     Changes,
     DeadLetter,
     DedupMark,
@@ -93,8 +94,27 @@ def _record_versions(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE dead_letters ADD COLUMN name TEXT")
 
 
+def _add_associations(conn: sqlite3.Connection) -> None:
+    """Version 4: associations, the other ways than its key to find an instance.
+
+    The primary key answers "which instances have this value" (routing an event via an
+    association); the second index "which associations has this instance" (deleting
+    them with it, showing them).
+    """
+    conn.execute(
+        """CREATE TABLE associations (
+        saga TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL, key TEXT NOT NULL,
+        PRIMARY KEY (saga, name, value, key)) WITHOUT ROWID"""
+    )
+    conn.execute("CREATE INDEX associations_instance ON associations (saga, key)")
+
+
 # `_MIGRATIONS[n - 1]` turns schema version n into n + 1, inside the opening transaction.
-_MIGRATIONS: tuple[_Migration, ...] = (_index_unusual_statuses, _record_versions)
+_MIGRATIONS: tuple[_Migration, ...] = (
+    _index_unusual_statuses,
+    _record_versions,
+    _add_associations,
+)
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
 """The schema version this sagaflow writes."""
 
@@ -109,6 +129,7 @@ _OUTBOX = _names(OutboxRecord)
 _SCHEDULE = _names(ScheduleRecord)
 _DEAD = _names(DeadLetter)
 _MARK = _names(DedupMark)
+_ASSOCIATION = _names(Association)
 _CHUNK = 300  # keys per lookup query: 3 * 300 variables stay under SQLite's old 999 limit
 _PURGE = 256  # expired marks removed per commit, plus twice the marks the commit adds
 
@@ -138,7 +159,18 @@ _STATEMENTS: tuple[tuple[str, str, Callable[[Any], tuple[Any, ...]]], ...] = (
     ("deletes", "DELETE FROM instances WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
     ("deletes", "DELETE FROM schedules WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
     ("deletes", "DELETE FROM outbox WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
+    ("deletes", "DELETE FROM associations WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
     ("writes", _upsert("instances", _INSTANCE, ("saga", "key")), lambda w: _get_instance(w.record)),
+    (
+        "association_deletes",
+        "DELETE FROM associations WHERE saga = ? AND name = ? AND value = ? AND key = ?",
+        attrgetter(*_ASSOCIATION),
+    ),
+    (
+        "association_puts",
+        f"INSERT OR IGNORE INTO associations ({_columns(_ASSOCIATION)}) VALUES (?, ?, ?, ?)",
+        attrgetter(*_ASSOCIATION),
+    ),
     ("schedule_clears", "DELETE FROM schedules WHERE saga = ? AND key = ?", tuple),
     (
         "schedule_deletes",
@@ -330,6 +362,25 @@ class SQLiteStore:
         where, args = _where(saga=saga, key=key)
         sql = f"SELECT {_columns(_SCHEDULE)} FROM schedules{where} ORDER BY due, seq, id"
         return [_schedule(row) for row in await self._run(_fetch, sql, args)]
+
+    async def find_associated(
+        self, saga: str, name: str, values: Sequence[str]
+    ) -> dict[str, list[str]]:
+        """The keys of the instances of `saga` associated with each of `values`."""
+        if not values:
+            await anyio.lowlevel.checkpoint()
+            return {}
+        return await self._run(_find_associated, saga, name, values)
+
+    async def list_associations(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[Association]:
+        """Associations, optionally of one saga or instance, ordered by saga, key, name
+        and value."""
+        where, args = _where(saga=saga, key=key)
+        sql = f"SELECT {_columns(_ASSOCIATION)} FROM associations{where} "
+        sql += "ORDER BY saga, key, name, value"
+        return [Association(*row) for row in await self._run(_fetch, sql, args)]
 
     async def list_dead_letters(self, *, saga: str | None = None) -> list[DeadLetter]:
         """Dead letters, oldest first."""
@@ -529,6 +580,23 @@ def _load(conn: sqlite3.Connection, request: LoadRequest) -> Loaded:
     return Loaded(instances=instances, marks=marks, schedule_ids=schedule_ids)
 
 
+def _find_associated(
+    conn: sqlite3.Connection, saga: str, name: str, values: Sequence[str]
+) -> dict[str, list[str]]:
+    # The values drive the join, so each is one seek in the primary key's b-tree.
+    sql = "SELECT a.value, a.key FROM {values} CROSS JOIN associations AS a "
+    sql += "ON a.saga = ? AND a.name = ? AND a.value = v.column1"
+    found: dict[str, list[str]] = {}
+    keys = [(value,) for value in dict.fromkeys(values)]
+    conn.execute("BEGIN")  # one snapshot, however many chunks
+    try:
+        for value, key in _lookup(conn, sql, keys, saga, name):
+            found.setdefault(value, []).append(key)
+    finally:
+        conn.execute("COMMIT")
+    return {value: sorted(keys) for value, keys in found.items()}
+
+
 def _lookup(
     conn: sqlite3.Connection, sql: str, keys: Sequence[tuple[Any, ...]], *extra: Any
 ) -> Iterator[Any]:
@@ -575,6 +643,12 @@ _RENAMES = tuple(
         ),
         ("outbox", ""),
         ("dead_letters", ""),
+        (
+            "associations",
+            " AND NOT EXISTS (SELECT 1 FROM associations AS a WHERE a.saga = ?2 "
+            "AND a.name = associations.name AND a.value = associations.value "
+            "AND a.key = associations.key)",
+        ),
         (
             "marks",
             " AND NOT EXISTS (SELECT 1 FROM marks AS m WHERE m.saga = ?2 "
