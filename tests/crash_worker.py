@@ -53,7 +53,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ from sagaflow import (
     on,
 )
 from sagaflow.stores import (
+    Association,
     Changes,
     DeadLetter,
     InstanceRecord,
@@ -366,6 +367,16 @@ class CrashingStore:
 
     async def list_dead_letters(self, *, saga: str | None = None) -> list[DeadLetter]:
         return await self.inner.list_dead_letters(saga=saga)
+
+    async def find_associated(
+        self, saga: str, name: str, values: Sequence[str]
+    ) -> dict[str, list[str]]:
+        return await self.inner.find_associated(saga, name, values)
+
+    async def list_associations(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[Association]:
+        return await self.inner.list_associations(saga=saga, key=key)
 
 
 @attrs.define(eq=False)

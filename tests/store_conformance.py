@@ -29,6 +29,7 @@ from sagaflow.stores import (
     ACTIVE,
     COMPENSATION_FAILED,
     COMPLETING,
+    Association,
     Changes,
     DeadLetter,
     DedupMark,
@@ -1061,3 +1062,159 @@ class StoreConformance:
         assert await store.list_outbox() == [row]
         assert await store.list_schedules() == [timer]
         assert await store.list_dead_letters() == [dead]
+
+    # -- associations
+
+    async def test_associations_are_found_by_value_with_sorted_keys(self, store: Store) -> None:
+        await store.commit(create(instance("k2"), instance("k1"), instance("k3")))
+        await store.commit(
+            Changes(
+                association_puts=[
+                    Association(SAGA, "customer", "c1", "k2"),
+                    Association(SAGA, "customer", "c1", "k1"),
+                    Association(SAGA, "customer", "c2", "k3"),
+                    Association(SAGA, "shipment", "c1", "k3"),  # another name
+                    Association("Other", "customer", "c1", "k9"),  # another saga
+                ]
+            )
+        )
+
+        found = await store.find_associated(SAGA, "customer", ["c1", "c2", "nobody", "c1"])
+
+        assert found == {"c1": ["k1", "k2"], "c2": ["k3"]}
+        assert await store.find_associated(SAGA, "customer", []) == {}
+        assert await store.find_associated(SAGA, "nothing", ["c1"]) == {}
+
+    async def test_associations_are_listed_by_saga_and_key(self, store: Store) -> None:
+        rows = [
+            Association(SAGA, "shipment", "s1", "k1"),
+            Association(SAGA, "customer", "c1", "k1"),
+            Association(SAGA, "customer", "c1", "k0"),
+            Association("Other", "customer", "c1", "k1"),
+        ]
+        await store.commit(Changes(association_puts=rows))
+
+        assert await store.list_associations() == [rows[2], rows[1], rows[0], rows[3]]
+        assert await store.list_associations(saga=SAGA, key="k1") == [rows[1], rows[0]]
+        assert await store.list_associations(key="k1") == [rows[1], rows[0], rows[3]]
+        assert await store.list_associations(saga="Other") == [rows[3]]
+
+    async def test_putting_an_association_twice_and_deleting_a_missing_one_are_no_ops(
+        self, store: Store
+    ) -> None:
+        a = Association(SAGA, "customer", "c1", "k1")
+        await store.commit(Changes(association_puts=[a, a]))
+        await store.commit(Changes(association_puts=[a]))
+
+        await store.commit(
+            Changes(association_deletes=[Association(SAGA, "customer", "c1", "missing")])
+        )
+
+        assert await store.list_associations() == [a]
+        await store.commit(Changes(association_deletes=[a]))
+        assert await store.list_associations() == []
+        assert await store.find_associated(SAGA, "customer", ["c1"]) == {}
+
+    async def test_association_deletes_apply_before_puts(self, store: Store) -> None:
+        """One commit may move an instance from one value to another, or keep a pair it
+        deletes and puts again (the put wins)."""
+        old, new = (
+            Association(SAGA, "shipment", "s1", "k1"),
+            Association(SAGA, "shipment", "s2", "k1"),
+        )
+        await store.commit(Changes(association_puts=[old]))
+
+        await store.commit(Changes(association_deletes=[old, new], association_puts=[new]))
+
+        assert await store.list_associations() == [new]
+
+    async def test_associations_are_committed_with_the_state_or_not_at_all(
+        self, store: Store
+    ) -> None:
+        await store.commit(create(instance()))
+        a = Association(SAGA, "customer", "c1", "k1")
+
+        with pytest.raises(ConflictError):
+            await store.commit(
+                Changes(writes=[InstanceWrite(instance(version=3), 2)], association_puts=[a])
+            )
+        assert await store.list_associations() == []
+
+        await store.commit(
+            Changes(writes=[InstanceWrite(instance(version=2), 1)], association_puts=[a])
+        )
+        assert (await store.list_instances(), await store.list_associations()) == (
+            [instance(version=2)],
+            [a],
+        )
+
+    async def test_deleting_an_instance_deletes_its_associations_only(self, store: Store) -> None:
+        await store.commit(create(instance("a"), instance("b"), instance("a", saga="Other")))
+        kept = [
+            Association(SAGA, "customer", "c1", "b"),
+            Association("Other", "customer", "c1", "a"),
+        ]
+        await store.commit(
+            Changes(
+                association_puts=[
+                    Association(SAGA, "customer", "c1", "a"),
+                    Association(SAGA, "shipment", "s1", "a"),
+                    *kept,
+                ]
+            )
+        )
+
+        await store.commit(Changes(deletes=[InstanceDelete(SAGA, "a", expected_version=1)]))
+
+        assert await store.list_associations() == kept
+        assert await store.find_associated(SAGA, "customer", ["c1"]) == {"c1": ["b"]}
+
+    async def test_many_values_are_looked_up_at_once(self, store: Store) -> None:
+        n = 1500
+        rows = [Association(SAGA, "customer", f"c{i:05}", f"k{i % 7}") for i in range(n)]
+        await store.commit(Changes(association_puts=rows))
+
+        found = await store.find_associated(SAGA, "customer", [r.value for r in rows])
+
+        assert found == {r.value: [r.key] for r in rows}
+
+    async def test_association_values_with_unusual_characters_round_trip(
+        self, store: Store
+    ) -> None:
+        values = ["", "a/b", "ünïcødé 🚀", "it's", "x\ny", "%_*", "c1 "]
+        rows = [Association(SAGA, "n", v, f"k{i}") for i, v in enumerate(values)]
+        await store.commit(Changes(association_puts=rows))
+
+        found = await store.find_associated(SAGA, "n", values)
+
+        assert found == {r.value: [r.key] for r in rows}
+        assert await store.find_associated(SAGA, "n", ["c1", "A/B"]) == {}
+
+    async def test_rename_saga_moves_associations_except_keys_the_new_name_has(
+        self, store: Store
+    ) -> None:
+        await store.commit(create(instance("a", saga="Old"), instance("b", saga="Old")))
+        await store.commit(create(instance("b", saga="New")))
+        await store.commit(
+            Changes(
+                association_puts=[
+                    Association("Old", "customer", "c1", "a"),
+                    Association("Old", "customer", "c1", "b"),
+                    Association("New", "customer", "c2", "b"),
+                ]
+            )
+        )
+
+        moved = await store.rename_saga("Old", "New")
+        again = await store.rename_saga("Old", "New")
+
+        assert (moved, again) == (1, 0)
+        assert await store.list_associations() == [
+            Association("New", "customer", "c1", "a"),
+            Association("New", "customer", "c2", "b"),
+            Association("Old", "customer", "c1", "b"),
+        ]
+        assert await store.find_associated("New", "customer", ["c1", "c2"]) == {
+            "c1": ["a"],
+            "c2": ["b"],
+        }

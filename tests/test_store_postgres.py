@@ -23,6 +23,7 @@ from store_conformance import (
     SAGA,
     StoreConformance,
     create,
+    dead_letter,
     instance,
     outbox_row,
     scan_pages,
@@ -31,6 +32,7 @@ from store_conformance import (
 
 from sagaflow.exceptions import ConflictError, SchemaVersionError, StoreError
 from sagaflow.stores import (
+    Association,
     Changes,
     InstanceWrite,
     LoadRequest,
@@ -640,3 +642,66 @@ async def test_claim_arguments_are_checked(pg_store: PostgresStore) -> None:
         await pg_store.claim_outbox("p", now=1.0, lease_seconds=0.0, limit=1)
     with pytest.raises(ValueError, match="limit >= 0"):
         await pg_store.claim_due_schedules("p", now=1.0, lease_seconds=1.0, limit=-1)
+
+
+@pytest.mark.postgres
+@pytest.mark.anyio
+async def test_a_schema_3_database_gains_associations_and_keeps_every_row(
+    postgres_dsn: str,  # noqa: F811
+    pg_schema: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A schema of the release before associations (version 3), with rows of every kind,
+    is migrated in place: its rows are kept as they were, and associations work and are
+    looked up through their index."""
+    step = next(i for i, s in enumerate(_postgres._MIGRATIONS) if "associations" in s[0])
+    old = PostgresStore(postgres_dsn, schema=pg_schema)
+    with monkeypatch.context() as version_3:
+        version_3.setattr(_postgres, "_MIGRATIONS", _postgres._MIGRATIONS[:step])
+        version_3.setattr(_postgres, "SCHEMA_VERSION", step)
+        await old.open()
+        await old.commit(
+            Changes(
+                writes=[InstanceWrite(instance("k1"), 0), InstanceWrite(instance("k2"), 0)],
+                schedule_puts=[schedule("s1")],
+                outbox_adds=[outbox_row("c1")],
+                dead_letters=[dead_letter("d1")],
+            )
+        )
+        before = (
+            await old.list_instances(),
+            await old.list_schedules(),
+            await old.list_outbox(),
+            await old.list_dead_letters(),
+        )
+        await old.close()
+    assert await meta_version(postgres_dsn, pg_schema) == "3"
+
+    store = PostgresStore(postgres_dsn, schema=pg_schema)
+    await store.open()
+    try:
+        after = (
+            await store.list_instances(),
+            await store.list_schedules(),
+            await store.list_outbox(),
+            await store.list_dead_letters(),
+        )
+        await store.commit(Changes(association_puts=[Association(SAGA, "customer", "c1", "k2")]))
+        found = await store.find_associated(SAGA, "customer", ["c1"])
+    finally:
+        await store.close()
+
+    assert after == before
+    assert found == {"c1": ["k2"]}
+    assert await meta_version(postgres_dsn, pg_schema) == str(SCHEMA_VERSION)
+
+    def plan() -> str:
+        with psycopg.connect(postgres_dsn) as conn:
+            conn.execute("SET enable_seqscan = off")
+            rows = conn.execute(
+                f'EXPLAIN SELECT key FROM "{pg_schema}".associations '
+                "WHERE saga = 'x' AND name = 'y' AND value = ANY(ARRAY['z'])"
+            ).fetchall()
+            return " ".join(str(row[0]) for row in rows)
+
+    assert "associations_pkey" in await anyio.to_thread.run_sync(plan)

@@ -22,6 +22,7 @@ from store_conformance import (
 from sagaflow.exceptions import ConflictError, SchemaVersionError, StoreError
 from sagaflow.stores import (
     COMPLETING,
+    Association,
     Changes,
     DeadLetter,
     DedupMark,
@@ -475,3 +476,59 @@ async def test_a_database_of_someone_else_is_refused(tmp_path: Path) -> None:
         await SQLiteStore(path, create=True).open()
 
     assert query(path, "SELECT name FROM sqlite_master") == [("customers",)]
+
+
+async def test_a_schema_3_file_gains_associations_and_keeps_every_row(tmp_path: Path) -> None:
+    """A file of the release before associations (schema 3), with rows of every kind,
+    is migrated in place: its rows are kept as they were, and associations work."""
+    path = tmp_path / "v3.db"
+    step = sqlite_module._MIGRATIONS.index(sqlite_module._add_associations)
+    rows = Changes(
+        writes=[InstanceWrite(instance("k1"), 0), InstanceWrite(instance("k2"), 0)],
+        schedule_puts=[schedule("s1")],
+        outbox_adds=[outbox_row("c1")],
+        dead_letters=[dead_letter("d1")],
+        marks=[DedupMark(SAGA, "k1", "e1", expires_at=100.0)],
+    )
+    with pytest.MonkeyPatch.context() as version_3:
+        version_3.setattr(sqlite_module, "_MIGRATIONS", sqlite_module._MIGRATIONS[:step])
+        version_3.setattr(sqlite_module, "SCHEMA_VERSION", step + 1)
+        store = SQLiteStore(path)
+        await store.open()
+        await store.commit(rows)
+        before = (
+            await store.list_instances(),
+            await store.list_schedules(),
+            await store.list_outbox(),
+            await store.list_dead_letters(),
+        )
+        await store.close()
+    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [("3",)]
+
+    store = SQLiteStore(path)
+    await store.open()
+    after = (
+        await store.list_instances(),
+        await store.list_schedules(),
+        await store.list_outbox(),
+        await store.list_dead_letters(),
+    )
+    marks = await store.load(LoadRequest(marks=[(SAGA, "k1", "e1")], now=50.0))
+    pair = Association(SAGA, "customer", "c1", "k2")
+    await store.commit(Changes(association_puts=[pair]))
+    found = await store.find_associated(SAGA, "customer", ["c1"])
+    await store.close()
+
+    assert after == before
+    assert marks.marks == {(SAGA, "k1", "e1")}
+    assert found == {"c1": ["k2"]}
+    version = query(path, "SELECT value FROM meta WHERE name = 'schema_version'")
+    assert version == [(str(SCHEMA_VERSION),)]
+    plan = query(
+        path,
+        "EXPLAIN QUERY PLAN SELECT key FROM associations WHERE saga = ? AND name = ? AND value = ?",
+        SAGA,
+        "customer",
+        "c1",
+    )
+    assert "USING PRIMARY KEY (saga=? AND name=? AND value=?)" in plan[0][-1]
