@@ -15,13 +15,14 @@ import attrs
 
 from ._check import CheckReport, check
 from ._clock import SystemClock
-from ._registry import Registry
+from ._registry import Registry, Via
 from .exceptions import ConflictError, DeadLetterError
 from .stores._protocol import (
     ACTIVE,
     COMPENSATE,
     COMPENSATION_FAILED,
     COMPLETING,
+    Association,
     Changes,
     DeadLetter,
     InstanceDelete,
@@ -60,6 +61,7 @@ class InstanceInfo:
         age: Seconds from its start to the moment it was read.
         idle: Seconds from its last write (the last event it handled, or a command
             that failed for good) to the moment it was read.
+        associations: Its associations (`Associate`), ordered by name and value.
     """
 
     record: InstanceRecord
@@ -68,6 +70,7 @@ class InstanceInfo:
     dead_letters: tuple[DeadLetter, ...] = ()
     age: float = 0.0
     idle: float = 0.0
+    associations: tuple[Association, ...] = ()
 
     @property
     def saga(self) -> str:
@@ -161,10 +164,11 @@ class Admin:
         schedules: defaultdict[_Ref, list[ScheduleRecord]] = defaultdict(list)
         outbox: defaultdict[_Ref, list[OutboxRecord]] = defaultdict(list)
         letters: defaultdict[_Ref, list[DeadLetter]] = defaultdict(list)
+        associations: defaultdict[_Ref, list[Association]] = defaultdict(list)
         if len(records) == 1:
             # A narrow filter found one instance: read only its own rows.
             ref = (records[0].saga, records[0].key)
-            schedules[ref], outbox[ref], letters[ref] = await self._pending(*ref)
+            schedules[ref], outbox[ref], letters[ref], associations[ref] = await self._pending(*ref)
         else:
             for s in await self._store.list_schedules(saga=saga):
                 schedules[(s.saga, s.key)].append(s)
@@ -172,28 +176,33 @@ class Admin:
                 outbox[(o.saga, o.key)].append(o)
             for d in await self._store.list_dead_letters(saga=saga):
                 letters[(d.saga, d.key)].append(d)
+            for a in await self._store.list_associations(saga=saga):
+                associations[(a.saga, a.key)].append(a)
         infos = []
         for r in records:
             ref = (r.saga, r.key)
-            infos.append(self._info(r, schedules[ref], outbox[ref], letters[ref], now))
+            infos.append(
+                self._info(r, schedules[ref], outbox[ref], letters[ref], associations[ref], now)
+            )
         return infos
 
     async def show(self, saga: str, key: str) -> InstanceInfo:
-        """One instance whole: its record (state included), schedules, outbox, dead letters.
+        """One instance whole: its record (state included), schedules, outbox, dead
+        letters and associations.
 
         Raises:
             DeadLetterError: No instance of `saga` has this key.
         """
         now = self._clock.now()
         record = await self._record(saga, key)
-        schedules, outbox, letters = await self._pending(saga, key)
+        schedules, outbox, letters, associations = await self._pending(saga, key)
         if record is None:
             left = f"; {len(letters)} dead letter(s) of it remain" if letters else ""
             raise DeadLetterError(
                 f"no instance of saga {saga!r} has key {key!r} (it never started, or it "
                 f"ended or was aborted){left}"
             )
-        return self._info(record, schedules, outbox, letters, now)
+        return self._info(record, schedules, outbox, letters, associations, now)
 
     async def list_dead_letters(
         self, *, saga: str | None = None, key: str | None = None
@@ -286,7 +295,9 @@ class Admin:
         with its original event id if it had one, and its dead letter is removed once
         `runtime.publish` returns (if it fails again, a new dead letter replaces it). The
         event must still reach the dead letter's saga and key; without an event id it
-        must reach no other saga, which would handle it a second time.
+        must reach no other saga, which would handle it a second time. An event its saga
+        routes via an association goes to the dead letter's instance alone, whatever it
+        is associated with now.
 
         Args:
             id: The dead letter's id.
@@ -423,7 +434,12 @@ class Admin:
         event = registry.serializer.decode(letter.type_name, letter.payload)
         prefix = f"{letter.saga}:{letter.key}:"
         event_id = letter.id.removeprefix(prefix) if letter.id.startswith(prefix) else None
-        keys = {spec.name: correlate(event) for spec, _, correlate in registry.routes(type(event))}
+        routes = registry.routes(type(event))
+        via = next((c for s, _, c in routes if s.name == letter.saga and type(c) is Via), None)
+        keys = {spec.name: correlate(event) for spec, _, correlate in routes}
+        if via is not None:
+            # It reached this instance through an association: it goes to this one alone.
+            keys = {letter.saga: letter.key}
         if keys.get(letter.saga) != letter.key:
             raise DeadLetterError(
                 f"dead letter {letter.id!r}: publishing its {letter.type_name} again would "
@@ -446,7 +462,10 @@ class Admin:
                 f"{COMPENSATION_FAILED!r} and takes no events; retry its compensation or "
                 "abort it first"
             )
-        await runtime.publish(event, id=event_id)
+        if via is None:
+            await runtime.publish(event, id=event_id)
+        else:
+            await runtime._deliver(event, letter.saga, letter.key, event_id)
         try:
             current = await self.get_dead_letter(letter.id)
         except DeadLetterError:
@@ -532,11 +551,12 @@ class Admin:
 
     async def _pending(
         self, saga: str, key: str
-    ) -> tuple[list[ScheduleRecord], list[OutboxRecord], list[DeadLetter]]:
+    ) -> tuple[list[ScheduleRecord], list[OutboxRecord], list[DeadLetter], list[Association]]:
         return (
             await self._store.list_schedules(saga=saga, key=key),
             await self._store.list_outbox(saga=saga, key=key),
             await self.list_dead_letters(saga=saga, key=key),
+            await self._store.list_associations(saga=saga, key=key),
         )
 
     @staticmethod
@@ -545,6 +565,7 @@ class Admin:
         schedules: list[ScheduleRecord],
         outbox: list[OutboxRecord],
         letters: list[DeadLetter],
+        associations: list[Association],
         now: float,
     ) -> InstanceInfo:
         return InstanceInfo(
@@ -554,4 +575,5 @@ class Admin:
             tuple(letters),
             age=now - record.created_at,
             idle=now - record.updated_at,
+            associations=tuple(associations),
         )

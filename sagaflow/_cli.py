@@ -263,6 +263,7 @@ def instance_json(info: InstanceInfo, *, full: bool) -> dict[str, Any]:
     data["schedules"] = [_row_json(s, full=full) for s in info.schedules]
     data["outbox"] = [_row_json(o, full=full) for o in info.outbox]
     data["dead_letters"] = [_row_json(d, full=full) for d in info.dead_letters]
+    data["associations"] = [{"name": a.name, "value": a.value} for a in info.associations]
     return data
 
 
@@ -394,6 +395,12 @@ def _show_text(info: InstanceInfo, now: float) -> str:
         ]
         dheaders = ("ID", "KIND", "TYPE", "ATTEMPTS", "FAILED", "ERROR")
         parts.append(_indent(table(dheaders, drows)))
+    else:
+        parts.append("  none")
+    parts += ["", "associations"]
+    if info.associations:
+        arows = [(a.name, a.value) for a in info.associations]
+        parts.append(_indent(table(("NAME", "VALUE"), arows)))
     else:
         parts.append("  none")
     return "\n".join(parts)

@@ -1,10 +1,12 @@
 """Diagrams of a registry's sagas, as Mermaid flowcharts or Graphviz dot.
 
 What a handler may produce is read from its declared return annotation, through
-`typing.get_type_hints`: `Send[X]`, `Schedule[X]`, `Compensate` and `Complete`, inside
-unions, `list[...]`, `tuple[...]` and other iterables. A handler without a return
-annotation, or with one that cannot be resolved, is drawn without outputs; nothing here
-fails on an annotation.
+`typing.get_type_hints`: `Send[X]`, `Schedule[X]`, `Compensate`, `Complete`, `Associate`
+and `Dissociate`, inside unions, `list[...]`, `tuple[...]` and other iterables. A handler
+without a return annotation, or with one that cannot be resolved, is drawn without
+outputs; nothing here fails on an annotation. Events a saga routes via an association
+come from its "associations" node, the edge naming the association; handlers that may
+associate or dissociate draw an edge to it.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Any
 
 import attrs
 
-from ._actions import CommandFailed, Compensate, Complete, Schedule, Send
-from ._registry import Registry, SagaSpec
+from ._actions import Associate, CommandFailed, Compensate, Complete, Dissociate, Schedule, Send
+from ._registry import Registry, SagaSpec, Via
 
 __all__ = ["Outputs", "dot", "mermaid", "outputs"]
 
@@ -49,6 +51,8 @@ class Outputs:
         schedules: Message types it may `Schedule`.
         compensates: It may return `Compensate`.
         completes: It may return `Complete`.
+        associates: It may return `Associate`.
+        dissociates: It may return `Dissociate`.
     """
 
     known: bool = False
@@ -56,6 +60,8 @@ class Outputs:
     schedules: tuple[type, ...] = ()
     compensates: bool = False
     completes: bool = False
+    associates: bool = False
+    dissociates: bool = False
 
 
 _MISSING: Any = object()
@@ -102,7 +108,7 @@ def outputs(fn: Callable[..., Any]) -> Outputs:
         return Outputs()
     sends: dict[type, None] = {}
     schedules: dict[type, None] = {}
-    flags = {"compensates": False, "completes": False}
+    flags = {"compensates": False, "completes": False, "associates": False, "dissociates": False}
 
     def walk(t: Any, depth: int) -> None:
         if depth > 20:
@@ -117,6 +123,10 @@ def outputs(fn: Callable[..., Any]) -> Outputs:
             flags["compensates"] = True
         elif t is Complete:
             flags["completes"] = True
+        elif t is Associate:
+            flags["associates"] = True
+        elif t is Dissociate:
+            flags["dissociates"] = True
         elif origin is Send:
             sends.update(dict.fromkeys(c for a in args for c in _classes(a)))
         elif origin is Schedule:
@@ -140,7 +150,7 @@ def outputs(fn: Callable[..., Any]) -> Outputs:
 class _Node:
     id: str
     label: str
-    shape: str  # "start", "event", "handler", "command", "compensate", "end"
+    shape: str  # "start", "event", "handler", "command", "compensate", "end", "associations"
 
 
 @attrs.frozen
@@ -186,10 +196,15 @@ def _graph(spec: SagaSpec, index: int) -> _Graph:
     for t, _ in ordered:
         events[t] = f"{p}_e{len(events)}"
     handlers: dict[str, str] = {}
+    associations = f"{p}_assoc"
     for t, h in ordered:
         if h.start:
             g.edge(g.node(f"{p}_start", "start", "start"), events[t])
         g.node(events[t], _label(t), "event")
+        via = spec.correlate_for(t)
+        if isinstance(via, Via):
+            g.node(associations, "associations", "associations")
+            g.edge(associations, events[t], f"via {via.name}", dashed=True)
         hid = handlers.setdefault(h.method, f"{p}_h{len(handlers)}")
         g.node(hid, h.method, "handler")
         g.edge(events[t], hid)
@@ -215,6 +230,9 @@ def _graph(spec: SagaSpec, index: int) -> _Graph:
             g.edge(hid, g.node(f"{p}_comp", "compensate", "compensate"), "compensate")
         if out.completes:
             g.edge(hid, g.node(f"{p}_done", "complete", "end"))
+        for flag, label in ((out.associates, "associate"), (out.dissociates, "dissociate")):
+            if flag:
+                g.edge(hid, g.node(associations, "associations", "associations"), label)
     return g
 
 
@@ -234,6 +252,7 @@ _MERMAID_SHAPES = {
     "command": ('[/"', '"/]'),
     "compensate": ('[\\"', '"\\]'),
     "end": ('((("', '")))'),
+    "associations": ('{{"', '"}}'),
 }
 
 
@@ -245,7 +264,10 @@ def mermaid(registry: Registry, *, saga: str | None = None) -> str:
     """A Mermaid `flowchart` of the registry's sagas, one subgraph per saga.
 
     Events are stadiums, handlers rectangles, commands parallelograms; dashed edges are
-    schedules (to the event a `to_self` schedule delivers, when the saga handles it).
+    schedules (to the event a `to_self` schedule delivers, when the saga handles it). A
+    saga's associations are a hexagon: dashed edges from it, labelled `via name`, go to
+    the events routed via an association, and edges to it come from the handlers that
+    may `Associate` or `Dissociate` (read from their return annotations).
 
     Args:
         registry: The sagas to draw.
@@ -278,6 +300,7 @@ _DOT_SHAPES = {
     "command": "shape=parallelogram",
     "compensate": "shape=invtrapezium",
     "end": "shape=doublecircle",
+    "associations": "shape=hexagon",
 }
 
 

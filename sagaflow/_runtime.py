@@ -493,6 +493,23 @@ class Runtime:
         if not targets:
             self._not_routed(event, "publish")
             return
+        await self._publish(event, targets, id)
+
+    async def _deliver(self, event: object, saga: str, key: str, id: str | None) -> None:
+        """Publish `event` to the instance `(saga, key)` alone, as if its saga's correlate
+        function had returned `key` (`Admin.retry` of a dead letter whose event reached
+        the instance through an association).
+
+        Raises:
+            LookupError: The saga does not handle the event's type.
+        """
+        self._check_running()
+        route = next((r for r in self._registry.routes(type(event)) if r[0].name == saga), None)
+        if route is None:
+            raise LookupError(f"saga {saga!r} does not handle {type(event).__qualname__}")
+        await self._publish(event, [(route[0], route[1], key, None)], id)
+
+    async def _publish(self, event: object, targets: list[_Target], id: str | None) -> None:
         if self._cluster is not None:
             if any(via is not None for *_, via in targets):
                 targets = await self._look_up(event, targets)
@@ -672,6 +689,11 @@ class Runtime:
         self._shard(row.saga, row.key).mailbox.put_unbounded(
             Item(FAILED, spec, row.key, command, row=row)
         )
+
+    def _associations_changed(self) -> None:
+        """Associations were put in the store behind the runtime's back (testing)."""
+        for shard in self._shards:
+            shard.associations.clear()
 
     def _schedule_added(self, due: float) -> None:
         """A schedule was put in the store behind the timer's back (`Admin.retry`)."""

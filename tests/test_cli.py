@@ -228,6 +228,7 @@ def test_instances_json_has_the_records_ages_and_pending_rows(db: Path, url: str
                     }
                     for d in dead
                 ],
+                "associations": [],
             }
         )
     assert listed == expected
@@ -331,7 +332,7 @@ def test_show_prints_one_instance_whole(db: Path, url: str) -> None:
     result = cli("show", url, "order", "c1")
 
     assert result.returncode == 0
-    head, state, schedules, outbox, letters = result.stdout.split("\n\n")
+    head, state, schedules, outbox, letters, associations = result.stdout.split("\n\n")
     assert timestamps(durations(head)) == (
         "order c1\n"
         "  status       compensation_failed (completed)\n"
@@ -367,6 +368,7 @@ def test_show_prints_one_instance_whole(db: Path, url: str) -> None:
         ],
     ]
     assert all(line.startswith("  ") for line in letters.splitlines()[1:])
+    assert associations == "associations\n  none\n"
 
 
 def test_show_json_has_the_state_and_payloads(db: Path, url: str) -> None:

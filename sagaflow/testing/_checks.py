@@ -59,6 +59,8 @@ class View(Generic[S]):
     schedules: Mapping[str, tuple[Scheduled, ...]] = attrs.field(factory=dict)
     dead_letters: tuple[DeadLetter, ...] = ()
     ended: frozenset[str] = frozenset()
+    reached: tuple[str, ...] = ()
+    associations: Mapping[str, frozenset[tuple[str, str]]] = attrs.field(factory=dict)
 
     def where(self) -> str:
         """Names the saga, the key and the last step, for the head of a failure message."""
@@ -167,6 +169,20 @@ class Checks(Generic[S]):
             return False
         record = view.records.get(view.key)
         return record.completed if record is not None else view.key in view.ended
+
+    @property
+    def reached(self) -> list[str]:
+        """Keys of the saga's instances that handled the event of the last `when`, in
+        the order they handled it: one for an event correlated by key, every instance
+        associated with the value for one correlated `via=` an association (fan-out)."""
+        return list(self._view().reached)
+
+    @property
+    def associations(self) -> set[tuple[str, str]]:
+        """The stored associations of the instance, as `(name, value)` pairs (what its
+        handlers returned `Associate` for, and not `Dissociate` since)."""
+        view = self._view()
+        return set() if view.key is None else set(view.associations.get(view.key, ()))
 
     @property
     def scheduled(self) -> list[Scheduled]:
@@ -308,6 +324,52 @@ class Checks(Generic[S]):
         __tracebackhide__ = True
         if self.status != ACTIVE:
             self._fail(f"expected the instance to be active, but it is {self._view().describe()}")
+
+    def expect_reached(self, *keys: str) -> None:
+        """Check which instances the event of the last `when` reached: exactly these
+        keys, in any order (for an event routed via an association, every instance
+        associated with its value: fan-out).
+
+        Raises:
+            AssertionError: It reached others; the message shows both side by side.
+        """
+        __tracebackhide__ = True
+        expected, actual = sorted(keys), sorted(self.reached)
+        if expected != actual:
+            detail = side_by_side(expected, actual, ordered=False)
+            self._fail("the event reached other instances", detail)
+
+    def expect_associated(self, name: str, value: str) -> None:
+        """Check that the instance is associated with `name` = `value`.
+
+        Raises:
+            AssertionError: It is not; the message lists its associations.
+        """
+        __tracebackhide__ = True
+        if (name, value) not in self.associations:
+            self._fail(
+                f"the instance is not associated with {name}={value!r}",
+                self._associations_table(name, value, present=True),
+            )
+
+    def expect_dissociated(self, name: str, value: str) -> None:
+        """Check that the instance is not (or no longer) associated with `name` = `value`.
+
+        Raises:
+            AssertionError: It is; the message lists its associations.
+        """
+        __tracebackhide__ = True
+        if (name, value) in self.associations:
+            self._fail(
+                f"the instance is still associated with {name}={value!r}",
+                self._associations_table(name, value, present=False),
+            )
+
+    def _associations_table(self, name: str, value: str, *, present: bool) -> str:
+        have = sorted(self.associations)
+        shown = ", ".join(f"{n}={v!r}" for n, v in have) or "none"
+        want = f"{name}={value!r}" if present else f"not {name}={value!r}"
+        return table([(want, shown, False)])
 
     def expect_unmatched(self, event: object = MISSING) -> None:
         """Check that an event of the last step (or this one) matched no instance.

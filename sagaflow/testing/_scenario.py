@@ -16,9 +16,9 @@ from anyio.abc import TaskGroup, TaskStatus
 from .. import CommandFailed, Hooks, Registry, RetryPolicy, Runtime, Unmatched
 from .._clock import VirtualClock
 from .._outbox import error_text
-from .._registry import SagaSpec
+from .._registry import SagaSpec, Via
 from ..exceptions import RuntimeClosedError
-from ..stores import Changes, DeadLetter, MemoryStore, ScheduleRecord
+from ..stores import Association, Changes, DeadLetter, LoadRequest, MemoryStore, ScheduleRecord
 from ._checks import Checks, Scheduled, View
 from ._recorder import Match, Recorder
 from ._time import advance, settle, to_seconds
@@ -53,6 +53,8 @@ class _Watch(Hooks):
         # The last exception of a handler per instance, dropped when it is retried:
         # what is left failed for good.
         self.failures: dict[tuple[str, str], tuple[object, Exception]] = {}
+        # Every handler call that returned, in order: (saga, key, event).
+        self.handled: list[tuple[str, str, object]] = []
 
     def handling(self, saga: str, key: str, event: object, instance_id: str) -> _Catch:
         return _Catch(self, (saga, key), event)
@@ -86,6 +88,8 @@ class _Catch:
     ) -> None:
         if isinstance(exc, Exception):
             self.watch.failures[self.ref] = (self.event, exc)
+        elif exc is None:
+            self.watch.handled.append((*self.ref, self.event))
 
 
 def _select(target: object, state: type | None, saga: str | None) -> tuple[Registry, SagaSpec]:
@@ -205,6 +209,8 @@ class Scenario(Checks[S]):
         self._ids = itertools.count(1)
         self._ended: set[tuple[str, str]] = set()
         self._key: str | None = None
+        self._event: object = None  # the last `when`'s event
+        self._via = False  # it was routed via an association: its key is what it reached
         self._calls_mark = 0
         self._current: View[S] = View(saga=self._spec.name)
         self._used = False
@@ -309,6 +315,7 @@ class Scenario(Checks[S]):
         __tracebackhide__ = True
         step = f"given({', '.join(map(repr, events))})"
         self._begin()
+        self._event = None
         for event in events:
             await self._publish(event, None)
             await settle(self.runtime)
@@ -331,9 +338,43 @@ class Scenario(Checks[S]):
         """
         __tracebackhide__ = True
         self._begin()
+        self._event = event
         await self._publish(event, id)
         await settle(self.runtime)
         await self._end(f"when({event!r})")
+
+    async def given_association(self, key: str, name: str, value: str) -> None:
+        """Associate the instance `key` with `name` = `value`, as if one of its handlers
+        had returned `Associate(name, value)` before the test.
+
+        The instance must exist (start it with `given` first). Step results are left
+        empty, as after `given`.
+
+        Raises:
+            AssertionError: No instance of the saga has this key.
+            TypeError: `key`, `name` or `value` is not a `str` (or `name` is empty).
+        """
+        __tracebackhide__ = True
+        for what, text in (("key", key), ("name", name), ("value", value)):
+            if type(text) is not str or (what == "name" and not text):
+                raise TypeError(
+                    f"given_association(): {what} must be a{' non-empty' * (what == 'name')} "
+                    f"str, got {text!r}"
+                )
+        runtime = self.runtime
+        saga = self._spec.name
+        self._begin()
+        self._event, self._via = None, False
+        loaded = await runtime.store.load(LoadRequest(instances=[(saga, key)]))
+        if (saga, key) not in loaded.instances:
+            self._fail(
+                f"given_association({key!r}, {name!r}, {value!r}): no instance of saga "
+                f"{saga!r} has key {key!r}; start it with given(...) first"
+            )
+        await runtime.store.commit(Changes(association_puts=[Association(saga, name, value, key)]))
+        runtime._associations_changed()
+        await self._end(f"given_association({key!r}, {name!r}, {value!r})")
+        self._current = attrs.evolve(self._current, dispatched=(), unmatched=(), reached=())
 
     async def advance(self, by: timedelta | float) -> None:
         """Move the virtual clock forward, firing what falls due in due order.
@@ -351,6 +392,7 @@ class Scenario(Checks[S]):
         __tracebackhide__ = True
         seconds = to_seconds(by)
         self._begin()
+        self._event = None
         await advance(self.runtime, self._clock, seconds)
         await self._end(f"advance({timedelta(seconds=seconds)})")
 
@@ -383,10 +425,13 @@ class Scenario(Checks[S]):
         assert self._tg is not None
         await self._tg.start(publish)
         self._raise_publish_errors()
+        self._via = False
         for spec, _, correlate in self._registry.routes(type(event)):
             if spec is self._spec:
                 key = correlate(event)
-                if isinstance(key, str):
+                if type(correlate) is Via:
+                    self._via = True  # the key is the instance it reaches, if one
+                elif isinstance(key, str):
                     self._key = key
 
     def _raise_publish_errors(self) -> None:
@@ -405,6 +450,10 @@ class Scenario(Checks[S]):
     async def _end(self, step: str) -> None:
         __tracebackhide__ = True
         self._raise_publish_errors()
+        if self._via:
+            reached = self._reached()
+            if len(reached) == 1:
+                self._key = reached[0]
         self._current = await self._snapshot(step)
         if self._raise_errors:
             self._raise_handler_failures()
@@ -436,6 +485,15 @@ class Scenario(Checks[S]):
                 "(pass raise_errors=False to Scenario to check scenario.dead_letters instead)"
             ) from cause
 
+    def _reached(self) -> tuple[str, ...]:
+        """The keys of the saga's instances that handled the last `when`'s event."""
+        name = self._spec.name
+        return tuple(
+            key
+            for saga, key, event in self._watch.handled
+            if saga == name and self._event is not None and event is self._event
+        )
+
     async def _snapshot(self, step: str) -> View[S]:
         store = self.runtime.store
         spec = self._spec
@@ -446,6 +504,9 @@ class Scenario(Checks[S]):
         schedules: dict[str, list[Scheduled]] = {}
         for s in await store.list_schedules(saga=name):
             schedules.setdefault(s.key, []).append(self._scheduled(s))
+        associations: dict[str, set[tuple[str, str]]] = {}
+        for a in await store.list_associations(saga=name):
+            associations.setdefault(a.key, set()).add((a.name, a.value))
         return View(
             saga=name,
             key=self._key,
@@ -458,6 +519,8 @@ class Scenario(Checks[S]):
             schedules={k: tuple(v) for k, v in schedules.items()},
             dead_letters=tuple(await store.list_dead_letters(saga=name)),
             ended=frozenset(k for s, k in self._ended if s == name),
+            reached=self._reached(),
+            associations={k: frozenset(v) for k, v in associations.items()},
         )
 
     def _offset(self, when: float) -> timedelta:

@@ -141,6 +141,11 @@ class SyncScenario(Checks[S]):
         __tracebackhide__ = True
         self._call(functools.partial(self._scenario.when, event, id=id))
 
+    def given_association(self, key: str, name: str, value: str) -> None:
+        """Associate the instance `key` before the test (see `Scenario.given_association`)."""
+        __tracebackhide__ = True
+        self._call(functools.partial(self._scenario.given_association, key, name, value))
+
     def advance(self, by: timedelta | float) -> None:
         """Move the virtual clock forward, firing what falls due (see `Scenario.advance`)."""
         __tracebackhide__ = True
