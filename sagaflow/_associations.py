@@ -29,12 +29,17 @@ _Lookup = tuple[str, str, str]
 class Fanout:
     """One event routed via an association to one saga, as every shard sees it.
 
+    An instance whose earlier events wait behind a handler retry is not decided on
+    when its shard looks: it gets the event if it is associated once those are handled
+    (they may associate or dissociate it), and tells the tally then.
+
     Attributes:
         saga: The saga's name.
         name: The association's name (the correlate function's `via`).
         value: What the correlate function returned.
         shards: How many shards have yet to look.
-        found: How many instances the shards that looked found.
+        found: How many instances the event reached so far.
+        pending: How many instances waiting behind a retry have yet to be decided on.
     """
 
     saga: str
@@ -42,13 +47,25 @@ class Fanout:
     value: str
     shards: int
     found: int = 0
+    pending: int = 0
 
-    def looked(self, found: int) -> bool:
-        """One shard looked and found `found` instances; `True` when that was the last
-        shard and no shard found any (the event is unmatched)."""
+    def looked(self, found: int, waiting: int = 0) -> bool:
+        """One shard looked: it found `found` instances, and `waiting` that wait behind
+        a retry. `True` when the event is known to have reached no instance at all."""
         self.found += found
+        self.pending += waiting
         self.shards -= 1
-        return self.shards == 0 and self.found == 0
+        return self._unmatched()
+
+    def decided(self, found: bool) -> bool:
+        """An instance that waited behind a retry was (or was not) associated when its
+        turn came. `True` when the event is known to have reached no instance at all."""
+        self.found += found
+        self.pending -= 1
+        return self._unmatched()
+
+    def _unmatched(self) -> bool:
+        return self.shards == 0 and self.pending == 0 and self.found == 0
 
     def reason(self) -> str:
         """Why the event reached no instance, naming the association."""

@@ -60,11 +60,22 @@ from .stores._protocol import (
 if TYPE_CHECKING:
     from ._shard import Shard
 
-__all__ = ["EVENT", "FAILED", "FINALIZE", "FIRE", "VIA", "Batch", "Item", "Ref", "resolve"]
+__all__ = [
+    "EVENT",
+    "FAILED",
+    "FINALIZE",
+    "FIRE",
+    "IF_ASSOCIATED",
+    "VIA",
+    "Batch",
+    "Item",
+    "Ref",
+    "resolve",
+]
 
 log = logging.getLogger("sagaflow.runtime")
 
-EVENT, FIRE, FAILED, FINALIZE, VIA = range(5)
+EVENT, FIRE, FAILED, FINALIZE, VIA, IF_ASSOCIATED = range(6)
 _SEQ_BITS = 16
 _MAX_OUTPUTS = 1 << _SEQ_BITS
 Ref = tuple[str, str]
@@ -76,7 +87,10 @@ class Item:
     """One unit of work for a shard: an event, a due schedule, a failed command, the
     end of a completing instance's outbox, or an event routed via an association (`VIA`:
     `key` is the value looked up, `fanout` the tally the shards share; the batch hands
-    the event to each of this shard's instances associated with it)."""
+    the event to each of this shard's instances associated with it). `IF_ASSOCIATED`:
+    the event of a `VIA` item for instance `key`, which waited behind a handler retry of
+    the instance; it is handled if the instance is associated with the value when its
+    turn comes (what the events before it did decides)."""
 
     kind: int
     saga: SagaSpec
@@ -90,6 +104,9 @@ class Item:
     attempts: int = 0
     retry: bool = False
     fanout: Fanout | None = None
+    parked: tuple[str, ...] = ()
+    """`VIA`: keys of the instances that got an `IF_ASSOCIATED` item behind their retry
+    before the batch (`Shard._expand`)."""
 
 
 class _Work:
@@ -213,7 +230,9 @@ class Batch:
     association_puts: list[Association] = attrs.field(factory=list)
     association_deletes: list[Association] = attrs.field(factory=list)
     associated: dict[_Lookup, list[str]] = attrs.field(factory=dict)  # looked up at start
-    fanned: list[tuple[Item, int]] = attrs.field(factory=list)  # VIA items, instances reached
+    # VIA items, with how many items they made, instances found and instances waiting
+    fanned: list[tuple[Item, int, int, int]] = attrs.field(factory=list)
+    decided: list[tuple[Item, bool]] = attrs.field(factory=list)  # IF_ASSOCIATED: reached?
 
     async def run(self) -> None:
         outbox = self.shard.outbox
@@ -240,6 +259,7 @@ class Batch:
         marks: list[tuple[str, str, str]] = []
         schedule_ids: list[str] = []
         vias: list[Item] = []
+        lookups: list[Item] = []  # VIA and IF_ASSOCIATED items
 
         def work_of(spec: SagaSpec, key: str) -> _Work:
             ref = (spec.name, key)
@@ -258,16 +278,19 @@ class Batch:
         for item in self.items:
             if item.kind == VIA:
                 vias.append(item)
+                lookups.append(item)
                 works.append(_NO_WORK)
                 continue
+            if item.kind == IF_ASSOCIATED:
+                lookups.append(item)
             works.append(work_of(item.saga, item.key))
             if item.event_id is not None:
                 marks.append((item.saga.name, item.key, item.event_id))
             if item.schedule is not None:
                 schedule_ids.append(item.schedule.id)
-        if vias:
+        if lookups:
             # The instances each fan-out reaches are loaded with the others, in one read.
-            self.associated = await resolve(shard, vias)
+            self.associated = await resolve(shard, lookups)
             for item in vias:
                 f = item.fanout
                 assert f is not None
@@ -296,12 +319,14 @@ class Batch:
                 self.held.append(item)
             elif w.deleted:
                 self.again.append(item)
-            elif item.kind == EVENT:
+            elif item.kind == EVENT or (item.kind == IF_ASSOCIATED and await self._decide(item)):
                 if self._admit(w, item):
                     assert item.handler is not None
                     applied = await self._handle(w, item, item.handler, item.event, True)
                     if applied and item.event_id is not None:
                         self._applied(w, item.event_id)
+            elif item.kind == IF_ASSOCIATED:
+                self.done.append(item)  # not associated (any more): not for this instance
             elif item.kind == FIRE:
                 await self._fire(w, item)
             elif item.kind == FAILED:
@@ -313,10 +338,65 @@ class Batch:
 
     async def _fan_out(self, item: Item) -> None:
         """Hand a `VIA` item's event to each instance of this shard associated with its
-        value now: as looked up when the batch began, changed by what the batch did
-        before it (associations made or removed, instances ended)."""
+        value now.
+
+        An instance whose earlier events wait behind a handler retry gets it once they
+        are handled (`IF_ASSOCIATED`), if it is associated with the value then: those
+        events may associate or dissociate it. (`Shard._expand` parked those items for
+        the instances waiting when the batch began, in their order.)
+        """
         f = item.fanout
         assert f is not None and item.handler is not None
+        targets = await self._associated_now(item)
+        waiting = set(item.parked)
+        # Instances whose handler is to be retried since this batch: the same, here.
+        blocked = {
+            w.key
+            for w in self.work.values()
+            if w.blocked and w.spec.name == f.saga and w.key not in waiting
+        }
+        waiting |= blocked
+        for key in sorted(blocked):
+            self.held.append(
+                Item(
+                    IF_ASSOCIATED,
+                    item.saga,
+                    key,
+                    item.event,
+                    item.handler,
+                    item.event_id,
+                    item.ack,
+                    fanout=f,
+                )
+            )
+        made = len(blocked)
+        found = 0
+        for key in targets:
+            if key in waiting:
+                continue
+            found += 1
+            w = self.work[(f.saga, key)]
+            one = Item(EVENT, item.saga, key, item.event, item.handler, item.event_id, item.ack)
+            made += 1
+            if self._admit(w, one):
+                applied = await self._handle(w, one, item.handler, item.event, True)
+                if applied and item.event_id is not None:
+                    self._applied(w, item.event_id)
+        self.fanned.append((item, made, found, len(blocked)))
+        self.done.append(item)
+
+    async def _decide(self, item: Item) -> bool:
+        """Whether an `IF_ASSOCIATED` item's instance is associated with its value now."""
+        reached = item.key in await self._associated_now(item)
+        self.decided.append((item, reached))
+        return reached
+
+    async def _associated_now(self, item: Item) -> list[str]:
+        """The keys of this shard's live instances associated with the value of a `VIA`
+        or `IF_ASSOCIATED` item now: as looked up when the batch began, changed by what
+        the batch did before it (associations made or removed, instances ended)."""
+        f = item.fanout
+        assert f is not None
         lookup = (f.saga, f.name, f.value)
         looked_up = self.associated[lookup]
         keys = set(looked_up)
@@ -325,8 +405,11 @@ class Batch:
                 keys.add(key)
             else:
                 keys.discard(key)
-        targets = [key for key in sorted(keys) if not self.work[(f.saga, key)].deleted]
-        if item.event_id is not None:
+        work = self.work
+        targets = [
+            key for key in sorted(keys) if (w := work.get((f.saga, key))) is None or not w.deleted
+        ]
+        if item.event_id is not None and item.kind == VIA:
             # Associated earlier in this batch: their dedup marks were not read yet.
             unread = [(f.saga, key, item.event_id) for key in keys.difference(looked_up)]
             if unread:
@@ -335,19 +418,7 @@ class Batch:
                     self.loaded = extra
                 else:
                     self.loaded.marks.update(extra.marks)
-        held = self.shard.held_refs
-        for key in targets:
-            ref = (f.saga, key)
-            w = self.work[ref]
-            one = Item(EVENT, item.saga, key, item.event, item.handler, item.event_id, item.ack)
-            if w.blocked or ref in held:
-                self.held.append(one)  # behind a handler retry of its instance
-            elif self._admit(w, one):
-                applied = await self._handle(w, one, item.handler, item.event, True)
-                if applied and item.event_id is not None:
-                    self._applied(w, item.event_id)
-        self.fanned.append((item, len(targets)))
-        self.done.append(item)
+        return targets
 
     def _admit(self, w: _Work, item: Item) -> bool:
         """Whether the event goes to its handler; if not, settle it here (a plain
@@ -903,12 +974,19 @@ class Batch:
             associations.delete(a)
         for a in self.association_puts:
             associations.put(a)
-        for item, reached in self.fanned:
-            shard.activity.begin(reached)
+        for item, made, found, waiting in self.fanned:
+            shard.activity.begin(made)
             if item.ack is not None:
-                item.ack.pending += reached
+                item.ack.pending += made
             assert item.fanout is not None
-            if item.fanout.looked(reached):
+            if item.fanout.looked(found, waiting):
+                self.unmatched.append(
+                    Unmatched(item.event, item.saga.name, None, item.fanout.reason())
+                )
+        for item, reached in self.decided:
+            assert item.fanout is not None
+            item.kind = EVENT  # decided: a handler retry of it needs no second look
+            if item.fanout.decided(reached):
                 self.unmatched.append(
                     Unmatched(item.event, item.saga.name, None, item.fanout.reason())
                 )

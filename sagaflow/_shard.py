@@ -21,7 +21,7 @@ import attrs
 
 from . import _report as report
 from ._associations import AssociationCache
-from ._batch import EVENT, VIA, Batch, Item, Ref, resolve
+from ._batch import EVENT, IF_ASSOCIATED, VIA, Batch, Item, Ref, resolve
 from ._calls import Interrupt
 from ._hooks import Hooks
 from ._outbox import Counters, Outbox, error_text
@@ -150,7 +150,8 @@ class Shard:
         for item in items:
             ref = (item.saga.name, item.key)
             if item.kind == VIA:
-                out.append(item)  # its batch holds back the instances it reaches
+                self._park(item)
+                out.append(item)
             elif item.retry:
                 held = self._held.pop(ref, [])
                 self.activity.begin(len(held))
@@ -162,6 +163,31 @@ class Shard:
             else:
                 out.append(item)
         return out
+
+    def _park(self, item: Item) -> None:
+        """Put an `IF_ASSOCIATED` item of a `VIA` item behind each held instance of its
+        saga: whether the event reaches it is decided once its earlier events are
+        handled, since they may associate or dissociate it."""
+        fanout = item.fanout
+        assert fanout is not None and item.ack is not None
+        parked = []
+        for (saga, key), held in self._held.items():
+            if saga == fanout.saga:
+                one = Item(
+                    IF_ASSOCIATED,
+                    item.saga,
+                    key,
+                    item.event,
+                    item.handler,
+                    item.event_id,
+                    item.ack,
+                    fanout=fanout,
+                )
+                held.append(one)
+                parked.append(key)
+        item.parked = tuple(parked)
+        item.ack.pending += len(parked)
+        fanout.pending += len(parked)
 
     async def _process(self, items: list[Item]) -> None:
         items = self._expand(items)
@@ -248,9 +274,11 @@ class Shard:
             return
         fanout = item.fanout
         assert fanout is not None and item.ack is not None
+        # Those parked behind a handler retry get it when their turn comes (`_park`).
         items = [
             Item(EVENT, item.saga, key, item.event, item.handler, item.event_id, item.ack)
             for key in keys
+            if key not in item.parked
         ]
         self.activity.begin(len(items))
         item.ack.pending += len(items)
@@ -265,7 +293,7 @@ class Shard:
     async def _poison(self, item: Item, error: Exception) -> None:
         """One item's effects cannot be stored: keep it as a dead letter, tell its
         publisher which event, saga and key it was, and go on."""
-        if item.kind != EVENT:
+        if item.kind not in (EVENT, IF_ASSOCIATED):
             # A due schedule or a failed command: the runtime tries it again later.
             self._fail([item], error)
             return
