@@ -34,9 +34,11 @@ from _postgres_server import pg_schema, postgres_dsn  # noqa: F401
 from cluster_worker import HOT_KEYS, failing, order_id
 
 from sagaflow import (
+    Associate,
     CommandFailed,
     Complete,
     DispatchMeta,
+    Dissociate,
     Registry,
     RetryPolicy,
     Runtime,
@@ -1074,3 +1076,178 @@ async def test_an_ack_from_a_process_whose_lease_was_taken_over_deletes_nothing(
 
     assert [r.pos for r in taken] == [pos]
     assert (after_stale_ack, marks, after_ack) == ([(pos, "other")], [("made-up",)], [])
+
+
+# -- associations in cluster mode ---------------------------------------------------------
+
+
+@attrs.frozen
+class Join:
+    key: str
+    group: str
+
+
+@attrs.frozen
+class Leave:
+    key: str
+    group: str
+
+
+@attrs.frozen
+class Call:
+    group: str
+    n: int
+
+
+@attrs.frozen
+class End:
+    key: str
+
+
+@attrs.frozen
+class Answer:
+    key: str
+    n: int
+
+
+@attrs.define
+class Member:
+    key: str = ""
+    calls: list[int] = attrs.Factory(list)
+
+
+class GroupSaga:
+    """Members join and leave groups; a `Call` to a group reaches every member."""
+
+    @correlate(Join, Leave, End)
+    def key(self, event: Join | Leave | End) -> str:
+        return event.key
+
+    @correlate(Call, via="group")
+    def group(self, event: Call) -> str:
+        return event.group
+
+    @on(Join, start=True)
+    def join(self, state: Member, event: Join) -> Associate:
+        state.key = event.key
+        return Associate("group", event.group)
+
+    @on(Leave)
+    def leave(self, state: Member, event: Leave) -> Dissociate:
+        return Dissociate("group", event.group)
+
+    @on(Call)
+    def call(self, state: Member, event: Call) -> Send[Answer]:
+        state.calls.append(event.n)
+        return Send(Answer(state.key, event.n))
+
+    @on(End)
+    def end(self, state: Member, event: End) -> list[Any]:
+        return [Send(Answer(state.key, -1)), Complete()]
+
+
+@asynccontextmanager
+async def group_cluster(
+    dsn: str, schema: str, log: Log, count: int
+) -> AsyncIterator[list[Runtime]]:
+    """`count` cluster-mode runtimes of `GroupSaga` on `schema`."""
+    registry = Registry()
+    registry.register(GroupSaga(), state=Member, name="members")
+    async with AsyncExitStack() as stack:
+        runtimes = [
+            await stack.enter_async_context(
+                Runtime(
+                    registry,
+                    store=make_store(dsn, schema),
+                    dispatch=log.dispatcher(i),
+                    retry=FAST_RETRY,
+                    cluster=True,
+                )
+            )
+            for i in range(count)
+        ]
+        with anyio.fail_after(30):
+            yield runtimes
+
+
+async def members(store: Any) -> dict[str, list[int]]:
+    return {r.key: json.loads(r.state)["calls"] for r in await store.list_instances()}
+
+
+@pytest.mark.anyio
+async def test_publish_via_an_association_reaches_every_member_once_in_a_cluster(
+    postgres_dsn: str,  # noqa: F811
+    pg_schema: str,  # noqa: F811
+) -> None:
+    """Members joined through different runtimes; a call published from a third one
+    reaches each member of its group once (one inbox row per member, handled by
+    whichever runtime), and a call to an empty group is unmatched where published."""
+    log = Log()
+    keys = [f"m{i:02}" for i in range(16)]
+    async with group_cluster(postgres_dsn, pg_schema, log, count=3) as runtimes:
+        for i, key in enumerate(keys):
+            await runtimes[i % 2].publish(Join(key, "g1" if i % 4 else "g2"))
+
+        await runtimes[2].publish(Call("g1", 1))
+        await runtimes[2].publish(Call("nobody", 2))
+        await settle(runtimes)
+        found = await members(runtimes[0].store)
+        unmatched = [r.statistics().events_unmatched for r in runtimes]
+
+    assert found == {k: [1] if i % 4 else [] for i, k in enumerate(keys)}
+    answers = sorted((c.key, meta.key) for c, meta, _ in log.calls if isinstance(c, Answer))
+    assert answers == [(k, k) for i, k in enumerate(keys) if i % 4]
+    assert unmatched == [0, 0, 1]
+
+
+@pytest.mark.anyio
+async def test_routing_by_association_in_a_cluster_reads_the_store_not_a_cache(
+    postgres_dsn: str,  # noqa: F811
+    pg_schema: str,  # noqa: F811
+) -> None:
+    """Another process may change any association: `run` in cluster mode looks them up
+    in the store for every batch, so it sees a member leave through another runtime."""
+    log = Log()
+    async with group_cluster(postgres_dsn, pg_schema, log, count=2) as (one, two):
+        await one.publish(Join("a", "g"))
+        await one.publish(Join("b", "g"))
+        await two.run(stream([Call("g", 1)]))
+        await one.publish(Leave("a", "g"))
+
+        await two.run(stream([Call("g", 2)]))
+        await settle([one, two])
+        found = await members(one.store)
+        unmatched = two.statistics().events_unmatched
+
+    assert (found, unmatched) == ({"a": [1], "b": [1, 2]}, 0)
+
+
+@pytest.mark.anyio
+async def test_a_member_that_ended_in_a_cluster_leaves_no_association(
+    postgres_dsn: str,  # noqa: F811
+    pg_schema: str,  # noqa: F811
+) -> None:
+    """An instance that completed ends once its last command went out, in whichever
+    runtime dispatched it: its associations go with it."""
+    log = Log()
+    async with group_cluster(postgres_dsn, pg_schema, log, count=2) as (one, two):
+        await one.publish(Join("a", "g"))
+        await one.publish(Join("b", "g"))
+        await two.publish(End("a"))
+        with anyio.fail_after(30):
+            while len(await one.store.list_instances()) > 1:
+                await settle([one, two])
+                await anyio.sleep(0.05)
+
+        associations = await one.store.list_associations()
+        await two.publish(Call("g", 1))
+        await settle([one, two])
+        found = await members(one.store)
+
+    assert [(a.key, a.value) for a in associations] == [("b", "g")]
+    assert found == {"b": [1]}
+
+
+async def stream(events: list[Any]) -> AsyncIterator[Any]:
+    for event in events:
+        yield event
