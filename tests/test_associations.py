@@ -806,3 +806,28 @@ async def test_admin_retry_of_a_fan_out_event_reaches_its_instance_alone(store: 
         assert await h.store.list_dead_letters() == []
         assert await h.states() == {"a": ["tag x", "shout 1"], "b": ["tag x", "shout 1"]}
         assert h.dispatched.per_key() == {"a": ["shout 1"], "b": ["shout 1"]}
+
+
+def test_sagaflow_show_lists_the_instances_associations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sagaflow._cli import main
+
+    path = tmp_path / "shown.db"
+
+    async def prepare() -> None:
+        async with running(SQLiteStore(path)) as h:
+            await h.runtime.run(stream([Open("a"), Tag("a", "y"), Tag("a", "x"), Open("b")]))
+
+    anyio.run(prepare)
+
+    assert main(["show", f"sqlite:{path}", SAGA, "a"]) == 0
+    text = capsys.readouterr().out
+    assert main(["show", f"sqlite:{path}", SAGA, "b"]) == 0
+    none = capsys.readouterr().out
+    assert main(["show", f"sqlite:{path}", SAGA, "a", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+
+    assert text.endswith("\n\nassociations\n  NAME  VALUE\n  tag   x\n  tag   y\n")
+    assert none.endswith("\n\nassociations\n  none\n")
+    assert shown["associations"] == [{"name": "tag", "value": "x"}, {"name": "tag", "value": "y"}]

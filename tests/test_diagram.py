@@ -13,9 +13,11 @@ import attrs
 import pytest
 
 from sagaflow import (
+    Associate,
     CommandFailed,
     Compensate,
     Complete,
+    Dissociate,
     Registry,
     Schedule,
     Send,
@@ -200,3 +202,72 @@ def test_dot_escapes_names_and_dashes_schedules(registry: Registry) -> None:
 def test_an_unknown_saga_is_a_lookup_error(registry: Registry) -> None:
     with pytest.raises(LookupError, match=r"^no saga named 'nope' is registered"):
         mermaid(registry, saga="nope")
+
+
+def associates_and_completes(
+    self: object, state: State, event: Go
+) -> list[Associate | Dissociate | Complete]:
+    return []
+
+
+def test_associate_and_dissociate_are_read_from_the_return_annotation() -> None:
+    assert outputs(associates_and_completes) == Outputs(
+        True, completes=True, associates=True, dissociates=True
+    )
+
+
+class Routed:
+    """`B` reaches the saga via the association "group"; `go` associates, `b` dissociates."""
+
+    @correlate(Go, A)
+    def key(self, event: Go | A) -> str:
+        return event.key
+
+    @correlate(B, via="group")
+    def group(self, event: B) -> str:
+        return event.key
+
+    @on(Go, start=True)
+    def go(self, state: State, event: Go) -> Associate:
+        return Associate("group", event.key)
+
+    @on(A)
+    def a(self, state: State, event: A) -> None:
+        return None
+
+    @on(B)
+    def b(self, state: State, event: B) -> Dissociate:
+        return Dissociate("group", event.key)
+
+
+def test_diagrams_show_which_events_route_via_which_association() -> None:
+    """The saga's associations are one node: edges from it name the association each
+    event is routed via; handlers that may associate or dissociate point at it."""
+    registry = Registry()
+    registry.register(Routed(), state=State)
+
+    assert mermaid(registry) == (
+        "flowchart LR\n"
+        '    subgraph s0 ["Routed"]\n'
+        "        direction LR\n"
+        '        s0_start(("start"))\n'
+        '        s0_e0(["Go"])\n'
+        '        s0_h0["go"]\n'
+        '        s0_e1(["A"])\n'
+        '        s0_h1["a"]\n'
+        '        s0_e2(["B"])\n'
+        '        s0_assoc{{"associations"}}\n'
+        '        s0_h2["b"]\n'
+        "        s0_start --> s0_e0\n"
+        "        s0_e0 --> s0_h0\n"
+        "        s0_e1 --> s0_h1\n"
+        "        s0_assoc -.->|via group| s0_e2\n"
+        "        s0_e2 --> s0_h2\n"
+        "        s0_h0 -->|associate| s0_assoc\n"
+        "        s0_h2 -->|dissociate| s0_assoc\n"
+        "    end\n"
+    )
+    text = dot(registry)
+    assert '        s0_assoc [label="associations", shape=hexagon];\n' in text
+    assert '        s0_assoc -> s0_e2 [label="via group", style=dashed];\n' in text
+    assert '        s0_h0 -> s0_assoc [label="associate"];\n' in text

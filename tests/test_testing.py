@@ -12,9 +12,11 @@ import pytest
 
 import sagaflow.testing
 from sagaflow import (
+    Associate,
     CommandFailed,
     Compensate,
     Complete,
+    Dissociate,
     Registry,
     RetryPolicy,
     Runtime,
@@ -941,3 +943,167 @@ async def test_a_correlate_function_that_returns_a_non_str_fails_the_step() -> N
     async with Scenario(BadKeySaga, state=Log) as scenario:
         with pytest.raises(TypeError, match="it must return a str key or None"):
             await scenario.when(Start("k"))
+
+
+# -- associations and fan-out ----------------------------------------------------------
+
+
+@attrs.frozen
+class ShipmentCreated:
+    order_id: str
+    shipment_id: str
+
+
+@attrs.frozen
+class ShipmentDelivered:
+    shipment_id: str
+
+
+@attrs.frozen
+class CustomerBlocked:
+    customer_id: str
+
+
+@attrs.define
+class Shipment:
+    order_id: str = ""
+    status: str = "new"
+
+
+class ShippingSaga:
+    @correlate(OrderPlaced, ShipmentCreated)
+    def order_id(self, event: OrderPlaced | ShipmentCreated) -> str:
+        return event.order_id
+
+    @correlate(ShipmentDelivered, via="shipment")
+    def shipment(self, event: ShipmentDelivered) -> str:
+        return event.shipment_id
+
+    @correlate(CustomerBlocked, via="customer")
+    def customer(self, event: CustomerBlocked) -> str:
+        return event.customer_id
+
+    @on(OrderPlaced, start=True)
+    def placed(self, state: Shipment, event: OrderPlaced) -> None:
+        state.order_id = event.order_id
+
+    @on(ShipmentCreated)
+    def created(self, state: Shipment, event: ShipmentCreated) -> Any:
+        state.status = "shipped"
+        return Associate("shipment", event.shipment_id)
+
+    @on(ShipmentDelivered)
+    def delivered(self, state: Shipment, event: ShipmentDelivered) -> Any:
+        state.status = "delivered"
+        return [Dissociate("shipment", event.shipment_id), Complete()]
+
+    @on(CustomerBlocked)
+    def blocked(self, state: Shipment, event: CustomerBlocked) -> Any:
+        state.status = "blocked"
+        return Send(CancelOrder(state.order_id))
+
+
+@pytest.mark.anyio
+async def test_an_event_via_an_association_checks_the_instance_it_reached() -> None:
+    """`Associate` and `Dissociate` show in `associations`; the key checked after an
+    event routed via an association is the instance it reached."""
+    async with Scenario(ShippingSaga, state=Shipment) as scenario:
+        await scenario.given(OrderPlaced("o-1", 10), OrderPlaced("o-2", 20))
+        await scenario.when(ShipmentCreated("o-1", "s-9"))
+        assert scenario.associations == {("shipment", "s-9")}
+        scenario.expect_associated("shipment", "s-9")
+
+        await scenario.when(OrderPlaced("o-3", 30))  # the key moves on
+        await scenario.when(ShipmentDelivered("s-9"))
+
+        assert (scenario.key, scenario.reached) == ("o-1", ["o-1"])
+        scenario.expect_completed()
+        scenario.expect_dissociated("shipment", "s-9")
+
+
+@pytest.mark.anyio
+async def test_given_associations_and_an_event_that_fans_out_to_them() -> None:
+    async with Scenario(ShippingSaga, state=Shipment) as scenario:
+        await scenario.given(OrderPlaced("o-1", 10), OrderPlaced("o-2", 20), OrderPlaced("o-3", 5))
+        await scenario.given_association("o-1", "customer", "c-7")
+        await scenario.given_association("o-3", "customer", "c-7")
+
+        await scenario.when(CustomerBlocked("c-7"))
+
+        scenario.expect_reached("o-1", "o-3")
+        scenario.expect_sent(CancelOrder("o-1"), CancelOrder("o-3"), ordered=False)
+        assert {k: s.status for k, s in scenario.states.items()} == {
+            "o-1": "blocked",
+            "o-2": "new",
+            "o-3": "blocked",
+        }
+
+
+def test_a_sync_scenario_takes_given_associations_too() -> None:
+    with SyncScenario(ShippingSaga, state=Shipment) as scenario:
+        scenario.given(OrderPlaced("o-1", 10))
+        scenario.given_association("o-1", "customer", "c-7")
+        scenario.when(CustomerBlocked("c-7"))
+
+        scenario.expect_reached("o-1")
+        scenario.expect_sent(CancelOrder("o-1"))
+
+
+@pytest.mark.anyio
+async def test_an_event_no_instance_is_associated_with_is_unmatched() -> None:
+    async with Scenario(ShippingSaga, state=Shipment) as scenario:
+        await scenario.given(OrderPlaced("o-1", 10))
+
+        await scenario.when(CustomerBlocked("c-7"))
+
+        assert scenario.unmatched == [
+            Unmatched(
+                CustomerBlocked("c-7"),
+                "ShippingSaga",
+                None,
+                "no instance is associated with customer='c-7'",
+            )
+        ]
+        assert scenario.reached == []
+
+
+@pytest.mark.anyio
+async def test_fan_out_and_association_checks_say_what_differs() -> None:
+    async with Scenario(ShippingSaga, state=Shipment) as scenario:
+        await scenario.given(OrderPlaced("o-1", 10), OrderPlaced("o-2", 20))
+        await scenario.given_association("o-1", "customer", "c-7")
+        await scenario.when(CustomerBlocked("c-7"))
+
+        with pytest.raises(AssertionError) as reached:
+            scenario.expect_reached("o-1", "o-2")
+        with pytest.raises(AssertionError) as associated:
+            scenario.expect_associated("shipment", "s-1")
+        with pytest.raises(AssertionError) as dissociated:
+            scenario.expect_dissociated("customer", "c-7")
+
+    where = "saga 'ShippingSaga' key 'o-1', after when(CustomerBlocked(customer_id='c-7'))"
+    assert str(reached.value) == (
+        f"{where}: the event reached other instances\n"
+        "    expected  actual\n"
+        "    'o-1'     'o-1'\n"
+        "  ! 'o-2'     -"
+    )
+    assert str(associated.value) == (
+        f"{where}: the instance is not associated with shipment='s-1'\n"
+        "    expected        actual\n"
+        "  ! shipment='s-1'  customer='c-7'"
+    )
+    assert str(dissociated.value) == (
+        f"{where}: the instance is still associated with customer='c-7'\n"
+        "    expected            actual\n"
+        "  ! not customer='c-7'  customer='c-7'"
+    )
+
+
+@pytest.mark.anyio
+async def test_a_given_association_needs_an_instance() -> None:
+    async with Scenario(ShippingSaga, state=Shipment) as scenario:
+        with pytest.raises(AssertionError, match="no instance of saga 'ShippingSaga' has key"):
+            await scenario.given_association("o-1", "customer", "c-7")
+        with pytest.raises(TypeError, match="value must be a str, got 7"):
+            await scenario.given_association("o-1", "customer", 7)  # type: ignore[arg-type]
