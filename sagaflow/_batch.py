@@ -233,6 +233,7 @@ class Batch:
     # VIA items, with how many items they made, instances found and instances waiting
     fanned: list[tuple[Item, int, int, int]] = attrs.field(factory=list)
     decided: list[tuple[Item, bool]] = attrs.field(factory=list)  # IF_ASSOCIATED: reached?
+    blocked: list[_Work] = attrs.field(factory=list)  # instances whose handler waits to retry
 
     async def run(self) -> None:
         outbox = self.shard.outbox
@@ -348,14 +349,15 @@ class Batch:
         f = item.fanout
         assert f is not None and item.handler is not None
         targets = await self._associated_now(item)
-        waiting = set(item.parked)
-        # Instances whose handler is to be retried since this batch: the same, here.
-        blocked = {
-            w.key
-            for w in self.work.values()
-            if w.blocked and w.spec.name == f.saga and w.key not in waiting
-        }
-        waiting |= blocked
+        waiting: set[str] = set()
+        blocked: set[str] = set()
+        if item.parked or self.blocked:
+            waiting.update(item.parked)
+            # Instances whose handler is to be retried since this batch: the same, here.
+            blocked = {
+                w.key for w in self.blocked if w.spec.name == f.saga and w.key not in waiting
+            }
+            waiting |= blocked
         for key in sorted(blocked):
             self.held.append(
                 Item(
@@ -372,7 +374,7 @@ class Batch:
         made = len(blocked)
         found = 0
         for key in targets:
-            if key in waiting:
+            if waiting and key in waiting:
                 continue
             found += 1
             w = self.work[(f.saga, key)]
@@ -399,19 +401,22 @@ class Batch:
         assert f is not None
         lookup = (f.saga, f.name, f.value)
         looked_up = self.associated[lookup]
-        keys = set(looked_up)
-        for key, put in self.associating.get(lookup, {}).items():
-            if put:
-                keys.add(key)
-            else:
-                keys.discard(key)
+        changed = self.associating.get(lookup)
+        if changed is None:
+            keys = looked_up
+        else:
+            now = set(looked_up)
+            for key, put in changed.items():
+                if put:
+                    now.add(key)
+                else:
+                    now.discard(key)
+            keys = sorted(now)
         work = self.work
-        targets = [
-            key for key in sorted(keys) if (w := work.get((f.saga, key))) is None or not w.deleted
-        ]
-        if item.event_id is not None and item.kind == VIA:
+        targets = [key for key in keys if (w := work.get((f.saga, key))) is None or not w.deleted]
+        if changed is not None and item.event_id is not None and item.kind == VIA:
             # Associated earlier in this batch: their dedup marks were not read yet.
-            unread = [(f.saga, key, item.event_id) for key in keys.difference(looked_up)]
+            unread = [(f.saga, key, item.event_id) for key in set(keys).difference(looked_up)]
             if unread:
                 extra = await self.shard.store.load(LoadRequest(marks=unread, now=self.now))
                 if self.loaded is None:
@@ -652,6 +657,7 @@ class Batch:
                 return False
             item.attempts = attempts
             w.blocked = True
+            self.blocked.append(w)
             self.deferred.append((item, due))
             return False
         w.record = record

@@ -477,6 +477,12 @@ class Runtime:
         applied. One that every saga's correlate function declined (returned `None`)
         is not reported: that is the sagas' decision.
 
+        An event a saga correlates `via=` an association reaches every instance of that
+        saga associated with the value its correlate function returned (see
+        `Associate`), each as if published for that instance's key; none is reported as
+        unmatched. In cluster mode the value is looked up in the store when the event
+        is accepted.
+
         Args:
             event: The event (any attrs or dataclass instance a saga handles).
             id: With an id, a redelivered event is applied at most once per instance

@@ -94,3 +94,27 @@ def test_ablate_runs_every_variant_against_the_limit(tmp_path: Path) -> None:
         "no commit, no JSON",
         "gc off",
     ]
+
+
+def test_associations_measures_fan_out_and_routing_and_checks_the_results(tmp_path: Path) -> None:
+    """The short form of the associations benchmark: every measurement runs on memory
+    and SQLite, checks what every instance handled, and prints its figures."""
+    out = _script(
+        "associations.py",
+        *("--fanout", "200", "--instances", "50", "--events", "300"),
+        *("--store", "memory"),
+        tmp_path=tmp_path,
+    )
+    out += _script(
+        "associations.py",
+        *("--fanout", "200", "--instances", "50", "--events", "300"),
+        *("--store", "sqlite", "--backend", "trio"),
+        tmp_path=tmp_path,
+    )
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["store"], r["backend"], r["fanout_instances"], r["ok"]) for r in results] == [
+        ("memory", "asyncio", 200, True),
+        ("sqlite", "trio", 200, True),
+    ]
+    assert "fan-out to 200 instances" in out
+    assert out.count("by association (cached)") == 2

@@ -13,9 +13,11 @@ from typing import Any, assert_type
 import attrs
 
 from sagaflow import (
+    Associate,
     CommandFailed,
     Compensate,
     Complete,
+    Dissociate,
     RetryPolicy,
     Schedule,
     Send,
@@ -72,10 +74,20 @@ class Keys:
     async def awaited(self, event: Placed) -> str:
         return event.order_id
 
+    @correlate(Paid, via="payment")
+    def payment(self, event: Paid) -> str | None:
+        return event.order_id
+
+    @correlate(Paid, via="payment")  # type: ignore[type-var]
+    def payment_number(self, event: Paid) -> int:
+        return len(event.order_id)
+
 
 # Correlate functions keep their exact signature.
 order_id: Callable[[Keys, Placed | Paid], str] = Keys.order_id
 assert_type(Keys().maybe(Paid("o")), str | None)
+assert_type(Keys().payment(Paid("o")), str | None)
+Associate("payment", 7)  # type: ignore[arg-type]
 
 
 class Results:
@@ -96,6 +108,14 @@ class Results:
     @on(Placed)
     def listed(self, order: Order, event: Placed) -> list[Action]:
         return [Unschedule("payment"), Complete()]
+
+    @on(Placed)
+    def associated(self, order: Order, event: Placed) -> list[Associate | Dissociate]:
+        return [Associate("payment", event.order_id), Dissociate("cart", event.order_id)]
+
+    @on(Placed)
+    def association_in_actions(self, order: Order, event: Placed) -> list[Action]:
+        return [Associate("payment", event.order_id), Send(Ship(event.order_id))]
 
     @on(Placed)
     def generated(self, order: Order, event: Placed) -> Iterator[Send[Ship]]:
