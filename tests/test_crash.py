@@ -380,7 +380,8 @@ def test_sigkill_with_a_tiny_outbox_loses_and_repeats_nothing(
     is read back a page at a time, and completed instances end through the store: five
     kills at random moments, then a clean run, and the log still matches the model."""
     monkeypatch.setenv("CRASH_OUTBOX_CAPACITY", "2")
-    interrupted = random_kills(tmp_path, kills=5, seed=20261207)
+    # 80 orders trickle in for longer than five kills can take: every kill interrupts.
+    interrupted = random_kills(tmp_path, kills=5, seed=20261207, orders=80)
     assert interrupted >= 3, f"only {interrupted} of 5 kills interrupted the worker"
 
 
