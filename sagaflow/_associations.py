@@ -13,16 +13,20 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import attrs
 
 from .stores._protocol import Association
 
-__all__ = ["AssociationCache", "Fanout"]
+if TYPE_CHECKING:
+    from ._shard import Shard
+
+__all__ = ["AssociationCache", "Fanout", "Lookup", "resolve"]
 
 _Ref = tuple[str, str]
-_Lookup = tuple[str, str, str]
-"""`(saga, name, value)`."""
+Lookup = tuple[str, str, str]
+"""An association lookup: `(saga, name, value)`."""
 
 
 @attrs.define(eq=False)
@@ -67,6 +71,11 @@ class Fanout:
     def _unmatched(self) -> bool:
         return self.shards == 0 and self.pending == 0 and self.found == 0
 
+    @property
+    def lookup(self) -> Lookup:
+        """What is looked up: `(saga, name, value)`."""
+        return (self.saga, self.name, self.value)
+
     def reason(self) -> str:
         """Why the event reached no instance, naming the association."""
         return f"no instance is associated with {self.name}={self.value!r}"
@@ -84,8 +93,8 @@ class AssociationCache:
     """
 
     size: int
-    _lookups: OrderedDict[_Lookup, set[str]] = attrs.field(factory=OrderedDict, init=False)
-    _of: dict[_Ref, set[_Lookup]] = attrs.field(factory=dict, init=False)
+    _lookups: OrderedDict[Lookup, set[str]] = attrs.field(factory=OrderedDict, init=False)
+    _of: dict[_Ref, set[Lookup]] = attrs.field(factory=dict, init=False)
     """For each instance, the cached lookups it is in (to forget it when it ends)."""
     _weight: int = attrs.field(default=0, init=False)
 
@@ -143,7 +152,7 @@ class AssociationCache:
         self._of.clear()
         self._weight = 0
 
-    def _drop(self, lookup: _Lookup) -> None:
+    def _drop(self, lookup: Lookup) -> None:
         keys = self._lookups.pop(lookup, None)
         if keys is None:
             return
@@ -151,9 +160,34 @@ class AssociationCache:
         for key in keys:
             self._unlink((lookup[0], key), lookup)
 
-    def _unlink(self, ref: _Ref, lookup: _Lookup) -> None:
+    def _unlink(self, ref: _Ref, lookup: Lookup) -> None:
         lookups = self._of.get(ref)
         if lookups is not None:
             lookups.discard(lookup)
             if not lookups:
                 del self._of[ref]
+
+
+async def resolve(shard: Shard, lookups: Iterable[Lookup]) -> dict[Lookup, list[str]]:
+    """The keys of `shard`'s own instances associated with each looked-up value.
+
+    From the shard's cache, else one store read per saga and association name.
+    """
+    cache = shard.associations
+    found: dict[Lookup, list[str]] = {}
+    wanted: dict[tuple[str, str], set[str]] = {}
+    for lookup in lookups:
+        if lookup in found:
+            continue
+        cached = cache.get(*lookup)
+        if cached is None:
+            wanted.setdefault(lookup[:2], set()).add(lookup[2])
+        else:
+            found[lookup] = sorted(cached)
+    for (saga, name), values in wanted.items():
+        stored = await shard.store.find_associated(saga, name, sorted(values))
+        for value in values:
+            keys = [key for key in stored.get(value, ()) if shard.owns(saga, key)]
+            cache.fill(saga, name, value, keys)
+            found[(saga, name, value)] = keys
+    return found

@@ -29,7 +29,7 @@ from ._actions import (
     Send,
     Unschedule,
 )
-from ._associations import Fanout
+from ._associations import Fanout, Lookup, resolve
 from ._calls import call
 from ._outbox import error_text
 from ._records import Unmatched
@@ -70,7 +70,6 @@ __all__ = [
     "Batch",
     "Item",
     "Ref",
-    "resolve",
 ]
 
 log = logging.getLogger("sagaflow.runtime")
@@ -163,38 +162,6 @@ class _Work:
             self.puts.append(name)
 
 
-_Lookup = tuple[str, str, str]
-"""An association lookup: `(saga, name, value)`."""
-
-
-async def resolve(shard: Shard, vias: list[Item]) -> dict[_Lookup, list[str]]:
-    """The keys of `shard`'s own instances associated with each `VIA` item's value.
-
-    From the shard's cache, else one store read per saga and association name.
-    """
-    cache = shard.associations
-    found: dict[_Lookup, list[str]] = {}
-    wanted: dict[tuple[str, str], set[str]] = {}
-    for item in vias:
-        f = item.fanout
-        assert f is not None
-        lookup = (f.saga, f.name, f.value)
-        if lookup in found:
-            continue
-        cached = cache.get(*lookup)
-        if cached is None:
-            wanted.setdefault((f.saga, f.name), set()).add(f.value)
-        else:
-            found[lookup] = sorted(cached)
-    for (saga, name), values in wanted.items():
-        stored = await shard.store.find_associated(saga, name, sorted(values))
-        for value in values:
-            keys = [key for key in stored.get(value, ()) if shard.owns(saga, key)]
-            cache.fill(saga, name, value, keys)
-            found[(saga, name, value)] = keys
-    return found
-
-
 class _Rejected(Exception):
     """A handler's result cannot be applied and retrying will not help."""
 
@@ -226,10 +193,10 @@ class Batch:
     carried: tuple[list[str], list[OutboxUpdate]] = attrs.field(factory=lambda: ([], []))
     commands: list[Any] = attrs.field(factory=list)  # the decoded `outbox_adds`
     # Association changes of this batch: `{(saga, name, value): {key: put?}}`.
-    associating: dict[_Lookup, dict[str, bool]] = attrs.field(factory=dict)
+    associating: dict[Lookup, dict[str, bool]] = attrs.field(factory=dict)
     association_puts: list[Association] = attrs.field(factory=list)
     association_deletes: list[Association] = attrs.field(factory=list)
-    associated: dict[_Lookup, list[str]] = attrs.field(factory=dict)  # looked up at start
+    associated: dict[Lookup, list[str]] = attrs.field(factory=dict)  # looked up at start
     # VIA items, with how many items they made, instances found and instances waiting
     fanned: list[tuple[Item, int, int, int]] = attrs.field(factory=list)
     decided: list[tuple[Item, bool]] = attrs.field(factory=list)  # IF_ASSOCIATED: reached?
@@ -291,11 +258,10 @@ class Batch:
                 schedule_ids.append(item.schedule.id)
         if lookups:
             # The instances each fan-out reaches are loaded with the others, in one read.
-            self.associated = await resolve(shard, lookups)
+            self.associated = await resolve(shard, [_fanout(i).lookup for i in lookups])
             for item in vias:
-                f = item.fanout
-                assert f is not None
-                for key in self.associated[(f.saga, f.name, f.value)]:
+                f = _fanout(item)
+                for key in self.associated[f.lookup]:
                     work_of(item.saga, key)
                     if item.event_id is not None:
                         marks.append((f.saga, key, item.event_id))
@@ -1076,6 +1042,12 @@ def _actions(result: Any, w: _Work, event: Any) -> Iterable[Any]:
     if isinstance(result, str | bytes | dict) or not isinstance(result, Iterable):
         raise Batch._reject(w, event, _not_an_action(result))
     return result
+
+
+def _fanout(item: Item) -> Fanout:
+    """The tally of a `VIA` or `IF_ASSOCIATED` item."""
+    assert item.fanout is not None
+    return item.fanout
 
 
 def _not_an_action(value: Any) -> str:

@@ -20,8 +20,8 @@ import anyio
 import attrs
 
 from . import _report as report
-from ._associations import AssociationCache
-from ._batch import EVENT, IF_ASSOCIATED, VIA, Batch, Item, Ref, resolve
+from ._associations import AssociationCache, resolve
+from ._batch import EVENT, IF_ASSOCIATED, VIA, Batch, Item, Ref
 from ._calls import Interrupt
 from ._hooks import Hooks
 from ._outbox import Counters, Outbox, error_text
@@ -267,13 +267,13 @@ class Shard:
         """The store refused the effects of a fan-out: deliver the event instance by
         instance instead, so that only those whose effects cannot be stored are kept as
         dead letters."""
+        fanout = item.fanout
+        assert fanout is not None and item.ack is not None
         try:
-            keys = next(iter((await resolve(self, [item])).values()))
+            keys = (await resolve(self, [fanout.lookup]))[fanout.lookup]
         except Exception as exc:  # noqa: BLE001 - the store fails: so does the event
             self._fail([item], exc)
             return
-        fanout = item.fanout
-        assert fanout is not None and item.ack is not None
         # Those parked behind a handler retry get it when their turn comes (`_park`).
         items = [
             Item(EVENT, item.saga, key, item.event, item.handler, item.event_id, item.ack)
