@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from collections.abc import AsyncIterable, Callable
 from datetime import timedelta
@@ -447,8 +446,10 @@ class Runtime:
         if via is None:
             return [(self._shard(spec.name, key), Item(EVENT, spec, key, event, handler, id, ack))]
         fanout = Fanout(spec.name, via.name, key, len(self._shards))
-        item = functools.partial(Item, VIA, spec, key, event, handler, id, ack, fanout=fanout)
-        return [(shard, item()) for shard in self._shards]
+        return [
+            (shard, Item(VIA, spec, key, event, handler, id, ack, fanout=fanout))
+            for shard in self._shards
+        ]
 
     async def _look_up(self, event: object, targets: list[_Target]) -> list[_Target]:
         """Cluster mode: `targets` with those routed via an association replaced by the
