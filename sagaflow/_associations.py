@@ -146,6 +146,12 @@ class AssociationCache:
                 keys.discard(ref[1])
                 self._weight -= 1
 
+    def evict(self, ref: _Ref) -> None:
+        """Forget the lookups that name instance `ref` (they are read again when next
+        needed): a commit about it conflicted, so the store may have moved on."""
+        for lookup in self._of.pop(ref, set()).copy():
+            self._drop(lookup)
+
     def clear(self) -> None:
         """Forget everything (the store was changed behind the runtime's back)."""
         self._lookups.clear()

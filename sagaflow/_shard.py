@@ -362,6 +362,7 @@ class Shard:
         """Drop what a failed batch touched: the store may have moved on."""
         for ref in work:
             self.cache.pop(ref, None)
+            self.associations.evict(ref)
 
     def _finish(self, item: Item, error: BaseException | None = None) -> None:
         if item.ack is not None:

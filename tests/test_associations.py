@@ -38,6 +38,7 @@ from sagaflow import (
     correlate,
     on,
 )
+from sagaflow._associations import AssociationCache
 from sagaflow._clock import VirtualClock
 from sagaflow.exceptions import RegistrationError
 from sagaflow.stores import (
@@ -831,3 +832,51 @@ def test_sagaflow_show_lists_the_instances_associations(
     assert text.endswith("\n\nassociations\n  NAME  VALUE\n  tag   x\n  tag   y\n")
     assert none.endswith("\n\nassociations\n  none\n")
     assert shown["associations"] == [{"name": "tag", "value": "x"}, {"name": "tag", "value": "y"}]
+
+
+@pytest.mark.anyio
+async def test_an_instance_aborted_behind_the_runtimes_back_is_not_reached_any_more() -> None:
+    """`Admin.abort` deletes an instance the runtime has cached, lookups included: the
+    next event via its association conflicts, is handled again with fresh reads, and
+    finds no instance."""
+    async with running(MemoryStore(), shards=1) as h:
+        await h.runtime.run(stream([Open("a"), Tag("a", "x")]))
+        await h.runtime.publish(Shout("x", 1))  # the lookup of x is cached now
+
+        await Admin(h.store).abort(SAGA, "a")
+        await h.runtime.publish(Shout("x", 2))
+
+        reason = "no instance is associated with tag='x'"
+        assert await h.states() == {}
+        assert h.unmatched == [Unmatched(Shout("x", 2), SAGA, None, reason)]
+        assert h.runtime.statistics().conflicts == 1
+
+
+def test_the_association_cache_follows_commits_and_stays_within_its_size() -> None:
+    """What the shard's own commits change is applied where cached; an instance that
+    ended leaves every lookup; an eviction forgets the lookups naming an instance; the
+    least recently used lookups go first past `size` (keys plus one per lookup)."""
+    cache = AssociationCache(6)
+    cache.fill("s", "tag", "x", ["a", "b"])
+    cache.fill("s", "tag", "y", ["a"])
+    cache.put(Association("s", "tag", "x", "c"))
+    cache.put(Association("s", "tag", "z", "c"))  # z is not cached: nothing to do
+    cache.delete(Association("s", "tag", "x", "b"))
+    assert (cache.get("s", "tag", "x"), cache.get("s", "tag", "y")) == ({"a", "c"}, {"a"})
+    assert cache.get("s", "tag", "z") is None
+
+    cache.forget(("s", "a"))
+    assert (cache.get("s", "tag", "x"), cache.get("s", "tag", "y")) == ({"c"}, set())
+
+    cache.evict(("s", "c"))
+    assert (cache.get("s", "tag", "x"), cache.get("s", "tag", "y")) == (None, set())
+
+    cache.fill("s", "tag", "p", ["k1", "k2"])  # weight: y 1, p 3
+    cache.fill("s", "tag", "q", ["k3"])  # 6: still all there
+    assert cache.get("s", "tag", "y") == set()  # y is now the most recently used
+    cache.fill("s", "tag", "r", [])  # 7 > 6: p, the least recently used, goes
+    assert [cache.get("s", "tag", v) for v in "ypqr"] == [set(), None, {"k3"}, set()]
+
+    off = AssociationCache(0)
+    off.fill("s", "tag", "x", ["a"])
+    assert off.get("s", "tag", "x") is None
