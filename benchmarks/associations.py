@@ -1,11 +1,13 @@
 """Associations: fan-out to many instances, and routing by association against by key.
 
-    python benchmarks/associations.py                       # memory, then sqlite
-    python benchmarks/associations.py --store sqlite --backend trio
+    python benchmarks/associations.py                       # memory, sqlite (and postgres)
+    python benchmarks/associations.py --store sqlite --backend trio --rounds 5
     python benchmarks/associations.py --fanout 200 --instances 100 --events 400   # short
 
 Two measurements, each checked (every instance handled exactly what it should, every
-command dispatched once), printed as a table and as one JSON line per store:
+command dispatched once), run `--rounds` times (3) with the variants alternated, so that
+drift of the machine's speed hits all of them alike, and printed as medians, in a table
+and as one JSON line per store:
 
 - fan-out: `--fanout` instances (10,000) are associated with one value; one event routed
   via that association reaches all of them. Timed: from `publish` to the last command
@@ -233,19 +235,38 @@ async def routing(
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DATA_DIR")) as directory:
-        fan = await fan_out(args, directory)
-        by_key = await routing(args, directory, "key", lambda i: Ping(f"m{i:06}"))
-        via = await routing(args, directory, "via", lambda i: Poke(f"a{i:06}"))
-        uncached = await routing(
-            args, directory, "via_nocache", lambda i: Poke(f"a{i:06}"), cache_size=0
-        )
-    return {"fan_out": fan, "by_key": by_key, "via": via, "via_nocache": uncached}
+    """Every measurement `args.rounds` times, alternated; the medians."""
+    runs: dict[str, list[dict[str, Any]]] = {
+        "fan_out": [],
+        "by_key": [],
+        "via": [],
+        "via_nocache": [],
+    }
+    for _ in range(args.rounds):
+        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DATA_DIR")) as directory:
+            runs["fan_out"].append(await fan_out(args, directory))
+            runs["by_key"].append(await routing(args, directory, "key", lambda i: Ping(f"m{i:06}")))
+            runs["via"].append(await routing(args, directory, "via", lambda i: Poke(f"a{i:06}")))
+            runs["via_nocache"].append(
+                await routing(
+                    args, directory, "via_nocache", lambda i: Poke(f"a{i:06}"), cache_size=0
+                )
+            )
+    return {name: _median(rows) for name, rows in runs.items()}
+
+
+def _median(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median time, with every run's problems."""
+    middle = sorted(rows, key=lambda row: row["seconds"])[len(rows) // 2]
+    return {**middle, "problems": [p for row in rows for p in row["problems"]]}
 
 
 def report(args: argparse.Namespace, result: dict[str, Any]) -> bool:
     fan, by_key, via, uncached = (result[k] for k in ("fan_out", "by_key", "via", "via_nocache"))
-    print(f"store={args.store} backend={args.backend} shards={args.shards}")
+    print(
+        f"store={args.store} backend={args.backend} shards={args.shards}, "
+        f"medians of {args.rounds} alternated rounds"
+    )
     print(
         f"  fan-out to {fan['instances']:,} instances: {fan['seconds']:.3f} s, "
         f"{fan['instances'] / fan['seconds']:,.0f} instances/s"
@@ -288,6 +309,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--instances", type=int, default=2_000, help="instances the routing run uses")
     p.add_argument("--events", type=int, default=20_000, help="events of the routing run")
     p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     return p.parse_args(argv)
 
 

@@ -101,13 +101,13 @@ def test_associations_measures_fan_out_and_routing_and_checks_the_results(tmp_pa
     and SQLite, checks what every instance handled, and prints its figures."""
     out = _script(
         "associations.py",
-        *("--fanout", "200", "--instances", "50", "--events", "300"),
+        *("--fanout", "200", "--instances", "50", "--events", "300", "--rounds", "1"),
         *("--store", "memory"),
         tmp_path=tmp_path,
     )
     out += _script(
         "associations.py",
-        *("--fanout", "200", "--instances", "50", "--events", "300"),
+        *("--fanout", "200", "--instances", "50", "--events", "300", "--rounds", "1"),
         *("--store", "sqlite", "--backend", "trio"),
         tmp_path=tmp_path,
     )
