@@ -492,8 +492,9 @@ class Admin:
         """Delete an instance with its pending schedules and commands; its dead letters stay.
 
         The delete is version-checked: if a runtime changes the instance meanwhile, it is
-        read again and the delete repeated. Commands a running runtime already holds in
-        memory may still be dispatched.
+        read again and the delete repeated. A running runtime may still dispatch a
+        command of it that it holds in memory and that is due now; one waiting there for a
+        retry is dropped before its next attempt.
 
         Returns:
             The instance as it was just before it was deleted.

@@ -464,6 +464,37 @@ async def test_an_empty_file_is_refused_unless_asked_to_create_a_store(tmp_path:
     ]
 
 
+async def test_a_new_store_file_appears_only_with_its_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that dies while creating a store (here: the schema fails half-way, as a
+    kill would stop it) leaves no empty file that the next start would refuse; a stray
+    file of a dead creator is removed by the next creation."""
+    path = tmp_path / "new.db"
+    stray = tmp_path / "new.db.creating-999999999"  # no such process
+    stray.write_bytes(b"")
+
+    def dies(store: SQLiteStore, conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        raise KeyboardInterrupt  # stands for the kill: nothing after this runs
+
+    with monkeypatch.context() as patched:
+        patched.setattr(SQLiteStore, "_migrate", dies)
+        with pytest.raises(KeyboardInterrupt):
+            await SQLiteStore(path).open()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm"))) == [
+        "new.db"
+    ]
+    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
+
+
 async def test_a_database_of_someone_else_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.db"
     query(path, "CREATE TABLE customers (id INTEGER)")

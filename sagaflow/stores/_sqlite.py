@@ -8,6 +8,7 @@ a row, so nothing here crosses to a thread per row.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import urllib.parse
@@ -397,6 +398,8 @@ class SQLiteStore:
             raise StoreError(f"SQLite store {self._path!r} failed: {exc}") from exc
 
     def _connect(self) -> sqlite3.Connection:
+        if self._migrates and self._path != ":memory:" and not os.path.exists(self._path):
+            self._create_atomically()
         # Without migrating, nothing may be created either: not even an empty file.
         path = self._path
         self._was_empty = os.path.isfile(path) and os.path.getsize(path) == 0
@@ -429,6 +432,41 @@ class SQLiteStore:
             conn.close()
             raise
         return conn
+
+    def _create_atomically(self) -> None:
+        """Create a new store file with its schema, all at once.
+
+        The schema is written into a file beside it, which then takes the store's name:
+        a process killed while creating a store leaves no file (or an empty one that
+        would be refused) behind, only a stray `.creating-<pid>` file that the next
+        creation removes.
+        """
+        directory, name = os.path.split(os.path.abspath(self._path))
+        if not os.path.isdir(directory):
+            return  # opening it says so
+        prefix = f"{name}.creating-"
+        for stray in os.listdir(directory or "."):
+            pid = stray[len(prefix) :]
+            if stray.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, stray))
+        creating = os.path.join(directory, f"{prefix}{os.getpid()}")
+        try:
+            conn = sqlite3.connect(creating, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                self._was_empty = False
+                _transaction(conn, self._migrate)
+            finally:
+                conn.close()  # the last connection: SQLite folds the WAL into the file
+            os.link(creating, self._path)  # fails if another process created it first
+        except FileExistsError:
+            pass  # it did: open theirs
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot create SQLite store {self._path!r}: {exc}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(creating)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         """Create the schema in a new file, or bring an older one up to date."""
@@ -689,3 +727,14 @@ def _schedule(row: Sequence[Any]) -> ScheduleRecord:
     fields = dict(zip(_SCHEDULE, row, strict=True))
     fields["to_self"] = bool(fields["to_self"])
     return ScheduleRecord(**fields)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs (one we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
