@@ -23,7 +23,7 @@ import anyio.abc
 import anyio.lowlevel
 import attrs
 
-from ._hooks import Hooks
+from ._hooks import Hooks, trace_carrier, traced
 from ._outbox import Counters, Dispatchers, call_dispatch, error_text, note_failure
 from ._records import DispatchMeta
 from ._registry import Registry
@@ -376,13 +376,18 @@ class ClusterOutbox:
             if not entry.decoded:
                 entry.command = self.registry.serializer.decode(row.type_name, row.payload)
                 entry.decoded = True
-            meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
-            span = None if self.hooks is None else self.hooks.dispatching(entry.command, meta)
+            meta = DispatchMeta(
+                row.id, row.saga, row.key, attempt, row.kind, trace_carrier(row.trace)
+            )
+            hooks = self.hooks
+            span = None if hooks is None else hooks.dispatching(entry.command, meta)
             timeout = self.dispatch_timeout
             if span is None:
                 await call_dispatch(self.dispatch, entry.command, meta, timeout)
             else:
+                assert hooks is not None
                 with span:
+                    meta = traced(hooks, meta)
                     await call_dispatch(self.dispatch, entry.command, meta, timeout)
         except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
             self._dispatch_failed(ref, entry, attempt, exc)

@@ -16,7 +16,7 @@ import attrs
 
 from ._calls import Interrupt, call
 from ._clock import SystemClock
-from ._hooks import Hooks
+from ._hooks import Hooks, trace_carrier, traced
 from ._records import DispatchMeta
 from ._retry import RetryPolicy
 from ._serialization import Serializer
@@ -203,8 +203,11 @@ def note_failure(
         due: float = now + policy.delay(attempt)
         counters.command_retries += 1
         if hooks is not None:
+            trace = trace_carrier(row.trace)
             hooks.command_retry(
-                DispatchMeta(row.id, row.saga, row.key, attempt, row.kind), error, due - now
+                DispatchMeta(row.id, row.saga, row.key, attempt, row.kind, trace),
+                error,
+                due - now,
             )
         log.warning(
             "command %s of %s/%s failed (attempt %d), retrying: %s",
@@ -478,7 +481,9 @@ class Outbox:
                 if not entry.decoded:
                     entry.command = self.serializer.decode(row.type_name, row.payload)
                     entry.decoded = True
-                meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
+                meta = DispatchMeta(
+                    row.id, row.saga, row.key, attempt, row.kind, trace_carrier(row.trace)
+                )
                 if hooks is None:
                     await call_dispatch(dispatch, entry.command, meta, timeout)
                 else:
@@ -487,6 +492,7 @@ class Outbox:
                         await call_dispatch(dispatch, entry.command, meta, timeout)
                     else:
                         with span:
+                            meta = traced(hooks, meta)
                             await call_dispatch(dispatch, entry.command, meta, timeout)
             except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
                 self._failed(ref, entry, attempt, exc)

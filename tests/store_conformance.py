@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 
 from sagaflow.exceptions import ConflictError
@@ -39,6 +40,7 @@ from sagaflow.stores import (
     LoadRequest,
     OutboxRecord,
     OutboxUpdate,
+    RowCounts,
     ScheduleDelete,
     ScheduleRecord,
     Store,
@@ -47,6 +49,8 @@ from sagaflow.stores import (
 __all__ = ["StoreConformance"]
 
 SAGA = "OrderSaga"
+TRACE = '{"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}'
+"""A trace context as the runtime stores it (JSON text of a W3C carrier)."""
 
 
 def instance(
@@ -84,6 +88,7 @@ def outbox_row(
     attempts: int = 0,
     due: float = 0.0,
     error: str | None = None,
+    trace: str | None = None,
 ) -> OutboxRecord:
     """An outbox row with a payload derived from its id."""
     return OutboxRecord(
@@ -97,6 +102,7 @@ def outbox_row(
         attempts=attempts,
         due=due,
         error=error,
+        trace=trace,
     )
 
 
@@ -110,6 +116,7 @@ def schedule(
     to_self: bool = False,
     seq: int = 0,
     attempts: int = 0,
+    trace: str | None = None,
 ) -> ScheduleRecord:
     """A schedule named after its id unless `name` is given."""
     return ScheduleRecord(
@@ -123,6 +130,7 @@ def schedule(
         payload=f'{{"schedule": "{id}"}}',
         seq=seq,
         attempts=attempts,
+        trace=trace,
     )
 
 
@@ -1061,3 +1069,67 @@ class StoreConformance:
         assert await store.list_outbox() == [row]
         assert await store.list_schedules() == [timer]
         assert await store.list_dead_letters() == [dead]
+
+    # -- trace contexts
+
+    async def test_the_trace_of_commands_and_schedules_is_kept(self, store: Store) -> None:
+        """Every read of outbox rows and schedules gives their trace back; an update of
+        a failed attempt keeps it; a replacing row brings its own."""
+        other = TRACE.replace("b7ad6b7169203331", "00f067aa0ba902b7")
+        rows = [outbox_row("c1", trace=TRACE), outbox_row("c2", seq=2)]
+        timers = [schedule("t1", due=5.0, trace=TRACE), schedule("t2", due=6.0)]
+        await store.commit(Changes(outbox_adds=rows, schedule_puts=timers))
+        await store.commit(Changes(outbox_updates=[OutboxUpdate("c1", 1, 3.0, "E: x")]))
+        await store.commit(Changes(outbox_adds=[outbox_row("c2", seq=2, trace=other)]))
+
+        failed = outbox_row("c1", attempts=1, due=3.0, error="E: x", trace=TRACE)
+        replaced = outbox_row("c2", seq=2, trace=other)
+        assert await store.list_outbox() == [failed, replaced]
+        assert await store.scan_outbox(limit=10) == [failed, replaced]
+        assert await store.list_schedules() == timers
+        assert await store.scan_schedules(limit=10) == timers
+        assert await store.due_schedules(10.0, 10) == timers
+
+    # -- counting rows
+
+    async def test_a_fresh_store_counts_no_rows(self, store: Store) -> None:
+        counts = await store.count_rows(now=100.0)
+
+        assert counts == RowCounts(
+            instances={ACTIVE: 0, COMPLETING: 0, COMPENSATION_FAILED: 0},
+            outbox=0,
+            schedules=0,
+            due_schedules=0,
+            dead_letters=0,
+        )
+
+    async def test_rows_are_counted_by_kind_and_instances_by_status(self, store: Store) -> None:
+        """Schedules due at `now` exactly count as due."""
+        await store.commit(
+            Changes(
+                writes=[
+                    InstanceWrite(instance("a"), 0),
+                    InstanceWrite(instance("b"), 0),
+                    InstanceWrite(instance("c", status=COMPLETING, completed=True), 0),
+                    InstanceWrite(instance("d", saga="Other", status=COMPENSATION_FAILED), 0),
+                ],
+                outbox_adds=[outbox_row("c1"), outbox_row("c2", seq=2), outbox_row("c3", key="b")],
+                schedule_puts=[schedule("s1", due=10.0), schedule("s2", due=20.0)],
+                dead_letters=[dead_letter("d1")],
+            )
+        )
+
+        counts = [await store.count_rows(now=now) for now in (9.0, 10.0, 99.0)]
+
+        expected = RowCounts(
+            instances={ACTIVE: 2, COMPLETING: 1, COMPENSATION_FAILED: 1},
+            outbox=3,
+            schedules=2,
+            due_schedules=0,
+            dead_letters=1,
+        )
+        assert counts == [
+            expected,
+            attrs.evolve(expected, due_schedules=1),
+            attrs.evolve(expected, due_schedules=2),
+        ]
