@@ -517,6 +517,9 @@ class Runtime:
                 Without it, each event keeps the trace current in the task calling
                 `run` when it is consumed, if the hooks capture traces.
 
+        `id` and `trace` are called with each event as it is consumed, before the next
+        one is taken from `source`, so they may answer from the message it came in.
+
         Returns:
             How many events were consumed.
 
