@@ -138,6 +138,7 @@ class OpenTelemetryHooks(Hooks):
                 f"sagaflow's `otel` extra: pip install 'sagaflow[otel]' ({exc})"
             ) from exc
         self._trace = trace
+        self._observation = metrics.Observation
         self._per_instance = trace_per_instance
         self._propagator = propagator or propagate.get_global_textmap()
         self._counts: RowCounts | None = None
@@ -343,21 +344,17 @@ class OpenTelemetryHooks(Hooks):
         self._counts = counts
 
     def _observe_instances(self, options: CallbackOptions) -> Iterable[Observation]:
-        from opentelemetry.metrics import Observation
-
         counts = self._counts
         if counts is None:
             return []
         return [
-            Observation(n, {"sagaflow.status": status})
+            self._observation(n, {"sagaflow.status": status})
             for status, n in sorted(counts.instances.items())
         ]
 
     def _observer(self, field: str) -> Any:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
-            from opentelemetry.metrics import Observation
-
             counts = self._counts
-            return [] if counts is None else [Observation(getattr(counts, field))]
+            return [] if counts is None else [self._observation(getattr(counts, field))]
 
         return observe

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import settings
 
 # The suite lives outside test modules: let pytest explain its failed asserts too.
-pytest.register_assert_rewrite("store_conformance")
+pytest.register_assert_rewrite("store_conformance", "cluster_conformance")
 
 
 @pytest.fixture(params=["asyncio", "trio"])

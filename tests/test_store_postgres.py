@@ -19,9 +19,9 @@ import attrs
 import psycopg
 import pytest
 from _postgres_server import pg_schema, postgres_dsn  # noqa: F401
+from cluster_conformance import ClusterStoreConformance
 from store_conformance import (
     SAGA,
-    StoreConformance,
     create,
     instance,
     outbox_row,
@@ -69,8 +69,9 @@ async def pg_store(postgres_dsn: str, pg_schema: str) -> AsyncIterator[PostgresS
 
 
 @pytest.mark.postgres
-class TestPostgresStore(StoreConformance):
-    """The conformance suite on a fresh schema per test."""
+class TestPostgresStore(ClusterStoreConformance):
+    """The conformance suites (of stores and of cluster stores) on a fresh schema per
+    test."""
 
     @pytest.fixture
     async def store(self, pg_store: PostgresStore) -> AsyncIterator[Store]:
