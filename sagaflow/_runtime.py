@@ -536,7 +536,10 @@ class Runtime:
             async for event in source:
                 count += 1
                 event_id = id(event) if id is not None else None
-                carried = trace_text(trace(event)) if trace is not None else capture(hooks)
+                if trace is not None:
+                    carried = trace_text(trace(event))
+                else:
+                    carried = None if hooks is None else capture(hooks)
                 targets = self._targets(event)
                 if not targets:
                     self._not_routed(event, "run")

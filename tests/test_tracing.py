@@ -452,3 +452,11 @@ async def test_an_event_published_outside_any_span_is_traced_per_instance() -> N
     assert {ids(s)[0] for s in spans.values()} == {instance_trace_id(record.instance_id)}
     assert parent_of(spans["dispatch Cmd"]) == ids(spans["handle Started"])
     assert hooks.capture_trace() is None
+
+
+def test_the_command_line_shows_a_rows_trace_as_its_carrier() -> None:
+    from sagaflow._cli import _row_json
+
+    row = OutboxRecord("c1", SAGA, "k", 1, "send", "T", "{}", trace='{"traceparent":"00-ab"}')
+
+    assert _row_json(row, full=False)["trace"] == {"traceparent": "00-ab"}
