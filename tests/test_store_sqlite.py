@@ -10,15 +10,6 @@ from pathlib import Path
 import anyio
 import attrs
 import pytest
-from store_conformance import (
-    SAGA,
-    TRACE,
-    StoreConformance,
-    dead_letter,
-    instance,
-    outbox_row,
-    schedule,
-)
 
 from sagaflow.exceptions import ConflictError, SchemaVersionError, StoreError
 from sagaflow.stores import (
@@ -35,6 +26,15 @@ from sagaflow.stores import (
 )
 from sagaflow.stores import _sqlite as sqlite_module
 from sagaflow.stores._sqlite import SCHEMA_VERSION
+from sagaflow.testing.conformance import (
+    SAGA,
+    TRACE,
+    StoreConformance,
+    dead_letter,
+    instance,
+    outbox_row,
+    schedule,
+)
 
 pytestmark = pytest.mark.anyio
 
