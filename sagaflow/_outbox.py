@@ -531,7 +531,8 @@ class Outbox:
         """The instance's queue is empty: it leaves memory."""
         del self._queues[ref]
         if queue.partial:
-            self._spill()  # its next rows are in the store
+            self._spill()  # its next rows are in the store: not empty yet
+            self._completing.discard(ref)  # the read that takes them says if it completed
             self._pull.poke()
         elif self._spilled and self._depth <= self.capacity - min(self.page, self.capacity):
             self._pull.poke()  # room for a page of spilled commands
@@ -562,8 +563,8 @@ class Outbox:
         while queue and ref not in held and ref not in awaiting:
             entry = queue[0]
             row = entry.row
-            if row.due > self.clock.now():
-                self._dispatchers.retry_at(ref, row.due)  # read back while it backs off
+            if row.due and row.due > self.clock.now():  # read back while it backs off
+                self._dispatchers.retry_at(ref, row.due)
                 return
             attempt = row.attempts + 1
             try:
@@ -794,7 +795,9 @@ class Outbox:
             if not full:
                 self._cursor = None
                 self._later = self._cycle_later
-                if self._spills == self._cycle_spills and self._later == math.inf:
+                if self._spills != self._cycle_spills:
+                    self._pull.poke()  # commands spilled behind the read: read again
+                elif self._later == math.inf:
                     self._spilled = False  # memory holds every command now
                 return True
 
