@@ -1,44 +1,9 @@
-"""The behaviour every store must show, as reusable pytest test classes.
-
-`StoreConformance` pins the `Store` protocol: atomic commits and their order of
-application, optimistic versions, schedules by due time, dedup marks, listings, keyset
-scans, row counts, trace contexts. `ClusterStoreConformance` adds the `ClusterStore`
-protocol that `Runtime(cluster=True)` needs: the shared inbox, commands and schedules
-claimed with leases, settling, the end of completed instances, and wake-ups. sagaflow's
-own stores run these suites; a store of your own runs them the same way.
-
-A test module subclasses one of them and provides a `store` fixture that yields an
-opened, empty store and closes it afterwards:
-
-```python
-import pytest
-from sagaflow.testing.conformance import StoreConformance
-
-from mypackage import MyStore
-
-
-class TestMyStore(StoreConformance):
-    @pytest.fixture
-    async def store(self):
-        store = MyStore()
-        await store.open()
-        yield store
-        await store.close()
-```
-
-This module needs pytest (and anyio's pytest plugin, which comes with anyio); every test
-runs on asyncio and, when trio is installed, on trio (override the class's
-`anyio_backend` fixture to choose). For pytest's detailed assertion messages, register the
-module for assertion rewriting before it is imported, in `conftest.py`:
-`pytest.register_assert_rewrite("sagaflow.testing.conformance")`. The record factories
-(`instance`, `outbox_row`, `schedule`, `dead_letter`, `inbox_row`, ...) help write more
-tests of your own in the same terms.
-"""
+"""`StoreConformance`: the behaviour every `Store` must show."""
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -46,200 +11,36 @@ import anyio.to_thread
 import attrs
 import pytest
 
-from ..exceptions import ConflictError
-from ..stores import (
+from ...exceptions import ConflictError
+from ...stores import (
     ACTIVE,
     COMPENSATION_FAILED,
     COMPLETING,
     Changes,
-    ClaimedCommand,
-    ClusterStore,
-    DeadLetter,
     DedupMark,
-    InboxRecord,
     InstanceDelete,
-    InstanceRecord,
     InstanceWrite,
     Loaded,
     LoadRequest,
-    OutboxRecord,
     OutboxUpdate,
     PendingCommand,
     RowCounts,
     ScheduleDelete,
-    ScheduleRecord,
-    Settled,
     Store,
 )
-
-__all__ = [
-    "ClusterStoreConformance",
-    "SAGA",
-    "StoreConformance",
-    "TRACE",
-    "create",
-    "dead_letter",
-    "everything",
-    "inbox_row",
-    "instance",
-    "outbox_row",
-    "scan_pages",
-    "schedule",
-]
-
-SAGA = "OrderSaga"
-"""The saga name the records of the suite belong to."""
-TRACE = '{"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}'
-"""A trace context as the runtime stores it (JSON text of a W3C carrier)."""
-
-
-def instance(
-    key: str = "k1",
-    *,
-    saga: str = SAGA,
-    version: int = 1,
-    status: str = ACTIVE,
-    state: str = '{"status": "new", "amount": 0}',
-    last_event: str | None = "shop.OrderPlaced",
-    completed: bool = False,
-) -> InstanceRecord:
-    """An instance record with every field set."""
-    return InstanceRecord(
-        saga=saga,
-        key=key,
-        version=version,
-        status=status,
-        state=state,
-        instance_id=f"{saga}/{key}/i{version}",
-        created_at=1000.5,
-        updated_at=1000.5 + version,
-        last_event=last_event,
-        completed=completed,
-    )
-
-
-def outbox_row(
-    id: str,
-    *,
-    saga: str = SAGA,
-    key: str = "k1",
-    seq: int = 1,
-    kind: str = "send",
-    attempts: int = 0,
-    due: float = 0.0,
-    error: str | None = None,
-    trace: str | None = None,
-) -> OutboxRecord:
-    """An outbox row with a payload derived from its id."""
-    return OutboxRecord(
-        id=id,
-        saga=saga,
-        key=key,
-        seq=seq,
-        kind=kind,
-        type_name="shop.ReserveStock",
-        payload=f'{{"command": "{id}"}}',
-        attempts=attempts,
-        due=due,
-        error=error,
-        trace=trace,
-    )
-
-
-def schedule(
-    id: str,
-    *,
-    saga: str = SAGA,
-    key: str = "k1",
-    name: str | None = None,
-    due: float = 10.0,
-    to_self: bool = False,
-    seq: int = 0,
-    attempts: int = 0,
-    trace: str | None = None,
-) -> ScheduleRecord:
-    """A schedule named after its id unless `name` is given."""
-    return ScheduleRecord(
-        id=id,
-        saga=saga,
-        key=key,
-        name=id if name is None else name,
-        due=due,
-        to_self=to_self,
-        type_name="shop.PaymentTimedOut",
-        payload=f'{{"schedule": "{id}"}}',
-        seq=seq,
-        attempts=attempts,
-        trace=trace,
-    )
-
-
-def dead_letter(
-    id: str,
-    *,
-    saga: str = SAGA,
-    key: str = "k1",
-    failed_at: float = 50.0,
-    kind: str = "send",
-    seq: int = 0,
-) -> DeadLetter:
-    """A dead letter with every field set."""
-    return DeadLetter(
-        id=id,
-        saga=saga,
-        key=key,
-        kind=kind,
-        type_name="shop.CapturePayment",
-        payload=f'{{"dead": "{id}"}}',
-        error="ConnectionError: payment gateway down",
-        attempts=5,
-        failed_at=failed_at,
-        seq=seq,
-    )
-
-
-def create(*records: InstanceRecord) -> Changes:
-    """Changes that create `records` as new instances."""
-    return Changes(writes=[InstanceWrite(r, expected_version=0) for r in records])
-
-
-def _empty_loaded() -> Loaded:
-    """What `load` answers when nothing asked for is there."""
-    return Loaded(instances={}, marks=set(), schedule_ids=set())
-
-
-async def everything(store: Store) -> tuple[Any, ...]:
-    """Every listing of `store`, to check that a commit changed nothing."""
-    return (
-        await store.list_instances(),
-        await store.list_outbox(),
-        await store.list_schedules(),
-        await store.list_dead_letters(),
-        await store.next_due(),
-    )
-
-
-async def scan_pages(
-    scan: Callable[..., Awaitable[list[Any]]], last: Callable[[Any], Any], *, limit: int
-) -> list[list[Any]]:
-    """Every page of a `scan_*` method, each read after the last key of the one before."""
-    pages: list[list[Any]] = []
-    after = None
-    while rows := await scan(after=after, limit=limit):
-        pages.append(rows)
-        after = last(rows[-1])
-    return pages
-
-
-def _everything_once() -> Changes:
-    """One row of every kind."""
-    return Changes(
-        writes=[InstanceWrite(instance(), expected_version=0)],
-        schedule_puts=[schedule("s1")],
-        outbox_adds=[outbox_row("c1")],
-        dead_letters=[dead_letter("d1")],
-    )
-
+from ._records import (
+    SAGA,
+    TRACE,
+    create,
+    dead_letter,
+    empty_loaded,
+    everything,
+    everything_once,
+    instance,
+    outbox_row,
+    scan_pages,
+    schedule,
+)
 
 _BACKENDS = ["asyncio", *(["trio"] if importlib.util.find_spec("trio") else [])]
 
@@ -272,7 +73,7 @@ class StoreConformance:
             schedule_ids=["s1"],
             now=0.0,
         )
-        assert await store.load(request) == _empty_loaded()
+        assert await store.load(request) == empty_loaded()
 
     async def test_empty_changes_commit_and_change_nothing(self, store: Store) -> None:
         await store.commit(create(instance()))
@@ -1091,7 +892,7 @@ class StoreConformance:
         assert await store.scan_dead_letters(after="d1", limit=10) == by_id[1:]
 
     async def test_scans_change_nothing(self, store: Store) -> None:
-        await store.commit(_everything_once())
+        await store.commit(everything_once())
         before = await everything(store)
 
         await store.scan_instances(limit=1)
@@ -1256,245 +1057,3 @@ class StoreConformance:
             attrs.evolve(expected, due_schedules=1),
             attrs.evolve(expected, due_schedules=2),
         ]
-
-
-# -- cluster stores
-
-_NOW = 1_000.0
-"""The time the cluster tests claim at (wall-clock seconds)."""
-
-
-def inbox_row(key: str, event_id: str, *, saga: str = SAGA, generated: bool = False) -> InboxRecord:
-    """An inbox row as `put_inbox` takes it (its `pos` is assigned by the store)."""
-    return InboxRecord(
-        0, saga, key, event_id, generated, "shop.OrderPlaced", f'{{"e": "{event_id}"}}', _NOW
-    )
-
-
-async def _put(store: ClusterStore, *rows: InboxRecord) -> list[InboxRecord]:
-    """Put `rows` in the inbox; return them as stored (with their positions)."""
-    positions = await store.put_inbox(rows)
-    return [attrs.evolve(r, pos=p) for r, p in zip(rows, positions, strict=True)]
-
-
-def _ids(claimed: list[ClaimedCommand]) -> list[tuple[str, bool]]:
-    return [(c.row.id, c.failed) for c in claimed]
-
-
-class ClusterStoreConformance(StoreConformance):
-    """Tests of the `ClusterStore` protocol, on top of the `Store` ones."""
-
-    async def test_satisfies_the_cluster_store_protocol(self, store: Store) -> None:
-        assert isinstance(store, ClusterStore)
-        assert store.lease_seconds > 0
-        assert store.poll_interval > 0
-
-    # -- the inbox
-
-    async def test_inbox_rows_get_increasing_positions_and_round_trip(
-        self, store: ClusterStore
-    ) -> None:
-        first = await _put(
-            store, inbox_row("a", "e1"), attrs.evolve(inbox_row("b", "e2"), trace=TRACE)
-        )
-        second = await _put(store, inbox_row("a", "e3", generated=True))
-        rows = first + second
-        positions = [r.pos for r in rows]
-
-        assert positions == sorted(set(positions))
-        assert await store.list_inbox() == rows
-        assert await store.pending_inbox([*positions, max(positions) + 1000]) == set(positions)
-        assert await scan_pages(store.scan_inbox, lambda r: r.pos, limit=2) == [rows[:2], rows[2:]]
-        assert await store.put_inbox([]) == []
-
-    async def test_an_instances_inbox_rows_are_held_by_one_owner_in_order(
-        self, store: ClusterStore
-    ) -> None:
-        a1, b1, a2 = await _put(
-            store, inbox_row("a", "e1"), inbox_row("b", "e2"), inbox_row("a", "e3")
-        )
-        sagas = [SAGA]
-
-        first = await store.claim_inbox("p1", _NOW, 1, sagas=sagas, mine=[])
-        other = await store.claim_inbox("p2", _NOW, 10, sagas=sagas, mine=[])
-        following = await store.claim_inbox("p1", _NOW, 10, sagas=sagas, mine=[(SAGA, "a")])
-        nothing = await store.claim_inbox("p3", _NOW, 10, sagas=sagas, mine=[])
-
-        assert (first, other, following, nothing) == ([a1], [b1], [a2], [])
-        assert await store.claim_inbox("p1", _NOW, 10, sagas=["Other"], mine=[]) == []
-
-    async def test_an_expired_inbox_lease_is_taken_over_and_a_renewed_one_is_not(
-        self, store: ClusterStore
-    ) -> None:
-        a1, b1 = await _put(store, inbox_row("a", "e1"), inbox_row("b", "e2"))
-        lease = store.lease_seconds
-        assert await store.claim_inbox("p1", _NOW, 10, sagas=[SAGA], mine=[]) == [a1, b1]
-
-        await store.renew_leases("p1", _NOW + lease / 2, inbox=[b1.pos])
-        taken = await store.claim_inbox("p2", _NOW + lease, 10, sagas=[SAGA], mine=[])
-
-        assert taken == [a1]
-
-    async def test_acked_rows_go_with_the_marks_of_made_up_ids_and_released_rows_are_free(
-        self, store: ClusterStore
-    ) -> None:
-        given, made_up, kept = await _put(
-            store,
-            inbox_row("a", "given"),
-            inbox_row("b", "made-up", generated=True),
-            inbox_row("c", "kept", generated=True),
-        )
-        marks = [DedupMark(SAGA, r.key, r.event_id, _NOW + 100) for r in (given, made_up, kept)]
-        await store.commit(Changes(marks=marks))
-        await store.claim_inbox("p1", _NOW, 2, sagas=[SAGA], mine=[])
-        await store.claim_inbox("p2", _NOW, 2, sagas=[SAGA], mine=[])
-
-        await store.ack_inbox("p1", [given.pos, made_up.pos, kept.pos])  # kept is p2's
-        await store.release_inbox("p2", [kept.pos])
-        left = await store.load(
-            LoadRequest(marks=[(SAGA, m.key, m.event_id) for m in marks], now=_NOW)
-        )
-
-        assert await store.list_inbox() == [kept]
-        assert left.marks == {(SAGA, "a", "given"), (SAGA, "c", "kept")}
-        assert await store.claim_inbox("p3", _NOW, 5, sagas=[SAGA], mine=[]) == [kept]
-
-    # -- commands
-
-    async def test_due_head_commands_are_claimed_with_their_followers(
-        self, store: ClusterStore
-    ) -> None:
-        stuck = instance("c", status=COMPENSATION_FAILED)
-        lease = store.lease_seconds
-        await store.commit(
-            Changes(
-                writes=[InstanceWrite(stuck, 0)],
-                outbox_adds=[
-                    outbox_row("a1", key="a", seq=1, trace=TRACE),
-                    outbox_row("a2", key="a", seq=2),
-                    outbox_row("b1", key="b", seq=1, due=_NOW + lease / 2),  # backing off
-                    outbox_row("c1", key="c", seq=1),  # its compensation failed: held
-                ],
-            )
-        )
-
-        claimed = await store.claim_commands("p1", _NOW, 10, sagas=[SAGA], mine=[])
-        other = await store.claim_commands("p2", _NOW + lease / 2, 10, sagas=[SAGA], mine=[])
-
-        assert claimed == [
-            ClaimedCommand(outbox_row("a1", key="a", seq=1, trace=TRACE)),
-            ClaimedCommand(outbox_row("a2", key="a", seq=2)),
-        ]
-        assert _ids(other) == [("b1", False)]
-
-    async def test_settled_commands_are_deleted_retried_failed_or_released(
-        self, store: ClusterStore
-    ) -> None:
-        rows = [outbox_row(f"{k}1", key=k) for k in "abcd"]
-        await store.commit(Changes(outbox_adds=rows))
-        lease = store.lease_seconds
-        await store.claim_commands("p1", _NOW, 10, sagas=[SAGA], mine=[])
-
-        settled = await store.settle_commands(
-            "p1",
-            _NOW,
-            delivered=["a1"],
-            retries=[OutboxUpdate("b1", 1, _NOW + 5, "E: later")],
-            failed=[OutboxUpdate("c1", 3, 0.0, "E: for good")],
-            released=["d1"],
-        )
-
-        assert settled == Settled([(SAGA, "a")], ["c1"])
-        assert [r.id for r in await store.list_outbox()] == ["b1", "c1", "d1"]
-        # Released: free at once. Retried: held until its due time plus a lease.
-        assert _ids(await store.claim_commands("p2", _NOW, 10, sagas=[SAGA], mine=[])) == [
-            ("d1", False)
-        ]
-        retried = await store.claim_commands("p3", _NOW + 5 + lease, 10, sagas=[SAGA], mine=[])
-        assert [c.row for c in retried if c.row.id == "b1"] == [
-            outbox_row("b1", key="b", attempts=1, due=_NOW + 5, error="E: later")
-        ]
-        # Failed for good: leased for longer than a lease; whoever takes it over once
-        # that lease expired must hand the failure to its instance.
-        taken = await store.claim_commands("p4", _NOW + 1e6 * lease, 10, sagas=[SAGA], mine=[])
-        assert ("c1", True) in _ids(taken)
-
-    async def test_only_the_owner_settles_or_keeps_its_commands(self, store: ClusterStore) -> None:
-        await store.commit(Changes(outbox_adds=[outbox_row("a1", key="a")]))
-        lease = store.lease_seconds
-        await store.claim_commands("p1", _NOW, 10, sagas=[SAGA], mine=[])
-        await store.claim_commands("p2", _NOW + lease, 10, sagas=[SAGA], mine=[])  # took over
-
-        lost = await store.renew_leases("p1", _NOW + lease, commands=["a1"])
-        settled = await store.settle_commands(
-            "p1", _NOW + lease, failed=[OutboxUpdate("a1", 2, 0.0, "E")]
-        )
-
-        assert (lost, settled) == (["a1"], Settled([], []))
-        assert await store.list_outbox() == [outbox_row("a1", key="a")]
-
-    async def test_completed_instances_end_once_their_outbox_is_empty(
-        self, store: ClusterStore
-    ) -> None:
-        done = instance("done", status=COMPLETING, completed=True)
-        waiting = instance("waiting", status=COMPLETING, completed=True)
-        await store.commit(
-            Changes(
-                writes=[InstanceWrite(r, 0) for r in (done, waiting, instance("active"))],
-                schedule_puts=[schedule("s1", key="done")],
-                outbox_adds=[outbox_row("w1", key="waiting")],
-            )
-        )
-
-        ended = await store.finish_completed(
-            [(SAGA, "done"), (SAGA, "waiting")], sagas=[SAGA], limit=10
-        )
-        again = await store.finish_completed(None, sagas=[SAGA], limit=10)
-
-        assert (ended, again) == ([(SAGA, "done")], [])
-        assert [r.key for r in await store.list_instances()] == ["active", "waiting"]
-        assert await store.list_schedules() == []
-
-    # -- schedules
-
-    async def test_due_schedules_are_claimed_under_a_lease(self, store: ClusterStore) -> None:
-        timers = [
-            schedule("s1", key="a", due=_NOW - 1, trace=TRACE),
-            schedule("s2", key="b", due=_NOW),
-            schedule("s3", key="c", due=_NOW + 10),
-        ]
-        await store.commit(Changes(schedule_puts=timers))
-        lease = store.lease_seconds
-
-        first = await store.claim_schedules("p1", _NOW, 1, sagas=[SAGA])
-        second = await store.claim_schedules("p2", _NOW, 10, sagas=[SAGA])
-        due_for_p3 = await store.next_claimable_due("p3", _NOW, sagas=[SAGA])
-        await store.release_schedules(["s2"], owner="p2")
-        after_release = await store.claim_schedules("p3", _NOW, 10, sagas=[SAGA])
-        own_again = await store.claim_schedules("p1", _NOW + 1, 10, sagas=[SAGA])
-        expired = await store.claim_schedules("p4", _NOW + 10 + lease, 10, sagas=[SAGA])
-
-        assert (first, second, after_release) == ([timers[0]], [timers[1]], [timers[1]])
-        assert due_for_p3 == _NOW + 10
-        assert own_again == [timers[0]]
-        assert expired == timers
-        assert await store.next_claimable_due("p5", _NOW, sagas=["Other"]) is None
-
-    # -- wake-ups
-
-    async def test_a_listener_hears_what_is_notified(self, store: ClusterStore) -> None:
-        listener = store.listener()
-        try:
-            await anyio.to_thread.run_sync(listener.wait, 0.1)  # connects and listens
-            await store.notify(["i-token", "o-token"])
-            heard: list[str] = []
-            with anyio.fail_after(30):
-                while len(heard) < 2:
-                    heard += await anyio.to_thread.run_sync(listener.wait, 1.0)
-            listener.interrupt()
-            with anyio.fail_after(30):
-                await anyio.to_thread.run_sync(listener.wait, 60.0)  # returns at once
-        finally:
-            await anyio.to_thread.run_sync(listener.close)
-
-        assert heard == ["i-token", "o-token"]
