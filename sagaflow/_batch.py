@@ -418,10 +418,14 @@ class Batch:
             state = w.state
         version = record.version + 1
         hooks = shard.hooks
-        # The trace this event carries; what it produces carries the handler span's.
+        # The trace this event carries (a due timer's or a failed command's for those);
+        # what the handler produces carries its span's.
         trace = item.trace
-        if trace is None and (fire is not None or failure):
-            trace = fire.trace if fire is not None else item.row.trace  # type: ignore[union-attr]
+        if trace is None:
+            if fire is not None:
+                trace = fire.trace
+            elif failure and item.row is not None:
+                trace = item.row.trace
         span = (
             None
             if hooks is None

@@ -153,11 +153,11 @@ class Runtime:
             supports it, such as `PostgresStore`): `publish` goes through the store's
             shared inbox, commands and due schedules are claimed with leases, and no
             state is cached between batches. See the how-to "Scaling out".
-        gauge_interval: Seconds between two countings of the store's rows (`Store.count_rows`:
-            instances by status, commands in the outbox, due schedules, dead letters)
-            handed to `hooks.rows_counted`, for gauges; counted when the runtime starts
-            and then at this interval, only if the hooks override `rows_counted`.
-            `None`: never.
+        gauge_interval: Seconds (or a `timedelta`) between two countings of the
+            store's rows (`Store.count_rows`: instances by status, commands in the
+            outbox, due schedules, dead letters) handed to `hooks.rows_counted`, for
+            gauges: counted when the runtime starts and then at this interval, and only
+            if the hooks override `rows_counted`. `None`: never.
 
     Timeouts are measured in real time (the event loop's clock), not through `clock`:
     they guard against calls that hang.
