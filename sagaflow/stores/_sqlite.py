@@ -33,7 +33,9 @@ from ._protocol import (
     LoadRequest,
     OutboxRecord,
     PendingCommand,
+    RowCounts,
     ScheduleRecord,
+    row_counts,
 )
 
 __all__ = ["SQLiteStore"]
@@ -96,8 +98,15 @@ def _record_versions(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE dead_letters ADD COLUMN name TEXT")
 
 
+def _carry_traces(conn: sqlite3.Connection) -> None:
+    """Version 4: commands and schedules keep the trace context of the handling that
+    produced them (JSON text; NULL when the runtime's hooks capture no trace)."""
+    conn.execute("ALTER TABLE outbox ADD COLUMN trace TEXT")
+    conn.execute("ALTER TABLE schedules ADD COLUMN trace TEXT")
+
+
 # `_MIGRATIONS[n - 1]` turns schema version n into n + 1, inside the opening transaction.
-_MIGRATIONS: tuple[_Migration, ...] = (_index_unusual_statuses, _record_versions)
+_MIGRATIONS: tuple[_Migration, ...] = (_index_unusual_statuses, _record_versions, _carry_traces)
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
 """The schema version this sagaflow writes."""
 
@@ -387,6 +396,10 @@ class SQLiteStore:
         rows = await self._run(_fetch, sql, args)
         return [DeadLetter(**dict(zip(_DEAD, row, strict=True))) for row in rows]
 
+    async def count_rows(self, *, now: float) -> RowCounts:
+        """How many rows of each kind the store holds (see `Store.count_rows`)."""
+        return await self._run(_count_rows, now)
+
     async def _run(self, fn: Callable[[sqlite3.Connection, *_Ts], _T], *args: *_Ts) -> _T:
         """Run `fn(connection, *args)` in a worker thread, one call at a time."""
         conn, limiter = self._conn, self._limiter
@@ -613,6 +626,19 @@ def _load(conn: sqlite3.Connection, request: LoadRequest) -> Loaded:
     finally:
         conn.execute("COMMIT")
     return Loaded(instances=instances, marks=marks, schedule_ids=schedule_ids)
+
+
+def _count_rows(conn: sqlite3.Connection, now: float) -> RowCounts:
+    conn.execute("BEGIN")  # one snapshot for the counts
+    try:
+        statuses = dict(conn.execute("SELECT status, count(*) FROM instances GROUP BY status"))
+        outbox = _scalar(conn, "SELECT count(*) FROM outbox")
+        schedules = _scalar(conn, "SELECT count(*) FROM schedules")
+        due = conn.execute("SELECT count(*) FROM schedules WHERE due <= ?", (now,)).fetchone()[0]
+        dead = _scalar(conn, "SELECT count(*) FROM dead_letters")
+    finally:
+        conn.execute("COMMIT")
+    return row_counts(statuses, outbox, schedules, due, dead)
 
 
 def _lookup(
