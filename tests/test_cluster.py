@@ -238,9 +238,8 @@ async def cluster(
                 registry,
                 store=make_store(dsn, schema, **store_options),
                 dispatch=log.dispatcher(i),
-                retry=FAST_RETRY,
                 cluster=True,
-                **options,
+                **{"retry": FAST_RETRY, **options},
             )
             runtimes.append(await stack.enter_async_context(runtime))
         with anyio.fail_after(30):
@@ -1206,3 +1205,39 @@ async def test_an_ack_from_a_process_whose_lease_was_taken_over_deletes_nothing(
 
     assert [r.pos for r in taken] == [pos]
     assert (after_stale_ack, marks, after_ack) == ([(pos, "other")], [("made-up",)], [])
+
+
+@pytest.mark.anyio
+async def test_a_process_holds_at_most_its_outbox_capacity_during_an_outage(
+    postgres_dsn: str,  # noqa: F811
+    pg_schema: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the downstream down, each process claims at most `outbox_capacity` commands;
+    the others wait in the store, and all go out once it is back."""
+    monkeypatch.setattr(sys.modules[__name__], "WAKE_AFTER", 3600.0)
+    down = {"first", "second", "scheduled"}
+    log = Log(failing=down)
+    held: list[int] = []
+    patient = RetryPolicy(max_attempts=1_000, initial_delay=0.01, max_delay=0.05, jitter=False)
+    async with cluster(
+        postgres_dsn, pg_schema, log, count=2, outbox_capacity=3, retry=patient
+    ) as runtimes:
+        for i in range(10):
+            await runtimes[i % 2].publish(Go(f"o{i}"))
+        with anyio.fail_after(60):
+            while len(log.calls) < 30:  # failed attempts: the outage goes on a while
+                held.extend(r.statistics().outbox_depth for r in runtimes)
+                await anyio.sleep(0.01)
+        held.extend(r.statistics().outbox_depth for r in runtimes)
+        down.clear()  # the downstream is back
+        with anyio.fail_after(60):
+            while await runtimes[0].store.list_outbox():
+                await settle(runtimes)
+                await anyio.sleep(0.05)
+        # A row leaves the outbox only once its dispatch succeeded (none gave up).
+        dead = await runtimes[0].store.list_dead_letters()
+
+    assert (max(held) <= 3, dead) == (True, [])
+    tried = {(c.key, c.label) for c, _, _ in log.calls}
+    assert tried == {(f"o{i}", x) for i in range(10) for x in ("first", "second", "scheduled")}
