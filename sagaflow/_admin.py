@@ -15,9 +15,10 @@ import attrs
 
 from ._check import CheckReport, check
 from ._clock import SystemClock
-from ._registry import Registry
+from ._registry import TOMBSTONE_RETENTION, Registry
 from .exceptions import ConflictError, DeadLetterError
 from .stores._protocol import (
+    ABORTED,
     ACTIVE,
     COMPENSATE,
     COMPENSATION_FAILED,
@@ -31,6 +32,8 @@ from .stores._protocol import (
     OutboxRecord,
     ScheduleRecord,
     Store,
+    Tombstone,
+    TombstoneWrite,
 )
 from .typing import Clock
 
@@ -495,6 +498,12 @@ class Admin:
         read again and the delete repeated. Commands a running runtime already holds in
         memory may still be dispatched.
 
+        In the same commit the instance leaves an `"aborted"` tombstone (without its
+        state) for its saga's `tombstone_retention` (7 days when the `Admin` has no
+        registry or the saga is not registered in it): meanwhile its events are
+        reported as unmatched, saying it was aborted, no `late=True` handler runs for
+        it, and a start event does not start the key again unless the saga reuses keys.
+
         Returns:
             The instance as it was just before it was deleted.
 
@@ -506,7 +515,10 @@ class Admin:
             info = await self.show(saga, key)
             try:
                 await self._store.commit(
-                    Changes(deletes=[InstanceDelete(saga, key, info.record.version)])
+                    Changes(
+                        deletes=[InstanceDelete(saga, key, info.record.version)],
+                        tombstones=self._aborted(info.record),
+                    )
                 )
             except ConflictError:
                 if attempt == _RACES:
@@ -525,6 +537,28 @@ class Admin:
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- helpers -------------------------------------------------------------------
+
+    def _aborted(self, record: InstanceRecord) -> list[TombstoneWrite]:
+        """The tombstone an aborted instance leaves, if its saga keeps any."""
+        spec = None if self._registry is None else self._registry.sagas.get(record.saga)
+        retention = (
+            TOMBSTONE_RETENTION.total_seconds() if spec is None else spec.tombstone_retention
+        )
+        if not retention:
+            return []
+        now = self._clock.now()
+        tombstone = Tombstone(
+            record.saga,
+            record.key,
+            ABORTED,
+            now,
+            now + retention,
+            record.instance_id,
+            record.version,
+            None,
+            record.state_version,
+        )
+        return [TombstoneWrite(tombstone)]
 
     async def _record(self, saga: str, key: str) -> InstanceRecord | None:
         loaded = await self._store.load(LoadRequest(instances=[(saga, key)], now=self._clock.now()))

@@ -83,6 +83,7 @@ from sagaflow.stores import (
     OutboxRecord,
     ScheduleRecord,
     SQLiteStore,
+    Tombstone,
 )
 
 POINTS = (
@@ -358,6 +359,11 @@ class CrashingStore:
         self, *, saga: str | None = None, key: str | None = None
     ) -> list[OutboxRecord]:
         return await self.inner.list_outbox(saga=saga, key=key)
+
+    async def list_tombstones(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[Tombstone]:
+        return await self.inner.list_tombstones(saga=saga, key=key)
 
     async def list_schedules(
         self, *, saga: str | None = None, key: str | None = None

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING
 
 from ._memory import MemoryStore
 from ._protocol import (
+    ABORTED,
     ACTIVE,
     COMPENSATION_FAILED,
+    COMPLETED,
     COMPLETING,
     Changes,
     DeadLetter,
@@ -25,6 +27,9 @@ from ._protocol import (
     ScheduleDelete,
     ScheduleRecord,
     Store,
+    Tombstone,
+    TombstonePolicy,
+    TombstoneWrite,
 )
 from ._sqlite import SQLiteStore
 
@@ -42,8 +47,10 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "ABORTED",
     "ACTIVE",
     "COMPENSATION_FAILED",
+    "COMPLETED",
     "COMPLETING",
     "Changes",
     "DeadLetter",
@@ -61,4 +68,7 @@ __all__ = [
     "ScheduleDelete",
     "ScheduleRecord",
     "Store",
+    "Tombstone",
+    "TombstonePolicy",
+    "TombstoneWrite",
 ]
