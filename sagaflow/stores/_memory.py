@@ -24,6 +24,7 @@ from ._protocol import (
 __all__ = ["MemoryStore"]
 
 _R = TypeVar("_R")
+_PURGE = 256  # expired tombstones a commit removes, plus twice those it writes
 _Ref = tuple[str, str]
 _ScheduleKey = tuple[str, str, str]
 
@@ -51,6 +52,10 @@ class MemoryStore:
     _dead: dict[str, DeadLetter] = attrs.field(factory=dict, init=False)
     _marks: dict[tuple[str, str, str], float] = attrs.field(factory=dict, init=False)
     _tombstones: dict[_Ref, Tombstone] = attrs.field(factory=dict, init=False)
+    # (expires_at, ref): purged in expiry order by commits that write tombstones; an
+    # entry whose tombstone was replaced or deleted meanwhile is skipped.
+    _expiry: list[tuple[float, _Ref]] = attrs.field(factory=list, init=False)
+    _now: float | None = attrs.field(default=None, init=False)
     _loads: int = attrs.field(default=0, init=False)
 
     async def open(self) -> None:
@@ -66,6 +71,7 @@ class MemoryStore:
         pending schedule ids."""
         await anyio.lowlevel.checkpoint()
         now = request.now
+        self._now = now if self._now is None else max(self._now, now)
         instances: dict[_Ref, InstanceRecord] = {}
         tombstones: dict[_Ref, Tombstone] = {}
         for ref in request.instances:
@@ -79,7 +85,6 @@ class MemoryStore:
         self._loads += 1
         if self._loads % 4096 == 0:
             self._marks = {m: t for m, t in self._marks.items() if t >= now}
-            self._tombstones = {r: t for r, t in self._tombstones.items() if t.expires_at >= now}
         return Loaded(instances=instances, marks=marks, schedule_ids=ids, tombstones=tombstones)
 
     async def commit(self, changes: Changes) -> None:
@@ -100,7 +105,11 @@ class MemoryStore:
         for ref in changes.tombstone_deletes:
             self._tombstones.pop(ref, None)
         for t in changes.tombstones:
-            self._tombstones[(t.tombstone.saga, t.tombstone.key)] = t.tombstone
+            ref = (t.tombstone.saga, t.tombstone.key)
+            self._tombstones[ref] = t.tombstone
+            heapq.heappush(self._expiry, (t.tombstone.expires_at, ref))
+        if changes.tombstones:
+            self._purge(_PURGE + 2 * len(changes.tombstones))
         for ref in changes.schedule_clears:
             self._clear_schedules(ref)
         for sd in changes.schedule_deletes:
@@ -167,6 +176,16 @@ class MemoryStore:
                 if stored is None or stored.version != t.expected_version:
                     conflicts[ref] = None
         return list(conflicts)
+
+    def _purge(self, limit: int) -> None:
+        """Drop up to `limit` tombstones that expired before the latest load's time."""
+        expiry, now = self._expiry, self._now
+        while expiry and limit and now is not None and expiry[0][0] < now:
+            expires_at, ref = heapq.heappop(expiry)
+            tombstone = self._tombstones.get(ref)
+            if tombstone is not None and tombstone.expires_at == expires_at:
+                del self._tombstones[ref]
+                limit -= 1
 
     def _put_schedule(self, s: ScheduleRecord) -> None:
         skey = (s.saga, s.key, s.name)
@@ -289,6 +308,7 @@ class MemoryStore:
             if (new, ref[1]) not in self._tombstones:
                 tombstone = self._tombstones.pop(ref)
                 self._tombstones[(new, ref[1])] = attrs.evolve(tombstone, saga=new)
+                heapq.heappush(self._expiry, (tombstone.expires_at, (new, ref[1])))
         moved = [ref for ref in self._instances if ref[0] == old and ref[1] not in taken]
         for ref in moved:
             self._instances[(new, ref[1])] = attrs.evolve(self._instances.pop(ref), saga=new)
