@@ -192,10 +192,14 @@ class Admin:
         schedules, outbox, letters = await self._pending(saga, key)
         if record is None:
             left = f"; {len(letters)} dead letter(s) of it remain" if letters else ""
-            raise DeadLetterError(
-                f"no instance of saga {saga!r} has key {key!r} (it never started, or it "
-                f"ended or was aborted){left}"
-            )
+            tombstones = await self._store.list_tombstones(saga=saga, key=key)
+            if tombstones and tombstones[0].expires_at >= now:
+                t = tombstones[0]
+                ended = f"it {t.ended} {now - t.ended_at:.0f} s ago; its tombstone counts "
+                ended += f"for {t.expires_at - now:.0f} s more"
+            else:
+                ended = "it never started, or it ended or was aborted"
+            raise DeadLetterError(f"no instance of saga {saga!r} has key {key!r} ({ended}){left}")
         return self._info(record, schedules, outbox, letters, now)
 
     async def list_dead_letters(

@@ -36,15 +36,21 @@ from sagaflow import (
     upcast,
 )
 from sagaflow._clock import VirtualClock
-from sagaflow.exceptions import RegistrationError, RegistrationErrors
+from sagaflow.exceptions import DeadLetterError, RegistrationError, RegistrationErrors
 from sagaflow.stores import (
     Changes,
+    DedupMark,
+    InstanceRecord,
+    InstanceWrite,
     MemoryStore,
+    OutboxRecord,
+    ScheduleRecord,
     SQLiteStore,
     Store,
     Tombstone,
     TombstoneWrite,
 )
+from sagaflow.stores import _sqlite as sqlite_module
 from sagaflow.testing import Scenario, SyncScenario
 
 T0 = 1_800_000_000.0
@@ -860,3 +866,152 @@ async def test_a_tombstone_write_is_a_plain_commit() -> None:
         await run.publish(TripBooked("t7"))
 
     assert [(u.key, u.ended) for u in run.unmatched] == [("t7", "aborted")]
+
+
+# -- inspection ----------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_admin_show_says_how_and_when_a_finished_instance_ended() -> None:
+    store = MemoryStore()
+    async with running(trips(), store) as run:
+        await run.publish(TripBooked("t1"))
+        await run.publish(HotelConfirmed("t1", "h1"))
+        run.clock.advance(30)  # type: ignore[union-attr]
+        admin = Admin(store, clock=run.runtime._clock)
+        with pytest.raises(DeadLetterError) as finished:
+            await admin.show("Trip", "t1")
+        with pytest.raises(DeadLetterError) as unknown:
+            await admin.show("Trip", "t2")
+
+    assert str(finished.value) == (
+        "no instance of saga 'Trip' has key 't1' (it completed 30 s ago; its tombstone "
+        "counts for 604770 s more)"
+    )
+    assert str(unknown.value) == (
+        "no instance of saga 'Trip' has key 't2' (it never started, or it ended or was aborted)"
+    )
+
+
+# -- migrating a store of schema version 3 (the release before tombstones) --------------------
+
+
+def _trip_rows() -> Changes:
+    """What a schema-3 runtime left: an active trip with its command and timer, a mark."""
+    record = InstanceRecord(
+        "Trip",
+        "t1",
+        1,
+        "active",
+        '{"status": "booking", "hotel": ""}',
+        "i" * 32,
+        T0,
+        T0,
+        "test_tombstones.TripBooked",
+    )
+    command = OutboxRecord(
+        "i" * 32 + ".1.0",
+        "Trip",
+        "t1",
+        1 << 16,
+        "send",
+        "test_tombstones.ReserveHotel",
+        '{"trip": "t1"}',
+    )
+    timer = ScheduleRecord(
+        "i" * 32 + ".1.1",
+        "Trip",
+        "t1",
+        "deadline",
+        T0 + 600,
+        True,
+        "test_tombstones.Deadline",
+        '{"trip": "t1"}',
+        (1 << 16) | 1,
+    )
+    mark = DedupMark("Trip", "t1", "booked-1", T0 + WEEK)
+    return Changes(
+        writes=[InstanceWrite(record, 0)],
+        outbox_adds=[command],
+        schedule_puts=[timer],
+        marks=[mark],
+    )
+
+
+async def _run_the_migrated_store(store: Store) -> Run:
+    async with running(trips(), store) as run:
+        await run.publish(TripBooked("t1"), id="booked-1")  # a duplicate: the mark moved
+        await run.publish(HotelConfirmed("t1", "h1"))
+        await run.publish(HotelConfirmed("t1", "h2"))
+        await run.publish(Touch("t1"))
+    return run
+
+
+@pytest.mark.anyio
+async def test_a_schema_3_sqlite_file_migrates_and_its_instances_leave_tombstones(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v3.db"
+    with pytest.MonkeyPatch.context() as version_3:
+        version_3.setattr(sqlite_module, "_MIGRATIONS", sqlite_module._MIGRATIONS[:2])
+        version_3.setattr(sqlite_module, "SCHEMA_VERSION", 3)
+        old = SQLiteStore(path)
+        await old.open()
+        await old.commit(_trip_rows())
+        await old.close()
+
+    run = await _run_the_migrated_store(SQLiteStore(path))
+
+    store = SQLiteStore(path)
+    await store.open()
+    tombstones = await store.list_tombstones()
+    await store.close()
+    _check_migrated_run(run, tombstones)
+
+
+@pytest.mark.anyio
+@pytest.mark.postgres
+async def test_a_schema_3_postgres_schema_migrates_and_its_instances_leave_tombstones(
+    postgres_dsn: str,  # noqa: F811
+    pg_schema: str,  # noqa: F811
+) -> None:
+    from sagaflow.stores import PostgresStore
+    from sagaflow.stores import _postgres as postgres_module
+
+    with pytest.MonkeyPatch.context() as version_3:
+        version_3.setattr(postgres_module, "_MIGRATIONS", postgres_module._MIGRATIONS[:3])
+        version_3.setattr(postgres_module, "SCHEMA_VERSION", 3)
+        old = PostgresStore(postgres_dsn, schema=pg_schema)
+        await old.open()
+        await old.commit(_trip_rows())
+        await old.close()
+
+    run = await _run_the_migrated_store(PostgresStore(postgres_dsn, schema=pg_schema))
+
+    store = PostgresStore(postgres_dsn, schema=pg_schema)
+    await store.open()
+    tombstones = await store.list_tombstones()
+    await store.close()
+    _check_migrated_run(run, tombstones)
+
+
+def _check_migrated_run(run: Run, tombstones: list[Tombstone]) -> None:
+    assert run.calls.commands() == [
+        ReserveHotel("t1"),  # left in the outbox by the old runtime
+        CancelHotel("t1", "h2", "confirmed"),
+    ]
+    assert tombstones == [
+        Tombstone(
+            "Trip",
+            "t1",
+            "completed",
+            T0,
+            T0 + WEEK,
+            "i" * 32,
+            3,
+            '{"status": "confirmed", "hotel": "h1"}',
+            1,
+        )
+    ]
+    assert run.unmatched == [Unmatched(Touch("t1"), "Trip", "t1", COMPLETED, "completed")]
+    assert run.runtime.statistics().events_duplicate == 1
