@@ -22,6 +22,7 @@ from .stores._protocol import (
     ACTIVE,
     COMPENSATE,
     COMPENSATION_FAILED,
+    COMPLETED,
     COMPLETING,
     Changes,
     DeadLetter,
@@ -90,6 +91,11 @@ class InstanceInfo:
 
 def _seconds(value: timedelta | float) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as `timedelta` shows them, to the second: `"6 days, 23:59:30"`."""
+    return str(timedelta(seconds=round(max(seconds, 0.0))))
 
 
 def _owner(command_id: str) -> str:
@@ -195,8 +201,9 @@ class Admin:
             tombstones = await self._store.list_tombstones(saga=saga, key=key)
             if tombstones and tombstones[0].expires_at >= now:
                 t = tombstones[0]
-                ended = f"it {t.ended} {now - t.ended_at:.0f} s ago; its tombstone counts "
-                ended += f"for {t.expires_at - now:.0f} s more"
+                how = "completed" if t.ended == COMPLETED else f"was {t.ended}"
+                ended = f"it {how} {_duration(now - t.ended_at)} ago; its tombstone counts "
+                ended += f"for {_duration(t.expires_at - now)} more"
             else:
                 ended = "it never started, or it ended or was aborted"
             raise DeadLetterError(f"no instance of saga {saga!r} has key {key!r} ({ended}){left}")

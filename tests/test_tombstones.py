@@ -885,8 +885,8 @@ async def test_admin_show_says_how_and_when_a_finished_instance_ended() -> None:
             await admin.show("Trip", "t2")
 
     assert str(finished.value) == (
-        "no instance of saga 'Trip' has key 't1' (it completed 30 s ago; its tombstone "
-        "counts for 604770 s more)"
+        "no instance of saga 'Trip' has key 't1' (it completed 0:00:30 ago; its tombstone "
+        "counts for 6 days, 23:59:30 more)"
     )
     assert str(unknown.value) == (
         "no instance of saga 'Trip' has key 't2' (it never started, or it ended or was aborted)"
