@@ -244,8 +244,9 @@ class Admin:
         The pre-deploy check: run it with the code about to be deployed (its registry)
         against the store in use. Every instance state (through its saga's upcasters,
         from the version it was written at), outbox command, scheduled message, dead
-        letter (event or command) and, on a store shared in cluster mode, inbox event
-        is decoded exactly as a runtime would decode it. Each row is ok, would be
+        letter (event or command), final state kept in a tombstone for `late=True`
+        handlers and, on a store shared in cluster mode, inbox event is decoded exactly
+        as a runtime would decode it. Each row is ok, would be
         upcast (written at an older version, and the whole upcaster chain succeeds), or
         would fail: it cannot be decoded (a renamed or removed field with no upcaster,
         a JSON value that is not an object, a type name not on the allow-list), an

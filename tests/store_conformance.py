@@ -1234,3 +1234,14 @@ class StoreConformance:
             old[1],
             old[2],
         ]
+
+    async def test_scan_tombstones_pages_by_saga_and_key(self, store: Store) -> None:
+        rows = [tombstone(k, saga=s) for s in ("B", "A") for k in ("k2", "k1", "k3")]
+        await store.commit(Changes(tombstones=[TombstoneWrite(t) for t in rows]))
+
+        pages = await scan_pages(store.scan_tombstones, lambda t: (t.saga, t.key), limit=4)
+
+        assert [[(t.saga, t.key) for t in page] for page in pages] == [
+            [("A", "k1"), ("A", "k2"), ("A", "k3"), ("B", "k1")],
+            [("B", "k2"), ("B", "k3")],
+        ]

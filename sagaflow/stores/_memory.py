@@ -367,6 +367,13 @@ class MemoryStore:
         await anyio.lowlevel.checkpoint()
         return _page(self._dead, after, limit)
 
+    async def scan_tombstones(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[Tombstone]:
+        """Up to `limit` tombstones ordered by `(saga, key)`, those after `after` only."""
+        await anyio.lowlevel.checkpoint()
+        return _page(self._tombstones, after, limit)
+
     async def list_schedules(
         self, *, saga: str | None = None, key: str | None = None
     ) -> list[ScheduleRecord]:

@@ -1202,6 +1202,12 @@ class PostgresStore(ClusterMethods):
         key = None if after is None else (after,)
         return await self._run(self._scan(DeadLetter, "list_dead_letters", "id", key, limit))
 
+    async def scan_tombstones(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[Tombstone]:
+        """Up to `limit` tombstones ordered by `(saga, key)`, those after `after` only."""
+        return await self._run(self._scan(Tombstone, "list_tombstones", "saga, key", after, limit))
+
     def _scan(
         self, cls: type[T], name: str, key: str, after: Sequence[str] | None, limit: int
     ) -> Callable[[_Pool], list[T]]:

@@ -452,6 +452,12 @@ class Store(Protocol):
         """Up to `limit` dead letters ordered by id, those after `after` only."""
         ...
 
+    async def scan_tombstones(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[Tombstone]:
+        """Up to `limit` tombstones ordered by `(saga, key)`, those after `after` only."""
+        ...
+
     async def list_schedules(
         self, *, saga: str | None = None, key: str | None = None
     ) -> list[ScheduleRecord]:

@@ -360,6 +360,13 @@ class SQLiteStore:
         rows = await self._run(_fetch, sql, args)
         return [DeadLetter(**dict(zip(_DEAD, row, strict=True))) for row in rows]
 
+    async def scan_tombstones(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[Tombstone]:
+        """Up to `limit` tombstones ordered by `(saga, key)`, those after `after` only."""
+        scan = _scan("tombstones", _TOMBSTONE, ("saga", "key"), after, limit)
+        return [Tombstone(*row) for row in await self._run(_fetch, *scan)]
+
     async def list_tombstones(
         self, *, saga: str | None = None, key: str | None = None
     ) -> list[Tombstone]:
