@@ -13,7 +13,6 @@ whoever dispatched their last command.
 from __future__ import annotations
 
 import logging
-import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -28,53 +27,19 @@ from ._outbox import Counters, Dispatchers, call_dispatch, error_text, note_fail
 from ._records import DispatchMeta
 from ._registry import Registry
 from ._retry import RetryPolicy
-from ._sync import Activity
+from ._sync import Activity, Wakeup
 from .exceptions import SerializationError
 from .stores._claims import ClaimedCommand, ClusterStore
 from .stores._protocol import OutboxRecord, OutboxUpdate
 from .typing import Clock
 
-__all__ = ["ClusterOutbox", "Wakeup"]
+__all__ = ["ClusterOutbox"]
 
 log = logging.getLogger("sagaflow.cluster")
 
 _Ref = tuple[str, str]
 # Decoded commands kept from `add` until a claim returns their rows.
 _DECODED_LIMIT = 4096
-
-
-@attrs.define(eq=False)
-class Wakeup:
-    """When a claim loop must look at the store: at once after `poke`, else at the poll.
-
-    `next_wakeup` tells `drain()`: `-inf` while a look is owed, else the next poll.
-    """
-
-    clock: Clock
-    interval: float
-    dirty: bool = True
-    next_poll: float = math.inf
-    _scope: anyio.CancelScope | None = None
-
-    def poke(self) -> None:
-        """Look at the store as soon as the loop can."""
-        self.dirty = True
-        if self._scope is not None:
-            self._scope.cancel()
-
-    def next_wakeup(self) -> float:
-        """`-inf` while a look is owed, else when the next poll is due."""
-        return -math.inf if self.dirty else self.next_poll
-
-    async def wait(self) -> None:
-        """Return when poked or when the poll is due; the look is then no longer owed."""
-        if not self.dirty:
-            self.next_poll = self.clock.now() + self.interval
-            with anyio.CancelScope() as scope:
-                self._scope = scope
-                await self.clock.sleep_until(self.next_poll)
-            self._scope = None
-        self.dirty = False
 
 
 @attrs.define(eq=False)
