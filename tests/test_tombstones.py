@@ -42,6 +42,8 @@ from sagaflow.stores import (
     DedupMark,
     InstanceRecord,
     InstanceWrite,
+    Loaded,
+    LoadRequest,
     MemoryStore,
     OutboxRecord,
     ScheduleRecord,
@@ -721,6 +723,31 @@ class RecordingStore(MemoryStore):
     async def commit(self, changes: Changes) -> None:
         self.commits.append(changes)
         await super().commit(changes)
+
+
+@attrs.define(eq=False)
+class CountingStore(MemoryStore):
+    loads: list[LoadRequest] = attrs.field(factory=list, init=False)
+
+    async def load(self, request: LoadRequest) -> Loaded:
+        self.loads.append(request)
+        return await super().load(request)
+
+
+@pytest.mark.anyio
+async def test_a_late_event_costs_one_store_read_like_any_event() -> None:
+    """The tombstone comes with the batch's one load (no read of its own)."""
+    store = CountingStore()
+    async with running(trips(), store) as run:
+        await run.publish(TripBooked("t1"))
+        await run.publish(HotelConfirmed("t1", "h1"))
+        store.loads.clear()
+        await run.publish(HotelConfirmed("t1", "h2"), id="late")
+
+    assert [(r.instances, r.marks) for r in store.loads] == [
+        ([("Trip", "t1")], [("Trip", "t1", "late")])
+    ]
+    assert run.calls.commands()[-1] == CancelHotel("t1", "h2", "confirmed")
 
 
 @pytest.mark.anyio
