@@ -517,7 +517,9 @@ _SQL = {
 
 # Marks expire but are not deleted by reads; every this many loads one also prunes them.
 _PRUNE_EVERY = 1024
-# Expired tombstones a commit that writes tombstones drops, plus twice those it writes.
+# Every this many commits that write tombstones, one drops expired ones: this many, plus
+# twice as many as were written since the last such drop.
+_PURGE_EVERY = 16
 _PURGE = 256
 # Deadlocks and serialization failures abort a commit before anything is applied, so it is
 # simply run again, this many times at most.
@@ -660,6 +662,8 @@ class PostgresStore(ClusterMethods):
     _limiter: anyio.CapacityLimiter | None = attrs.field(default=None, init=False)
     _loads: int = attrs.field(default=0, init=False)
     _now: float | None = attrs.field(default=None, init=False)
+    _purge_in: int = attrs.field(default=0, init=False)
+    _tombstones_put: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         redacted, secrets = _redact(self._dsn)
@@ -1078,9 +1082,14 @@ class PostgresStore(ClusterMethods):
         if puts:
             rows = [_tombstone_row(t.tombstone) for t in puts]
             cur.execute(sql["put_tombstones"], _columns(rows))
-        if self._now is not None:
-            # Expired tombstones never count again: drop some, faster than they come.
-            cur.execute(sql["purge_tombstones"], (self._now, _PURGE + 2 * len(writes)))
+            # Expired tombstones never count again: drop some, faster than they come,
+            # every few commits (a statement is a round trip).
+            self._tombstones_put += len(puts)
+            self._purge_in -= 1
+            if self._now is not None and self._purge_in < 0:
+                limit = _PURGE + 2 * self._tombstones_put
+                cur.execute(sql["purge_tombstones"], (self._now, limit))
+                self._tombstones_put, self._purge_in = 0, _PURGE_EVERY - 1
         return conflicts
 
     async def next_due(self, *, sagas: Collection[str] | None = None) -> float | None:
