@@ -407,6 +407,7 @@ class Cluster:
             store=self.store,
             dispatch=self.dispatch,
             registry=self.registry,
+            serializer=self.registry.serializer,
             policy=self.policy,
             activity=self.activity,
             counters=self.counters,

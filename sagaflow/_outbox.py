@@ -36,6 +36,7 @@ __all__ = [
     "Counters",
     "Dispatchers",
     "Outbox",
+    "OutboxCore",
     "call_dispatch",
     "checked_dispatcher",
     "error_text",
@@ -67,7 +68,7 @@ class Counters:
 
 
 @attrs.define(eq=False)
-class _Entry:
+class QueuedCommand:
     row: OutboxRecord
     command: Any = None
     decoded: bool = False
@@ -303,15 +304,134 @@ class Dispatchers:
             self.put(due)
 
 
-class _Queue(deque[_Entry]):
+class CommandQueue(deque[QueuedCommand]):
     """An instance's commands in memory, in order: all it has in the store, or, when
     `partial`, its first ones (the rest wait in the store until these are done)."""
 
     partial: bool = False
 
 
-@attrs.define(eq=False)
-class Outbox:
+@attrs.define(eq=False, kw_only=True)
+class OutboxCore:
+    """What both outboxes share: per-instance queues dispatched in order by a pool of
+    workers, and what becomes of a failed attempt.
+
+    `Outbox` (one process) and `ClusterOutbox` (several processes sharing PostgreSQL)
+    differ only in where their commands come from and how they record what became of
+    them: they implement `_record_retry` and `_give_up`.
+    """
+
+    dispatch: Callable[[Any, DispatchMeta], Any]
+    serializer: Serializer
+    policy: RetryPolicy
+    activity: Activity
+    counters: Counters
+    on_failed: Callable[[OutboxRecord, Any], None]
+    clock: Any = attrs.field(factory=SystemClock)
+    concurrency: int = 16
+    hooks: Hooks | None = None
+    dispatch_timeout: float | None = None
+    capacity: int = 4096
+    """The most commands held in memory."""
+
+    _queues: dict[_Ref, CommandQueue] = attrs.field(factory=dict, init=False)
+    _busy: set[_Ref] = attrs.field(factory=set, init=False)
+    _held: set[_Ref] = attrs.field(factory=set, init=False)
+    _awaiting: set[_Ref] = attrs.field(factory=set, init=False)
+    _dispatchers: Dispatchers = attrs.field(init=False)
+    _flush_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+    _flush_retry: float | None = attrs.field(default=None, init=False)
+    _depth: int = attrs.field(default=0, init=False)
+
+    @_dispatchers.default
+    def _make_dispatchers(self) -> Dispatchers:
+        return Dispatchers(self.activity, self.clock)
+
+    @property
+    def depth(self) -> int:
+        """Commands held in memory: waiting, retrying or in flight."""
+        return self._depth
+
+    def _make_ready(self, ref: _Ref) -> None:
+        self._busy.add(ref)
+        self._dispatchers.put([ref])
+
+    def _mark_dirty(self) -> None:
+        if not self._flush_event.is_set():
+            self.activity.begin()
+            self._flush_event.set()
+
+    @staticmethod
+    def _insert(queue: CommandQueue, entry: QueuedCommand) -> None:
+        """Put `entry` in its place in `queue` (by seq: an operator's retry puts a dead
+        letter back at its old place)."""
+        if not queue or queue[-1].row.seq < entry.row.seq:
+            queue.append(entry)
+        else:
+            at = next(i for i, e in enumerate(queue) if e.row.seq > entry.row.seq)
+            queue.insert(at, entry)
+
+    async def _attempt(self, ref: _Ref, entry: QueuedCommand) -> bool:
+        """Dispatch `entry` once; returns whether it went out.
+
+        A failed attempt is counted, then retried later or given up (`_attempt_failed`);
+        `False` tells the caller to leave the instance alone meanwhile.
+        """
+        row = entry.row
+        attempt = row.attempts + 1
+        hooks = self.hooks
+        try:
+            if not entry.decoded:
+                entry.command = self.serializer.decode(row.type_name, row.payload)
+                entry.decoded = True
+            meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
+            span = None if hooks is None else hooks.dispatching(entry.command, meta)
+            if span is None:
+                await call_dispatch(self.dispatch, entry.command, meta, self.dispatch_timeout)
+            else:
+                with span:
+                    await call_dispatch(self.dispatch, entry.command, meta, self.dispatch_timeout)
+        except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
+            self._attempt_failed(ref, entry, attempt, exc)
+            return False
+        self.counters.commands_dispatched += 1
+        return True
+
+    def _attempt_failed(
+        self, ref: _Ref, entry: QueuedCommand, attempt: int, exc: Exception
+    ) -> None:
+        row = entry.row
+        error, due = note_failure(
+            row,
+            attempt,
+            exc,
+            retryable=entry.decoded,
+            policy=self.policy,
+            clock=self.clock,
+            counters=self.counters,
+            hooks=self.hooks,
+        )
+        if due is not None:
+            entry.row = attrs.evolve(row, attempts=attempt, due=due, error=error)
+            self._record_retry(OutboxUpdate(row.id, attempt, due, error))
+            self._dispatchers.retry_at(ref, due)
+            return
+        self._busy.discard(ref)
+        self._awaiting.add(ref)
+        entry.row = attrs.evolve(row, attempts=attempt, error=error)
+        self._give_up(ref, entry)
+
+    def _record_retry(self, update: OutboxUpdate) -> None:
+        """Record a failed attempt that will be retried."""
+        raise NotImplementedError
+
+    def _give_up(self, ref: _Ref, entry: QueuedCommand) -> None:
+        """Hand a command that failed for good (`entry.row` says how) to its instance."""
+        raise NotImplementedError
+
+
+@attrs.define(eq=False, kw_only=True)
+class Outbox(OutboxCore):
     """Dispatches committed commands, one at a time per instance, in their order.
 
     A command that fails is retried after a backoff; later commands of its instance
@@ -329,42 +449,25 @@ class Outbox:
     """
 
     store: Store
-    dispatch: Callable[[Any, DispatchMeta], Any]
-    serializer: Serializer
-    policy: RetryPolicy
-    activity: Activity
-    counters: Counters
-    on_failed: Callable[[OutboxRecord, Any], None]
     on_empty: Callable[[_Ref], None]
-    clock: Any = attrs.field(factory=SystemClock)
-    concurrency: int = 16
     sweep_interval: float = 5.0
-    hooks: Hooks | None = None
     sagas: Collection[str] | None = None
     """The registered sagas: rows of others are kept in the store, not dispatched."""
-    dispatch_timeout: float | None = None
-    capacity: int = 4096
-    """The most commands held in memory; more wait in the store."""
     page: int = 512
     """Rows read from the store at a time."""
 
-    _queues: dict[_Ref, _Queue] = attrs.field(factory=dict, init=False)
     _busy: set[_Ref] = attrs.field(factory=set, init=False)
     _held: set[_Ref] = attrs.field(factory=set, init=False)
     _awaiting: set[_Ref] = attrs.field(factory=set, init=False)
     _known: set[str] = attrs.field(factory=set, init=False)
     _pull_lock: anyio.Lock = attrs.field(factory=anyio.Lock, init=False)
     _generation: int = attrs.field(default=0, init=False)
-    _flush_retry: float | None = attrs.field(default=None, init=False)
     _completing: set[_Ref] = attrs.field(factory=set, init=False)
-    _dispatchers: Dispatchers = attrs.field(init=False)
     _deletes: list[str] = attrs.field(factory=list, init=False)
     _updates: list[OutboxUpdate] = attrs.field(factory=list, init=False)
-    _flush_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
     _carriers: int = attrs.field(default=0, init=False)
     _carried: anyio.Event = attrs.field(factory=anyio.Event, init=False)
     _swept_away: set[str] | None = attrs.field(default=None, init=False)
-    _depth: int = attrs.field(default=0, init=False)
     # -- spilling: what the store may hold that memory does not
     _spilled: bool = attrs.field(default=False, init=False)
     _spills: int = attrs.field(default=0, init=False)
@@ -376,19 +479,10 @@ class Outbox:
     _drained: dict[_Ref, None] = attrs.field(factory=dict, init=False)
     _pull: Wakeup = attrs.field(init=False)
 
-    @_dispatchers.default
-    def _make_dispatchers(self) -> Dispatchers:
-        return Dispatchers(self.activity, self.clock)
-
     def __attrs_post_init__(self) -> None:
         if self.capacity < 1 or self.page < 1:
             raise ValueError("the outbox's capacity and page must be >= 1")
         self._pull = Wakeup(self.clock, self.sweep_interval, dirty=False)
-
-    @property
-    def depth(self) -> int:
-        """Commands held in memory: waiting, retrying or in flight."""
-        return self._depth
 
     @property
     def spilled(self) -> bool:
@@ -435,7 +529,7 @@ class Outbox:
                 if self._spilled or self._depth >= self.capacity:
                     self._spill()  # its earlier rows may be in the store only
                     continue
-                queue = queues[ref] = _Queue()
+                queue = queues[ref] = CommandQueue()
                 if ref not in held and ref not in awaiting and ref not in busy:
                     busy.add(ref)
                     ready.append(ref)
@@ -448,15 +542,9 @@ class Outbox:
             known.add(row.id)
             self._drained.pop(ref, None)
             if commands is not None:
-                entry = _Entry(row, commands[i], True, generation)
+                self._insert(queue, QueuedCommand(row, commands[i], True, generation))
             else:
-                entry = _Entry(row, None, False, generation)
-            if not queue or queue[-1].row.seq < row.seq:
-                queue.append(entry)
-            else:
-                # An operator's retry puts a dead letter back at its old place.
-                at = next(i for i, e in enumerate(queue) if e.row.seq > row.seq)
-                queue.insert(at, entry)
+                self._insert(queue, QueuedCommand(row, None, False, generation))
             self._depth += 1
         self._dispatchers.put(ready)
 
@@ -520,11 +608,7 @@ class Outbox:
         self._deletes.append(row_id)
         self._mark_dirty()
 
-    def _make_ready(self, ref: _Ref) -> None:
-        self._busy.add(ref)
-        self._dispatchers.put([ref])
-
-    def _drop_queue(self, ref: _Ref, queue: _Queue) -> None:
+    def _drop_queue(self, ref: _Ref, queue: CommandQueue) -> None:
         """The instance's queue is empty: it leaves memory."""
         del self._queues[ref]
         if queue.partial:
@@ -555,7 +639,6 @@ class Outbox:
     async def _dispatch_head(self, ref: _Ref) -> None:
         """Dispatch the instance's commands in order until its queue is empty or waits."""
         queue = self._queues.get(ref)
-        hooks, dispatch, timeout = self.hooks, self.dispatch, self.dispatch_timeout
         held, awaiting = self._held, self._awaiting
         while queue and ref not in held and ref not in awaiting:
             entry = queue[0]
@@ -563,25 +646,10 @@ class Outbox:
             if row.due and row.due > self.clock.now():  # read back while it backs off
                 self._dispatchers.retry_at(ref, row.due)
                 return
-            attempt = row.attempts + 1
-            try:
-                if not entry.decoded:
-                    entry.command = self.serializer.decode(row.type_name, row.payload)
-                    entry.decoded = True
-                meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
-                if hooks is None:
-                    await call_dispatch(dispatch, entry.command, meta, timeout)
-                else:
-                    span = hooks.dispatching(entry.command, meta)
-                    if span is None:
-                        await call_dispatch(dispatch, entry.command, meta, timeout)
-                    else:
-                        with span:
-                            await call_dispatch(dispatch, entry.command, meta, timeout)
-            except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
-                self._failed(ref, entry, attempt, exc)
+            if row.attempts and not await self._still_pending(ref, entry):
+                continue  # an operator aborted the instance meanwhile: it was dropped
+            if not await self._attempt(ref, entry):
                 return
-            self.counters.commands_dispatched += 1
             if queue and queue[0] is entry:
                 queue.popleft()
                 self._depth -= 1
@@ -595,35 +663,43 @@ class Outbox:
             self._completing.discard(ref)
             self._empty(ref)
 
-    def _failed(self, ref: _Ref, entry: _Entry, attempt: int, exc: Exception) -> None:
-        row = entry.row
-        error, due = note_failure(
-            row,
-            attempt,
-            exc,
-            retryable=entry.decoded,
-            policy=self.policy,
-            clock=self.clock,
-            counters=self.counters,
-            hooks=self.hooks,
-        )
-        if due is not None:
-            entry.row = attrs.evolve(row, attempts=attempt, due=due, error=error)
-            self._updates.append(OutboxUpdate(row.id, attempt, due, error))
-            self._mark_dirty()
-            self._dispatchers.retry_at(ref, due)
-            return
-        self._busy.discard(ref)
-        self._awaiting.add(ref)
-        self.on_failed(
-            attrs.evolve(row, attempts=attempt, error=error),
-            entry.command if entry.decoded else None,
-        )
+    async def _still_pending(self, ref: _Ref, entry: QueuedCommand) -> bool:
+        """Before a retry, whether the command is still in the store.
 
-    def _mark_dirty(self) -> None:
-        if not self._flush_event.is_set():
-            self.activity.begin()
-            self._flush_event.set()
+        An operator may abort an instance (`Admin.abort`) while its commands back off
+        here: they are dropped instead of tried again. A failed read says yes.
+        """
+        generation = self._generation
+        try:
+            present = {r.id for r in await self.store.list_outbox(saga=ref[0], key=ref[1])}
+        except Exception as exc:  # noqa: BLE001 - the attempt goes ahead; nothing is lost
+            log.error("could not read the outbox of %s/%s: %s", *ref, error_text(exc))
+            return True
+        if entry.row.id in present:
+            return True
+        queue = self._queues.get(ref)
+        gone: list[QueuedCommand] = []
+        if queue is not None:
+            gone = [e for e in queue if e.row.id not in present and e.generation <= generation]
+            for gone_entry in gone:
+                queue.remove(gone_entry)
+                self._depth -= 1
+                self._known.discard(gone_entry.row.id)
+        log.info(
+            "dropped %d command(s) of %s/%s waiting for a retry: their rows are gone from "
+            "the store (the instance was aborted)",
+            len(gone),
+            *ref,
+            extra={"saga": ref[0], "key": ref[1]},
+        )
+        return False
+
+    def _record_retry(self, update: OutboxUpdate) -> None:
+        self._updates.append(update)
+        self._mark_dirty()
+
+    def _give_up(self, ref: _Ref, entry: QueuedCommand) -> None:
+        self.on_failed(entry.row, entry.command if entry.decoded else None)
 
     # -- recording delivered and retried commands -----------------------------------
     #
@@ -825,8 +901,8 @@ class Outbox:
         room = self.capacity - self._depth
         if room <= 0:
             return None
-        queue = self._queues[ref] = _Queue(
-            _Entry(row, None, False, generation) for row in fresh[:room]
+        queue = self._queues[ref] = CommandQueue(
+            QueuedCommand(row, None, False, generation) for row in fresh[:room]
         )
         queue.partial = cut or len(fresh) > room
         known.update(e.row.id for e in queue)
