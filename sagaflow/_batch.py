@@ -21,6 +21,7 @@ import attrs
 from . import _report as report
 from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
 from ._calls import call
+from ._hooks import capture, handling_span
 from ._outbox import error_text
 from ._records import Unmatched
 from ._registry import RECORD_FIELDS, HandlerSpec, SagaSpec
@@ -80,6 +81,8 @@ class Item:
     row: OutboxRecord | None = None
     attempts: int = 0
     retry: bool = False
+    trace: str | None = None
+    """The trace context the event was published in (`Hooks.capture_trace`), as text."""
 
 
 class _Work:
@@ -370,7 +373,14 @@ class Batch:
             command = message
             w.rows.append(
                 OutboxRecord(
-                    s.id, s.saga, s.key, version << _SEQ_BITS, SEND, s.type_name, s.payload
+                    s.id,
+                    s.saga,
+                    s.key,
+                    version << _SEQ_BITS,
+                    SEND,
+                    s.type_name,
+                    s.payload,
+                    trace=s.trace,
                 )
             )
             w.commands.append(command)
@@ -492,8 +502,18 @@ class Batch:
         frozen = shard.serializer.dumps(state, spec.state_name) if late else None
         version = record.version + 1
         hooks = shard.hooks
+        # The trace this event carries (a due timer's or a failed command's for those);
+        # what the handler produces carries its span's.
+        trace = item.trace
+        if trace is None:
+            if fire is not None:
+                trace = fire.trace
+            elif failure and item.row is not None:
+                trace = item.row.trace
         span = (
-            None if hooks is None else hooks.handling(spec.name, w.key, event, record.instance_id)
+            None
+            if hooks is None
+            else handling_span(hooks, spec.name, w.key, event, record.instance_id, trace)
         )
         try:
             if span is None:
@@ -505,7 +525,10 @@ class Batch:
                     result = handler.fn(state, event)
                     if handler.is_async:
                         result = await self._call(result, handler, event, w.key)
-            record = self._apply(w, record, state, result, version, allow_schedule, event, frozen)
+                    trace = capture(hooks) or trace
+            record = self._apply(
+                w, record, state, result, version, allow_schedule, event, trace, frozen
+            )
         except _Rejected as exc:
             self._restore(w)
             cause = exc.__cause__ or exc
@@ -624,6 +647,7 @@ class Batch:
         version: int,
         allow_schedule: bool,
         event: Any,
+        trace: str | None,
         frozen: str | None = None,
     ) -> InstanceRecord:
         """Turn a handler's result into outbox rows and schedule changes.
@@ -674,6 +698,7 @@ class Batch:
                                 kind,
                                 type_name,
                                 payload,
+                                trace=trace,
                             )
                         )
                         commands.append(command)
@@ -704,6 +729,7 @@ class Batch:
                         type_name,
                         payload,
                         base | outputs,
+                        trace=trace,
                     )
                     outputs += 1
                     scheduled = True

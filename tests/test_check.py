@@ -19,7 +19,6 @@ import check_sagas
 import ops_sagas
 import pytest
 from _postgres_server import pg_schema, postgres_dsn  # noqa: F401
-from store_conformance import everything
 from test_cli import cli
 
 from sagaflow import Admin, CheckFailure, CheckGroup, CheckReport, Registry, correlate, on, upcast
@@ -37,6 +36,7 @@ from sagaflow.stores import (
     TombstoneWrite,
 )
 from sagaflow.stores import _sqlite as sqlite_module
+from sagaflow.testing.conformance import everything
 
 
 @pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

@@ -9,8 +9,9 @@ a start event does not start the key again unless the saga reuses keys, and a
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,6 @@ from sagaflow.stores import (
     Loaded,
     LoadRequest,
     MemoryStore,
-    OutboxRecord,
-    ScheduleRecord,
     SQLiteStore,
     Store,
     Tombstone,
@@ -924,46 +923,39 @@ async def test_admin_show_says_how_and_when_a_finished_instance_ended() -> None:
 # -- migrating a store of schema version 3 (the release before tombstones) --------------------
 
 
-def _trip_rows() -> Changes:
-    """What a schema-3 runtime left: an active trip with its command and timer, a mark."""
-    record = InstanceRecord(
-        "Trip",
-        "t1",
-        1,
-        "active",
-        '{"status": "booking", "hotel": ""}',
-        "i" * 32,
-        T0,
-        T0,
-        "test_tombstones.TripBooked",
-    )
-    command = OutboxRecord(
-        "i" * 32 + ".1.0",
-        "Trip",
-        "t1",
-        1 << 16,
-        "send",
-        "test_tombstones.ReserveHotel",
-        '{"trip": "t1"}',
-    )
-    timer = ScheduleRecord(
-        "i" * 32 + ".1.1",
-        "Trip",
-        "t1",
-        "deadline",
-        T0 + 600,
-        True,
-        "test_tombstones.Deadline",
-        '{"trip": "t1"}',
-        (1 << 16) | 1,
-    )
-    mark = DedupMark("Trip", "t1", "booked-1", T0 + WEEK)
-    return Changes(
-        writes=[InstanceWrite(record, 0)],
-        outbox_adds=[command],
-        schedule_puts=[timer],
-        marks=[mark],
-    )
+IID = "i" * 32
+# What a schema-3 runtime left: an active trip with its command and timer, and a mark.
+# Instances and marks have not changed since; outbox rows and schedules gained columns
+# after schema 3, so they are written as schema 3 has them, by hand.
+V3_ROWS = Changes(
+    writes=[
+        InstanceWrite(
+            InstanceRecord(
+                "Trip",
+                "t1",
+                1,
+                "active",
+                '{"status": "booking", "hotel": ""}',
+                IID,
+                T0,
+                T0,
+                "test_tombstones.TripBooked",
+            ),
+            0,
+        )
+    ],
+    marks=[DedupMark("Trip", "t1", "booked-1", T0 + WEEK)],
+)
+V3_OUTBOX = (
+    "INSERT INTO {s}outbox (id, saga, key, seq, kind, type_name, payload, attempts, due, "
+    "error) VALUES ('" + IID + ".1.0', 'Trip', 't1', 65536, 'send', "
+    "'test_tombstones.ReserveHotel', '{{\"trip\": \"t1\"}}', 0, 0, NULL)"
+)
+V3_SCHEDULE = (
+    "INSERT INTO {s}schedules (id, saga, key, name, due, to_self, type_name, payload, seq, "
+    "attempts) VALUES ('" + IID + ".1.1', 'Trip', 't1', 'deadline', " + str(T0 + 600) + ", "
+    "{true}, 'test_tombstones.Deadline', '{{\"trip\": \"t1\"}}', 65537, 0)"
+)
 
 
 async def _run_the_migrated_store(store: Store) -> Run:
@@ -985,8 +977,11 @@ async def test_a_schema_3_sqlite_file_migrates_and_its_instances_leave_tombstone
         version_3.setattr(sqlite_module, "SCHEMA_VERSION", 3)
         old = SQLiteStore(path)
         await old.open()
-        await old.commit(_trip_rows())
+        await old.commit(V3_ROWS)
         await old.close()
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(V3_OUTBOX.format(s=""))
+        conn.execute(V3_SCHEDULE.format(s="", true=1))
 
     run = await _run_the_migrated_store(SQLiteStore(path))
 
@@ -1003,6 +998,8 @@ async def test_a_schema_3_postgres_schema_migrates_and_its_instances_leave_tombs
     postgres_dsn: str,  # noqa: F811
     pg_schema: str,  # noqa: F811
 ) -> None:
+    import psycopg
+
     from sagaflow.stores import PostgresStore
     from sagaflow.stores import _postgres as postgres_module
 
@@ -1011,8 +1008,11 @@ async def test_a_schema_3_postgres_schema_migrates_and_its_instances_leave_tombs
         version_3.setattr(postgres_module, "SCHEMA_VERSION", 3)
         old = PostgresStore(postgres_dsn, schema=pg_schema)
         await old.open()
-        await old.commit(_trip_rows())
+        await old.commit(V3_ROWS)
         await old.close()
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(V3_OUTBOX.format(s=f'"{pg_schema}".'))
+        conn.execute(V3_SCHEDULE.format(s=f'"{pg_schema}".', true="true"))
 
     run = await _run_the_migrated_store(PostgresStore(postgres_dsn, schema=pg_schema))
 
@@ -1035,7 +1035,7 @@ def _check_migrated_run(run: Run, tombstones: list[Tombstone]) -> None:
             "completed",
             T0,
             T0 + WEEK,
-            "i" * 32,
+            IID,
             3,
             '{"status": "confirmed", "hotel": "h1"}',
             1,
