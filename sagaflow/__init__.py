@@ -16,7 +16,7 @@ from ._actions import (
     Send,
     Unschedule,
 )
-from ._admin import Admin, InstanceInfo
+from ._admin import Admin, InstanceInfo, SagaState, StatePage
 from ._check import CheckFailure, CheckGroup, CheckReport
 from ._clock import SystemClock
 from ._decorators import correlate, on
@@ -49,8 +49,10 @@ __all__ = [
     "Registry",
     "RetryPolicy",
     "Runtime",
+    "SagaState",
     "Schedule",
     "Send",
+    "StatePage",
     "Statistics",
     "SystemClock",
     "Unmatched",

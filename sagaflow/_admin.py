@@ -9,18 +9,20 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import attrs
 
 from ._check import CheckReport, check
 from ._clock import SystemClock
-from ._registry import Registry, Via
+from ._registry import TOMBSTONE_RETENTION, Registry, SagaSpec, Via
 from .exceptions import ConflictError, DeadLetterError
 from .stores._protocol import (
+    ABORTED,
     ACTIVE,
     COMPENSATE,
     COMPENSATION_FAILED,
+    COMPLETED,
     COMPLETING,
     Association,
     Changes,
@@ -30,15 +32,18 @@ from .stores._protocol import (
     InstanceWrite,
     LoadRequest,
     OutboxRecord,
+    RowCounts,
     ScheduleRecord,
     Store,
+    Tombstone,
+    TombstoneWrite,
 )
 from .typing import Clock
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
 
-__all__ = ["Admin", "InstanceInfo"]
+__all__ = ["Admin", "InstanceInfo", "SagaState", "StatePage"]
 
 log = logging.getLogger("sagaflow.admin")
 
@@ -47,6 +52,7 @@ _RACES = 5
 """How often an operation reads again after losing a race with a runtime."""
 
 _Ref = tuple[str, str]
+S = TypeVar("S")
 
 
 @attrs.frozen
@@ -88,8 +94,53 @@ class InstanceInfo:
         return self.record.status
 
 
+@attrs.frozen
+class SagaState(Generic[S]):
+    """One stored saga instance with its state decoded: what an API or a page shows.
+
+    Attributes:
+        saga: The saga's name.
+        key: The instance key.
+        state: The state, an instance of the saga's state class (upcast if it was
+            written by an older version of the saga).
+        status: `"active"`, `"completing"` (completed, its last commands not yet
+            dispatched) or `"compensation_failed"`.
+        version: Incremented by every write of the instance; 1 when it started.
+        created_at: Wall-clock seconds when it started.
+        updated_at: Wall-clock seconds of its last write.
+        completed: The saga returned `Complete()`.
+    """
+
+    saga: str
+    key: str
+    state: S
+    status: str
+    version: int
+    created_at: float
+    updated_at: float
+    completed: bool
+
+
+@attrs.frozen
+class StatePage(Generic[S]):
+    """One page of `Admin.states`: instances of one saga, ordered by key.
+
+    Attributes:
+        items: The instances of this page.
+        next: Pass it as `after=` for the next page; `None` on the last page.
+    """
+
+    items: tuple[SagaState[S], ...]
+    next: str | None
+
+
 def _seconds(value: timedelta | float) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as `timedelta` shows them, to the second: `"6 days, 23:59:30"`."""
+    return str(timedelta(seconds=round(max(seconds, 0.0))))
 
 
 def _owner(command_id: str) -> str:
@@ -198,11 +249,123 @@ class Admin:
         schedules, outbox, letters, associations = await self._pending(saga, key)
         if record is None:
             left = f"; {len(letters)} dead letter(s) of it remain" if letters else ""
+            tombstones = await self._store.list_tombstones(saga=saga, key=key)
+            if tombstones and tombstones[0].expires_at >= now:
+                t = tombstones[0]
+                how = "completed" if t.ended == COMPLETED else f"was {t.ended}"
+                ended = f"it {how} {_duration(now - t.ended_at)} ago; its tombstone counts "
+                ended += f"for {_duration(t.expires_at - now)} more"
+            else:
+                ended = "it never started, or it ended or was aborted"
+            raise DeadLetterError(f"no instance of saga {saga!r} has key {key!r} ({ended}){left}")
+        return self._info(record, schedules, outbox, letters, associations, now)
+
+    @overload
+    async def state(self, saga: str, key: str) -> SagaState[Any]: ...
+
+    @overload
+    async def state(self, saga: str, key: str, state_type: type[S]) -> SagaState[S]: ...
+
+    async def state(self, saga: str, key: str, state_type: type[Any] | None = None) -> Any:
+        """One instance with its state decoded, as the saga's state class.
+
+        The state is decoded as a runtime decodes it (through the saga's upcasters):
+        no JSON to pick apart by hand.
+
+        Args:
+            saga: The saga's name.
+            key: The instance key.
+            state_type: The saga's state class (or a base class of it); when given, a
+                type checker knows the type of `.state`, and a mismatch is an error.
+
+        Returns:
+            The instance.
+
+        Raises:
+            DeadLetterError: No instance of `saga` has this key (a `LookupError`).
+            DecodeError: The stored state cannot be decoded by this code; the message
+                names saga, key, version and field.
+            LookupError: No saga of that name is registered.
+            TypeError: The `Admin` has no registry, or `state_type` is not the saga's
+                state class.
+        """
+        spec = self._spec(saga, state_type, "state")
+        record = await self._record(spec.name, key)
+        if record is None:
             raise DeadLetterError(
                 f"no instance of saga {saga!r} has key {key!r} (it never started, or it "
-                f"ended or was aborted){left}"
+                "ended or was aborted)"
             )
-        return self._info(record, schedules, outbox, letters, associations, now)
+        return self._decoded(spec, record)
+
+    @overload
+    async def states(
+        self, saga: str, *, after: str | None = None, limit: int = 100
+    ) -> StatePage[Any]: ...
+
+    @overload
+    async def states(
+        self, saga: str, state_type: type[S], *, after: str | None = None, limit: int = 100
+    ) -> StatePage[S]: ...
+
+    async def states(
+        self,
+        saga: str,
+        state_type: type[Any] | None = None,
+        *,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> Any:
+        """A page of one saga's instances, ordered by key, with their states decoded.
+
+        Keyset pagination on the store's primary key (`Store.scan_instances`): each
+        page is one short read whatever the number of instances, and instances that
+        start or end between two pages neither shift nor repeat the others.
+
+        Args:
+            saga: The saga's name.
+            state_type: The saga's state class, as for `state`.
+            after: The `next` of the page before; `None` for the first page.
+            limit: The most instances on a page.
+
+        Returns:
+            The page; its `next` is `None` when no instance follows.
+
+        Raises:
+            DecodeError: A state on the page cannot be decoded (`Admin.check` lists
+                every such row).
+            LookupError: No saga of that name is registered.
+            TypeError: As for `state`.
+            ValueError: `limit` is less than 1.
+        """
+        if limit < 1:
+            raise ValueError(f"Admin.states(limit={limit!r}) must be at least 1")
+        spec = self._spec(saga, state_type, "states")
+        records: list[InstanceRecord] = []
+        if after is None:
+            # Keys sort after (saga, ""), except "" itself: read that one directly.
+            first = await self._record(spec.name, "")
+            if first is not None:
+                records.append(first)
+        # One more than asked, to know whether a next page exists. Rows are in (saga,
+        # key) order, so those of this saga come first and together.
+        scanned = await self._store.scan_instances(
+            after=(spec.name, after or ""), limit=limit + 1 - len(records)
+        )
+        for record in scanned:
+            if record.saga != spec.name:
+                break
+            records.append(record)
+        items = tuple(self._decoded(spec, r) for r in records[:limit])
+        return StatePage(items, items[-1].key if len(records) > limit else None)
+
+    async def count_rows(self) -> RowCounts:
+        """How many instances (by status), commands in the outbox, schedules (due
+        ones among them) and dead letters the store holds: the gauges of a dashboard.
+
+        Counting may read whole tables: poll it every few seconds, not per request.
+        """
+        return await self._store.count_rows(now=self._clock.now())
 
     async def list_dead_letters(
         self, *, saga: str | None = None, key: str | None = None
@@ -239,8 +402,9 @@ class Admin:
         The pre-deploy check: run it with the code about to be deployed (its registry)
         against the store in use. Every instance state (through its saga's upcasters,
         from the version it was written at), outbox command, scheduled message, dead
-        letter (event or command) and, on a store shared in cluster mode, inbox event
-        is decoded exactly as a runtime would decode it. Each row is ok, would be
+        letter (event or command), final state kept in a tombstone for `late=True`
+        handlers and, on a store shared in cluster mode, inbox event is decoded exactly
+        as a runtime would decode it. Each row is ok, would be
         upcast (written at an older version, and the whole upcaster chain succeeds), or
         would fail: it cannot be decoded (a renamed or removed field with no upcaster,
         a JSON value that is not an object, a type name not on the allow-list), an
@@ -511,8 +675,15 @@ class Admin:
         """Delete an instance with its pending schedules and commands; its dead letters stay.
 
         The delete is version-checked: if a runtime changes the instance meanwhile, it is
-        read again and the delete repeated. Commands a running runtime already holds in
-        memory may still be dispatched.
+        read again and the delete repeated. A running runtime may still dispatch a
+        command of it that it holds in memory and that is due now; one waiting there for a
+        retry is dropped before its next attempt.
+
+        In the same commit the instance leaves an `"aborted"` tombstone (without its
+        state) for its saga's `tombstone_retention` (7 days when the `Admin` has no
+        registry or the saga is not registered in it): meanwhile its events are
+        reported as unmatched, saying it was aborted, no `late=True` handler runs for
+        it, and a start event does not start the key again unless the saga reuses keys.
 
         Returns:
             The instance as it was just before it was deleted.
@@ -525,7 +696,10 @@ class Admin:
             info = await self.show(saga, key)
             try:
                 await self._store.commit(
-                    Changes(deletes=[InstanceDelete(saga, key, info.record.version)])
+                    Changes(
+                        deletes=[InstanceDelete(saga, key, info.record.version)],
+                        tombstones=self._aborted(info.record),
+                    )
                 )
             except ConflictError:
                 if attempt == _RACES:
@@ -544,6 +718,59 @@ class Admin:
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- helpers -------------------------------------------------------------------
+
+    def _aborted(self, record: InstanceRecord) -> list[TombstoneWrite]:
+        """The tombstone an aborted instance leaves, if its saga keeps any."""
+        spec = None if self._registry is None else self._registry.sagas.get(record.saga)
+        retention = (
+            TOMBSTONE_RETENTION.total_seconds() if spec is None else spec.tombstone_retention
+        )
+        if not retention:
+            return []
+        now = self._clock.now()
+        tombstone = Tombstone(
+            record.saga,
+            record.key,
+            ABORTED,
+            now,
+            now + retention,
+            record.instance_id,
+            record.version,
+            None,
+            record.state_version,
+        )
+        return [TombstoneWrite(tombstone)]
+
+    def _spec(self, saga: str, state_type: type[Any] | None, method: str) -> SagaSpec:
+        if self._registry is None:
+            raise TypeError(
+                f"Admin.{method} decodes states with the sagas' code: make the Admin with "
+                "the registry, Admin(store, registry=registry)"
+            )
+        spec = self._registry.get(saga)
+        if state_type is not None and not (
+            isinstance(state_type, type) and issubclass(spec.state_type, state_type)
+        ):
+            shown = getattr(state_type, "__qualname__", repr(state_type))
+            raise TypeError(
+                f"saga {saga!r} keeps its state as {spec.state_type.__qualname__}, not "
+                f"{shown}: pass {spec.state_type.__qualname__} (or nothing)"
+            )
+        return spec
+
+    def _decoded(self, spec: SagaSpec, record: InstanceRecord) -> SagaState[Any]:
+        assert self._registry is not None
+        state = spec.load_record(self._registry.serializer, record)
+        return SagaState(
+            record.saga,
+            record.key,
+            state,
+            record.status,
+            record.version,
+            record.created_at,
+            record.updated_at,
+            record.completed,
+        )
 
     async def _record(self, saga: str, key: str) -> InstanceRecord | None:
         loaded = await self._store.load(LoadRequest(instances=[(saga, key)], now=self._clock.now()))

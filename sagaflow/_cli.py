@@ -246,6 +246,8 @@ def _row_json(row: ScheduleRecord | OutboxRecord | DeadLetter, *, full: bool) ->
     payload = data.pop("payload")
     if full:
         data["payload"] = _json_text(payload)
+    if data.get("trace") is not None:
+        data["trace"] = _json_text(data["trace"])  # the carrier, e.g. {"traceparent": ...}
     return data
 
 
@@ -460,6 +462,8 @@ async def _find(admin: Admin, saga: str, key: str) -> InstanceInfo:
     try:
         return await admin.show(saga, key)
     except DeadLetterError as exc:
+        if await admin.store.list_tombstones(saga=saga, key=key):
+            raise  # it says how and when the instance ended
         unknown = await _unknown_saga(admin, saga)
         if unknown is None:
             raise

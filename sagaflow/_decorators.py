@@ -63,6 +63,7 @@ class HandlerMark:
     start: bool
     internal: bool
     retry: RetryPolicy | None = None
+    late: bool = False
 
 
 @attrs.frozen
@@ -70,11 +71,13 @@ class CorrelateMark:
     """What `@correlate` recorded on a method; empty `types` means every handled type.
 
     With `via`, the function returns a value that is looked up among the associations
-    of that name (see `Associate`), not an instance key.
+    of that name (see `Associate`); with `reply`, the command id a reply answers; else
+    an instance key.
     """
 
     types: tuple[type, ...]
     via: str | None = None
+    reply: bool = False
 
 
 # One overload per number of event types lets the type checker tie the handler's event
@@ -87,6 +90,7 @@ def on(
     start: bool = ...,
     internal: bool = ...,
     retry: RetryPolicy | None = ...,
+    late: bool = ...,
 ) -> HandlerDecorator[E1]: ...
 @overload
 def on(
@@ -97,6 +101,7 @@ def on(
     start: bool = ...,
     internal: bool = ...,
     retry: RetryPolicy | None = ...,
+    late: bool = ...,
 ) -> HandlerDecorator[E1 | E2]: ...
 @overload
 def on(
@@ -108,6 +113,7 @@ def on(
     start: bool = ...,
     internal: bool = ...,
     retry: RetryPolicy | None = ...,
+    late: bool = ...,
 ) -> HandlerDecorator[E1 | E2 | E3]: ...
 @overload
 def on(
@@ -120,6 +126,7 @@ def on(
     start: bool = ...,
     internal: bool = ...,
     retry: RetryPolicy | None = ...,
+    late: bool = ...,
 ) -> HandlerDecorator[E1 | E2 | E3 | E4]: ...
 @overload
 def on(
@@ -133,6 +140,7 @@ def on(
     start: bool = ...,
     internal: bool = ...,
     retry: RetryPolicy | None = ...,
+    late: bool = ...,
 ) -> HandlerDecorator[E1 | E2 | E3 | E4 | E5]: ...
 @overload
 def on(
@@ -147,6 +155,7 @@ def on(
     start: bool = ...,
     internal: bool = ...,
     retry: RetryPolicy | None = ...,
+    late: bool = ...,
 ) -> HandlerDecorator[E1 | E2 | E3 | E4 | E5 | E6]: ...
 @overload
 def on(
@@ -154,12 +163,14 @@ def on(
     start: bool = ...,
     internal: bool = ...,
     retry: RetryPolicy | None = ...,
+    late: bool = ...,
 ) -> Callable[[HandlerT], HandlerT]: ...
 def on(
     *types: type,
     start: bool = False,
     internal: bool = False,
     retry: RetryPolicy | None = None,
+    late: bool = False,
 ) -> Any:
     """Mark a saga method as the handler of one or more event types.
 
@@ -178,6 +189,12 @@ def on(
             published events of these types are not routed to it.
         retry: How often to try the handler when it raises, instead of the runtime's
             policy.
+        late: The handler takes these events when they arrive for an instance that has
+            completed (while it drains its outbox, or from its tombstone afterwards). It
+            gets the final state, read-only, and may return `Send` and `Compensate`
+            only (a cancellation of something that came too late, say). A type may have
+            a handler for live instances and a `late=True` one besides. See the how-to
+            "Finished instances and late events".
 
     Returns:
         A decorator that returns the method unchanged.
@@ -187,7 +204,7 @@ def on(
     for t in types:
         if not isinstance(t, type):
             raise TypeError(f"@on() takes event classes, got {t!r}")
-    mark = HandlerMark(types=types, start=start, internal=internal, retry=retry)
+    mark = HandlerMark(types=types, start=start, internal=internal, retry=retry, late=late)
 
     def decorate(fn: F) -> F:
         marks: tuple[HandlerMark, ...] = getattr(fn, HANDLER_ATTR, ())
@@ -198,10 +215,12 @@ def on(
 
 
 @overload
-def correlate(*types: type, via: str | None = None) -> Callable[[CorrelateT], CorrelateT]: ...
+def correlate(
+    *types: type, via: str | None = None, reply: bool = ...
+) -> Callable[[CorrelateT], CorrelateT]: ...
 @overload
 def correlate(fn: CorrelateT, /) -> CorrelateT: ...
-def correlate(*args: Any, via: str | None = None) -> Any:
+def correlate(*args: Any, via: str | None = None, reply: bool = False) -> Any:
     """Mark a saga method as the function that maps an event to an instance key.
 
     Bare (`@correlate`) it applies to every event type the saga handles; called
@@ -214,18 +233,32 @@ def correlate(*args: Any, via: str | None = None) -> Any:
     event reaches every instance associated with the value, each handled and committed
     as if it had been published for that instance's key (fan-out), and none if no
     instance is (it is reported as unmatched). Start handlers need a direct key, so
-    `via` cannot cover an event type handled with `start=True`.
+    `via` cannot cover an event type handled with `start=True`. See the how-to
+    "Associations and fan-out".
+
+    With `reply=True` the listed types are replies to commands the saga sent, and the
+    function returns the **command id** the reply answers (the `meta.id` its receiver
+    was given) instead of a key: the runtime finds the instance from it, no business
+    key needed. Only the commands of sagas that declare such a function carry their
+    saga and key in their id. See the how-to "Handling replies".
 
     Raises:
-        TypeError: A type is not a class, or `via` is not a non-empty string or is
-            given without event types.
+        TypeError: Something other than event classes was given, `via` is not a
+            non-empty string, `via` or `reply=True` comes without the event types, or
+            both are given.
     """
-    if len(args) == 1 and callable(args[0]) and not isinstance(args[0], type) and via is None:
+    if len(args) == 1 and callable(args[0]) and not isinstance(args[0], type):
+        if reply:
+            raise TypeError(_REPLY_TYPES)
+        if via is not None:
+            raise TypeError(_via_types(via))
         setattr(args[0], CORRELATE_ATTR, CorrelateMark(types=()))
         return args[0]
     for t in args:
         if not isinstance(t, type):
             raise TypeError(f"@correlate() takes event classes, got {t!r}")
+    if reply and not args:
+        raise TypeError(_REPLY_TYPES)
     if via is not None:
         if not isinstance(via, str) or not via or not via.isprintable():
             raise TypeError(
@@ -233,14 +266,29 @@ def correlate(*args: Any, via: str | None = None) -> Any:
                 'printable string such as via="shipment"'
             )
         if not args:
+            raise TypeError(_via_types(via))
+        if reply:
             raise TypeError(
-                f"@correlate(via={via!r}) needs the event types it routes, e.g. "
-                f"@correlate(ShipmentDelivered, via={via!r}): start events need a direct key"
+                "@correlate(..., via=..., reply=True): a correlate function returns either "
+                "an association value (via=) or the command id a reply answers (reply=True)"
             )
-    mark = CorrelateMark(types=tuple(args), via=via)
+    mark = CorrelateMark(types=tuple(args), via=via, reply=reply)
 
     def decorate(fn: CorrelateT) -> CorrelateT:
         setattr(fn, CORRELATE_ATTR, mark)
         return fn
 
     return decorate
+
+
+def _via_types(via: object) -> str:
+    return (
+        f"@correlate(via={via!r}) needs the event types it routes, e.g. "
+        f"@correlate(ShipmentDelivered, via={via!r}): start events need a direct key"
+    )
+
+
+_REPLY_TYPES = (
+    "@correlate(reply=True) needs the reply event types it applies to, e.g. "
+    "@correlate(PaymentReply, reply=True)"
+)

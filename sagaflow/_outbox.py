@@ -16,7 +16,7 @@ import attrs
 
 from ._calls import Interrupt, call
 from ._clock import SystemClock
-from ._hooks import Hooks
+from ._hooks import Hooks, trace_carrier, traced
 from ._records import DispatchMeta
 from ._retry import RetryPolicy
 from ._serialization import Serializer
@@ -205,8 +205,11 @@ def note_failure(
         due: float = now + policy.delay(attempt)
         counters.command_retries += 1
         if hooks is not None:
+            trace = trace_carrier(row.trace)
             hooks.command_retry(
-                DispatchMeta(row.id, row.saga, row.key, attempt, row.kind), error, due - now
+                DispatchMeta(row.id, row.saga, row.key, attempt, row.kind, trace),
+                error,
+                due - now,
             )
         log.warning(
             "command %s of %s/%s failed (attempt %d), retrying: %s",
@@ -384,12 +387,16 @@ class OutboxCore:
             if not entry.decoded:
                 entry.command = self.serializer.decode(row.type_name, row.payload)
                 entry.decoded = True
-            meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
+            trace = trace_carrier(row.trace)
+            meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind, trace)
             span = None if hooks is None else hooks.dispatching(entry.command, meta)
             if span is None:
                 await call_dispatch(self.dispatch, entry.command, meta, self.dispatch_timeout)
             else:
+                assert hooks is not None
                 with span:
+                    # The receiver continues the dispatch span: hand it its context.
+                    meta = traced(hooks, meta)
                     await call_dispatch(self.dispatch, entry.command, meta, self.dispatch_timeout)
         except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
             self._attempt_failed(ref, entry, attempt, exc)
@@ -652,9 +659,13 @@ class Outbox(OutboxCore):
                 return
             if queue and queue[0] is entry:
                 queue.popleft()
-                self._depth -= 1
-                self._deletes.append(row.id)  # not cached: a commit may take the list
-                self._mark_dirty()
+            elif entry in queue:  # an operator's retry went in front of it meanwhile
+                queue.remove(entry)
+            else:
+                continue  # dropped meanwhile (the instance was deleted)
+            self._depth -= 1
+            self._deletes.append(row.id)  # not cached: a commit may take the list
+            self._mark_dirty()
         self._busy.discard(ref)
         if queue is None or queue or self._queues.get(ref) is not queue:
             return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Mapping
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, cast
@@ -18,11 +18,12 @@ from ._batch import EVENT, FAILED, FINALIZE, FIRE, VIA, Item
 from ._calls import interrupt_in, seconds
 from ._clock import SystemClock
 from ._cluster import Cluster, ClusterOutbox, cluster_store
-from ._hooks import Hooks
-from ._outbox import Counters, Outbox, checked_dispatcher
+from ._hooks import Hooks, capture, trace_text, wants_counts
+from ._outbox import Counters, Outbox, checked_dispatcher, error_text
 from ._records import Unmatched
 from ._registry import HandlerSpec, Registry, SagaSpec, Via
-from ._report import unmatched
+from ._replies import ReplyCorrelate
+from ._report import call_hook, unmatched
 from ._retry import RetryPolicy
 from ._shard import Shard, shard_index
 from ._sync import Ack, Activity, Mailbox
@@ -159,6 +160,11 @@ class Runtime:
             supports it, such as `PostgresStore`): `publish` goes through the store's
             shared inbox, commands and due schedules are claimed with leases, and no
             state is cached between batches. See the how-to "Scaling out".
+        gauge_interval: Seconds (or a `timedelta`) between two countings of the
+            store's rows (`Store.count_rows`: instances by status, commands in the
+            outbox, due schedules, dead letters) handed to `hooks.rows_counted`, for
+            gauges: counted when the runtime starts and then at this interval, and only
+            if the hooks override `rows_counted`. `None`: never.
 
     Timeouts are measured in real time (the event loop's clock), not through `clock`:
     they guard against calls that hang.
@@ -193,6 +199,7 @@ class Runtime:
         handler_timeout: timedelta | float | None = 60.0,
         dispatch_timeout: timedelta | float | None = 60.0,
         shutdown_timeout: timedelta | float | None = 30.0,
+        gauge_interval: timedelta | float | None = 15.0,
     ) -> None:
         if not registry.sagas:
             raise ValueError("the registry has no sagas: register at least one first")
@@ -205,6 +212,7 @@ class Runtime:
         handler_limit = seconds(handler_timeout, "handler_timeout")
         dispatch_limit = seconds(dispatch_timeout, "dispatch_timeout")
         self._shutdown_timeout = seconds(shutdown_timeout, "shutdown_timeout")
+        self._gauge_interval = seconds(gauge_interval, "gauge_interval")
         self._registry = registry
         self._store = store
         self._dispatch = dispatch
@@ -314,6 +322,8 @@ class Runtime:
             tg.start_soon(self._timer.run)
             if self._cluster is not None:
                 await tg.start(self._cluster.run)
+            if self._gauge_interval is not None and wants_counts(self._hooks):
+                tg.start_soon(self._count_rows, self._gauge_interval)
         except BaseException as exc:
             tg.cancel_scope.cancel()
             await tg.__aexit__(type(exc), exc, exc.__traceback__)
@@ -364,6 +374,21 @@ class Runtime:
         if stopping is not None:
             raise stopping
         return None
+
+    async def _count_rows(self, interval: float) -> None:
+        """Hand the store's row counts to `hooks.rows_counted`, now and every `interval`.
+
+        Not work in hand: `drain()` never waits for a count.
+        """
+        assert self._hooks is not None
+        while True:
+            try:
+                counts = await self._store.count_rows(now=self._clock.now())
+            except Exception as exc:  # noqa: BLE001 - a gauge must not stop the runtime
+                log.warning("could not count the store's rows for gauges: %s", error_text(exc))
+            else:
+                call_hook(self._hooks.rows_counted, counts)
+            await self._clock.sleep_until(self._clock.now() + interval)
 
     async def _finish_due_work(self) -> None:
         """`drain()` for at most `shutdown_timeout`; say what stays in the store after."""
@@ -437,17 +462,18 @@ class Runtime:
         return targets
 
     def _items(
-        self, event: object, target: _Target, id: str | None, ack: Ack
+        self, event: object, target: _Target, id: str | None, ack: Ack, trace: str | None
     ) -> list[tuple[Shard, Item]]:
         """The items one target of an event makes, with the shard each goes to: an event
         for a key goes to its instance's shard, one routed via an association to every
         shard (each finds its own instances)."""
         spec, handler, key, via = target
         if via is None:
-            return [(self._shard(spec.name, key), Item(EVENT, spec, key, event, handler, id, ack))]
+            item = Item(EVENT, spec, key, event, handler, id, ack, trace=trace)
+            return [(self._shard(spec.name, key), item)]
         fanout = Fanout(spec.name, via.name, key, len(self._shards))
         return [
-            (shard, Item(VIA, spec, key, event, handler, id, ack, fanout=fanout))
+            (shard, Item(VIA, spec, key, event, handler, id, ack, trace=trace, fanout=fanout))
             for shard in self._shards
         ]
 
@@ -489,6 +515,10 @@ class Runtime:
         unmatched. In cluster mode the value is looked up in the store when the event
         is accepted.
 
+        With `hooks` that capture traces (`Hooks.capture_trace`), the trace current in
+        the calling task is kept with the event: the handler's span continues it, and
+        the commands and schedules it produces carry it on (see the how-to "Tracing").
+
         Args:
             event: The event (any attrs or dataclass instance a saga handles).
             id: With an id, a redelivered event is applied at most once per instance
@@ -505,7 +535,7 @@ class Runtime:
         if not targets:
             self._not_routed(event, "publish")
             return
-        await self._publish(event, targets, id)
+        await self._publish(event, targets, id, capture(self._hooks))
 
     async def _deliver(self, event: object, saga: str, key: str, id: str | None) -> None:
         """Publish `event` to the instance `(saga, key)` alone, as if its saga's correlate
@@ -519,17 +549,19 @@ class Runtime:
         route = next((r for r in self._registry.routes(type(event)) if r[0].name == saga), None)
         if route is None:
             raise LookupError(f"saga {saga!r} does not handle {type(event).__qualname__}")
-        await self._publish(event, [(route[0], route[1], key, None)], id)
+        await self._publish(event, [(route[0], route[1], key, None)], id, capture(self._hooks))
 
-    async def _publish(self, event: object, targets: list[_Target], id: str | None) -> None:
+    async def _publish(
+        self, event: object, targets: list[_Target], id: str | None, trace: str | None
+    ) -> None:
         if self._cluster is not None:
             if any(via is not None for *_, via in targets):
                 targets = await self._look_up(event, targets)
             if targets:
-                await self._cluster.publish(event, [t[:3] for t in targets], id)
+                await self._cluster.publish(event, [t[:3] for t in targets], id, trace)
             return
         ack = Ack(0)
-        items = [pair for target in targets for pair in self._items(event, target, id, ack)]
+        items = [pair for target in targets for pair in self._items(event, target, id, ack, trace)]
         ack.pending = len(items)
         for shard, item in items:
             self._activity.begin()
@@ -546,6 +578,7 @@ class Runtime:
         source: AsyncIterable[Any],
         *,
         id: Callable[[Any], str | None] | None = None,
+        trace: Callable[[Any], Mapping[str, str] | None] | None = None,
     ) -> int:
         """Feed events from an async iterable or anyio receive stream.
 
@@ -558,6 +591,13 @@ class Runtime:
         Args:
             source: Events, e.g. a `MemoryObjectReceiveStream` or an async generator.
             id: Returns the dedup id of an event (or `None`), like `publish(id=...)`.
+            trace: Returns the trace context an event arrived with (a carrier such as
+                `{"traceparent": ...}` read from a broker message's headers), or `None`.
+                Without it, each event keeps the trace current in the task calling
+                `run` when it is consumed, if the hooks capture traces.
+
+        `id` and `trace` are called with each event as it is consumed, before the next
+        one is taken from `source`, so they may answer from the message it came in.
 
         Returns:
             How many events were consumed.
@@ -570,15 +610,20 @@ class Runtime:
         ack = Ack(1, poison_raises=False)  # held open until the source is exhausted
         count = 0
         activity = self._activity
+        hooks = self._hooks
         try:
             async for event in source:
                 count += 1
                 event_id = id(event) if id is not None else None
+                if trace is not None:
+                    carried = trace_text(trace(event))
+                else:
+                    carried = None if hooks is None else capture(hooks)
                 targets = self._targets(event)
                 if not targets:
                     self._not_routed(event, "run")
                 for target in targets:
-                    for shard, item in self._items(event, target, event_id, ack):
+                    for shard, item in self._items(event, target, event_id, ack, carried):
                         ack.pending += 1
                         activity.begin()
                         mailbox = shard.mailbox
@@ -602,8 +647,12 @@ class Runtime:
 
         Off the hot path: only for events that no saga took.
         """
-        if self._registry.routes(type(event)):
-            return  # every correlate function returned None: not for these sagas
+        routes = self._registry.routes(type(event))
+        if routes:
+            # Every correlate function returned None: not for these sagas, unless it is
+            # a reply whose command id none of them made.
+            self._unknown_reply(event, routes)
+            return
         problem = _not_a_message(event, self._registry)
         if problem is not None:
             raise MessageError(
@@ -616,6 +665,24 @@ class Runtime:
             self._counters,
             self._on_unmatched,
             self._hooks,
+        )
+
+    def _unknown_reply(self, event: object, routes: tuple[Any, ...]) -> None:
+        """Report a reply whose command id no saga that correlates it by id made."""
+        sagas = [spec.name for spec, _, fn in routes if isinstance(fn, ReplyCorrelate)]
+        ids = {fn.fn(event) for _, _, fn in routes if isinstance(fn, ReplyCorrelate)}
+        ids.discard(None)
+        if not ids:
+            return
+        shown = ", ".join(map(repr, sorted(map(str, ids))))
+        reason = (
+            f"its command id {shown} names no instance of saga(s) "
+            f"{', '.join(map(repr, sagas))}, which correlate {type(event).__name__} as a "
+            "reply: it must be the `meta.id` a command of one of them was dispatched with"
+        )
+        saga = sagas[0] if len(sagas) == 1 else None
+        unmatched(
+            [Unmatched(event, saga, None, reason)], self._counters, self._on_unmatched, self._hooks
         )
 
     def _unrouted_reason(self, cls: type) -> str:

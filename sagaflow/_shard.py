@@ -181,6 +181,7 @@ class Shard:
                     item.handler,
                     item.event_id,
                     item.ack,
+                    trace=item.trace,
                     fanout=fanout,
                 )
                 held.append(one)
@@ -276,7 +277,16 @@ class Shard:
             return
         # Those parked behind a handler retry get it when their turn comes (`_park`).
         items = [
-            Item(EVENT, item.saga, key, item.event, item.handler, item.event_id, item.ack)
+            Item(
+                EVENT,
+                item.saga,
+                key,
+                item.event,
+                item.handler,
+                item.event_id,
+                item.ack,
+                trace=item.trace,
+            )
             for key in keys
             if key not in item.parked
         ]

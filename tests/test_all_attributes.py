@@ -18,6 +18,7 @@ PUBLIC_MODULES = [
     "sagaflow.otel",
     "sagaflow.stores",
     "sagaflow.testing",
+    "sagaflow.testing.conformance",
     "sagaflow.typing",
 ]
 PACKAGE_DIR = pathlib.Path(sagaflow.__file__).parent

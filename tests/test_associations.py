@@ -605,9 +605,12 @@ async def test_event_ids_deduplicate_per_instance(store: Store) -> None:
 
 @pytest.mark.anyio
 async def test_associations_end_with_their_instance(store: Store) -> None:
-    """A completed instance's associations go when it ends: a later event via them is
-    unmatched, and a new instance under the same key starts with none."""
-    async with running(store) as h:
+    """A completed instance's associations go when it ends (its tombstone keeps none): a
+    later event via them is unmatched, and a new instance under the same key (a saga
+    that reuses keys) starts with none."""
+    registry = Registry()
+    registry.register(TagSaga(), state=Log, name=SAGA, reuse_keys=True)
+    async with running(store, registry) as h:
         await h.runtime.run(stream([Open("a"), Tag("a", "x"), Open("b"), Tag("b", "y")]))
 
         await h.runtime.publish(Close("a"))

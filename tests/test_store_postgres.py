@@ -19,16 +19,6 @@ import attrs
 import psycopg
 import pytest
 from _postgres_server import pg_schema, postgres_dsn  # noqa: F401
-from store_conformance import (
-    SAGA,
-    StoreConformance,
-    create,
-    dead_letter,
-    instance,
-    outbox_row,
-    scan_pages,
-    schedule,
-)
 
 from sagaflow.exceptions import ConflictError, SchemaVersionError, StoreError
 from sagaflow.stores import (
@@ -43,6 +33,16 @@ from sagaflow.stores import (
 )
 from sagaflow.stores._claims import InboxRecord
 from sagaflow.stores._postgres import SCHEMA_VERSION, PostgresStore, redact_dsn
+from sagaflow.testing.conformance import (
+    SAGA,
+    ClusterStoreConformance,
+    create,
+    dead_letter,
+    instance,
+    outbox_row,
+    scan_pages,
+    schedule,
+)
 
 SECRET = "s3cr3t-Pa55"
 
@@ -71,8 +71,9 @@ async def pg_store(postgres_dsn: str, pg_schema: str) -> AsyncIterator[PostgresS
 
 
 @pytest.mark.postgres
-class TestPostgresStore(StoreConformance):
-    """The conformance suite on a fresh schema per test."""
+class TestPostgresStore(ClusterStoreConformance):
+    """The conformance suites (of stores and of cluster stores) on a fresh schema per
+    test."""
 
     @pytest.fixture
     async def store(self, pg_store: PostgresStore) -> AsyncIterator[Store]:
@@ -651,48 +652,57 @@ async def test_a_schema_3_database_gains_associations_and_keeps_every_row(
     pg_schema: str,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A schema of the release before associations (version 3), with rows of every kind,
-    is migrated in place: its rows are kept as they were, and associations work and are
-    looked up through their index."""
-    step = next(i for i, s in enumerate(_postgres._MIGRATIONS) if "associations" in s[0])
+    """A schema of the release before traces, tombstones and associations (version 3),
+    with rows of every kind as that release wrote them, is migrated in place through
+    every later version: its rows are kept as they were, and associations work and are
+    looked up through their primary key."""
     old = PostgresStore(postgres_dsn, schema=pg_schema)
     with monkeypatch.context() as version_3:
-        version_3.setattr(_postgres, "_MIGRATIONS", _postgres._MIGRATIONS[:step])
-        version_3.setattr(_postgres, "SCHEMA_VERSION", step)
+        version_3.setattr(_postgres, "_MIGRATIONS", _postgres._MIGRATIONS[:3])
+        version_3.setattr(_postgres, "SCHEMA_VERSION", 3)
         await old.open()
+        # Instances and dead letters have the same columns in schema 3.
         await old.commit(
             Changes(
                 writes=[InstanceWrite(instance("k1"), 0), InstanceWrite(instance("k2"), 0)],
-                schedule_puts=[schedule("s1")],
-                outbox_adds=[outbox_row("c1")],
                 dead_letters=[dead_letter("d1")],
             )
         )
-        before = (
-            await old.list_instances(),
-            await old.list_schedules(),
-            await old.list_outbox(),
-            await old.list_dead_letters(),
-        )
         await old.close()
+    s = f'"{pg_schema}"'
+    await execute(
+        postgres_dsn,
+        f"INSERT INTO {s}.outbox (id, saga, key, seq, kind, type_name, payload, attempts, due) "
+        "VALUES ('c1', 'OrderSaga', 'k1', 1, 'send', 'shop.ReserveStock', '{}', 0, 0)",
+    )
+    await execute(
+        postgres_dsn,
+        f"INSERT INTO {s}.schedules (id, saga, key, name, due, to_self, type_name, payload, "
+        "seq, attempts) VALUES ('s1', 'OrderSaga', 'k1', 'pay', 5, false, 'shop.Pay', '{}', 0, 0)",
+    )
     assert await meta_version(postgres_dsn, pg_schema) == "3"
 
     store = PostgresStore(postgres_dsn, schema=pg_schema)
     await store.open()
     try:
-        after = (
+        found = (
             await store.list_instances(),
-            await store.list_schedules(),
-            await store.list_outbox(),
+            [(o.id, o.key, o.trace) for o in await store.list_outbox()],
+            [(t.id, t.name, t.trace) for t in await store.list_schedules()],
             await store.list_dead_letters(),
         )
         await store.commit(Changes(association_puts=[Association(SAGA, "customer", "c1", "k2")]))
-        found = await store.find_associated(SAGA, "customer", ["c1"])
+        associated = await store.find_associated(SAGA, "customer", ["c1"])
     finally:
         await store.close()
 
-    assert after == before
-    assert found == {"c1": ["k2"]}
+    assert found == (
+        [instance("k1"), instance("k2")],
+        [("c1", "k1", None)],
+        [("s1", "pay", None)],
+        [dead_letter("d1")],
+    )
+    assert associated == {"c1": ["k2"]}
     assert await meta_version(postgres_dsn, pg_schema) == str(SCHEMA_VERSION)
 
     def plan() -> str:

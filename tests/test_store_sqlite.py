@@ -10,14 +10,6 @@ from pathlib import Path
 import anyio
 import attrs
 import pytest
-from store_conformance import (
-    SAGA,
-    StoreConformance,
-    dead_letter,
-    instance,
-    outbox_row,
-    schedule,
-)
 
 from sagaflow.exceptions import ConflictError, SchemaVersionError, StoreError
 from sagaflow.stores import (
@@ -35,6 +27,15 @@ from sagaflow.stores import (
 )
 from sagaflow.stores import _sqlite as sqlite_module
 from sagaflow.stores._sqlite import SCHEMA_VERSION
+from sagaflow.testing.conformance import (
+    SAGA,
+    TRACE,
+    StoreConformance,
+    dead_letter,
+    instance,
+    outbox_row,
+    schedule,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -165,6 +166,7 @@ async def test_a_new_file_gets_the_current_schema_version(tmp_path: Path) -> Non
         ("meta",),
         ("outbox",),
         ("schedules",),
+        ("tombstones",),
     ]
 
 
@@ -308,8 +310,56 @@ async def test_a_version_2_file_records_state_versions_and_timer_names(tmp_path:
     await store.close()
 
     assert found == ([attrs.evolve(instance(), state_version=1)], [letter])
-    version = query(path, "SELECT value FROM meta WHERE name = 'schema_version'")
-    assert version == [(str(SCHEMA_VERSION),)]
+    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
+
+
+def _v3(record: object) -> tuple[object, ...]:
+    """The columns of an outbox row or schedule in schema 3 (no `trace`)."""
+    values = attrs.astuple(record)
+    assert values[-1] is None  # the trace, added in schema 4
+    return values[:-1]
+
+
+async def test_a_version_3_file_keeps_its_rows_and_gains_traces(tmp_path: Path) -> None:
+    """Version 4 adds `outbox.trace` and `schedules.trace`: commands and schedules
+    written before it have no trace, new ones keep theirs."""
+    path = tmp_path / "v3.db"
+    with pytest.MonkeyPatch.context() as version_3:
+        version_3.setattr(sqlite_module, "_MIGRATIONS", sqlite_module._MIGRATIONS[:2])
+        version_3.setattr(sqlite_module, "SCHEMA_VERSION", 3)
+        store = SQLiteStore(path)
+        await store.open()
+        await store.close()
+    # Rows as the schema 3 code writes them.
+    query(path, "INSERT INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", *_v3(outbox_row("c1")))
+    query(
+        path,
+        "INSERT INTO schedules VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        *_v3(schedule("s1", due=5.0)),
+    )
+    columns_before = [row[1] for row in query(path, "PRAGMA table_info(outbox)")]
+
+    store = SQLiteStore(path)
+    await store.open()
+    await store.commit(
+        Changes(
+            outbox_adds=[outbox_row("c2", seq=2, trace=TRACE)],
+            schedule_puts=[schedule("s2", due=6.0, trace=TRACE)],
+        )
+    )
+    found = (await store.list_outbox(), await store.due_schedules(10.0, 10))
+    await store.close()
+
+    assert "trace" not in columns_before
+    assert found == (
+        [outbox_row("c1"), outbox_row("c2", seq=2, trace=TRACE)],
+        [schedule("s1", due=5.0), schedule("s2", due=6.0, trace=TRACE)],
+    )
+    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
 
 
 async def test_a_version_1_file_gets_the_index_of_unusual_statuses(
@@ -340,8 +390,9 @@ async def test_a_version_1_file_gets_the_index_of_unusual_statuses(
 
     plan = query(path, "EXPLAIN QUERY PLAN " + statements[0])
     assert indexes_before == []
-    version = query(path, "SELECT value FROM meta WHERE name = 'schema_version'")
-    assert version == [(str(SCHEMA_VERSION),)]
+    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
     assert found == ([completing], [instance()])
     assert "INDEX instances_unusual (status=?)" in plan[0][-1]
 
@@ -468,6 +519,37 @@ async def test_an_empty_file_is_refused_unless_asked_to_create_a_store(tmp_path:
     ]
 
 
+async def test_a_new_store_file_appears_only_with_its_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that dies while creating a store (here: the schema fails half-way, as a
+    kill would stop it) leaves no empty file that the next start would refuse; a stray
+    file of a dead creator is removed by the next creation."""
+    path = tmp_path / "new.db"
+    stray = tmp_path / "new.db.creating-999999999"  # no such process
+    stray.write_bytes(b"")
+
+    def dies(store: SQLiteStore, conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        raise KeyboardInterrupt  # stands for the kill: nothing after this runs
+
+    with monkeypatch.context() as patched:
+        patched.setattr(SQLiteStore, "_migrate", dies)
+        with pytest.raises(KeyboardInterrupt):
+            await SQLiteStore(path).open()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm"))) == [
+        "new.db"
+    ]
+    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
+
+
 async def test_a_database_of_someone_else_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.db"
     query(path, "CREATE TABLE customers (id INTEGER)")
@@ -479,49 +561,55 @@ async def test_a_database_of_someone_else_is_refused(tmp_path: Path) -> None:
 
 
 async def test_a_schema_3_file_gains_associations_and_keeps_every_row(tmp_path: Path) -> None:
-    """A file of the release before associations (schema 3), with rows of every kind,
-    is migrated in place: its rows are kept as they were, and associations work."""
+    """A file of the release before traces, tombstones and associations (schema 3), with
+    rows of every kind as that release wrote them, is migrated in place through every
+    later version: its rows are kept as they were, and associations work, looked up
+    through their primary key."""
     path = tmp_path / "v3.db"
-    step = sqlite_module._MIGRATIONS.index(sqlite_module._add_associations)
-    rows = Changes(
-        writes=[InstanceWrite(instance("k1"), 0), InstanceWrite(instance("k2"), 0)],
-        schedule_puts=[schedule("s1")],
-        outbox_adds=[outbox_row("c1")],
-        dead_letters=[dead_letter("d1")],
-        marks=[DedupMark(SAGA, "k1", "e1", expires_at=100.0)],
-    )
     with pytest.MonkeyPatch.context() as version_3:
-        version_3.setattr(sqlite_module, "_MIGRATIONS", sqlite_module._MIGRATIONS[:step])
-        version_3.setattr(sqlite_module, "SCHEMA_VERSION", step + 1)
+        version_3.setattr(sqlite_module, "_MIGRATIONS", sqlite_module._MIGRATIONS[:2])
+        version_3.setattr(sqlite_module, "SCHEMA_VERSION", 3)
         store = SQLiteStore(path)
         await store.open()
-        await store.commit(rows)
-        before = (
-            await store.list_instances(),
-            await store.list_schedules(),
-            await store.list_outbox(),
-            await store.list_dead_letters(),
+        # Instances, dead letters and marks have the same columns in schema 3.
+        await store.commit(
+            Changes(
+                writes=[InstanceWrite(instance("k1"), 0), InstanceWrite(instance("k2"), 0)],
+                dead_letters=[dead_letter("d1")],
+                marks=[DedupMark(SAGA, "k1", "e1", expires_at=100.0)],
+            )
         )
         await store.close()
+    query(path, "INSERT INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", *_v3(outbox_row("c1")))
+    query(
+        path,
+        "INSERT INTO schedules VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        *_v3(schedule("s1", due=5.0)),
+    )
     assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [("3",)]
 
     store = SQLiteStore(path)
     await store.open()
-    after = (
+    found = (
         await store.list_instances(),
         await store.list_schedules(),
         await store.list_outbox(),
         await store.list_dead_letters(),
+        (await store.load(LoadRequest(marks=[(SAGA, "k1", "e1")], now=50.0))).marks,
     )
-    marks = await store.load(LoadRequest(marks=[(SAGA, "k1", "e1")], now=50.0))
     pair = Association(SAGA, "customer", "c1", "k2")
     await store.commit(Changes(association_puts=[pair]))
-    found = await store.find_associated(SAGA, "customer", ["c1"])
+    associated = await store.find_associated(SAGA, "customer", ["c1"])
     await store.close()
 
-    assert after == before
-    assert marks.marks == {(SAGA, "k1", "e1")}
-    assert found == {"c1": ["k2"]}
+    assert found == (
+        [instance("k1"), instance("k2")],
+        [schedule("s1", due=5.0)],
+        [outbox_row("c1")],
+        [dead_letter("d1")],
+        {(SAGA, "k1", "e1")},
+    )
+    assert associated == {"c1": ["k2"]}
     version = query(path, "SELECT value FROM meta WHERE name = 'schema_version'")
     assert version == [(str(SCHEMA_VERSION),)]
     plan = query(

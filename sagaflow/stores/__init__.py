@@ -2,15 +2,20 @@
 
 `MemoryStore` keeps everything in the process; `SQLiteStore` is the embedded durable
 default; `PostgresStore` (extra `sagaflow[postgres]`) lets many processes share one
-database. All implement the `Store` protocol.
+database. All implement the `Store` protocol; `PostgresStore` also the `ClusterStore`
+protocol that `Runtime(cluster=True)` needs. `sagaflow.testing.conformance` checks a
+store of your own against them.
 """
 
 from typing import TYPE_CHECKING
 
+from ._claims import ClaimedCommand, ClusterStore, InboxRecord, Listener, Settled
 from ._memory import MemoryStore
 from ._protocol import (
+    ABORTED,
     ACTIVE,
     COMPENSATION_FAILED,
+    COMPLETED,
     COMPLETING,
     Association,
     Changes,
@@ -24,9 +29,13 @@ from ._protocol import (
     OutboxRecord,
     OutboxUpdate,
     PendingCommand,
+    RowCounts,
     ScheduleDelete,
     ScheduleRecord,
     Store,
+    Tombstone,
+    TombstonePolicy,
+    TombstoneWrite,
 )
 from ._sqlite import SQLiteStore
 
@@ -44,16 +53,22 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "ABORTED",
     "ACTIVE",
     "Association",
     "COMPENSATION_FAILED",
+    "COMPLETED",
     "COMPLETING",
     "Changes",
+    "ClaimedCommand",
+    "ClusterStore",
     "DeadLetter",
     "DedupMark",
+    "InboxRecord",
     "InstanceDelete",
     "InstanceRecord",
     "InstanceWrite",
+    "Listener",
     "LoadRequest",
     "Loaded",
     "MemoryStore",
@@ -61,8 +76,13 @@ __all__ = [
     "OutboxUpdate",
     "PendingCommand",
     "PostgresStore",
+    "RowCounts",
     "SQLiteStore",
     "ScheduleDelete",
     "ScheduleRecord",
+    "Settled",
     "Store",
+    "Tombstone",
+    "TombstonePolicy",
+    "TombstoneWrite",
 ]

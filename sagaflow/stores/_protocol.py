@@ -6,15 +6,17 @@ JSON text with a stable type name, so a store never imports user classes.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import attrs
 
 __all__ = [
+    "ABORTED",
     "ACTIVE",
     "Association",
     "COMPENSATION_FAILED",
+    "COMPLETED",
     "COMPLETING",
     "Changes",
     "DeadLetter",
@@ -27,9 +29,13 @@ __all__ = [
     "OutboxRecord",
     "OutboxUpdate",
     "PendingCommand",
+    "RowCounts",
     "ScheduleDelete",
     "ScheduleRecord",
     "Store",
+    "Tombstone",
+    "TombstonePolicy",
+    "TombstoneWrite",
 ]
 
 ACTIVE = "active"
@@ -42,6 +48,11 @@ COMPENSATION_FAILED = "compensation_failed"
 SEND = "send"
 COMPENSATE = "compensate"
 
+COMPLETED = "completed"
+"""How an instance ended (`Tombstone.ended`): it completed and its outbox drained."""
+ABORTED = "aborted"
+"""How an instance ended (`Tombstone.ended`): an operator aborted it (`Admin.abort`)."""
+
 
 @attrs.frozen
 class InstanceRecord:
@@ -50,7 +61,8 @@ class InstanceRecord:
     Attributes:
         saga: The saga's name.
         key: The correlation key.
-        version: Incremented by every write; 1 for a new instance.
+        version: Incremented by every write; 1 for a new instance (one more than its
+            tombstone's for a key that starts again after a finished instance).
         status: `"active"`, `"completing"` or `"compensation_failed"`.
         state: The state as JSON text.
         instance_id: Unique per incarnation of `(saga, key)`; command ids derive from it.
@@ -87,6 +99,8 @@ class OutboxRecord:
         attempts: Failed attempts so far.
         due: Not to be dispatched before this wall-clock time (retry backoff).
         error: The last error, if an attempt failed.
+        trace: The trace context of the handling that produced the command, as JSON
+            text (a carrier such as `{"traceparent": "..."}`), or `None`.
     """
 
     id: str
@@ -99,6 +113,7 @@ class OutboxRecord:
     attempts: int = 0
     due: float = 0.0
     error: str | None = None
+    trace: str | None = None
 
 
 @attrs.frozen
@@ -138,6 +153,8 @@ class ScheduleRecord:
         seq: Orders schedules that fall due at the same time.
         attempts: Failed deliveries so far (a `to_self` handler that raised); each
             failure moves `due` back by the retry policy's delay.
+        trace: The trace context of the handling that scheduled it, as JSON text, or
+            `None`; the handling or the dispatch it leads to continues that trace.
     """
 
     id: str
@@ -150,6 +167,7 @@ class ScheduleRecord:
     payload: str
     seq: int = 0
     attempts: int = 0
+    trace: str | None = None
 
 
 @attrs.frozen
@@ -213,6 +231,92 @@ class Association:
 
 
 @attrs.frozen
+class Tombstone:
+    """What is left of a finished instance, for a while: its key is not started again,
+    and a late event for it is reported as such (or handled by a `late=True` handler).
+
+    Attributes:
+        saga: The saga's name.
+        key: The instance key.
+        ended: How it ended: `"completed"` or `"aborted"`.
+        ended_at: Wall-clock seconds when it ended.
+        expires_at: Wall-clock seconds after which it no longer counts and may be purged.
+        instance_id: The finished incarnation's id (command ids derive from it).
+        version: The instance's last version; every late event handled bumps it, so the
+            commands of late handlers get ids and an order of their own.
+        state: The final state as JSON text, kept only for sagas with `late=True`
+            handlers (`None` otherwise).
+        state_version: The saga's state version `state` was written at.
+    """
+
+    saga: str
+    key: str
+    ended: str
+    ended_at: float
+    expires_at: float
+    instance_id: str
+    version: int
+    state: str | None = None
+    state_version: int = 1
+
+
+@attrs.frozen
+class TombstoneWrite:
+    """Put a tombstone.
+
+    `expected_version` 0 puts it whatever is stored for its key (it is written with the
+    delete of its instance, which is version-checked itself); any other value updates
+    the stored tombstone only if it is at that version (a late event was handled).
+    """
+
+    tombstone: Tombstone
+    expected_version: int = 0
+
+
+@attrs.frozen
+class TombstonePolicy:
+    """How one saga's finished instances are remembered.
+
+    Attributes:
+        retention: Seconds a tombstone counts; 0 keeps none.
+        keep_state: Keep the final state in the tombstone (the saga has `late=True`
+            handlers).
+    """
+
+    retention: float
+    keep_state: bool = False
+
+
+@attrs.frozen
+class RowCounts:
+    """How many rows a store holds: the backlog of every runtime that shares it.
+
+    Attributes:
+        instances: Instances by status: `"active"`, `"completing"` and
+            `"compensation_failed"` always (0 when there are none), and any other
+            status found.
+        outbox: Commands waiting to be dispatched or retried (or held).
+        schedules: Pending schedules.
+        due_schedules: Pending schedules due at the time asked about, or earlier.
+        dead_letters: Dead letters kept.
+    """
+
+    instances: Mapping[str, int] = attrs.field(hash=False)
+    outbox: int
+    schedules: int
+    due_schedules: int
+    dead_letters: int
+
+
+def row_counts(
+    statuses: Mapping[str, int], outbox: int, schedules: int, due: int, dead: int
+) -> RowCounts:
+    """A `RowCounts` with the three statuses always present (for stores)."""
+    instances = {ACTIVE: 0, COMPLETING: 0, COMPENSATION_FAILED: 0, **statuses}
+    return RowCounts(instances, outbox, schedules, due, dead)
+
+
+@attrs.frozen
 class InstanceWrite:
     """Insert or update an instance; `expected_version` 0 means it must not exist yet."""
 
@@ -237,8 +341,9 @@ class Changes:
     A store applies, in this order: instance deletes (with their schedules, outbox rows
     and associations; deleting an absent instance with `expected_version` 0 only drops
     those), instance writes, association deletes (a no-op for a missing one),
-    association puts (a no-op for one already there), schedule clears (all schedules
-    of an instance), schedule deletes,
+    association puts (a no-op for one already there), tombstone deletes (`(saga, key)`
+    pairs whose key starts again), tombstone writes, schedule clears (all schedules of
+    an instance), schedule deletes,
     schedule puts (replacing the same `(saga, key, name)`, or the same id), outbox
     deletes, outbox adds (replacing the same id), outbox updates (a no-op for a missing
     row), dead-letter deletes, dead-letter adds and dedup marks. Every `expected_version`
@@ -261,6 +366,8 @@ class Changes:
     dead_letter_deletes: Sequence[str] = ()
     dead_letters: Sequence[DeadLetter] = ()
     marks: Sequence[DedupMark] = ()
+    tombstone_deletes: Sequence[tuple[str, str]] = ()
+    tombstones: Sequence[TombstoneWrite] = ()
 
     def __bool__(self) -> bool:
         return any(
@@ -278,6 +385,8 @@ class Changes:
                 self.dead_letter_deletes,
                 self.dead_letters,
                 self.marks,
+                self.tombstone_deletes,
+                self.tombstones,
             )
         )
 
@@ -287,10 +396,11 @@ class LoadRequest:
     """What a batch needs to read before it runs its handlers.
 
     Attributes:
-        instances: `(saga, key)` pairs to load.
+        instances: `(saga, key)` pairs to load, with their unexpired tombstones.
         marks: `(saga, key, event_id)` triples to look up among unexpired dedup marks.
         schedule_ids: Ids of schedules about to fire, to check they are still pending.
-        now: Wall-clock seconds; marks that expired before it do not count.
+        now: Wall-clock seconds; marks and tombstones that expired before it do not
+            count.
     """
 
     instances: Sequence[tuple[str, str]] = ()
@@ -301,11 +411,16 @@ class LoadRequest:
 
 @attrs.frozen
 class Loaded:
-    """The answer to a `LoadRequest`; missing instances are simply absent."""
+    """The answer to a `LoadRequest`; missing instances are simply absent.
+
+    `tombstones` holds the unexpired tombstones of the requested instances (a key that
+    has an instance has none).
+    """
 
     instances: dict[tuple[str, str], InstanceRecord]
     marks: set[tuple[str, str, str]]
     schedule_ids: set[str]
+    tombstones: dict[tuple[str, str], Tombstone] = attrs.field(factory=dict)
 
 
 @runtime_checkable
@@ -314,8 +429,8 @@ class Store(Protocol):
 
     Every method may be called from any task; a store serializes what it must. Blocking
     drivers run their calls in worker threads (`anyio.to_thread`), so a store works on
-    asyncio and trio alike. The conformance suite in the repository's
-    `tests/store_conformance.py` pins the behaviour every store must show. Listings
+    asyncio and trio alike. The conformance suite `sagaflow.testing.conformance`
+    pins the behaviour every store must show. Listings
     and `due_schedules` break ties by id, so their order is deterministic. A commit
     cancelled while its worker thread runs may still have been applied.
     """
@@ -329,7 +444,8 @@ class Store(Protocol):
         ...
 
     async def load(self, request: LoadRequest) -> Loaded:
-        """Read instances, dedup marks and pending schedule ids in one go."""
+        """Read instances (or their tombstones), dedup marks and pending schedule ids in
+        one go."""
         ...
 
     async def commit(self, changes: Changes) -> None:
@@ -361,9 +477,10 @@ class Store(Protocol):
     async def rename_saga(self, old: str, new: str) -> int:
         """Move the rows of saga `old` to saga `new` in one transaction (a renamed saga).
 
-        Instances, associations, schedules, outbox rows, dead letters and dedup marks
-        move, key by key, except the keys that already have an instance under `new`:
-        those stay under `old`. Idempotent.
+        Instances, associations, schedules, outbox rows, dead letters, dedup marks and
+        tombstones move, key by key, except the keys that already have an instance under
+        `new`: those stay under `old` (so does a tombstone whose key `new` has one of).
+        Idempotent.
 
         Returns:
             How many instances moved.
@@ -438,6 +555,12 @@ class Store(Protocol):
         """Up to `limit` dead letters ordered by id, those after `after` only."""
         ...
 
+    async def scan_tombstones(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[Tombstone]:
+        """Up to `limit` tombstones ordered by `(saga, key)`, those after `after` only."""
+        ...
+
     async def list_schedules(
         self, *, saga: str | None = None, key: str | None = None
     ) -> list[ScheduleRecord]:
@@ -463,4 +586,22 @@ class Store(Protocol):
 
     async def list_dead_letters(self, *, saga: str | None = None) -> list[DeadLetter]:
         """Dead letters, oldest first."""
+        ...
+
+    async def list_tombstones(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[Tombstone]:
+        """Tombstones, optionally of one saga or key, ordered by saga and key.
+
+        Expired tombstones that were not purged yet are listed too (see `expires_at`).
+        """
+        ...
+
+    async def count_rows(self, *, now: float) -> RowCounts:
+        """How many instances (by status), outbox rows, schedules (and of them, due at
+        `now` or earlier) and dead letters the store holds, read in one go.
+
+        For gauges: it may scan tables, so it is called every few seconds, never per
+        event.
+        """
         ...

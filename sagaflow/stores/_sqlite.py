@@ -8,6 +8,7 @@ a row, so nothing here crosses to a thread per row.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import urllib.parse
@@ -33,7 +34,10 @@ from ._protocol import (
     LoadRequest,
     OutboxRecord,
     PendingCommand,
+    RowCounts,
     ScheduleRecord,
+    Tombstone,
+    row_counts,
 )
 
 __all__ = ["SQLiteStore"]
@@ -96,8 +100,28 @@ def _record_versions(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE dead_letters ADD COLUMN name TEXT")
 
 
+def _carry_traces(conn: sqlite3.Connection) -> None:
+    """Version 4: commands and schedules keep the trace context of the handling that
+    produced them (JSON text; NULL when the runtime's hooks capture no trace)."""
+    conn.execute("ALTER TABLE outbox ADD COLUMN trace TEXT")
+    conn.execute("ALTER TABLE schedules ADD COLUMN trace TEXT")
+
+
+def _add_tombstones(conn: sqlite3.Connection) -> None:
+    """Version 5: finished instances leave a tombstone for a while (how and when they
+    ended, the final state for sagas with late handlers); expired ones are purged by
+    their expiry time."""
+    conn.execute(
+        """CREATE TABLE tombstones (
+        saga TEXT NOT NULL, key TEXT NOT NULL, ended TEXT NOT NULL, ended_at REAL NOT NULL,
+        expires_at REAL NOT NULL, instance_id TEXT NOT NULL, version INTEGER NOT NULL,
+        state TEXT, state_version INTEGER NOT NULL, PRIMARY KEY (saga, key)) WITHOUT ROWID"""
+    )
+    conn.execute("CREATE INDEX tombstones_expiry ON tombstones (expires_at)")
+
+
 def _add_associations(conn: sqlite3.Connection) -> None:
-    """Version 4: associations, the other ways than its key to find an instance.
+    """Version 6: associations, the other ways than its key to find an instance.
 
     The primary key answers "which instances have this value" (routing an event via an
     association); the second index "which associations has this instance" (deleting
@@ -115,6 +139,8 @@ def _add_associations(conn: sqlite3.Connection) -> None:
 _MIGRATIONS: tuple[_Migration, ...] = (
     _index_unusual_statuses,
     _record_versions,
+    _carry_traces,
+    _add_tombstones,
     _add_associations,
 )
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
@@ -132,6 +158,7 @@ _SCHEDULE = _names(ScheduleRecord)
 _DEAD = _names(DeadLetter)
 _MARK = _names(DedupMark)
 _ASSOCIATION = _names(Association)
+_TOMBSTONE = _names(Tombstone)
 _CHUNK = 300  # keys per lookup query: 3 * 300 variables stay under SQLite's old 999 limit
 _PURGE = 256  # expired marks removed per commit, plus twice the marks the commit adds
 
@@ -156,6 +183,7 @@ def _upsert(table: str, names: Sequence[str], key: Sequence[str]) -> str:
 
 
 _get_instance = attrgetter(*_INSTANCE)
+_get_tombstone = attrgetter(*_TOMBSTONE)
 _STATEMENTS: tuple[tuple[str, str, Callable[[Any], tuple[Any, ...]]], ...] = (
     # (Changes attribute, statement, parameters of one item), in the documented order.
     ("deletes", "DELETE FROM instances WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
@@ -173,6 +201,8 @@ _STATEMENTS: tuple[tuple[str, str, Callable[[Any], tuple[Any, ...]]], ...] = (
         f"INSERT OR IGNORE INTO associations ({_columns(_ASSOCIATION)}) VALUES (?, ?, ?, ?)",
         attrgetter(*_ASSOCIATION),
     ),
+    ("tombstone_deletes", "DELETE FROM tombstones WHERE saga = ? AND key = ?", tuple),
+    ("tombstones", _insert("tombstones", _TOMBSTONE), lambda t: _get_tombstone(t.tombstone)),
     ("schedule_clears", "DELETE FROM schedules WHERE saga = ? AND key = ?", tuple),
     (
         "schedule_deletes",
@@ -437,6 +467,25 @@ class SQLiteStore:
         rows = await self._run(_fetch, sql, args)
         return [DeadLetter(**dict(zip(_DEAD, row, strict=True))) for row in rows]
 
+    async def scan_tombstones(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[Tombstone]:
+        """Up to `limit` tombstones ordered by `(saga, key)`, those after `after` only."""
+        scan = _scan("tombstones", _TOMBSTONE, ("saga", "key"), after, limit)
+        return [Tombstone(*row) for row in await self._run(_fetch, *scan)]
+
+    async def list_tombstones(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[Tombstone]:
+        """Tombstones, optionally of one saga or key, ordered by saga and key."""
+        where, args = _where(saga=saga, key=key)
+        sql = f"SELECT {_columns(_TOMBSTONE)} FROM tombstones{where} ORDER BY saga, key"
+        return [Tombstone(*row) for row in await self._run(_fetch, sql, args)]
+
+    async def count_rows(self, *, now: float) -> RowCounts:
+        """How many rows of each kind the store holds (see `Store.count_rows`)."""
+        return await self._run(_count_rows, now)
+
     async def _run(self, fn: Callable[[sqlite3.Connection, *_Ts], _T], *args: *_Ts) -> _T:
         """Run `fn(connection, *args)` in a worker thread, one call at a time."""
         conn, limiter = self._conn, self._limiter
@@ -448,6 +497,8 @@ class SQLiteStore:
             raise StoreError(f"SQLite store {self._path!r} failed: {exc}") from exc
 
     def _connect(self) -> sqlite3.Connection:
+        if self._migrates and self._path != ":memory:" and not os.path.exists(self._path):
+            self._create_atomically()
         # Without migrating, nothing may be created either: not even an empty file.
         path = self._path
         self._was_empty = os.path.isfile(path) and os.path.getsize(path) == 0
@@ -480,6 +531,41 @@ class SQLiteStore:
             conn.close()
             raise
         return conn
+
+    def _create_atomically(self) -> None:
+        """Create a new store file with its schema, all at once.
+
+        The schema is written into a file beside it, which then takes the store's name:
+        a process killed while creating a store leaves no file (or an empty one that
+        would be refused) behind, only a stray `.creating-<pid>` file that the next
+        creation removes.
+        """
+        directory, name = os.path.split(os.path.abspath(self._path))
+        if not os.path.isdir(directory):
+            return  # opening it says so
+        prefix = f"{name}.creating-"
+        for stray in os.listdir(directory or "."):
+            pid = stray[len(prefix) :]
+            if stray.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, stray))
+        creating = os.path.join(directory, f"{prefix}{os.getpid()}")
+        try:
+            conn = sqlite3.connect(creating, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                self._was_empty = False
+                _transaction(conn, self._migrate)
+            finally:
+                conn.close()  # the last connection: SQLite folds the WAL into the file
+            os.link(creating, self._path)  # fails if another process created it first
+        except FileExistsError:
+            pass  # it did: open theirs
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot create SQLite store {self._path!r}: {exc}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(creating)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         """Create the schema in a new file, or bring an older one up to date."""
@@ -580,6 +666,12 @@ def _commit(conn: sqlite3.Connection, changes: Changes, now: float | None) -> No
                 "FROM marks WHERE expires_at < ? LIMIT ?)",
                 (now, _PURGE + 2 * len(changes.marks)),
             )
+            if changes.tombstones:  # the same for tombstones, when some come
+                conn.execute(
+                    "DELETE FROM tombstones WHERE (saga, key) IN (SELECT saga, key "
+                    "FROM tombstones WHERE expires_at < ? LIMIT ?)",
+                    (now, _PURGE + 2 * len(changes.tombstones)),
+                )
 
     _transaction(conn, apply)
 
@@ -595,8 +687,6 @@ def _conflicts(conn: sqlite3.Connection, changes: Changes) -> list[_Ref]:
         ((w.record.saga, w.record.key), w.expected_version, w.record.version)
         for w in changes.writes
     ]
-    if not checks:
-        return []
     refs = list(dict.fromkeys(ref for ref, _, _ in checks))
     sql = "SELECT i.saga, i.key, i.version FROM {values} CROSS JOIN instances AS i "
     sql += "ON i.saga = v.column1 AND i.key = v.column2"
@@ -606,6 +696,17 @@ def _conflicts(conn: sqlite3.Connection, changes: Changes) -> list[_Ref]:
         if versions.get(ref, 0) != expected:
             conflicts[ref] = None
         versions[ref] = after
+    updates = [t for t in changes.tombstones if t.expected_version]
+    if updates:
+        gone = set(changes.tombstone_deletes)
+        refs = list(dict.fromkeys((t.tombstone.saga, t.tombstone.key) for t in updates))
+        sql = "SELECT t.saga, t.key, t.version FROM {values} CROSS JOIN tombstones AS t "
+        sql += "ON t.saga = v.column1 AND t.key = v.column2"
+        stored = {(s, k): v for s, k, v in _lookup(conn, sql, refs)}
+        for t in updates:
+            ref = (t.tombstone.saga, t.tombstone.key)
+            if ref in gone or stored.get(ref) != t.expected_version:
+                conflicts[ref] = None
     return list(conflicts)
 
 
@@ -614,8 +715,15 @@ def _load(conn: sqlite3.Connection, request: LoadRequest) -> Loaded:
     try:
         sql = f"SELECT {_columns(_INSTANCE)} FROM {{values}} CROSS JOIN instances AS i "
         sql += "ON i.saga = v.column1 AND i.key = v.column2"
-        records = map(_instance, _lookup(conn, sql, list(dict.fromkeys(request.instances))))
-        instances = {(r.saga, r.key): r for r in records}
+        refs = list(dict.fromkeys(request.instances))
+        instances = {(r.saga, r.key): r for r in map(_instance, _lookup(conn, sql, refs))}
+        tombstones: dict[_Ref, Tombstone] = {}
+        if len(instances) < len(refs):
+            sql = f"SELECT {_columns(_TOMBSTONE)} FROM {{values}} CROSS JOIN tombstones AS t "
+            sql += "ON t.saga = v.column1 AND t.key = v.column2 WHERE t.expires_at >= ?"
+            missing = [ref for ref in refs if ref not in instances]
+            for row in _lookup(conn, sql, missing, request.now):
+                tombstones[(row[0], row[1])] = Tombstone(*row)
         sql = "SELECT m.saga, m.key, m.event_id FROM {values} CROSS JOIN marks AS m "
         sql += "ON m.saga = v.column1 AND m.key = v.column2 AND m.event_id = v.column3 "
         sql += "WHERE m.expires_at >= ?"
@@ -625,7 +733,22 @@ def _load(conn: sqlite3.Connection, request: LoadRequest) -> Loaded:
         schedule_ids = {row[0] for row in _lookup(conn, sql, ids)}
     finally:
         conn.execute("COMMIT")
-    return Loaded(instances=instances, marks=marks, schedule_ids=schedule_ids)
+    return Loaded(
+        instances=instances, marks=marks, schedule_ids=schedule_ids, tombstones=tombstones
+    )
+
+
+def _count_rows(conn: sqlite3.Connection, now: float) -> RowCounts:
+    conn.execute("BEGIN")  # one snapshot for the counts
+    try:
+        statuses = dict(conn.execute("SELECT status, count(*) FROM instances GROUP BY status"))
+        outbox = _scalar(conn, "SELECT count(*) FROM outbox")
+        schedules = _scalar(conn, "SELECT count(*) FROM schedules")
+        due = conn.execute("SELECT count(*) FROM schedules WHERE due <= ?", (now,)).fetchone()[0]
+        dead = _scalar(conn, "SELECT count(*) FROM dead_letters")
+    finally:
+        conn.execute("COMMIT")
+    return row_counts(statuses, outbox, schedules, due, dead)
 
 
 def _find_associated(
@@ -702,6 +825,11 @@ _RENAMES = tuple(
             " AND NOT EXISTS (SELECT 1 FROM marks AS m WHERE m.saga = ?2 "
             "AND m.key = marks.key AND m.event_id = marks.event_id)",
         ),
+        (
+            "tombstones",
+            " AND NOT EXISTS (SELECT 1 FROM tombstones AS t WHERE t.saga = ?2 "
+            "AND t.key = tombstones.key)",
+        ),
         ("instances", ""),
     )
 )
@@ -763,3 +891,14 @@ def _schedule(row: Sequence[Any]) -> ScheduleRecord:
     fields = dict(zip(_SCHEDULE, row, strict=True))
     fields["to_self"] = bool(fields["to_self"])
     return ScheduleRecord(**fields)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs (one we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar, overload
@@ -56,7 +56,15 @@ class _Watch(Hooks):
         # Every handler call that returned, in order: (saga, key, event).
         self.handled: list[tuple[str, str, object]] = []
 
-    def handling(self, saga: str, key: str, event: object, instance_id: str) -> _Catch:
+    def handling(
+        self,
+        saga: str,
+        key: str,
+        event: object,
+        instance_id: str,
+        *,
+        trace: Mapping[str, str] | None = None,
+    ) -> _Catch:
         return _Catch(self, (saga, key), event)
 
     def handler_retry(self, saga: str, key: str, event: object, attempt: int, error: str) -> None:
@@ -301,6 +309,27 @@ class Scenario(Checks[S]):
                 that fails fewer times than that succeeds on a retry.
         """
         self._recorder.fail(match, error=error, times=times)
+
+    def command_id(self, match: Match) -> str:
+        """The id of the last command the scenario dispatched that `match` matches, in
+        any step (those of `given` included): build a reply to it with this id.
+
+        ```python
+        await scenario.given(OrderPlaced("o-1", 120))
+        await scenario.when(ChargeResult(scenario.command_id(ChargeCard), "ch-1"))
+        ```
+
+        Args:
+            match: A command class, or a predicate called with each command.
+
+        Raises:
+            AssertionError: No dispatched command matches.
+        """
+        __tracebackhide__ = True
+        try:
+            return self._recorder.command_id(match)
+        except LookupError as exc:
+            self._fail(str(exc))
 
     async def given(self, *events: object) -> None:
         """Deliver events that happened before the test, one after another.
