@@ -22,7 +22,7 @@ from . import _report as report
 from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
 from ._calls import call
 from ._outbox import error_text
-from ._records import Unmatched
+from ._records import Outcome, Unmatched
 from ._registry import RECORD_FIELDS, HandlerSpec, SagaSpec
 from ._sync import Ack
 from .exceptions import ActionError, DecodeError, SerializationError
@@ -54,6 +54,12 @@ __all__ = ["EVENT", "FAILED", "FINALIZE", "FIRE", "Batch", "Item", "Ref"]
 log = logging.getLogger("sagaflow.runtime")
 
 EVENT, FIRE, FAILED, FINALIZE = range(4)
+COMMITTED, DUPLICATE, UNMATCHED, DEAD_LETTERED = (
+    Outcome.COMMITTED,
+    Outcome.DUPLICATE,
+    Outcome.UNMATCHED,
+    Outcome.DEAD_LETTERED,
+)
 _SEQ_BITS = 16
 _MAX_OUTPUTS = 1 << _SEQ_BITS
 Ref = tuple[str, str]
@@ -76,6 +82,8 @@ class Item:
     row: OutboxRecord | None = None
     attempts: int = 0
     retry: bool = False
+    outcome: Outcome = COMMITTED
+    """How an event was settled by the batch that committed it (for `run(ack=...)`)."""
 
 
 class _Work:
@@ -246,6 +254,7 @@ class Batch:
             mark = (w.spec.name, w.key, item.event_id)
             if mark in self.marks or (self.loaded is not None and mark in self.loaded.marks):
                 self.shard.counters.events_duplicate += 1
+                item.outcome = DUPLICATE
                 self.done.append(item)
                 return False
         if w.broken is not None:
@@ -478,6 +487,7 @@ class Batch:
         if w.became_completing and not w.rows and not shard.outbox.has_pending((spec.name, w.key)):
             w.deleted = True  # nothing left to dispatch: the instance ends now
         self.handled += 1
+        item.outcome = COMMITTED
         self.done.append(item)
         return True
 
@@ -669,6 +679,7 @@ class Batch:
 
     def _unmatched(self, item: Item, reason: str) -> None:
         self.unmatched.append(Unmatched(item.event, item.saga.name, item.key, reason))
+        item.outcome = UNMATCHED
         self.done.append(item)
 
     def _dead_event(
@@ -688,6 +699,7 @@ class Batch:
             error,
             item.attempts + 1 if attempts is None else attempts,
         )
+        item.outcome = DEAD_LETTERED
         self.done.append(item)
 
     def _dead(
@@ -809,7 +821,7 @@ class Batch:
             report.call_hook(shard.hooks.batch_committed, len(self.items), self.commit_seconds)
         for item in self.done:
             if item.ack is not None:
-                item.ack.done()
+                item.ack.settle(item.outcome)
         shard.activity.end(len(self.done))
         for item, due in self.deferred:
             shard.defer(item, due)

@@ -18,6 +18,7 @@ from ._calls import interrupt_in, seconds
 from ._clock import SystemClock
 from ._cluster import Cluster, ClusterOutbox, cluster_store
 from ._hooks import Hooks
+from ._intake import Acknowledge, Intake
 from ._outbox import Counters, Outbox, checked_dispatcher
 from ._records import Unmatched
 from ._registry import Registry, SagaSpec
@@ -470,6 +471,7 @@ class Runtime:
         source: AsyncIterable[Any],
         *,
         id: Callable[[Any], str | None] | None = None,
+        ack: Acknowledge | None = None,
     ) -> int:
         """Feed events from an async iterable or anyio receive stream.
 
@@ -479,19 +481,38 @@ class Runtime:
         is not a message stops the run with `MessageError` (after the events consumed
         before it are committed).
 
+        With `ack`, the run tells you which consumed events are done, so that a broker
+        message is acknowledged (or an offset committed) only once nothing of it can
+        be lost: `ack` is called with a list of `Consumed` records (event, id,
+        `Outcome`), the next events in consumption order whose effects are committed
+        or that were duplicates, unmatched or dead-lettered. Calls come one at a time
+        from a task of the run, in batches (whatever is done by then), and are awaited
+        if `ack` returns an awaitable; an event whose handler waits for a retry holds
+        back the acknowledgement of the events consumed after it. An event that
+        cannot be committed (the store fails, the runtime stops) ends the run with its
+        error once the events before it are acknowledged: it and the events after it
+        are never acknowledged, so a broker delivers them again (with an `id`, none is
+        applied twice). If `ack` raises, the run stops consuming and raises it. The
+        run returns once every consumed event was acknowledged.
+
         Args:
             source: Events, e.g. a `MemoryObjectReceiveStream` or an async generator.
             id: Returns the dedup id of an event (or `None`), like `publish(id=...)`.
+            ack: Called as `ack(consumed)` with the events that are done, in order
+                (see above); an `async def` function or a plain one.
 
         Returns:
             How many events were consumed.
 
         Raises:
-            RuntimeClosedError: The runtime is not running.
+            RuntimeClosedError: The runtime is not running (or stopped during an
+                acknowledged run).
             MessageError: `source` gave something that is not a message.
         """
         self._check_running()
-        ack = Ack(1, poison_raises=False)  # held open until the source is exhausted
+        if ack is not None:
+            return await self._run_acked(source, id, ack)
+        ack_all = Ack(1, poison_raises=False)  # held open until the source is exhausted
         count = 0
         activity = self._activity
         try:
@@ -502,9 +523,9 @@ class Runtime:
                 if not targets:
                     self._not_routed(event, "run")
                 for spec, handler, key in targets:
-                    ack.pending += 1
+                    ack_all.pending += 1
                     activity.begin()
-                    item = Item(EVENT, spec, key, event, handler, event_id, ack)
+                    item = Item(EVENT, spec, key, event, handler, event_id, ack_all)
                     mailbox = self._shard(spec.name, key).mailbox
                     if len(mailbox) < mailbox.limit:
                         mailbox.put_unbounded(item)  # room: no need to suspend
@@ -514,11 +535,60 @@ class Runtime:
             # The source failed: what it gave before is committed before its error
             # surfaces. Cancelled or interrupted, `run` does not wait: the shards may
             # be stopping too, and what was not committed was never acknowledged.
-            ack.pending -= 1
-            await ack.wait()
+            ack_all.pending -= 1
+            await ack_all.wait()
             raise
-        ack.pending -= 1
-        await ack.wait()
+        ack_all.pending -= 1
+        await ack_all.wait()
+        return count
+
+    async def _run_acked(
+        self,
+        source: AsyncIterable[Any],
+        id: Callable[[Any], str | None] | None,
+        ack: Acknowledge,
+    ) -> int:
+        """`run` with acknowledgements: one `Tracker` per event, settled in order."""
+        # Room for the events in the mailboxes and as many again under way or waiting
+        # for their acknowledgement.
+        intake = Intake(ack, limit=2 * sum(s.mailbox.limit for s in self._shards))
+        count = 0
+        failure: Exception | None = None
+        activity = self._activity
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(intake.deliver)
+                with intake.consuming:
+                    try:
+                        async for event in source:
+                            count += 1
+                            event_id = id(event) if id is not None else None
+                            targets = self._targets(event)
+                            if not targets:
+                                self._not_routed(event, "run")
+                            tracker = intake.track(event, event_id, len(targets))
+                            for spec, handler, key in targets:
+                                activity.begin()
+                                item = Item(EVENT, spec, key, event, handler, event_id, tracker)
+                                mailbox = self._shard(spec.name, key).mailbox
+                                if len(mailbox) < mailbox.limit:
+                                    mailbox.put_unbounded(item)
+                                else:
+                                    await mailbox.put(item)
+                            if intake.full():
+                                await intake.room()
+                    except Exception as exc:  # noqa: BLE001 - raised once the rest is acked
+                        failure = exc
+                intake.close()
+        except BaseExceptionGroup as group:
+            interrupt = interrupt_in(group)
+            if interrupt is None:
+                raise
+            raise interrupt from None
+        if intake.error is not None:
+            raise intake.error
+        if failure is not None:
+            raise failure
         return count
 
     def _not_routed(self, event: object, via: str) -> None:

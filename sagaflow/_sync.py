@@ -8,6 +8,8 @@ from typing import Generic, TypeVar
 import anyio
 import attrs
 
+from ._records import Outcome
+
 __all__ = ["Ack", "Activity", "Mailbox"]
 
 T = TypeVar("T")
@@ -67,6 +69,10 @@ class Ack:
     def poisoned(self, error: BaseException, dead_lettered: bool) -> None:
         """A target could not be stored; it was dead-lettered if `dead_lettered`."""
         self.done(error if self.poison_raises or not dead_lettered else None)
+
+    def settle(self, outcome: Outcome) -> None:
+        """A target is done without error; `outcome` says how (`run(ack=...)` asks)."""
+        self.done()
 
     def done(self, error: BaseException | None = None) -> None:
         if error is not None and self.error is None:

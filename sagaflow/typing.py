@@ -1,6 +1,7 @@
 """Protocols and type aliases for the parts of sagaflow you can plug in.
 
 - `Dispatch`: what `Runtime(dispatch=...)` calls for every command.
+- `Acknowledge`: what `Runtime.run(source, ack=...)` calls with the events it is done with.
 - `Clock`: what `Runtime(clock=...)` reads time and waits through.
 - `Store`: where a runtime keeps its data (see `sagaflow.stores`).
 - `Action` and `HandlerResult`: what an `@on` handler returns, for annotating handlers
@@ -13,10 +14,11 @@ from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from ._actions import Action, HandlerResult
+from ._intake import Acknowledge
 from ._records import DispatchMeta
 from .stores._protocol import Store
 
-__all__ = ["Action", "Clock", "Dispatch", "DispatchMeta", "HandlerResult", "Store"]
+__all__ = ["Acknowledge", "Action", "Clock", "Dispatch", "DispatchMeta", "HandlerResult", "Store"]
 
 
 class Dispatch(Protocol):
