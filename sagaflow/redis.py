@@ -87,6 +87,13 @@ def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def _socket_timeout(client: Any) -> float | None:
+    """The socket timeout of `client`'s connections, in seconds, if it has one."""
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {})
+    value = kwargs.get("socket_timeout", kwargs.get("orig_socket_timeout"))
+    return float(value) if isinstance(value, int | float) else None
+
+
 def _consumer_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -131,7 +138,8 @@ class RedisStreamSource:
             default is unique per process (host, pid, random).
         count: Entries read at once.
         block: Seconds one read waits for new entries before looking around again
-            (for entries to take over).
+            (for entries to take over); below the client's socket timeout (5 s by
+            default in redis-py).
         claim_idle: Seconds an entry must have been pending with another consumer
             before this one takes it over.
         max_deliveries: Deliveries after which an entry goes to the dead-letter stream.
@@ -161,6 +169,13 @@ class RedisStreamSource:
             raise ValueError(
                 "RedisStreamSource: block must be > 0 seconds and claim_idle >= 0 seconds"
             )
+        timeout = _socket_timeout(client)
+        if timeout is not None and block >= timeout:
+            raise ValueError(
+                f"RedisStreamSource: block={block} s is not below the client's socket "
+                f"timeout ({timeout} s), so a read that waits for entries would time out: "
+                "lower block, or raise the client's socket_timeout"
+            )
         self._client = client
         self._serializer = registry.serializer
         self.stream = stream
@@ -173,6 +188,7 @@ class RedisStreamSource:
         self._max_deliveries = max_deliveries
         self._buffer: deque[_Entry] = deque()
         self._inflight: deque[_Entry] = deque()
+        self._held: set[str] = set()  # ids of the entries in the buffer or in flight
         self._last: _Entry | None = None
         self._history = True  # first read our own pending entries (a restart)
         self._history_from = "0"
@@ -195,6 +211,9 @@ class RedisStreamSource:
         self._limiter = anyio.CapacityLimiter(3)
         self._stopped = False
         self._history, self._history_from = True, "0"
+        self._buffer.clear()
+        self._inflight.clear()
+        self._held.clear()
         await self._call(self._create_group)
         tg = anyio.create_task_group()
         await tg.__aenter__()
@@ -276,6 +295,8 @@ class RedisStreamSource:
             ids.append(entry.entry_id)
         if ids:
             await self._call(self._client.xack, self.stream, self.group, *ids)
+            # Only now: until acknowledged, a claim may still find them pending.
+            self._held.difference_update(ids)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -310,6 +331,9 @@ class RedisStreamSource:
             if claimed:
                 await self._take(claimed, counted=True)
                 return
+        if self._stopped:
+            return
+        entries = []  # stays empty if `stop()` abandons the read
         with anyio.CancelScope() as self._reading:
             entries = await self._call(self._read, ">", abandon=True)
         self._reading = None
@@ -351,6 +375,8 @@ class RedisStreamSource:
         dead: list[tuple[str, dict[str, str], str, int]] = []
         for raw_id, raw_fields in entries:
             entry_id = _text(raw_id)
+            if entry_id in self._held:
+                continue  # ours already (a claim that found our own idle entries)
             fields = {_text(k): _text(v) for k, v in (raw_fields or {}).items()}
             times = deliveries.get(entry_id, 1)
             if not raw_fields:
@@ -370,6 +396,7 @@ class RedisStreamSource:
                 continue
             event_id = fields.get("id") or f"{self.stream}:{entry_id}"
             self._buffer.append(_Entry(entry_id, event, event_id))
+            self._held.add(entry_id)
         if dead:
             await self._call(self._dead_letter, dead)
 
@@ -389,7 +416,7 @@ class RedisStreamSource:
         try:
             return self._serializer.decode(type_name, data)
         except SerializationError as exc:
-            raise type(exc)(f"{where}: {exc}") from None
+            raise SerializationError(f"{where}: {exc}") from exc
 
     def _deliveries(self, ids: list[str]) -> dict[str, int]:
         pipe = self._client.pipeline(transaction=False)
