@@ -169,11 +169,12 @@ async def main(args: argparse.Namespace) -> None:
             if args.gc == "off":
                 gc.disable()
             rss_start = wl.peak_rss_mib()
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             acks = Acks() if args.ack else None
             count = await runtime.run(events(n, w), ack=acks)
             await runtime.drain()
             seconds = time.perf_counter() - t0
+            cpu_seconds = time.process_time() - cpu0
             peak = wl.peak_rss_mib()
             stats = runtime.statistics()
             left = await store.list_instances(limit=5)
@@ -211,6 +212,7 @@ async def main(args: argparse.Namespace) -> None:
         gc=args.gc,
         synchronous=args.sync if args.store == "sqlite" else None,
         rss_start_mib=round(rss_start, 1),
+        cpu_seconds=round(cpu_seconds, 4),
     )
     if problems:
         raise SystemExit(1)

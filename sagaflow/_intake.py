@@ -36,19 +36,31 @@ _RANK = {
 }
 
 
-@attrs.define(eq=False)
 class Tracker(Ack):
-    """One consumed event: settled once each of its targets is."""
+    """One consumed event: settled once each of its targets is.
 
-    intake: Intake | None = None
-    event: Any = None
-    event_id: str | None = None
-    outcome: Outcome = Outcome.UNMATCHED
+    Made once per event, so its `__init__` sets only what a tracker uses (it is never
+    waited on: the `Intake` hears of it instead).
+    """
+
+    __slots__ = ("event", "event_id", "intake", "outcome")
+
+    def __init__(self, pending: int, intake: Intake | None, event: Any, event_id: str | None):
+        self.pending = pending
+        self.error = None
+        self.intake = intake
+        self.event = event
+        self.event_id = event_id
+        self.outcome = Outcome.UNMATCHED
 
     def settle(self, outcome: Outcome) -> None:
-        if _RANK[outcome] > _RANK[self.outcome]:
+        current = self.outcome
+        if outcome is not current and _RANK[outcome] > _RANK[current]:
             self.outcome = outcome
-        self.done()
+        # `done()` inlined: this runs once per event and target.
+        self.pending -= 1
+        if self.pending == 0 and self.intake is not None:
+            self.intake.settled(self)
 
     def poisoned(self, error: BaseException, dead_lettered: bool) -> None:
         if dead_lettered:
@@ -87,7 +99,7 @@ class Intake:
 
     def track(self, event: Any, event_id: str | None, targets: int) -> Tracker:
         """A tracker for the next consumed event, which has `targets` targets."""
-        tracker = Tracker(targets, intake=self, event=event, event_id=event_id)
+        tracker = Tracker(targets, self, event, event_id)
         queue = self._queue
         queue.append(tracker)
         if targets == 0 and len(queue) == 1:
@@ -124,13 +136,14 @@ class Intake:
                 await self._ready.wait()
                 self._ready = anyio.Event()
                 batch: list[Consumed] = []
+                append, pop = batch.append, queue.popleft
                 while queue and queue[0].pending == 0:
                     tracker = queue[0]
                     if tracker.error is not None:
                         self.error = tracker.error
                         break
-                    queue.popleft()
-                    batch.append(Consumed(tracker.event, tracker.event_id, tracker.outcome))
+                    pop()
+                    append(Consumed(tracker.event, tracker.event_id, tracker.outcome))
                 if self._room is not None and len(queue) < self.limit:
                     self._room.set()
                     self._room = None

@@ -94,3 +94,10 @@ def test_ablate_runs_every_variant_against_the_limit(tmp_path: Path) -> None:
         "no commit, no JSON",
         "gc off",
     ]
+
+
+def test_ack_overhead_compares_runs_with_and_without_acknowledgements(tmp_path: Path) -> None:
+    """The short form: one round per store, both kinds of run dispatch the right commands."""
+    out = _script("ack_overhead.py", "--rounds", "1", "--n", "300", "--w", "50", tmp_path=tmp_path)
+    rows = [line.split()[:2] for line in out.splitlines()[1:]]
+    assert rows == [["memory", "wall"], ["memory", "cpu"], ["sqlite", "wall"], ["sqlite", "cpu"]]
