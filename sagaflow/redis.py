@@ -499,7 +499,9 @@ class RedisStreamDispatcher:
     _registry: Registry = attrs.field(alias="registry")
     _stream: StreamRoute = attrs.field(alias="stream")
     _maxlen: int | None = attrs.field(default=None, kw_only=True, alias="maxlen")
-    _limiter: anyio.CapacityLimiter | None = attrs.field(default=None, init=False)
+    _queue: list[_Append] = attrs.field(factory=list, init=False)
+    _flushing: bool = attrs.field(default=False, init=False)
+    _changed: anyio.Event | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         route = self._stream
@@ -555,17 +557,58 @@ class RedisStreamDispatcher:
         return fields
 
     async def __call__(self, command: object, meta: DispatchMeta) -> None:
-        stream = self.stream_for(command)
-        fields = self.fields(command, meta)
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(16)
-        await anyio.to_thread.run_sync(self._append, stream, fields, limiter=self._limiter)
+        append = _Append(self.stream_for(command), self.fields(command, meta))
+        self._queue.append(append)
+        # Group commit: whoever finds no flush under way writes everything queued by
+        # then in one pipeline (one thread hop, one round trip); the others wait.
+        while not append.done:
+            if self._flushing:
+                if self._changed is None:
+                    self._changed = anyio.Event()
+                await self._changed.wait()
+                continue
+            await self._flush()
+        if append.error is not None:
+            raise append.error
 
-    def _append(self, stream: str, fields: dict[str, str]) -> None:
-        if self._maxlen is None:
-            self._client.xadd(stream, fields)  # type: ignore[arg-type]
-        else:
-            self._client.xadd(stream, fields, maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
+    async def _flush(self) -> None:
+        self._flushing = True
+        batch, self._queue = self._queue, []
+        try:
+            # Shielded: once taken, a batch is written (or fails) as a whole, so that
+            # none of its callers waits for a flush that was cancelled half-way.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await anyio.to_thread.run_sync(self._append_all, batch)
+                except Exception as exc:  # noqa: BLE001 - each caller raises it
+                    for append in batch:
+                        append.error = exc
+                for append in batch:
+                    append.done = True
+        finally:
+            self._flushing = False
+            changed, self._changed = self._changed, None
+            if changed is not None:
+                changed.set()
+
+    def _append_all(self, batch: list[_Append]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for append in batch:
+            if self._maxlen is None:
+                pipe.xadd(append.stream, append.fields)  # type: ignore[arg-type]
+            else:
+                pipe.xadd(append.stream, append.fields, maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
+        pipe.execute()
+
+
+@attrs.define(eq=False)
+class _Append:
+    """One command waiting to be appended by the next flush."""
+
+    stream: str
+    fields: dict[str, str]
+    done: bool = False
+    error: Exception | None = None
 
 
 def _trace_fields(trace: object) -> dict[str, str]:

@@ -508,3 +508,46 @@ async def test_the_dispatcher_appends_to_the_stream_and_trims_it(
     assert 1 <= len(entries) < 300  # approximately trimmed
     assert entries[-1]["id"] == "c299"
     assert redis_client.xlen(stream_name) == len(entries)
+
+
+async def test_concurrent_dispatches_are_written_together_and_each_one_once(
+    redis_client: Any,  # noqa: F811
+    stream_name: str,  # noqa: F811
+) -> None:
+    """Commands dispatched at once share a pipeline; every caller returns once its own
+    entry is written."""
+    registry = make_registry()
+    dispatch = RedisStreamDispatcher(redis_client, registry, stream=stream_name)
+
+    async def one(n: int) -> None:
+        await dispatch(Notify("a", n), attrs.evolve(META, id=f"c{n}"))
+        assert f"c{n}" in {f["id"] for f in map(fields_of, redis_client.xrange(stream_name))}
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for n in range(50):
+                tg.start_soon(one, n)
+
+    ids = [fields_of(e)["id"] for e in redis_client.xrange(stream_name)]
+    assert sorted(ids) == sorted(f"c{n}" for n in range(50))
+
+
+async def test_a_dispatch_that_cannot_reach_redis_fails_every_caller(redis_url: str) -> None:  # noqa: F811
+    import redis
+
+    unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)
+    dispatch = RedisStreamDispatcher(unreachable, make_registry(), stream="s")
+    failures: list[str] = []
+
+    async def one(n: int) -> None:
+        try:
+            await dispatch(Notify("a", n), attrs.evolve(META, id=f"c{n}"))
+        except redis.ConnectionError as exc:
+            failures.append(type(exc).__name__)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for n in range(5):
+                tg.start_soon(one, n)
+
+    assert failures == ["ConnectionError"] * 5
