@@ -124,7 +124,9 @@ class RedisStreamSource:
     `deliveries`, and acknowledged, in one transaction.
 
     The iteration ends after `stop()`; until then it waits for new entries. One source
-    serves one `run` at a time.
+    serves one `run` at a time; after a run that failed, open the source again (`async
+    with`) for the next one: it reads the entries the failed run left unacknowledged
+    again, and their ids make those already committed duplicates.
 
     Args:
         client: A synchronous `redis.Redis` client (thread-safe, with a pool of

@@ -25,7 +25,7 @@ from sagas_for_tests import (
 )
 
 from sagaflow import Consumed, Outcome, Registry, Send
-from sagaflow.exceptions import MessageError
+from sagaflow.exceptions import MessageError, RuntimeClosedError
 from sagaflow.stores import Changes, MemoryStore
 
 pytestmark = pytest.mark.anyio
@@ -330,3 +330,33 @@ async def test_commands_of_acknowledged_events_are_in_the_outbox_already() -> No
 
     assert outbox == [True]
     assert h.clock.now() == T0
+
+
+async def test_a_runtime_that_stops_under_an_acknowledged_run_ends_it_unacknowledged() -> None:
+    """The runtime stops while an event is still being handled: the run raises
+    `RuntimeClosedError` (it does not hang), and only the events before that one were
+    acknowledged."""
+    gate = anyio.Event()  # never set: the handler hangs until the runtime stops
+
+    def script(state: Log, event: Any) -> Any:
+        return gate.wait() if event.tag == "hang" else None
+
+    acks = Acks()
+    errors: list[Exception] = []
+    events = [Started("a"), Touched("a", "hang"), Started("b")]
+
+    async def consume(runtime: Any) -> None:
+        try:
+            await runtime.run(_aiter(*events), ack=acks)
+        except RuntimeClosedError as exc:
+            errors.append(exc)
+
+    async with (
+        anyio.create_task_group() as tg,
+        running(scripted_registry(script), shutdown_timeout=0.1) as h,
+    ):
+        tg.start_soon(consume, h.runtime)
+        await anyio.wait_all_tasks_blocked()
+
+    assert acks.flat() == [(events[0], C)]
+    assert [type(e) for e in errors] == [RuntimeClosedError]
