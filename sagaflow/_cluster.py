@@ -33,13 +33,13 @@ import attrs
 
 from . import _report as report
 from ._batch import EVENT, Item
-from ._cluster_outbox import ClusterOutbox, Wakeup
+from ._cluster_outbox import ClusterOutbox
 from ._hooks import Hooks
 from ._outbox import Counters, error_text
 from ._records import DispatchMeta
 from ._registry import HandlerSpec, Registry, SagaSpec
 from ._retry import RetryPolicy
-from ._sync import Ack, Activity, Mailbox
+from ._sync import Ack, Activity, Mailbox, Wakeup
 from ._timer import Timer
 from .exceptions import SerializationError
 from .stores._claims import ClusterStore, InboxRecord
@@ -407,6 +407,7 @@ class Cluster:
             store=self.store,
             dispatch=self.dispatch,
             registry=self.registry,
+            serializer=self.registry.serializer,
             policy=self.policy,
             activity=self.activity,
             counters=self.counters,

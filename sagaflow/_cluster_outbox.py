@@ -13,8 +13,6 @@ whoever dispatched their last command.
 from __future__ import annotations
 
 import logging
-import math
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -23,18 +21,14 @@ import anyio.abc
 import anyio.lowlevel
 import attrs
 
-from ._hooks import Hooks
-from ._outbox import Counters, Dispatchers, call_dispatch, error_text, note_failure
-from ._records import DispatchMeta
+from ._outbox import CommandQueue, OutboxCore, QueuedCommand, error_text
 from ._registry import Registry
-from ._retry import RetryPolicy
-from ._sync import Activity
+from ._sync import Wakeup
 from .exceptions import SerializationError
 from .stores._claims import ClaimedCommand, ClusterStore
 from .stores._protocol import OutboxRecord, OutboxUpdate
-from .typing import Clock
 
-__all__ = ["ClusterOutbox", "Wakeup"]
+__all__ = ["ClusterOutbox"]
 
 log = logging.getLogger("sagaflow.cluster")
 
@@ -43,49 +37,8 @@ _Ref = tuple[str, str]
 _DECODED_LIMIT = 4096
 
 
-@attrs.define(eq=False)
-class Wakeup:
-    """When a claim loop must look at the store: at once after `poke`, else at the poll.
-
-    `next_wakeup` tells `drain()`: `-inf` while a look is owed, else the next poll.
-    """
-
-    clock: Clock
-    interval: float
-    dirty: bool = True
-    next_poll: float = math.inf
-    _scope: anyio.CancelScope | None = None
-
-    def poke(self) -> None:
-        """Look at the store as soon as the loop can."""
-        self.dirty = True
-        if self._scope is not None:
-            self._scope.cancel()
-
-    def next_wakeup(self) -> float:
-        """`-inf` while a look is owed, else when the next poll is due."""
-        return -math.inf if self.dirty else self.next_poll
-
-    async def wait(self) -> None:
-        """Return when poked or when the poll is due; the look is then no longer owed."""
-        if not self.dirty:
-            self.next_poll = self.clock.now() + self.interval
-            with anyio.CancelScope() as scope:
-                self._scope = scope
-                await self.clock.sleep_until(self.next_poll)
-            self._scope = None
-        self.dirty = False
-
-
-@attrs.define(eq=False)
-class _Entry:
-    row: OutboxRecord
-    command: Any = None
-    decoded: bool = False
-
-
-@attrs.define(eq=False)
-class ClusterOutbox:
+@attrs.define(eq=False, kw_only=True)
+class ClusterOutbox(OutboxCore):
     """Dispatches the commands this process claimed, per instance in order.
 
     It offers what the shards use of `Outbox` (`add`, `has_pending`, `completing`,
@@ -97,45 +50,21 @@ class ClusterOutbox:
     """
 
     store: ClusterStore
-    dispatch: Callable[[Any, DispatchMeta], Any]
     registry: Registry
-    policy: RetryPolicy
-    activity: Activity
-    counters: Counters
-    on_failed: Callable[[OutboxRecord, Any], None]
     owner: str
-    clock: Clock
     announce: Callable[[], None]
-    concurrency: int = 16
-    capacity: int = 1024
-    hooks: Hooks | None = None
-    dispatch_timeout: float | None = None
 
-    _queues: dict[_Ref, deque[_Entry]] = attrs.field(factory=dict, init=False)
-    _busy: set[_Ref] = attrs.field(factory=set, init=False)
-    _held: set[_Ref] = attrs.field(factory=set, init=False)
-    _awaiting: set[_Ref] = attrs.field(factory=set, init=False)
-    _dispatchers: Dispatchers = attrs.field(init=False)
     _decoded: dict[str, Any] = attrs.field(factory=dict, init=False)
     _delivered: list[str] = attrs.field(factory=list, init=False)
     _retried: list[OutboxUpdate] = attrs.field(factory=list, init=False)
     _failed: list[OutboxUpdate] = attrs.field(factory=list, init=False)
     _released: list[str] = attrs.field(factory=list, init=False)
     _finish: set[_Ref] = attrs.field(factory=set, init=False)
-    _giving_up: dict[str, tuple[_Ref, _Entry]] = attrs.field(factory=dict, init=False)
-    _flush_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
-    _flush_retry: float | None = attrs.field(default=None, init=False)
-    _depth: int = attrs.field(default=0, init=False)
+    _giving_up: dict[str, tuple[_Ref, QueuedCommand]] = attrs.field(factory=dict, init=False)
     _claim: Wakeup = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._claim = Wakeup(self.clock, self.store.poll_interval)
-        self._dispatchers = Dispatchers(self.activity, self.clock)
-
-    @property
-    def depth(self) -> int:
-        """Commands this process holds: waiting, retrying or in flight."""
-        return self._depth
 
     @property
     def sagas(self) -> list[str]:
@@ -273,15 +202,6 @@ class ClusterOutbox:
                 self._released.extend(e.row.id for e in queue)
                 self._mark_dirty()
 
-    def _make_ready(self, ref: _Ref) -> None:
-        self._busy.add(ref)
-        self._dispatchers.put([ref])
-
-    def _mark_dirty(self) -> None:
-        if not self._flush_event.is_set():
-            self.activity.begin()
-            self._flush_event.set()
-
     def _take(self, claimed: list[ClaimedCommand]) -> None:
         for c in claimed:
             row = c.row
@@ -289,16 +209,12 @@ class ClusterOutbox:
             queue = self._queues.get(ref)
             if queue is not None and any(e.row.id == row.id for e in queue):
                 continue  # a lease that expired under us and came back
-            entry = _Entry(row)
+            entry = QueuedCommand(row)
             if row.id in self._decoded:
                 entry.command, entry.decoded = self._decoded.pop(row.id), True
             if queue is None:
-                queue = self._queues[ref] = deque()
-            if not queue or queue[-1].row.seq < row.seq:
-                queue.append(entry)
-            else:
-                at = next(i for i, e in enumerate(queue) if e.row.seq > row.seq)
-                queue.insert(at, entry)
+                queue = self._queues[ref] = CommandQueue()
+            self._insert(queue, entry)
             self._depth += 1
             if c.failed:
                 # Its process gave up on it but died before the instance handled it.
@@ -308,13 +224,11 @@ class ClusterOutbox:
             elif ref not in self._busy and ref not in self._awaiting:
                 self._make_ready(ref)
 
-    def _decode(self, entry: _Entry) -> Any:
+    def _decode(self, entry: QueuedCommand) -> Any:
         """The entry's command, or `None` if it cannot be decoded."""
         if not entry.decoded:
             try:
-                entry.command = self.registry.serializer.decode(
-                    entry.row.type_name, entry.row.payload
-                )
+                entry.command = self.serializer.decode(entry.row.type_name, entry.row.payload)
                 entry.decoded = True
             except SerializationError:
                 return None
@@ -371,23 +285,8 @@ class ClusterOutbox:
         if row.due > self.clock.now():
             self._dispatchers.retry_at(ref, row.due)  # claimed behind a row that backs off
             return
-        attempt = row.attempts + 1
-        try:
-            if not entry.decoded:
-                entry.command = self.registry.serializer.decode(row.type_name, row.payload)
-                entry.decoded = True
-            meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
-            span = None if self.hooks is None else self.hooks.dispatching(entry.command, meta)
-            timeout = self.dispatch_timeout
-            if span is None:
-                await call_dispatch(self.dispatch, entry.command, meta, timeout)
-            else:
-                with span:
-                    await call_dispatch(self.dispatch, entry.command, meta, timeout)
-        except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
-            self._dispatch_failed(ref, entry, attempt, exc)
+        if not await self._attempt(ref, entry):
             return
-        self.counters.commands_dispatched += 1
         self._delivered.append(row.id)
         self._mark_dirty()
         # The queue may have changed meanwhile: dropped (compensation failed, instance
@@ -407,32 +306,17 @@ class ClusterOutbox:
         elif self._depth < self.capacity:
             self._claim.poke()
 
-    def _dispatch_failed(self, ref: _Ref, entry: _Entry, attempt: int, exc: Exception) -> None:
-        row = entry.row
-        error, due = note_failure(
-            row,
-            attempt,
-            exc,
-            retryable=entry.decoded,
-            policy=self.policy,
-            clock=self.clock,
-            counters=self.counters,
-            hooks=self.hooks,
-        )
-        if due is not None:
-            entry.row = attrs.evolve(row, attempts=attempt, due=due, error=error)
-            self._retried.append(OutboxUpdate(row.id, attempt, due, error))
-            self._mark_dirty()
-            self._dispatchers.retry_at(ref, due)
-            return
-        self._busy.discard(ref)
-        self._awaiting.add(ref)
+    def _record_retry(self, update: OutboxUpdate) -> None:
+        self._retried.append(update)
+        self._mark_dirty()
+
+    def _give_up(self, ref: _Ref, entry: QueuedCommand) -> None:
         # The instance hears of it once the row is marked failed in the store while we
         # still hold it: if another process took it over meanwhile (we stalled), that
         # one tells the instance, and the instance must not hear it twice.
-        self._failed.append(OutboxUpdate(row.id, attempt, row.due, error))
+        row = entry.row
+        self._failed.append(OutboxUpdate(row.id, row.attempts, row.due, row.error))
         self._giving_up[row.id] = (ref, entry)
-        entry.row = attrs.evolve(row, attempts=attempt, error=error)
         self._mark_dirty()
 
     def _gave_up(self, ids: list[str], marked: list[str]) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 from collections import deque
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -21,11 +20,9 @@ import attrs
 from ._calls import Interrupt
 from ._records import Consumed, Outcome
 from ._sync import Ack
+from .typing import Acknowledge
 
-__all__ = ["Acknowledge", "Intake", "Tracker"]
-
-Acknowledge = Callable[[list[Consumed]], Awaitable[object] | None]
-"""What `run(ack=...)` calls: `ack(consumed)`, awaited if it returns an awaitable."""
+__all__ = ["Intake", "Tracker"]
 
 # When one event reached several instances, the outcome that says the most wins.
 _RANK = {

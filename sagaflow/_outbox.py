@@ -20,7 +20,7 @@ from ._hooks import Hooks
 from ._records import DispatchMeta
 from ._retry import RetryPolicy
 from ._serialization import Serializer
-from ._sync import Activity
+from ._sync import Activity, Wakeup
 from .exceptions import DispatcherError, DispatchError
 from .stores._protocol import (
     COMPENSATION_FAILED,
@@ -28,6 +28,7 @@ from .stores._protocol import (
     Changes,
     OutboxRecord,
     OutboxUpdate,
+    PendingCommand,
     Store,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "Counters",
     "Dispatchers",
     "Outbox",
+    "OutboxCore",
     "call_dispatch",
     "checked_dispatcher",
     "error_text",
@@ -66,7 +68,7 @@ class Counters:
 
 
 @attrs.define(eq=False)
-class _Entry:
+class QueuedCommand:
     row: OutboxRecord
     command: Any = None
     decoded: bool = False
@@ -302,51 +304,44 @@ class Dispatchers:
             self.put(due)
 
 
-@attrs.define(eq=False)
-class Outbox:
-    """Dispatches committed commands, one at a time per instance, in their order.
+class CommandQueue(deque[QueuedCommand]):
+    """An instance's commands in memory, in order: all it has in the store, or, when
+    `partial`, its first ones (the rest wait in the store until these are done)."""
 
-    A command that fails is retried after a backoff; later commands of its instance
-    wait (other instances do not). One that fails for good is handed back to the
-    instance through `on_failed`, and the instance stays held until `release` is called.
-    Delivered rows are removed from the store in batches by a flusher task.
+    partial: bool = False
+
+
+@attrs.define(eq=False, kw_only=True)
+class OutboxCore:
+    """What both outboxes share: per-instance queues dispatched in order by a pool of
+    workers, and what becomes of a failed attempt.
+
+    `Outbox` (one process) and `ClusterOutbox` (several processes sharing PostgreSQL)
+    differ only in where their commands come from and how they record what became of
+    them: they implement `_record_retry` and `_give_up`.
     """
 
-    store: Store
     dispatch: Callable[[Any, DispatchMeta], Any]
     serializer: Serializer
     policy: RetryPolicy
     activity: Activity
     counters: Counters
     on_failed: Callable[[OutboxRecord, Any], None]
-    on_empty: Callable[[_Ref], None]
     clock: Any = attrs.field(factory=SystemClock)
     concurrency: int = 16
-    sweep_interval: float = 5.0
     hooks: Hooks | None = None
-    sagas: Collection[str] | None = None
-    """The registered sagas: rows of others are kept in the store, not dispatched."""
     dispatch_timeout: float | None = None
+    capacity: int = 4096
+    """The most commands held in memory."""
 
-    _queues: dict[_Ref, deque[_Entry]] = attrs.field(factory=dict, init=False)
+    _queues: dict[_Ref, CommandQueue] = attrs.field(factory=dict, init=False)
     _busy: set[_Ref] = attrs.field(factory=set, init=False)
     _held: set[_Ref] = attrs.field(factory=set, init=False)
     _awaiting: set[_Ref] = attrs.field(factory=set, init=False)
-    _known: set[str] = attrs.field(factory=set, init=False)
-    _sweep_lock: anyio.Lock = attrs.field(factory=anyio.Lock, init=False)
-    _next_sweep: float = attrs.field(default=math.inf, init=False)
-    _generation: int = attrs.field(default=0, init=False)
-    _flush_retry: float | None = attrs.field(default=None, init=False)
-    _completing: set[_Ref] = attrs.field(factory=set, init=False)
     _dispatchers: Dispatchers = attrs.field(init=False)
-    _deletes: list[str] = attrs.field(factory=list, init=False)
-    _updates: list[OutboxUpdate] = attrs.field(factory=list, init=False)
     _flush_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
-    _carriers: int = attrs.field(default=0, init=False)
-    _carried: anyio.Event = attrs.field(factory=anyio.Event, init=False)
-    _swept_away: set[str] | None = attrs.field(default=None, init=False)
+    _flush_retry: float | None = attrs.field(default=None, init=False)
     _depth: int = attrs.field(default=0, init=False)
-    _closing: bool = attrs.field(default=False, init=False)
 
     @_dispatchers.default
     def _make_dispatchers(self) -> Dispatchers:
@@ -354,22 +349,172 @@ class Outbox:
 
     @property
     def depth(self) -> int:
-        """Commands waiting or in flight."""
+        """Commands held in memory: waiting, retrying or in flight."""
         return self._depth
 
+    def _make_ready(self, ref: _Ref) -> None:
+        self._busy.add(ref)
+        self._dispatchers.put([ref])
+
+    def _mark_dirty(self) -> None:
+        if not self._flush_event.is_set():
+            self.activity.begin()
+            self._flush_event.set()
+
+    @staticmethod
+    def _insert(queue: CommandQueue, entry: QueuedCommand) -> None:
+        """Put `entry` in its place in `queue` (by seq: an operator's retry puts a dead
+        letter back at its old place)."""
+        if not queue or queue[-1].row.seq < entry.row.seq:
+            queue.append(entry)
+        else:
+            at = next(i for i, e in enumerate(queue) if e.row.seq > entry.row.seq)
+            queue.insert(at, entry)
+
+    async def _attempt(self, ref: _Ref, entry: QueuedCommand) -> bool:
+        """Dispatch `entry` once; returns whether it went out.
+
+        A failed attempt is counted, then retried later or given up (`_attempt_failed`);
+        `False` tells the caller to leave the instance alone meanwhile.
+        """
+        row = entry.row
+        attempt = row.attempts + 1
+        hooks = self.hooks
+        try:
+            if not entry.decoded:
+                entry.command = self.serializer.decode(row.type_name, row.payload)
+                entry.decoded = True
+            meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
+            span = None if hooks is None else hooks.dispatching(entry.command, meta)
+            if span is None:
+                await call_dispatch(self.dispatch, entry.command, meta, self.dispatch_timeout)
+            else:
+                with span:
+                    await call_dispatch(self.dispatch, entry.command, meta, self.dispatch_timeout)
+        except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
+            self._attempt_failed(ref, entry, attempt, exc)
+            return False
+        self.counters.commands_dispatched += 1
+        return True
+
+    def _attempt_failed(
+        self, ref: _Ref, entry: QueuedCommand, attempt: int, exc: Exception
+    ) -> None:
+        row = entry.row
+        error, due = note_failure(
+            row,
+            attempt,
+            exc,
+            retryable=entry.decoded,
+            policy=self.policy,
+            clock=self.clock,
+            counters=self.counters,
+            hooks=self.hooks,
+        )
+        if due is not None:
+            entry.row = attrs.evolve(row, attempts=attempt, due=due, error=error)
+            self._record_retry(OutboxUpdate(row.id, attempt, due, error))
+            self._dispatchers.retry_at(ref, due)
+            return
+        self._busy.discard(ref)
+        self._awaiting.add(ref)
+        entry.row = attrs.evolve(row, attempts=attempt, error=error)
+        self._give_up(ref, entry)
+
+    def _record_retry(self, update: OutboxUpdate) -> None:
+        """Record a failed attempt that will be retried."""
+        raise NotImplementedError
+
+    def _give_up(self, ref: _Ref, entry: QueuedCommand) -> None:
+        """Hand a command that failed for good (`entry.row` says how) to its instance."""
+        raise NotImplementedError
+
+
+@attrs.define(eq=False, kw_only=True)
+class Outbox(OutboxCore):
+    """Dispatches committed commands, one at a time per instance, in their order.
+
+    A command that fails is retried after a backoff; later commands of its instance
+    wait (other instances do not). One that fails for good is handed back to the
+    instance through `on_failed`, and the instance stays held until `release` is called.
+    Delivered rows are removed from the store in batches by a flusher task.
+
+    Memory is bounded: at most `capacity` commands are held. The shards hand over what
+    they commit while there is room; past that, commands stay in the store only
+    ("spilled"), and a puller reads them back a page at a time (`Store.pending_commands`,
+    by instance, skipping instances whose first command waits for a retry) as room frees
+    up. While anything may be spilled, the outbox cannot tell from memory whether an
+    instance has commands left, so completed instances end through the store
+    (`Store.drained_instances`), a page at a time too.
+    """
+
+    store: Store
+    on_empty: Callable[[_Ref], None]
+    sweep_interval: float = 5.0
+    sagas: Collection[str] | None = None
+    """The registered sagas: rows of others are kept in the store, not dispatched."""
+    page: int = 512
+    """Rows read from the store at a time."""
+
+    _busy: set[_Ref] = attrs.field(factory=set, init=False)
+    _held: set[_Ref] = attrs.field(factory=set, init=False)
+    _awaiting: set[_Ref] = attrs.field(factory=set, init=False)
+    _known: set[str] = attrs.field(factory=set, init=False)
+    _pull_lock: anyio.Lock = attrs.field(factory=anyio.Lock, init=False)
+    _generation: int = attrs.field(default=0, init=False)
+    _completing: set[_Ref] = attrs.field(factory=set, init=False)
+    _deletes: list[str] = attrs.field(factory=list, init=False)
+    _updates: list[OutboxUpdate] = attrs.field(factory=list, init=False)
+    _carriers: int = attrs.field(default=0, init=False)
+    _carried: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+    _swept_away: set[str] | None = attrs.field(default=None, init=False)
+    # -- spilling: what the store may hold that memory does not
+    _spilled: bool = attrs.field(default=False, init=False)
+    _spills: int = attrs.field(default=0, init=False)
+    _cursor: _Ref | None = attrs.field(default=None, init=False)
+    _cycle_spills: int = attrs.field(default=0, init=False)
+    _cycle_later: float = attrs.field(default=math.inf, init=False)
+    _later: float = attrs.field(default=math.inf, init=False)
+    _finish_due: bool = attrs.field(default=False, init=False)
+    _drained: dict[_Ref, None] = attrs.field(factory=dict, init=False)
+    _pull: Wakeup = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.capacity < 1 or self.page < 1:
+            raise ValueError("the outbox's capacity and page must be >= 1")
+        self._pull = Wakeup(self.clock, self.sweep_interval, dirty=False)
+
+    @property
+    def spilled(self) -> bool:
+        """Whether the store may hold commands that are not in memory."""
+        return self._spilled
+
     def next_wakeup(self) -> float | None:
-        """When the earliest retry (of a command or of a failed flush) falls due."""
-        retry = self._dispatchers.next_retry()
-        if self._flush_retry is None:
-            return retry
-        return self._flush_retry if retry is None else min(retry, self._flush_retry)
+        """When the earliest retry (of a command or of a failed flush) falls due, `-inf`
+        while the store must be read for commands that fit in memory now."""
+        wakeups = [self._dispatchers.next_retry(), self._flush_retry]
+        if self._pull.dirty:
+            wakeups.append(-math.inf)
+        elif self._later < math.inf and self._depth < self.capacity:
+            wakeups.append(self._later)  # a spilled instance's retry falls due
+        return min((w for w in wakeups if w is not None), default=None)
 
     def has_pending(self, ref: _Ref) -> bool:
-        """Whether the instance still has commands waiting or in flight."""
-        return ref in self._queues
+        """Whether the instance may still have commands waiting or in flight."""
+        if ref in self._queues:
+            return True
+        if self._spilled and ref not in self._drained:
+            # It may have commands in the store only: let the store tell, later.
+            self._finish_due = True
+            return True
+        return False
 
     def add(self, rows: list[OutboxRecord], commands: list[Any] | None = None) -> None:
-        """Hand over committed rows, in their order; `commands` are their decoded values."""
+        """Hand over committed rows, in their order; `commands` are their decoded values.
+
+        Rows that do not fit in memory stay in the store, to be read back later; so do
+        the rows of an instance whose earlier rows are in the store only.
+        """
         known, queues = self._known, self._queues
         held, awaiting, busy = self._held, self._awaiting, self._busy
         self._generation += 1
@@ -378,31 +523,41 @@ class Outbox:
         for i, row in enumerate(rows):
             if row.id in known:
                 continue
-            known.add(row.id)
             ref = (row.saga, row.key)
-            if commands is not None:
-                entry = _Entry(row, commands[i], True, generation)
-            else:
-                entry = _Entry(row, None, False, generation)
             queue = queues.get(ref)
             if queue is None:
-                queues[ref] = deque((entry,))
+                if self._spilled or self._depth >= self.capacity:
+                    self._spill()  # its earlier rows may be in the store only
+                    continue
+                queue = queues[ref] = CommandQueue()
                 if ref not in held and ref not in awaiting and ref not in busy:
                     busy.add(ref)
                     ready.append(ref)
-            elif queue[-1].row.seq < row.seq:
-                queue.append(entry)
+            elif queue.partial:
+                continue  # it follows rows that are in the store only
+            elif self._depth >= self.capacity:
+                queue.partial = True
+                self._spill()
+                continue
+            known.add(row.id)
+            self._drained.pop(ref, None)
+            if commands is not None:
+                self._insert(queue, QueuedCommand(row, commands[i], True, generation))
             else:
-                # An operator's retry puts a dead letter back at its old place.
-                at = next(i for i, e in enumerate(queue) if e.row.seq > row.seq)
-                queue.insert(at, entry)
+                self._insert(queue, QueuedCommand(row, None, False, generation))
             self._depth += 1
         self._dispatchers.put(ready)
+
+    def _spill(self) -> None:
+        self._spilled = True
+        self._spills += 1
 
     def completing(self, ref: _Ref) -> None:
         """The instance completed: call `on_empty` once its queue has drained."""
         if ref in self._queues:
             self._completing.add(ref)
+        elif self.has_pending(ref):
+            self._pull.poke()  # the store tells when it has no commands left
         else:
             self.on_empty(ref)
 
@@ -419,7 +574,7 @@ class Outbox:
             self._depth -= 1
             self._forget_id(row_id)
             if not queue:
-                del self._queues[ref]
+                self._drop_queue(ref, queue)
 
     def release(self, ref: _Ref) -> None:
         """Resume dispatching an instance held after a give-up or a failed compensation."""
@@ -429,7 +584,7 @@ class Outbox:
         if queue is None:
             if ref in self._completing:
                 self._completing.discard(ref)
-                self.on_empty(ref)
+                self._empty(ref)
             return
         if ref not in self._busy:
             self._make_ready(ref)
@@ -441,98 +596,77 @@ class Outbox:
             self._depth -= len(queue)
             for entry in queue:
                 self._forget_id(entry.row.id)
+            queue.clear()  # a worker dispatching it stops
         self._held.discard(ref)
         self._awaiting.discard(ref)
         self._completing.discard(ref)
+        self._drained.pop(ref, None)
 
     def _forget_id(self, row_id: str) -> None:
-        # The id stays known while its deletion waits for the flusher, so that a sweep
-        # reading the store meanwhile does not take the row for a new one.
+        # The id stays known while its deletion waits for the flusher, so that a read
+        # of the store meanwhile does not take the row for a new one.
         self._deletes.append(row_id)
         self._mark_dirty()
 
-    def _make_ready(self, ref: _Ref) -> None:
-        self._busy.add(ref)
-        self._dispatchers.put([ref])
+    def _drop_queue(self, ref: _Ref, queue: CommandQueue) -> None:
+        """The instance's queue is empty: it leaves memory."""
+        del self._queues[ref]
+        if queue.partial:
+            self._spill()  # its next rows are in the store: not empty yet
+            self._completing.discard(ref)  # the read that takes them says if it completed
+            self._pull.poke()
+        elif self._spilled and self._depth <= self.capacity - min(self.page, self.capacity):
+            self._pull.poke()  # room for a page of spilled commands
+
+    def _empty(self, ref: _Ref) -> None:
+        """The completed instance has no command left: it may end."""
+        drained = self._drained
+        drained[ref] = None
+        while len(drained) > self.capacity:
+            del drained[next(iter(drained))]
+        self.on_empty(ref)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Run the workers, the retry timer and the flusher until cancelled."""
+        """Run the workers, the retry timer, the flusher and the puller until cancelled."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._dispatchers.run, self.concurrency, self._dispatch_head)
             tg.start_soon(self._flush_loop)
-            tg.start_soon(self._sweep_loop)
+            tg.start_soon(self._pull_loop)
             task_status.started()
 
     async def _dispatch_head(self, ref: _Ref) -> None:
         """Dispatch the instance's commands in order until its queue is empty or waits."""
         queue = self._queues.get(ref)
-        hooks, dispatch, timeout = self.hooks, self.dispatch, self.dispatch_timeout
         held, awaiting = self._held, self._awaiting
         while queue and ref not in held and ref not in awaiting:
             entry = queue[0]
             row = entry.row
-            attempt = row.attempts + 1
-            try:
-                if not entry.decoded:
-                    entry.command = self.serializer.decode(row.type_name, row.payload)
-                    entry.decoded = True
-                meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
-                if hooks is None:
-                    await call_dispatch(dispatch, entry.command, meta, timeout)
-                else:
-                    span = hooks.dispatching(entry.command, meta)
-                    if span is None:
-                        await call_dispatch(dispatch, entry.command, meta, timeout)
-                    else:
-                        with span:
-                            await call_dispatch(dispatch, entry.command, meta, timeout)
-            except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
-                self._failed(ref, entry, attempt, exc)
+            if row.due and row.due > self.clock.now():  # read back while it backs off
+                self._dispatchers.retry_at(ref, row.due)
                 return
-            self.counters.commands_dispatched += 1
-            queue.popleft()
-            self._depth -= 1
-            self._deletes.append(row.id)  # not cached: a commit may take the list meanwhile
-            self._mark_dirty()
+            if not await self._attempt(ref, entry):
+                return
+            if queue and queue[0] is entry:
+                queue.popleft()
+                self._depth -= 1
+                self._deletes.append(row.id)  # not cached: a commit may take the list
+                self._mark_dirty()
         self._busy.discard(ref)
-        if queue is None or queue:
+        if queue is None or queue or self._queues.get(ref) is not queue:
             return
-        del self._queues[ref]
+        self._drop_queue(ref, queue)
         if ref in self._completing:
             self._completing.discard(ref)
-            self.on_empty(ref)
+            self._empty(ref)
 
-    def _failed(self, ref: _Ref, entry: _Entry, attempt: int, exc: Exception) -> None:
-        row = entry.row
-        error, due = note_failure(
-            row,
-            attempt,
-            exc,
-            retryable=entry.decoded,
-            policy=self.policy,
-            clock=self.clock,
-            counters=self.counters,
-            hooks=self.hooks,
-        )
-        if due is not None:
-            entry.row = attrs.evolve(row, attempts=attempt, due=due, error=error)
-            self._updates.append(OutboxUpdate(row.id, attempt, due, error))
-            self._mark_dirty()
-            self._dispatchers.retry_at(ref, due)
-            return
-        self._busy.discard(ref)
-        self._awaiting.add(ref)
-        self.on_failed(
-            attrs.evolve(row, attempts=attempt, error=error),
-            entry.command if entry.decoded else None,
-        )
+    def _record_retry(self, update: OutboxUpdate) -> None:
+        self._updates.append(update)
+        self._mark_dirty()
 
-    def _mark_dirty(self) -> None:
-        if not self._flush_event.is_set():
-            self.activity.begin()
-            self._flush_event.set()
+    def _give_up(self, ref: _Ref, entry: QueuedCommand) -> None:
+        self.on_failed(entry.row, entry.command if entry.decoded else None)
 
     # -- recording delivered and retried commands -----------------------------------
     #
@@ -602,82 +736,160 @@ class Outbox:
             self._flush_retry = None
             self._mark_dirty()
 
+    # -- reading the store: spilled commands, operators' changes, finished instances --
+
     async def recover(self) -> None:
-        """Load the commands a previous run left in the store, in order."""
+        """Start on what a previous run left in the store: its commands (as many as fit,
+        the rest a page at a time later) and its completed instances."""
+        self._spill()
+        self._finish_due = True
         await self.sweep()
 
+    def next_sweep(self) -> float:
+        """When the store is next read unasked (operators' changes)."""
+        return self._pull.next_poll
+
+    async def _pull_loop(self) -> None:
+        failures = 0
+        while True:
+            await self._pull.wait(self._later if self._depth < self.capacity else math.inf)
+            self.activity.begin()
+            try:
+                await self.sweep()
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - the next look tries again
+                failures += 1
+                log.error("could not read the outbox: %s", error_text(exc))
+                self._pull.next_poll = self.clock.now() + self.policy.delay(failures)
+                self.activity.end()
+                await self.clock.sleep_until(self._pull.next_poll)
+                self._pull.poke()
+                continue
+            self.activity.end()
+
     async def sweep(self) -> None:
-        """Pick up what changed in the store behind the runtime's back.
+        """Read the store: instances an operator resumed, commands not in memory (spilled
+        ones, a previous run's, dead letters put back) as far as they fit, and completed
+        instances whose commands are all done.
 
         An operator may put a dead letter back in the outbox, resume or abort an
         instance whose compensation failed, or abort any instance; the runtime notices
         within one `sweep_interval`.
         """
-        async with self._sweep_lock:
-            held_before = set(self._held)
+        async with self._pull_lock:
+            await self._release_resumed()
+            if await self._read_pending() and self._finish_due:
+                self._finish_due = False
+                await self._finish()
+
+    async def _release_resumed(self) -> None:
+        """Release the held instances an operator resumed or aborted."""
+        held_before = set(self._held)
+        failed = {
+            (r.saga, r.key) for r in await self.store.list_instances(status=COMPENSATION_FAILED)
+        }
+        # What the shards changed while we read is theirs: only act on what we saw.
+        for ref in held_before - failed:
+            if ref in self._held:  # resumed (or aborted) by an operator
+                if ref not in self._queues:
+                    self._spill()  # its commands are in the store: read them back
+                self.release(ref)
+        self._held.update(failed)
+
+    async def _read_pending(self) -> bool:
+        """Take the commands of instances not in memory, a page at a time, while they fit.
+
+        Reads on from where the last read stopped, so every instance gets its turn.
+        Returns whether the read went through to the end of the outbox.
+        """
+        while True:
+            if self._cursor is None:  # a new round through the outbox
+                self._cycle_spills = self._spills
+                self._cycle_later = math.inf
+            room = self.capacity - self._depth
+            if room <= 0:
+                return False
             generation = self._generation
-            # Rows whose deletion commits while we read are delivered: not new ones.
             swept_away: set[str] = set()
-            self._swept_away = swept_away
+            self._swept_away = swept_away  # rows whose deletion commits while we read
             try:
-                failed = {
-                    (r.saga, r.key)
-                    for r in await self.store.list_instances(status=COMPENSATION_FAILED)
-                }
-                completing = {
-                    (r.saga, r.key) for r in await self.store.list_instances(status=COMPLETING)
-                }
-                rows = await self.store.list_outbox()
+                found = await self.store.pending_commands(
+                    after=self._cursor, limit=self.page, sagas=self.sagas
+                )
             finally:
                 self._swept_away = None
-            sagas = self.sagas
-            rows = [
-                row
-                for row in rows
-                if row.id not in swept_away and (sagas is None or row.saga in sagas)
-            ]
-            # What the shards changed while we read is theirs: only act on what we saw.
-            for ref in held_before - failed:
-                if ref in self._held:  # resumed (or aborted) by an operator
-                    if ref in completing:
-                        self._completing.add(ref)
-                    self.release(ref)
-            self._held.update(failed)
-            self._drop_gone({row.id for row in rows}, generation)
-            self.add(rows)
+            full = len(found) == self.page
+            groups: dict[_Ref, list[PendingCommand]] = {}
+            for pending in found:
+                row = pending.row
+                groups.setdefault((row.saga, row.key), []).append(pending)
+            last = next(reversed(groups), None)
+            for ref, rows in groups.items():
+                taken = self._take(ref, rows, swept_away, generation, cut=full and ref == last)
+                if taken is None:
+                    return False  # no room left: go on from here next time
+                self._cursor = ref
+            if not full:
+                self._cursor = None
+                self._later = self._cycle_later
+                if self._spills != self._cycle_spills:
+                    self._pull.poke()  # commands spilled behind the read: read again
+                elif self._later == math.inf:
+                    self._spilled = False  # memory holds every command now
+                return True
 
-    def _drop_gone(self, present: set[str], generation: int) -> None:
-        """Drop queued commands whose rows an operator deleted (an aborted instance)."""
-        for ref, queue in list(self._queues.items()):
-            in_flight = ref in self._busy
-            gone = [
-                e
-                for i, e in enumerate(queue)
-                if e.generation <= generation
-                and e.row.id not in present
-                and not (i == 0 and in_flight)
-            ]
-            for entry in gone:
-                queue.remove(entry)
-                self._depth -= 1
-                self._forget_id(entry.row.id)
-            if not queue:
-                del self._queues[ref]
-                self._busy.discard(ref)
-                self._completing.discard(ref)
+    def _take(
+        self,
+        ref: _Ref,
+        rows: list[PendingCommand],
+        swept_away: set[str],
+        generation: int,
+        *,
+        cut: bool,
+    ) -> bool | None:
+        """Take an instance's rows read from the store, if it is not in memory yet.
 
-    def next_sweep(self) -> float:
-        """When the next sweep is due."""
-        return self._next_sweep
+        Returns whether it was taken, or `None` if there was no room for it.
+        """
+        if ref in self._queues or ref in self._held or ref in self._busy:
+            return False  # in memory already (its later rows come when these are done)
+        status = rows[0].status
+        if status == COMPENSATION_FAILED:
+            self._held.add(ref)
+            return False
+        known = self._known
+        fresh = [p.row for p in rows if p.row.id not in known and p.row.id not in swept_away]
+        if not fresh:
+            return False
+        head = fresh[0]
+        if head.due > self.clock.now():
+            self._cycle_later = min(self._cycle_later, head.due)  # read it back then
+            return False
+        room = self.capacity - self._depth
+        if room <= 0:
+            return None
+        queue = self._queues[ref] = CommandQueue(
+            QueuedCommand(row, None, False, generation) for row in fresh[:room]
+        )
+        queue.partial = cut or len(fresh) > room
+        known.update(e.row.id for e in queue)
+        self._depth += len(queue)
+        if status == COMPLETING:
+            self._completing.add(ref)
+        if ref not in self._awaiting:
+            self._make_ready(ref)
+        return True
 
-    async def _sweep_loop(self) -> None:
+    async def _finish(self) -> None:
+        """End the completed instances whose commands are all done, a page at a time."""
+        after: _Ref | None = None
         while True:
-            self._next_sweep = self.clock.now() + self.sweep_interval
-            await self.clock.sleep_until(self._next_sweep)
-            self.activity.begin()
-            try:
-                await self.sweep()
-            except Exception as exc:  # noqa: BLE001 - the next sweep tries again
-                log.error("could not read the outbox: %s", error_text(exc))
-            finally:
-                self.activity.end()
+            refs = await self.store.drained_instances(
+                after=after, limit=self.page, sagas=self.sagas
+            )
+            for ref in refs:
+                if ref not in self._queues and ref not in self._busy:
+                    self._empty(ref)
+            if len(refs) < self.page:
+                return
+            after = refs[-1]

@@ -46,7 +46,10 @@ class RetryPolicy:
         Returns:
             The delay before attempt `attempt + 1`.
         """
-        base: float = min(self.initial_delay * 2.0 ** (attempt - 1), self.max_delay)
+        try:
+            base: float = min(self.initial_delay * 2.0 ** (attempt - 1), self.max_delay)
+        except OverflowError:  # past attempt 1,024 or so: long since capped
+            base = self.max_delay
         if not self.jitter or base == 0:
             return base
         jitter: float = (rng or random).uniform(0, base / 2)

@@ -18,7 +18,7 @@ from ._calls import interrupt_in, seconds
 from ._clock import SystemClock
 from ._cluster import Cluster, ClusterOutbox, cluster_store
 from ._hooks import Hooks
-from ._intake import Acknowledge, Intake
+from ._intake import Intake
 from ._outbox import Counters, Outbox, checked_dispatcher
 from ._records import Unmatched
 from ._registry import Registry, SagaSpec
@@ -30,12 +30,11 @@ from ._timer import Timer
 from .exceptions import MessageError, RuntimeClosedError, SerializationError
 from .stores._protocol import (
     COMPENSATION_FAILED,
-    COMPLETING,
     OutboxRecord,
     ScheduleRecord,
     Store,
 )
-from .typing import Clock, Dispatch
+from .typing import Acknowledge, Clock, Dispatch
 
 __all__ = ["Runtime", "Statistics"]
 
@@ -125,6 +124,11 @@ class Runtime:
             A longer queue adds latency and memory, not throughput.
         cache_size: Instance states kept in memory, over all shards.
         dispatch_concurrency: Commands dispatched at once (one per instance at a time).
+        outbox_capacity: The most commands held in memory, waiting, retrying or in
+            flight. More wait in the store and are read back a page at a time as room
+            frees up, so memory stays bounded however many pile up while a downstream
+            service is down (see the how-to "When things go wrong"). In cluster mode,
+            the most commands one process claims.
         dedup_retention: How long an event id stays known after it was applied, so a
             redelivered event is not applied again (a `timedelta` or seconds).
         conflict_retries: How often a batch that lost a concurrency race is handled
@@ -174,6 +178,7 @@ class Runtime:
         queue_size: int = 512,
         cache_size: int = 10_000,
         dispatch_concurrency: int = 16,
+        outbox_capacity: int = 4096,
         dedup_retention: timedelta | float = timedelta(days=7),
         conflict_retries: int = 16,
         on_unmatched: Callable[[Unmatched], None] | None = None,
@@ -186,8 +191,11 @@ class Runtime:
     ) -> None:
         if not registry.sagas:
             raise ValueError("the registry has no sagas: register at least one first")
-        if shards < 1 or max_batch < 1 or queue_size < 1 or dispatch_concurrency < 1:
-            raise ValueError("shards, max_batch, queue_size, dispatch_concurrency must be >= 1")
+        if min(shards, max_batch, queue_size, dispatch_concurrency, outbox_capacity) < 1:
+            raise ValueError(
+                "shards, max_batch, queue_size, dispatch_concurrency and outbox_capacity "
+                "must be >= 1"
+            )
         dispatch = checked_dispatcher(dispatch)
         handler_limit = seconds(handler_timeout, "handler_timeout")
         dispatch_limit = seconds(dispatch_timeout, "dispatch_timeout")
@@ -221,6 +229,7 @@ class Runtime:
             sweep_interval=sweep_interval,
             sagas=frozenset(registry.sagas),
             dispatch_timeout=dispatch_limit,
+            capacity=outbox_capacity,
         )
         self._timer = Timer(
             store, self._clock, self._activity, self._fire, sagas=sorted(registry.sagas)
@@ -239,7 +248,7 @@ class Runtime:
                 fire=self._fire,
                 route=lambda saga, key: self._shard(saga, key).mailbox,
                 concurrency=dispatch_concurrency,
-                capacity=queue_size,
+                capacity=outbox_capacity,
                 hooks=hooks,
                 dispatch_timeout=dispatch_limit,
             )
@@ -373,10 +382,6 @@ class Runtime:
         for record in await self._store.list_instances(status=COMPENSATION_FAILED):
             self._outbox.hold((record.saga, record.key))
         await self._outbox.recover()
-        for record in await self._store.list_instances(status=COMPLETING):
-            ref = (record.saga, record.key)
-            if record.saga in self._registry.sagas:
-                self._outbox.completing(ref)
 
     async def _adopt(self) -> None:
         """Take over the rows of renamed sagas; report the rows no saga is registered for."""

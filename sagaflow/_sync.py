@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Generic, TypeVar
 
@@ -9,8 +10,9 @@ import anyio
 import attrs
 
 from ._records import Outcome
+from .typing import Clock
 
-__all__ = ["Ack", "Activity", "Mailbox"]
+__all__ = ["Ack", "Activity", "Mailbox", "Wakeup"]
 
 T = TypeVar("T")
 
@@ -135,3 +137,38 @@ class Mailbox(Generic[T]):
             self._room.set()
             self._room = None
         return taken
+
+
+@attrs.define(eq=False)
+class Wakeup:
+    """When a claim loop must look at the store: at once after `poke`, else at the poll.
+
+    `next_wakeup` tells `drain()`: `-inf` while a look is owed, else the next poll.
+    """
+
+    clock: Clock
+    interval: float
+    dirty: bool = True
+    next_poll: float = math.inf
+    _scope: anyio.CancelScope | None = None
+
+    def poke(self) -> None:
+        """Look at the store as soon as the loop can."""
+        self.dirty = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def next_wakeup(self) -> float:
+        """`-inf` while a look is owed, else when the next poll is due."""
+        return -math.inf if self.dirty else self.next_poll
+
+    async def wait(self, until: float = math.inf) -> None:
+        """Return when poked or when the poll is due (at the latest at `until`); the
+        look is then no longer owed."""
+        if not self.dirty:
+            self.next_poll = min(self.clock.now() + self.interval, until)
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                await self.clock.sleep_until(self.next_poll)
+            self._scope = None
+        self.dirty = False

@@ -10,15 +10,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from ._actions import Action, HandlerResult
-from ._intake import Acknowledge
-from ._records import DispatchMeta
+from ._records import Consumed, DispatchMeta
 from .stores._protocol import Store
 
 __all__ = ["Acknowledge", "Action", "Clock", "Dispatch", "DispatchMeta", "HandlerResult", "Store"]
+
+
+Acknowledge = Callable[[list[Consumed]], Awaitable[object] | None]
+"""What `Runtime.run(source, ack=...)` calls: `ack(consumed)` with the next events it is
+done with, in consumption order; awaited if it returns an awaitable."""
 
 
 class Dispatch(Protocol):

@@ -81,6 +81,7 @@ from sagaflow.stores import (
     Loaded,
     LoadRequest,
     OutboxRecord,
+    PendingCommand,
     ScheduleRecord,
     SQLiteStore,
 )
@@ -358,6 +359,24 @@ class CrashingStore:
         self, *, saga: str | None = None, key: str | None = None
     ) -> list[OutboxRecord]:
         return await self.inner.list_outbox(saga=saga, key=key)
+
+    async def pending_commands(
+        self,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int,
+        sagas: Collection[str] | None = None,
+    ) -> list[PendingCommand]:
+        return await self.inner.pending_commands(after=after, limit=limit, sagas=sagas)
+
+    async def drained_instances(
+        self,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int,
+        sagas: Collection[str] | None = None,
+    ) -> list[tuple[str, str]]:
+        return await self.inner.drained_instances(after=after, limit=limit, sagas=sagas)
 
     async def list_schedules(
         self, *, saga: str | None = None, key: str | None = None

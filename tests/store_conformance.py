@@ -39,6 +39,7 @@ from sagaflow.stores import (
     LoadRequest,
     OutboxRecord,
     OutboxUpdate,
+    PendingCommand,
     ScheduleDelete,
     ScheduleRecord,
     Store,
@@ -1038,6 +1039,75 @@ class StoreConformance:
         await store.scan_dead_letters(limit=1)
 
         assert await everything(store) == before
+
+    # -- the outbox a page at a time, by instance
+
+    async def test_pending_commands_pages_by_instance_and_seq_with_statuses(
+        self, store: Store
+    ) -> None:
+        await store.commit(
+            create(
+                instance("k1"),
+                instance("k2", status=COMPLETING),
+                instance("k1", saga="B", status=COMPENSATION_FAILED),
+            )
+        )
+        rows = [
+            outbox_row(id, saga=saga, key=key, seq=seq)
+            for id, saga, key, seq in [
+                ("c5", SAGA, "k1", 2),
+                ("c4", SAGA, "k1", 1),
+                ("c1", SAGA, "k2", 3),
+                ("c9", "B", "k1", 1),
+                ("c2", SAGA, "gone", 1),
+                ("c3", "A", "é", 1),
+            ]
+        ]
+        await store.commit(Changes(outbox_adds=rows))
+        by_id = {row.id: row for row in rows}
+        statuses = {"k1": ACTIVE, "k2": COMPLETING}
+
+        def expected(*ids: str, saga: str = SAGA) -> list[PendingCommand]:
+            found = [by_id[i] for i in ids]
+            return [
+                PendingCommand(r, COMPENSATION_FAILED if r.saga == "B" else statuses.get(r.key))
+                for r in found
+            ]
+
+        assert await store.pending_commands(limit=100) == [
+            *expected("c3"),
+            *expected("c9"),
+            *expected("c2", "c4", "c5", "c1"),
+        ]
+        # A full page may cut an instance short; the next page starts after `after`.
+        assert await store.pending_commands(limit=4) == expected("c3", "c9", "c2", "c4")
+        assert await store.pending_commands(after=(SAGA, "gone"), limit=2) == expected("c4", "c5")
+        assert await store.pending_commands(after=(SAGA, "k1"), limit=9) == expected("c1")
+        assert await store.pending_commands(after=(SAGA, "k2"), limit=9) == []
+        assert await store.pending_commands(limit=9, sagas=[SAGA, "C"]) == expected(
+            "c2", "c4", "c5", "c1"
+        )
+        assert await store.pending_commands(limit=9, sagas=[]) == []
+
+    async def test_drained_instances_are_completing_ones_without_commands(
+        self, store: Store
+    ) -> None:
+        await store.commit(
+            create(
+                instance("a", status=COMPLETING),
+                instance("b", status=COMPLETING),
+                instance("c", status=COMPLETING),
+                instance("d"),
+                instance("e", status=COMPENSATION_FAILED),
+                instance("a", saga="B", status=COMPLETING),
+            )
+        )
+        await store.commit(Changes(outbox_adds=[outbox_row("c1", key="b")]))
+
+        assert await store.drained_instances(limit=10) == [("B", "a"), (SAGA, "a"), (SAGA, "c")]
+        assert await store.drained_instances(limit=1, after=("B", "a")) == [(SAGA, "a")]
+        assert await store.drained_instances(limit=10, sagas=[SAGA]) == [(SAGA, "a"), (SAGA, "c")]
+        assert await store.drained_instances(limit=10, sagas=[]) == []
 
     # -- dead letters
 

@@ -119,6 +119,15 @@ async def test_retry_delay_grows_exponentially_up_to_the_cap() -> None:
         assert attempts_at == [1, 2, 2, 2, 2, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4, 5]
 
 
+def test_the_delay_stays_capped_however_many_attempts_failed() -> None:
+    """A policy that retries "for ever" (max_attempts=1_000_000) reaches attempts whose
+    doubling no float can hold: the delay is the cap, not an OverflowError."""
+    policy = RetryPolicy(max_attempts=1_000_000, initial_delay=0.05, max_delay=30, jitter=False)
+    assert [policy.delay(n) for n in (1_024, 1_025, 999_999)] == [30, 30, 30]
+    jittered = attrs.evolve(policy, jitter=True)
+    assert all(15 <= jittered.delay(n) <= 30 for n in (1_025, 999_999))
+
+
 def test_jittered_delay_stays_between_half_and_all_of_the_exponential_value() -> None:
     import random
 

@@ -9,12 +9,12 @@ import pytest
 from sagas_for_tests import Cmd, Recorder, Started, running, scripted_registry
 
 from sagaflow import DispatchMeta, Send
-from sagaflow.stores import Changes, MemoryStore, OutboxRecord
+from sagaflow.stores import Changes, MemoryStore, PendingCommand
 
 
 class StaleReadStore(MemoryStore):
-    """A store whose `list_outbox` is slow: it reads the rows, and returns them only once
-    a commit has deleted one of them (the read went stale meanwhile)."""
+    """A store whose `pending_commands` is slow: it reads the rows, and returns them only
+    once a commit has deleted one of them (the read went stale meanwhile)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -22,10 +22,10 @@ class StaleReadStore(MemoryStore):
         self.deleted = anyio.Event()
         self._watch: set[str] = set()
 
-    async def list_outbox(self, *, saga: str | None = None, key: str | None = None) -> Any:
-        rows: list[OutboxRecord] = await super().list_outbox(saga=saga, key=key)
+    async def pending_commands(self, **kwargs: Any) -> Any:
+        rows: list[PendingCommand] = await super().pending_commands(**kwargs)
         if rows and not self.read.is_set():
-            self._watch = {row.id for row in rows}
+            self._watch = {p.row.id for p in rows}
             self.read.set()
             await self.deleted.wait()
         return rows

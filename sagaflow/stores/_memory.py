@@ -11,12 +11,14 @@ import attrs
 
 from ..exceptions import ConflictError
 from ._protocol import (
+    COMPLETING,
     Changes,
     DeadLetter,
     InstanceRecord,
     Loaded,
     LoadRequest,
     OutboxRecord,
+    PendingCommand,
     ScheduleRecord,
 )
 
@@ -236,6 +238,57 @@ class MemoryStore:
                 return found
             window *= 2
 
+    async def pending_commands(
+        self,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int,
+        sagas: Collection[str] | None = None,
+    ) -> list[PendingCommand]:
+        """Up to `limit` outbox rows of the instances after `after`, by instance and seq,
+        with their instances' statuses."""
+        await anyio.lowlevel.checkpoint()
+        wanted = None if sagas is None else set(sagas)
+        refs = heapq.nsmallest(
+            limit,
+            (
+                ref
+                for ref in self._outbox_of
+                if (after is None or ref > after) and (wanted is None or ref[0] in wanted)
+            ),
+        )
+        found: list[PendingCommand] = []
+        for ref in refs:
+            record = self._instances.get(ref)
+            status = None if record is None else record.status
+            rows = sorted((self._outbox[i] for i in self._outbox_of[ref]), key=_in_order)
+            found.extend(PendingCommand(row, status) for row in rows[: limit - len(found)])
+            if len(found) >= limit:
+                break
+        return found
+
+    async def drained_instances(
+        self,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int,
+        sagas: Collection[str] | None = None,
+    ) -> list[tuple[str, str]]:
+        """Up to `limit` completing instances without outbox rows, by saga and key."""
+        await anyio.lowlevel.checkpoint()
+        wanted = None if sagas is None else set(sagas)
+        return heapq.nsmallest(
+            limit,
+            (
+                ref
+                for ref, record in self._instances.items()
+                if record.status == COMPLETING
+                and ref not in self._outbox_of
+                and (after is None or ref > after)
+                and (wanted is None or ref[0] in wanted)
+            ),
+        )
+
     async def saga_names(self) -> set[str]:
         """The names of the sagas that have instances, schedules or outbox rows."""
         await anyio.lowlevel.checkpoint()
@@ -348,3 +401,7 @@ def _page(rows: Mapping[Any, _R], after: Any, limit: int) -> list[_R]:
     """The `limit` rows with the smallest keys above `after` (one pass, no full sort)."""
     keys = rows if after is None else (k for k in rows if k > after)
     return [rows[k] for k in heapq.nsmallest(limit, keys)]
+
+
+def _in_order(row: OutboxRecord) -> tuple[int, str]:
+    return row.seq, row.id

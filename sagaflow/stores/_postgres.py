@@ -28,6 +28,7 @@ import attrs
 
 from ..exceptions import ConflictError, SchemaVersionError, StoreError
 from ._protocol import (
+    COMPLETING,
     Changes,
     DeadLetter,
     InstanceDelete,
@@ -36,6 +37,7 @@ from ._protocol import (
     Loaded,
     LoadRequest,
     OutboxRecord,
+    PendingCommand,
     ScheduleRecord,
 )
 
@@ -389,6 +391,22 @@ _SQL = {
     ),
     "list_instances": f"SELECT {_INSTANCE} FROM {{s}}.instances",
     "list_outbox": f"SELECT {_OUTBOX} FROM {{s}}.outbox",
+    # The outbox rows of the instances after (%s, %s), by instance and seq, with their
+    # instances' statuses: a walk of the outbox_instance index.
+    "pending_commands": (
+        f"SELECT {', '.join('o.' + c for c in _OUTBOX.split(', '))}, i.status "
+        "FROM {s}.outbox o LEFT JOIN {s}.instances i ON i.saga = o.saga AND i.key = o.key "
+        "WHERE (%(after)s::text IS NULL OR (o.saga, o.key) > (%(after)s, %(after_key)s)) "
+        "AND (%(sagas)s::text[] IS NULL OR o.saga = ANY(%(sagas)s::text[])) "
+        "ORDER BY o.saga, o.key, o.seq LIMIT %(limit)s"
+    ),
+    "drained_instances": (
+        "SELECT i.saga, i.key FROM {s}.instances i WHERE i.status = %(status)s "
+        "AND (%(after)s::text IS NULL OR (i.saga, i.key) > (%(after)s, %(after_key)s)) "
+        "AND (%(sagas)s::text[] IS NULL OR i.saga = ANY(%(sagas)s::text[])) "
+        "AND NOT EXISTS (SELECT FROM {s}.outbox o WHERE o.saga = i.saga AND o.key = i.key) "
+        "ORDER BY i.saga, i.key LIMIT %(limit)s"
+    ),
     "list_schedules": f"SELECT {_SCHEDULE} FROM {{s}}.schedules",
     "list_dead_letters": f"SELECT {_DEAD} FROM {{s}}.dead_letters",
     # -- leases (PostgreSQL only)
@@ -1055,6 +1073,41 @@ class PostgresStore(ClusterMethods):
         )
         return found
 
+    async def pending_commands(
+        self,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int,
+        sagas: Collection[str] | None = None,
+    ) -> list[PendingCommand]:
+        """Up to `limit` outbox rows of the instances after `after`, by instance and seq,
+        with their instances' statuses."""
+        params = _page(after, limit, sagas)
+
+        def query(pool: _Pool) -> list[PendingCommand]:
+            with self._translate("read pending commands"), pool.connection() as conn:
+                rows = conn.execute(self._sql["pending_commands"], params).fetchall()
+            return [PendingCommand(OutboxRecord(*row[:-1]), row[-1]) for row in rows]
+
+        return await self._run(query)
+
+    async def drained_instances(
+        self,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int,
+        sagas: Collection[str] | None = None,
+    ) -> list[tuple[str, str]]:
+        """Up to `limit` completing instances without outbox rows, by saga and key."""
+        params = {**_page(after, limit, sagas), "status": COMPLETING}
+
+        def query(pool: _Pool) -> list[tuple[str, str]]:
+            with self._translate("read drained instances"), pool.connection() as conn:
+                rows = conn.execute(self._sql["drained_instances"], params).fetchall()
+            return [(saga, key) for saga, key in rows]
+
+        return await self._run(query)
+
     async def scan_instances(
         self, *, after: tuple[str, str] | None = None, limit: int
     ) -> list[InstanceRecord]:
@@ -1221,3 +1274,15 @@ class PostgresStore(ClusterMethods):
     def _execute(self, pool: _Pool, name: str, params: dict[str, Any]) -> None:
         with self._translate("release leases"), pool.connection() as conn:
             conn.execute(self._sql[name], params)
+
+
+def _page(
+    after: tuple[str, str] | None, limit: int, sagas: Collection[str] | None
+) -> dict[str, Any]:
+    """The parameters of a keyset page by instance (`pending_commands`, `drained_instances`)."""
+    return {
+        "after": None if after is None else after[0],
+        "after_key": None if after is None else after[1],
+        "sagas": None if sagas is None else list(sagas),
+        "limit": limit,
+    }

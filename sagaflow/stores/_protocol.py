@@ -25,6 +25,7 @@ __all__ = [
     "Loaded",
     "OutboxRecord",
     "OutboxUpdate",
+    "PendingCommand",
     "ScheduleDelete",
     "ScheduleRecord",
     "Store",
@@ -107,6 +108,20 @@ class OutboxUpdate:
     attempts: int
     due: float
     error: str | None
+
+
+@attrs.frozen
+class PendingCommand:
+    """An outbox row as `Store.pending_commands` reads it, with its instance's status.
+
+    Attributes:
+        row: The command.
+        status: The status of the instance the row belongs to, or `None` if that
+            instance is gone (a retried dead letter of an instance that has ended).
+    """
+
+    row: OutboxRecord
+    status: str | None
 
 
 @attrs.frozen
@@ -343,6 +358,35 @@ class Store(Protocol):
         self, *, saga: str | None = None, key: str | None = None
     ) -> list[OutboxRecord]:
         """Pending outbox rows, ordered by saga, key and seq."""
+        ...
+
+    async def pending_commands(
+        self,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int,
+        sagas: Collection[str] | None = None,
+    ) -> list[PendingCommand]:
+        """Up to `limit` outbox rows of the instances after `after`, in `(saga, key)`
+        order and each instance's rows by seq, with their instances' statuses.
+
+        This is how the single-process outbox reads the commands it does not hold in
+        memory: a page at a time (keyset pagination by instance), never the whole
+        outbox. The last instance of a full page may be cut short; pass its `(saga, key)`
+        as `after` to go on with the next instance. With `sagas`, only rows of those sagas.
+        """
+        ...
+
+    async def drained_instances(
+        self,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int,
+        sagas: Collection[str] | None = None,
+    ) -> list[tuple[str, str]]:
+        """Up to `limit` completing instances that have no outbox row left, in `(saga, key)`
+        order, those after `after` only (with `sagas`, of those sagas only): the
+        instances that can end now."""
         ...
 
     async def scan_instances(

@@ -23,6 +23,7 @@ import attrs
 from ..exceptions import ConflictError, SchemaVersionError, StoreError
 from ._protocol import (
     ACTIVE,
+    COMPLETING,
     Changes,
     DeadLetter,
     DedupMark,
@@ -30,6 +31,7 @@ from ._protocol import (
     Loaded,
     LoadRequest,
     OutboxRecord,
+    PendingCommand,
     ScheduleRecord,
 )
 
@@ -294,6 +296,52 @@ class SQLiteStore:
         sql = f"SELECT {_columns(_OUTBOX)} FROM outbox{where} ORDER BY saga, key, seq, id"
         rows = await self._run(_fetch, sql, args)
         return [OutboxRecord(**dict(zip(_OUTBOX, row, strict=True))) for row in rows]
+
+    async def pending_commands(
+        self,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int,
+        sagas: Collection[str] | None = None,
+    ) -> list[PendingCommand]:
+        """Up to `limit` outbox rows of the instances after `after`, by instance and seq,
+        with their instances' statuses (one walk of the `outbox_order` index)."""
+        among, args = _among(sagas)
+        terms = [among.replace("saga IN", "o.saga IN")] if among else []
+        if after is not None:
+            terms.append("(o.saga, o.key) > (?, ?)")
+            args = (*args, *after)
+        where = f" WHERE {' AND '.join(terms)}" if terms else ""
+        sql = (
+            f"SELECT {', '.join('o.' + c for c in _OUTBOX)}, i.status FROM outbox o "
+            f"LEFT JOIN instances i ON i.saga = o.saga AND i.key = o.key{where} "
+            "ORDER BY o.saga, o.key, o.seq LIMIT ?"
+        )
+        rows = await self._run(_fetch, sql, (*args, limit))
+        return [PendingCommand(OutboxRecord(*row[:-1]), row[-1]) for row in rows]
+
+    async def drained_instances(
+        self,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int,
+        sagas: Collection[str] | None = None,
+    ) -> list[tuple[str, str]]:
+        """Up to `limit` completing instances without outbox rows, by saga and key."""
+        among, args = _among(sagas)
+        terms = [among.replace("saga IN", "i.saga IN")] if among else []
+        if after is not None:
+            terms.append("(i.saga, i.key) > (?, ?)")
+            args = (*args, *after)
+        # `status != active` as well: the term of the partial index, so it is used.
+        sql = (
+            "SELECT i.saga, i.key FROM instances i WHERE i.status = ? "
+            f"AND i.status != '{ACTIVE}' {''.join(' AND ' + t for t in terms)} AND NOT EXISTS "
+            "(SELECT 1 FROM outbox o WHERE o.saga = i.saga AND o.key = i.key) "
+            "ORDER BY i.saga, i.key LIMIT ?"
+        )
+        rows = await self._run(_fetch, sql, (COMPLETING, *args, limit))
+        return [(saga, key) for saga, key in rows]
 
     async def scan_instances(
         self, *, after: tuple[str, str] | None = None, limit: int
