@@ -465,13 +465,21 @@ class RedisStreamSource:
                 )
 
     def _touch(self, ids: list[str]) -> None:
+        # Taken over entries may be older than new ones: the range spans them all.
+        first, last = min(ids, key=_entry_order), max(ids, key=_entry_order)
         mine: Any = self._client.xpending_range(
-            self.stream, self.group, ids[0], ids[-1], len(ids) + 64, self.consumer
+            self.stream, self.group, first, last, 2 * len(ids) + 1000, self.consumer
         )
         held = set(ids)
         still: list[Any] = [_text(r["message_id"]) for r in mine if _text(r["message_id"]) in held]
         if still:
             self._client.xclaim(self.stream, self.group, self.consumer, 0, still, justid=True)
+
+
+def _entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (`"ms-seq"`) as something that sorts like the stream."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 @attrs.define(eq=False)

@@ -327,6 +327,69 @@ async def test_entries_held_by_a_live_consumer_are_kept_fresh(
     assert pending(redis_client, stream_name, "g") == 0
 
 
+async def test_a_taken_over_entry_is_kept_fresh_with_the_newer_ones(
+    redis_client: Any,  # noqa: F811
+    stream_name: str,  # noqa: F811
+) -> None:
+    """An entry taken over from a dead consumer is older than the new entry read before
+    it: both are refreshed while their events wait."""
+    gate = anyio.Event()
+    started: list[str] = []
+
+    class Slow(AccountSaga):
+        @on(Deposited, start=True)
+        async def deposited(self, state: Balance, event: Deposited) -> Send[Notify]:
+            started.append(event.account)
+            await gate.wait()
+            return await super().deposited(state, event)
+
+    registry = Registry()
+    registry.register(Slow(), state=Balance, name="accounts")
+    redis_client.xgroup_create(stream_name, "g", id="0", mkstream=True)
+    old = redis_client.xadd(stream_name, encode_entry(registry, Deposited("a", 1))).decode()
+    redis_client.xreadgroup("g", "dead", {stream_name: ">"})
+    new = redis_client.xadd(stream_name, encode_entry(registry, Deposited("b", 1))).decode()
+
+    def idle(entry: str) -> tuple[int, int, str]:
+        (row,) = redis_client.xpending_range(stream_name, "g", entry, entry, 1)
+        return (
+            int(row["time_since_delivered"]),
+            int(row["times_delivered"]),
+            row["consumer"].decode(),
+        )
+
+    async def refreshed(entry: str) -> None:
+        before = idle(entry)[0]
+        while idle(entry)[0] >= before:
+            before = max(before, idle(entry)[0])
+            await anyio.sleep(0.02)
+
+    async with (
+        Runtime(registry, store=MemoryStore(), dispatch=_nothing, shards=2) as runtime,
+        RedisStreamSource(
+            redis_client,
+            registry,
+            stream=stream_name,
+            group="g",
+            consumer="alive",
+            claim_idle=0.6,
+            block=0.1,
+        ) as source,
+    ):
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consume, runtime, source, 2)
+                while idle(old)[2] != "alive":
+                    await anyio.sleep(0.02)
+                await refreshed(old)
+                await refreshed(new)
+                assert (idle(old)[1:], idle(new)[1:]) == ((2, "alive"), (1, "alive"))
+                gate.set()
+
+    assert sorted(started) == ["a", "b"]
+    assert pending(redis_client, stream_name, "g") == 0
+
+
 async def test_a_claim_that_finds_our_own_entries_does_not_hand_them_out_twice(
     redis_client: Any,  # noqa: F811
     stream_name: str,  # noqa: F811
