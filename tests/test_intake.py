@@ -335,7 +335,7 @@ async def test_commands_of_acknowledged_events_are_in_the_outbox_already() -> No
 async def test_a_runtime_that_stops_under_an_acknowledged_run_ends_it_unacknowledged() -> None:
     """The runtime stops while an event is still being handled: the run raises
     `RuntimeClosedError` (it does not hang), and only the events before that one were
-    acknowledged."""
+    acknowledged. (One event per batch: a batch commits all its events or none.)"""
     gate = anyio.Event()  # never set: the handler hangs until the runtime stops
 
     def script(state: Log, event: Any) -> Any:
@@ -353,7 +353,7 @@ async def test_a_runtime_that_stops_under_an_acknowledged_run_ends_it_unacknowle
 
     async with (
         anyio.create_task_group() as tg,
-        running(scripted_registry(script), shutdown_timeout=0.1) as h,
+        running(scripted_registry(script), shutdown_timeout=0.1, max_batch=1) as h,
     ):
         tg.start_soon(consume, h.runtime)
         await anyio.wait_all_tasks_blocked()
