@@ -54,7 +54,8 @@ __all__ = ["EVENT", "FAILED", "FINALIZE", "FIRE", "Batch", "Item", "Ref"]
 log = logging.getLogger("sagaflow.runtime")
 
 EVENT, FIRE, FAILED, FINALIZE = range(4)
-COMMITTED, DUPLICATE, UNMATCHED, DEAD_LETTERED = (
+# Outcomes as plain names: set once per event on the hot path.
+_COMMITTED, _DUPLICATE, _UNMATCHED, _DEAD_LETTERED = (
     Outcome.COMMITTED,
     Outcome.DUPLICATE,
     Outcome.UNMATCHED,
@@ -82,7 +83,7 @@ class Item:
     row: OutboxRecord | None = None
     attempts: int = 0
     retry: bool = False
-    outcome: Outcome = COMMITTED
+    outcome: Outcome = _COMMITTED
     """How an event was settled by the batch that committed it (for `run(ack=...)`)."""
 
 
@@ -254,7 +255,7 @@ class Batch:
             mark = (w.spec.name, w.key, item.event_id)
             if mark in self.marks or (self.loaded is not None and mark in self.loaded.marks):
                 self.shard.counters.events_duplicate += 1
-                item.outcome = DUPLICATE
+                item.outcome = _DUPLICATE
                 self.done.append(item)
                 return False
         if w.broken is not None:
@@ -487,7 +488,7 @@ class Batch:
         if w.became_completing and not w.rows and not shard.outbox.has_pending((spec.name, w.key)):
             w.deleted = True  # nothing left to dispatch: the instance ends now
         self.handled += 1
-        item.outcome = COMMITTED
+        item.outcome = _COMMITTED
         self.done.append(item)
         return True
 
@@ -679,7 +680,7 @@ class Batch:
 
     def _unmatched(self, item: Item, reason: str) -> None:
         self.unmatched.append(Unmatched(item.event, item.saga.name, item.key, reason))
-        item.outcome = UNMATCHED
+        item.outcome = _UNMATCHED
         self.done.append(item)
 
     def _dead_event(
@@ -699,7 +700,7 @@ class Batch:
             error,
             item.attempts + 1 if attempts is None else attempts,
         )
-        item.outcome = DEAD_LETTERED
+        item.outcome = _DEAD_LETTERED
         self.done.append(item)
 
     def _dead(
