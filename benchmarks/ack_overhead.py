@@ -4,9 +4,10 @@
     python benchmarks/ack_overhead.py --store sqlite --rounds 9
 
 Runs the orders workload (`bench_orders.py`) in fresh processes, alternating without and
-with `--ack` so that both see the same machine load, and prints the median events/s of
-each and their ratio (the target: acknowledged runs within 10% of plain ones), by the
-wall clock and by the process's CPU time (steadier on a shared machine).
+with `--ack` so that both see the same machine load, and prints the events/s of each
+(the median and the best of the rounds) and their ratio (the target: acknowledged runs
+within 10% of plain ones), by the wall clock and by the process's CPU time (steadier on
+a shared machine; the best round is the one least disturbed by other processes).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def main() -> None:
     parser.add_argument("--w", type=int, default=1_000)
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     args = parser.parse_args()
-    print(f"{'store':<8} {'clock':<5} {'run() ev/s':>12} {'run(ack=) ev/s':>15} {'ack/plain':>10}")
+    header = f"{'store':<8} {'clock':<5} {'of':<7} {'run() ev/s':>12} {'run(ack=) ev/s':>15}"
+    print(f"{header} {'ack/plain':>10}")
     for store in args.store:
         plain: list[tuple[float, float]] = []
         acked: list[tuple[float, float]] = []
@@ -53,9 +55,13 @@ def main() -> None:
             plain.append(rate(store, args.n, args.w, args.backend, ack=False))
             acked.append(rate(store, args.n, args.w, args.backend, ack=True))
         for i, clock in enumerate(("wall", "cpu")):
-            a = statistics.median(r[i] for r in plain)
-            b = statistics.median(r[i] for r in acked)
-            print(f"{store:<8} {clock:<5} {a:>12,.0f} {b:>15,.0f} {b / a:>10.3f}", flush=True)
+            for label, pick in (("median", statistics.median), ("best", max)):
+                a = pick(r[i] for r in plain)
+                b = pick(r[i] for r in acked)
+                print(
+                    f"{store:<8} {clock:<5} {label:<7} {a:>12,.0f} {b:>15,.0f} {b / a:>10.3f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -101,8 +101,13 @@ def test_ablate_runs_every_variant_against_the_limit(tmp_path: Path) -> None:
 def test_ack_overhead_compares_runs_with_and_without_acknowledgements(tmp_path: Path) -> None:
     """The short form: one round per store, both kinds of run dispatch the right commands."""
     out = _script("ack_overhead.py", "--rounds", "1", "--n", "300", "--w", "50", tmp_path=tmp_path)
-    rows = [line.split()[:2] for line in out.splitlines()[1:]]
-    assert rows == [["memory", "wall"], ["memory", "cpu"], ["sqlite", "wall"], ["sqlite", "cpu"]]
+    rows = [line.split()[:3] for line in out.splitlines()[1:]]
+    assert rows == [
+        [store, clock, pick]
+        for store in ("memory", "sqlite")
+        for clock in ("wall", "cpu")
+        for pick in ("median", "best")
+    ]
 
 
 @pytest.mark.redis
