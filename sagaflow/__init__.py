@@ -7,7 +7,7 @@ register it in a `Registry`, and run it with a `Runtime` on a store.
 from importlib.metadata import PackageNotFoundError, version
 
 from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
-from ._admin import Admin, InstanceInfo
+from ._admin import Admin, InstanceInfo, SagaState, StatePage
 from ._check import CheckFailure, CheckGroup, CheckReport
 from ._clock import SystemClock
 from ._decorators import correlate, on
@@ -40,8 +40,10 @@ __all__ = [
     "Registry",
     "RetryPolicy",
     "Runtime",
+    "SagaState",
     "Schedule",
     "Send",
+    "StatePage",
     "Statistics",
     "SystemClock",
     "Unmatched",

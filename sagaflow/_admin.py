@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import attrs
 
 from ._check import CheckReport, check
 from ._clock import SystemClock
-from ._registry import Registry
+from ._registry import Registry, SagaSpec
 from .exceptions import ConflictError, DeadLetterError
 from .stores._protocol import (
     ACTIVE,
@@ -29,6 +29,7 @@ from .stores._protocol import (
     InstanceWrite,
     LoadRequest,
     OutboxRecord,
+    RowCounts,
     ScheduleRecord,
     Store,
 )
@@ -37,7 +38,7 @@ from .typing import Clock
 if TYPE_CHECKING:
     from ._runtime import Runtime
 
-__all__ = ["Admin", "InstanceInfo"]
+__all__ = ["Admin", "InstanceInfo", "SagaState", "StatePage"]
 
 log = logging.getLogger("sagaflow.admin")
 
@@ -46,6 +47,7 @@ _RACES = 5
 """How often an operation reads again after losing a race with a runtime."""
 
 _Ref = tuple[str, str]
+S = TypeVar("S")
 
 
 @attrs.frozen
@@ -83,6 +85,46 @@ class InstanceInfo:
     def status(self) -> str:
         """`"active"`, `"completing"` or `"compensation_failed"`."""
         return self.record.status
+
+
+@attrs.frozen
+class SagaState(Generic[S]):
+    """One stored saga instance with its state decoded: what an API or a page shows.
+
+    Attributes:
+        saga: The saga's name.
+        key: The instance key.
+        state: The state, an instance of the saga's state class (upcast if it was
+            written by an older version of the saga).
+        status: `"active"`, `"completing"` (completed, its last commands not yet
+            dispatched) or `"compensation_failed"`.
+        version: Incremented by every write of the instance; 1 when it started.
+        created_at: Wall-clock seconds when it started.
+        updated_at: Wall-clock seconds of its last write.
+        completed: The saga returned `Complete()`.
+    """
+
+    saga: str
+    key: str
+    state: S
+    status: str
+    version: int
+    created_at: float
+    updated_at: float
+    completed: bool
+
+
+@attrs.frozen
+class StatePage(Generic[S]):
+    """One page of `Admin.states`: instances of one saga, ordered by key.
+
+    Attributes:
+        items: The instances of this page.
+        next: Pass it as `after=` for the next page; `None` on the last page.
+    """
+
+    items: tuple[SagaState[S], ...]
+    next: str | None
 
 
 def _seconds(value: timedelta | float) -> float:
@@ -194,6 +236,113 @@ class Admin:
                 f"ended or was aborted){left}"
             )
         return self._info(record, schedules, outbox, letters, now)
+
+    @overload
+    async def state(self, saga: str, key: str) -> SagaState[Any]: ...
+
+    @overload
+    async def state(self, saga: str, key: str, state_type: type[S]) -> SagaState[S]: ...
+
+    async def state(self, saga: str, key: str, state_type: type[Any] | None = None) -> Any:
+        """One instance with its state decoded, as the saga's state class.
+
+        The state is decoded as a runtime decodes it (through the saga's upcasters):
+        no JSON to pick apart by hand.
+
+        Args:
+            saga: The saga's name.
+            key: The instance key.
+            state_type: The saga's state class (or a base class of it); when given, a
+                type checker knows the type of `.state`, and a mismatch is an error.
+
+        Returns:
+            The instance.
+
+        Raises:
+            DeadLetterError: No instance of `saga` has this key (a `LookupError`).
+            DecodeError: The stored state cannot be decoded by this code; the message
+                names saga, key, version and field.
+            LookupError: No saga of that name is registered.
+            TypeError: The `Admin` has no registry, or `state_type` is not the saga's
+                state class.
+        """
+        spec = self._spec(saga, state_type, "state")
+        record = await self._record(spec.name, key)
+        if record is None:
+            raise DeadLetterError(
+                f"no instance of saga {saga!r} has key {key!r} (it never started, or it "
+                "ended or was aborted)"
+            )
+        return self._decoded(spec, record)
+
+    @overload
+    async def states(
+        self, saga: str, *, after: str | None = None, limit: int = 100
+    ) -> StatePage[Any]: ...
+
+    @overload
+    async def states(
+        self, saga: str, state_type: type[S], *, after: str | None = None, limit: int = 100
+    ) -> StatePage[S]: ...
+
+    async def states(
+        self,
+        saga: str,
+        state_type: type[Any] | None = None,
+        *,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> Any:
+        """A page of one saga's instances, ordered by key, with their states decoded.
+
+        Keyset pagination on the store's primary key (`Store.scan_instances`): each
+        page is one short read whatever the number of instances, and instances that
+        start or end between two pages neither shift nor repeat the others.
+
+        Args:
+            saga: The saga's name.
+            state_type: The saga's state class, as for `state`.
+            after: The `next` of the page before; `None` for the first page.
+            limit: The most instances on a page.
+
+        Returns:
+            The page; its `next` is `None` when no instance follows.
+
+        Raises:
+            DecodeError: A state on the page cannot be decoded (`Admin.check` lists
+                every such row).
+            LookupError: No saga of that name is registered.
+            TypeError: As for `state`.
+            ValueError: `limit` is less than 1.
+        """
+        if limit < 1:
+            raise ValueError(f"Admin.states(limit={limit!r}) must be at least 1")
+        spec = self._spec(saga, state_type, "states")
+        records: list[InstanceRecord] = []
+        if after is None:
+            # Keys sort after (saga, ""), except "" itself: read that one directly.
+            first = await self._record(spec.name, "")
+            if first is not None:
+                records.append(first)
+        # One more than asked, to know whether a next page exists. Rows are in (saga,
+        # key) order, so those of this saga come first and together.
+        scanned = await self._store.scan_instances(
+            after=(spec.name, after or ""), limit=limit + 1 - len(records)
+        )
+        for record in scanned:
+            if record.saga != spec.name:
+                break
+            records.append(record)
+        items = tuple(self._decoded(spec, r) for r in records[:limit])
+        return StatePage(items, items[-1].key if len(records) > limit else None)
+
+    async def count_rows(self) -> RowCounts:
+        """How many instances (by status), commands in the outbox, schedules (due
+        ones among them) and dead letters the store holds: the gauges of a dashboard.
+
+        Counting may read whole tables: poll it every few seconds, not per request.
+        """
+        return await self._store.count_rows(now=self._clock.now())
 
     async def list_dead_letters(
         self, *, saga: str | None = None, key: str | None = None
@@ -492,8 +641,9 @@ class Admin:
         """Delete an instance with its pending schedules and commands; its dead letters stay.
 
         The delete is version-checked: if a runtime changes the instance meanwhile, it is
-        read again and the delete repeated. Commands a running runtime already holds in
-        memory may still be dispatched.
+        read again and the delete repeated. A running runtime may still dispatch a
+        command of it that it holds in memory and that is due now; one waiting there for a
+        retry is dropped before its next attempt.
 
         Returns:
             The instance as it was just before it was deleted.
@@ -525,6 +675,37 @@ class Admin:
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- helpers -------------------------------------------------------------------
+
+    def _spec(self, saga: str, state_type: type[Any] | None, method: str) -> SagaSpec:
+        if self._registry is None:
+            raise TypeError(
+                f"Admin.{method} decodes states with the sagas' code: make the Admin with "
+                "the registry, Admin(store, registry=registry)"
+            )
+        spec = self._registry.get(saga)
+        if state_type is not None and not (
+            isinstance(state_type, type) and issubclass(spec.state_type, state_type)
+        ):
+            shown = getattr(state_type, "__qualname__", repr(state_type))
+            raise TypeError(
+                f"saga {saga!r} keeps its state as {spec.state_type.__qualname__}, not "
+                f"{shown}: pass {spec.state_type.__qualname__} (or nothing)"
+            )
+        return spec
+
+    def _decoded(self, spec: SagaSpec, record: InstanceRecord) -> SagaState[Any]:
+        assert self._registry is not None
+        state = spec.load_record(self._registry.serializer, record)
+        return SagaState(
+            record.saga,
+            record.key,
+            state,
+            record.status,
+            record.version,
+            record.created_at,
+            record.updated_at,
+            record.completed,
+        )
 
     async def _record(self, saga: str, key: str) -> InstanceRecord | None:
         loaded = await self._store.load(LoadRequest(instances=[(saga, key)], now=self._clock.now()))

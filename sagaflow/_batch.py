@@ -21,6 +21,7 @@ import attrs
 from . import _report as report
 from ._actions import CommandFailed, Compensate, Complete, Schedule, Send, Unschedule
 from ._calls import call
+from ._hooks import capture, handling_span
 from ._outbox import error_text
 from ._records import Outcome, Unmatched
 from ._registry import RECORD_FIELDS, HandlerSpec, SagaSpec
@@ -85,6 +86,8 @@ class Item:
     retry: bool = False
     outcome: Outcome = _COMMITTED
     """How an event was settled by the batch that committed it (for `run(ack=...)`)."""
+    trace: str | None = None
+    """The trace context the event was published in (`Hooks.capture_trace`), as text."""
 
 
 class _Work:
@@ -313,7 +316,14 @@ class Batch:
             command = message
             w.rows.append(
                 OutboxRecord(
-                    s.id, s.saga, s.key, version << _SEQ_BITS, SEND, s.type_name, s.payload
+                    s.id,
+                    s.saga,
+                    s.key,
+                    version << _SEQ_BITS,
+                    SEND,
+                    s.type_name,
+                    s.payload,
+                    trace=s.trace,
                 )
             )
             w.commands.append(command)
@@ -418,8 +428,18 @@ class Batch:
             state = w.state
         version = record.version + 1
         hooks = shard.hooks
+        # The trace this event carries (a due timer's or a failed command's for those);
+        # what the handler produces carries its span's.
+        trace = item.trace
+        if trace is None:
+            if fire is not None:
+                trace = fire.trace
+            elif failure and item.row is not None:
+                trace = item.row.trace
         span = (
-            None if hooks is None else hooks.handling(spec.name, w.key, event, record.instance_id)
+            None
+            if hooks is None
+            else handling_span(hooks, spec.name, w.key, event, record.instance_id, trace)
         )
         try:
             if span is None:
@@ -431,7 +451,8 @@ class Batch:
                     result = handler.fn(state, event)
                     if handler.is_async:
                         result = await self._call(result, handler, event, w.key)
-            record = self._apply(w, record, state, result, version, allow_schedule, event)
+                    trace = capture(hooks) or trace
+            record = self._apply(w, record, state, result, version, allow_schedule, event, trace)
         except _Rejected as exc:
             self._restore(w)
             cause = exc.__cause__ or exc
@@ -538,6 +559,7 @@ class Batch:
         version: int,
         allow_schedule: bool,
         event: Any,
+        trace: str | None,
     ) -> InstanceRecord:
         """Turn a handler's result into outbox rows and schedule changes.
 
@@ -580,6 +602,7 @@ class Batch:
                                 kind,
                                 type_name,
                                 payload,
+                                trace=trace,
                             )
                         )
                         commands.append(command)
@@ -608,6 +631,7 @@ class Batch:
                         type_name,
                         payload,
                         base | outputs,
+                        trace=trace,
                     )
                     outputs += 1
                     scheduled = True

@@ -246,6 +246,8 @@ def _row_json(row: ScheduleRecord | OutboxRecord | DeadLetter, *, full: bool) ->
     payload = data.pop("payload")
     if full:
         data["payload"] = _json_text(payload)
+    if data.get("trace") is not None:
+        data["trace"] = _json_text(data["trace"])  # the carrier, e.g. {"traceparent": ...}
     return data
 
 

@@ -185,7 +185,9 @@ class Inbox:
         if self._waiters:
             self._check.poke()
 
-    async def publish(self, event: object, targets: Sequence[_Target], id: str | None) -> None:
+    async def publish(
+        self, event: object, targets: Sequence[_Target], id: str | None, trace: str | None
+    ) -> None:
         """Put `event` in the inbox for `targets`; return once every one handled it.
 
         Raises:
@@ -196,7 +198,7 @@ class Inbox:
         event_id = uuid.uuid4().hex if id is None else id
         now = self.clock.now()
         rows = [
-            InboxRecord(0, spec.name, key, event_id, id is None, type_name, payload, now)
+            InboxRecord(0, spec.name, key, event_id, id is None, type_name, payload, now, trace)
             for spec, _, key in targets
         ]
         waiter = _Waiter(len(rows))
@@ -299,7 +301,8 @@ class Inbox:
         self._owned[row.pos] = (row.saga, row.key)
         self._in_flight.add(row.pos)
         self.activity.begin()
-        item = Item(EVENT, spec, row.key, event, handler, row.event_id, _Delivery(self, row))
+        delivery = _Delivery(self, row)
+        item = Item(EVENT, spec, row.key, event, handler, row.event_id, delivery, trace=row.trace)
         self.route(row.saga, row.key).put_unbounded(item)
         return True
 
@@ -439,9 +442,11 @@ class Cluster:
         """For `drain()`: `-inf` while the inbox owes a look, else its next poll."""
         return self.inbox.next_wakeup()
 
-    async def publish(self, event: object, targets: Sequence[_Target], id: str | None) -> None:
+    async def publish(
+        self, event: object, targets: Sequence[_Target], id: str | None, trace: str | None
+    ) -> None:
         """`Runtime.publish` in cluster mode: through the shared inbox."""
-        await self.inbox.publish(event, targets, id)
+        await self.inbox.publish(event, targets, id, trace)
 
     def announce(self, kind: str) -> None:
         """Tell the other processes (soon, batched) that there is work of `kind`."""

@@ -16,7 +16,7 @@ import attrs
 
 from ._calls import Interrupt, call
 from ._clock import SystemClock
-from ._hooks import Hooks
+from ._hooks import Hooks, trace_carrier, traced
 from ._records import DispatchMeta
 from ._retry import RetryPolicy
 from ._serialization import Serializer
@@ -205,8 +205,11 @@ def note_failure(
         due: float = now + policy.delay(attempt)
         counters.command_retries += 1
         if hooks is not None:
+            trace = trace_carrier(row.trace)
             hooks.command_retry(
-                DispatchMeta(row.id, row.saga, row.key, attempt, row.kind), error, due - now
+                DispatchMeta(row.id, row.saga, row.key, attempt, row.kind, trace),
+                error,
+                due - now,
             )
         log.warning(
             "command %s of %s/%s failed (attempt %d), retrying: %s",
@@ -384,12 +387,16 @@ class OutboxCore:
             if not entry.decoded:
                 entry.command = self.serializer.decode(row.type_name, row.payload)
                 entry.decoded = True
-            meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind)
+            trace = trace_carrier(row.trace)
+            meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind, trace)
             span = None if hooks is None else hooks.dispatching(entry.command, meta)
             if span is None:
                 await call_dispatch(self.dispatch, entry.command, meta, self.dispatch_timeout)
             else:
+                assert hooks is not None
                 with span:
+                    # The receiver continues the dispatch span: hand it its context.
+                    meta = traced(hooks, meta)
                     await call_dispatch(self.dispatch, entry.command, meta, self.dispatch_timeout)
         except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
             self._attempt_failed(ref, entry, attempt, exc)
@@ -646,6 +653,8 @@ class Outbox(OutboxCore):
             if row.due and row.due > self.clock.now():  # read back while it backs off
                 self._dispatchers.retry_at(ref, row.due)
                 return
+            if row.attempts and not await self._still_pending(ref, entry):
+                continue  # an operator aborted the instance meanwhile: it was dropped
             if not await self._attempt(ref, entry):
                 return
             if queue and queue[0] is entry:
@@ -660,6 +669,37 @@ class Outbox(OutboxCore):
         if ref in self._completing:
             self._completing.discard(ref)
             self._empty(ref)
+
+    async def _still_pending(self, ref: _Ref, entry: QueuedCommand) -> bool:
+        """Before a retry, whether the command is still in the store.
+
+        An operator may abort an instance (`Admin.abort`) while its commands back off
+        here: they are dropped instead of tried again. A failed read says yes.
+        """
+        generation = self._generation
+        try:
+            present = {r.id for r in await self.store.list_outbox(saga=ref[0], key=ref[1])}
+        except Exception as exc:  # noqa: BLE001 - the attempt goes ahead; nothing is lost
+            log.error("could not read the outbox of %s/%s: %s", *ref, error_text(exc))
+            return True
+        if entry.row.id in present:
+            return True
+        queue = self._queues.get(ref)
+        gone: list[QueuedCommand] = []
+        if queue is not None:
+            gone = [e for e in queue if e.row.id not in present and e.generation <= generation]
+            for gone_entry in gone:
+                queue.remove(gone_entry)
+                self._depth -= 1
+                self._known.discard(gone_entry.row.id)
+        log.info(
+            "dropped %d command(s) of %s/%s waiting for a retry: their rows are gone from "
+            "the store (the instance was aborted)",
+            len(gone),
+            *ref,
+            extra={"saga": ref[0], "key": ref[1]},
+        )
+        return False
 
     def _record_retry(self, update: OutboxUpdate) -> None:
         self._updates.append(update)

@@ -4,6 +4,7 @@ became of a consumed event."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 
 import attrs
 
@@ -21,6 +22,11 @@ class DispatchMeta:
         key: The instance key.
         attempt: 1 for the first call, 2 for the first retry, and so on.
         kind: `"send"` (a `Send` or a due `Schedule`) or `"compensate"`.
+        trace: The trace context to hand on with the command, so that its receiver
+            continues the trace of the request that led to it: a carrier of text
+            fields, e.g. `{"traceparent": "00-...-01"}` (W3C Trace Context), as the
+            `hooks` capture it (see `Hooks.capture_trace`), or `None` when no trace was
+            captured (always so without hooks).
     """
 
     id: str
@@ -28,6 +34,7 @@ class DispatchMeta:
     key: str
     attempt: int
     kind: str
+    trace: Mapping[str, str] | None = attrs.field(default=None, hash=False)
 
 
 @attrs.frozen

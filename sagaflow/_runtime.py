@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Mapping
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, cast
@@ -17,12 +17,12 @@ from ._batch import EVENT, FAILED, FINALIZE, FIRE, Item
 from ._calls import interrupt_in, seconds
 from ._clock import SystemClock
 from ._cluster import Cluster, ClusterOutbox, cluster_store
-from ._hooks import Hooks
+from ._hooks import Hooks, capture, trace_text, wants_counts
 from ._intake import Intake
-from ._outbox import Counters, Outbox, checked_dispatcher
+from ._outbox import Counters, Outbox, checked_dispatcher, error_text
 from ._records import Unmatched
 from ._registry import Registry, SagaSpec
-from ._report import unmatched
+from ._report import call_hook, unmatched
 from ._retry import RetryPolicy
 from ._shard import Shard
 from ._sync import Ack, Activity, Mailbox
@@ -154,6 +154,11 @@ class Runtime:
             supports it, such as `PostgresStore`): `publish` goes through the store's
             shared inbox, commands and due schedules are claimed with leases, and no
             state is cached between batches. See the how-to "Scaling out".
+        gauge_interval: Seconds (or a `timedelta`) between two countings of the
+            store's rows (`Store.count_rows`: instances by status, commands in the
+            outbox, due schedules, dead letters) handed to `hooks.rows_counted`, for
+            gauges: counted when the runtime starts and then at this interval, and only
+            if the hooks override `rows_counted`. `None`: never.
 
     Timeouts are measured in real time (the event loop's clock), not through `clock`:
     they guard against calls that hang.
@@ -188,6 +193,7 @@ class Runtime:
         handler_timeout: timedelta | float | None = 60.0,
         dispatch_timeout: timedelta | float | None = 60.0,
         shutdown_timeout: timedelta | float | None = 30.0,
+        gauge_interval: timedelta | float | None = 15.0,
     ) -> None:
         if not registry.sagas:
             raise ValueError("the registry has no sagas: register at least one first")
@@ -200,6 +206,7 @@ class Runtime:
         handler_limit = seconds(handler_timeout, "handler_timeout")
         dispatch_limit = seconds(dispatch_timeout, "dispatch_timeout")
         self._shutdown_timeout = seconds(shutdown_timeout, "shutdown_timeout")
+        self._gauge_interval = seconds(gauge_interval, "gauge_interval")
         self._registry = registry
         self._store = store
         self._dispatch = dispatch
@@ -307,6 +314,8 @@ class Runtime:
             tg.start_soon(self._timer.run)
             if self._cluster is not None:
                 await tg.start(self._cluster.run)
+            if self._gauge_interval is not None and wants_counts(self._hooks):
+                tg.start_soon(self._count_rows, self._gauge_interval)
         except BaseException as exc:
             tg.cancel_scope.cancel()
             await tg.__aexit__(type(exc), exc, exc.__traceback__)
@@ -357,6 +366,21 @@ class Runtime:
         if stopping is not None:
             raise stopping
         return None
+
+    async def _count_rows(self, interval: float) -> None:
+        """Hand the store's row counts to `hooks.rows_counted`, now and every `interval`.
+
+        Not work in hand: `drain()` never waits for a count.
+        """
+        assert self._hooks is not None
+        while True:
+            try:
+                counts = await self._store.count_rows(now=self._clock.now())
+            except Exception as exc:  # noqa: BLE001 - a gauge must not stop the runtime
+                log.warning("could not count the store's rows for gauges: %s", error_text(exc))
+            else:
+                call_hook(self._hooks.rows_counted, counts)
+            await self._clock.sleep_until(self._clock.now() + interval)
 
     async def _finish_due_work(self) -> None:
         """`drain()` for at most `shutdown_timeout`; say what stays in the store after."""
@@ -439,6 +463,10 @@ class Runtime:
         applied. One that every saga's correlate function declined (returned `None`)
         is not reported: that is the sagas' decision.
 
+        With `hooks` that capture traces (`Hooks.capture_trace`), the trace current in
+        the calling task is kept with the event: the handler's span continues it, and
+        the commands and schedules it produces carry it on (see the how-to "Tracing").
+
         Args:
             event: The event (any attrs or dataclass instance a saga handles).
             id: With an id, a redelivered event is applied at most once per instance
@@ -455,14 +483,15 @@ class Runtime:
         if not targets:
             self._not_routed(event, "publish")
             return
+        trace = capture(self._hooks)
         if self._cluster is not None:
-            await self._cluster.publish(event, targets, id)
+            await self._cluster.publish(event, targets, id, trace)
             return
         ack = Ack(len(targets))
         for spec, handler, key in targets:
             self._activity.begin()
             await self._shard(spec.name, key).mailbox.put(
-                Item(EVENT, spec, key, event, handler, id, ack)
+                Item(EVENT, spec, key, event, handler, id, ack, trace=trace)
             )
         if not self._running:  # it stopped while we waited for room: nobody takes them
             raise RuntimeClosedError(
@@ -476,6 +505,7 @@ class Runtime:
         source: AsyncIterable[Any],
         *,
         id: Callable[[Any], str | None] | None = None,
+        trace: Callable[[Any], Mapping[str, str] | None] | None = None,
         ack: Acknowledge | None = None,
     ) -> int:
         """Feed events from an async iterable or anyio receive stream.
@@ -503,8 +533,15 @@ class Runtime:
         Args:
             source: Events, e.g. a `MemoryObjectReceiveStream` or an async generator.
             id: Returns the dedup id of an event (or `None`), like `publish(id=...)`.
+            trace: Returns the trace context an event arrived with (a carrier such as
+                `{"traceparent": ...}` read from a broker message's headers), or `None`.
+                Without it, each event keeps the trace current in the task calling
+                `run` when it is consumed, if the hooks capture traces.
             ack: Called as `ack(consumed)` with the events that are done, in order
                 (see above); an `async def` function or a plain one.
+
+        `id` and `trace` are called with each event as it is consumed, before the next
+        one is taken from `source`, so they may answer from the message it came in.
 
         Returns:
             How many events were consumed.
@@ -516,26 +553,10 @@ class Runtime:
         """
         self._check_running()
         if ack is not None:
-            return await self._run_acked(source, id, ack)
+            return await self._run_acked(source, id, trace, ack)
         ack_all = Ack(1, poison_raises=False)  # held open until the source is exhausted
-        count = 0
-        activity = self._activity
         try:
-            async for event in source:
-                count += 1
-                event_id = id(event) if id is not None else None
-                targets = self._targets(event)
-                if not targets:
-                    self._not_routed(event, "run")
-                for spec, handler, key in targets:
-                    ack_all.pending += 1
-                    activity.begin()
-                    item = Item(EVENT, spec, key, event, handler, event_id, ack_all)
-                    mailbox = self._shard(spec.name, key).mailbox
-                    if len(mailbox) < mailbox.limit:
-                        mailbox.put_unbounded(item)  # room: no need to suspend
-                    else:
-                        await mailbox.put(item)
+            count = await self._feed(source, id, trace, ack_all)
         except Exception:
             # The source failed: what it gave before is committed before its error
             # surfaces. Cancelled or interrupted, `run` does not wait: the shards may
@@ -551,6 +572,7 @@ class Runtime:
         self,
         source: AsyncIterable[Any],
         id: Callable[[Any], str | None] | None,
+        trace: Callable[[Any], Mapping[str, str] | None] | None,
         ack: Acknowledge,
     ) -> int:
         """`run` with acknowledgements: one `Tracker` per event, settled in order."""
@@ -559,29 +581,12 @@ class Runtime:
         intake = Intake(ack, limit=2 * sum(s.mailbox.limit for s in self._shards))
         count = 0
         failure: Exception | None = None
-        activity = self._activity
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(intake.deliver)
                 with intake.consuming:
                     try:
-                        async for event in source:
-                            count += 1
-                            event_id = id(event) if id is not None else None
-                            targets = self._targets(event)
-                            if not targets:
-                                self._not_routed(event, "run")
-                            tracker = intake.track(event, event_id, len(targets))
-                            for spec, handler, key in targets:
-                                activity.begin()
-                                item = Item(EVENT, spec, key, event, handler, event_id, tracker)
-                                mailbox = self._shard(spec.name, key).mailbox
-                                if len(mailbox) < mailbox.limit:
-                                    mailbox.put_unbounded(item)
-                                else:
-                                    await mailbox.put(item)
-                            if intake.full():
-                                await intake.room()
+                        count = await self._feed(source, id, trace, intake)
                     except Exception as exc:  # noqa: BLE001 - raised once the rest is acked
                         failure = exc
                 intake.close()
@@ -594,6 +599,48 @@ class Runtime:
             raise intake.error
         if failure is not None:
             raise failure
+        return count
+
+    async def _feed(
+        self,
+        source: AsyncIterable[Any],
+        id: Callable[[Any], str | None] | None,
+        trace: Callable[[Any], Mapping[str, str] | None] | None,
+        sink: Ack | Intake,
+    ) -> int:
+        """Route the events of `source` to the shards' mailboxes, each with its id and
+        trace, counted down on one `Ack` (plain `run`) or tracked one by one by the
+        `Intake` (`run(ack=...)`). Returns how many events were consumed."""
+        count = 0
+        activity = self._activity
+        hooks = self._hooks
+        intake = sink if type(sink) is Intake else None
+        async for event in source:
+            count += 1
+            event_id = id(event) if id is not None else None
+            if trace is not None:
+                carried = trace_text(trace(event))
+            else:
+                carried = None if hooks is None else capture(hooks)
+            targets = self._targets(event)
+            if not targets:
+                self._not_routed(event, "run")
+            ack: Ack
+            if intake is None:
+                ack = cast(Ack, sink)
+                ack.pending += len(targets)
+            else:
+                ack = intake.track(event, event_id, len(targets))
+            for spec, handler, key in targets:
+                activity.begin()
+                item = Item(EVENT, spec, key, event, handler, event_id, ack, trace=carried)
+                mailbox = self._shard(spec.name, key).mailbox
+                if len(mailbox) < mailbox.limit:
+                    mailbox.put_unbounded(item)  # room: no need to suspend
+                else:
+                    await mailbox.put(item)
+            if intake is not None and intake.full():
+                await intake.room()
         return count
 
     def _not_routed(self, event: object, via: str) -> None:

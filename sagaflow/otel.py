@@ -15,11 +15,24 @@ Spans:
   `sagaflow.instance_id`.
 
 A span whose handler or dispatcher raised records the exception and has status ERROR.
-Every span of one saga instance belongs to one trace, whose id is derived from the
-instance id, under a parent span that is never recorded (tracing tools show it as a
-missing root): the handling of every event and every dispatch of one business
-transaction reads as one trace. With `trace_per_instance=False`, spans start their own
-traces (or join the current one) and carry a link to the instance's trace id instead.
+
+Traces end to end: the trace context current where an event is published (the span
+of the web request that published it, say) is captured with the global propagator
+(W3C `traceparent` and `tracestate` by default; or the `propagator` given) and stored
+with the event. The `handle` span continues that trace, the commands and schedules
+the handler produces carry the `handle` span's context, each `dispatch` span
+continues it, and the dispatcher gets the `dispatch` span's context in
+`DispatchMeta.trace` to hand on to the receiver: one trace shows request, saga and
+command, across restarts and processes. Such spans carry a link to their instance's
+trace (below).
+
+An event that arrives with no trace (and a `to_self` schedule or `CommandFailed` of
+one) is handled in its instance's trace, whose id is derived from the instance id,
+under a parent span that is never recorded (tracing tools show it as a missing
+root): the handling of every such event of one business transaction, and what follows
+from it, reads as one trace. With `trace_per_instance=False`, such spans start their
+own traces (or join the current one) and carry a link to the instance's trace id
+instead.
 
 Metrics (attributes in brackets):
 
@@ -31,21 +44,31 @@ Metrics (attributes in brackets):
 - `sagaflow.events.unmatched` (saga, event type): events that reached no instance.
 - `sagaflow.batch.size` (histogram): items per committed shard batch.
 - `sagaflow.commit.duration` (histogram, seconds): how long those commits took.
+
+Gauges, store-wide, read every `Runtime(gauge_interval=...)` seconds (every runtime on
+a shared store reports the same numbers):
+
+- `sagaflow.instances` (`sagaflow.status`): stored instances by status.
+- `sagaflow.outbox.depth`: commands waiting to be dispatched or retried.
+- `sagaflow.schedules.due`: schedules due and not fired yet.
+- `sagaflow.dead_letters.kept`: dead letters waiting for an operator.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from ._hooks import Hooks
 from ._records import DispatchMeta, Unmatched
-from .stores._protocol import DeadLetter
+from .stores._protocol import DeadLetter, RowCounts
 
 if TYPE_CHECKING:
-    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+    from opentelemetry.propagators.textmap import TextMapPropagator
     from opentelemetry.trace import SpanContext, SpanKind, TracerProvider
 
 __all__ = ["OpenTelemetryHooks", "instance_trace_id"]
@@ -88,8 +111,12 @@ class OpenTelemetryHooks(Hooks):
     Args:
         tracer_provider: Where spans go; the global tracer provider by default.
         meter_provider: Where metrics go; the global meter provider by default.
-        trace_per_instance: Put every span of one saga instance into one trace derived
-            from its instance id (the default); with `False`, link to it instead.
+        trace_per_instance: Put the spans of an instance that continue no other trace
+            into one trace derived from its instance id (the default); with `False`,
+            link to it instead.
+        propagator: How trace contexts are captured and read back; the global
+            propagator (`opentelemetry.propagate`, W3C Trace Context and Baggage by
+            default) when not given.
 
     Raises:
         ImportError: `opentelemetry-api` is not installed (extra `sagaflow[otel]`).
@@ -101,16 +128,20 @@ class OpenTelemetryHooks(Hooks):
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
         trace_per_instance: bool = True,
+        propagator: TextMapPropagator | None = None,
     ) -> None:
         try:
-            from opentelemetry import metrics, trace
+            from opentelemetry import metrics, propagate, trace
         except ImportError as exc:
             raise ImportError(
                 "OpenTelemetryHooks needs the OpenTelemetry API, which comes with "
                 f"sagaflow's `otel` extra: pip install 'sagaflow[otel]' ({exc})"
             ) from exc
         self._trace = trace
+        self._observation = metrics.Observation
         self._per_instance = trace_per_instance
+        self._propagator = propagator or propagate.get_global_textmap()
+        self._counts: RowCounts | None = None
         version = _version()
         self._tracer = trace.get_tracer(_SCOPE, version, tracer_provider=tracer_provider)
         meter = metrics.get_meter(_SCOPE, version or "", meter_provider=meter_provider)
@@ -144,6 +175,35 @@ class OpenTelemetryHooks(Hooks):
             unit="s",
             description="How long the store commit of a shard batch took.",
         )
+        meter.create_observable_gauge(
+            "sagaflow.instances",
+            callbacks=[self._observe_instances],
+            unit="{instance}",
+            description="Stored saga instances by status (store-wide).",
+        )
+        for name, unit, description, field in (
+            (
+                "sagaflow.outbox.depth",
+                "{command}",
+                "Commands waiting to be dispatched or retried (store-wide).",
+                "outbox",
+            ),
+            (
+                "sagaflow.schedules.due",
+                "{schedule}",
+                "Schedules due and not fired yet (store-wide).",
+                "due_schedules",
+            ),
+            (
+                "sagaflow.dead_letters.kept",
+                "{letter}",
+                "Dead letters kept for an operator (store-wide).",
+                "dead_letters",
+            ),
+        ):
+            meter.create_observable_gauge(
+                name, callbacks=[self._observer(field)], unit=unit, description=description
+            )
 
     def __repr__(self) -> str:
         return f"OpenTelemetryHooks(trace_per_instance={self._per_instance})"
@@ -159,10 +219,23 @@ class OpenTelemetryHooks(Hooks):
         return context
 
     def _span(
-        self, name: str, instance_id: str, kind: SpanKind, attributes: dict[str, Any]
+        self,
+        name: str,
+        instance_id: str,
+        kind: SpanKind,
+        attributes: dict[str, Any],
+        carrier: Mapping[str, str] | None,
     ) -> AbstractContextManager[object]:
         trace = self._trace
         instance = self._instance_context(instance_id)
+        if carrier is not None:
+            parent = self._propagator.extract(carrier)
+            context = trace.get_current_span(parent).get_span_context()
+            if context.is_valid:
+                links = [] if context.trace_id == instance.trace_id else [trace.Link(instance)]
+                return self._tracer.start_as_current_span(
+                    name, context=parent, kind=kind, attributes=attributes, links=links
+                )
         if self._per_instance:
             return self._tracer.start_as_current_span(
                 name,
@@ -174,10 +247,23 @@ class OpenTelemetryHooks(Hooks):
             name, kind=kind, attributes=attributes, links=[trace.Link(instance)]
         )
 
+    def capture_trace(self) -> Mapping[str, str] | None:
+        """The current trace context, written by the propagator (`None` if empty)."""
+        carrier: dict[str, str] = {}
+        self._propagator.inject(carrier)
+        return carrier or None
+
     def handling(
-        self, saga: str, key: str, event: object, instance_id: str
+        self,
+        saga: str,
+        key: str,
+        event: object,
+        instance_id: str,
+        *,
+        trace: Mapping[str, str] | None = None,
     ) -> AbstractContextManager[object] | None:
-        """A span around the handler call for `event` on instance `(saga, key)`."""
+        """A span around the handler call for `event` on instance `(saga, key)`,
+        continuing `trace` if it is given."""
         event_type = type(event).__name__
         attributes = {
             "sagaflow.saga": saga,
@@ -186,13 +272,13 @@ class OpenTelemetryHooks(Hooks):
             "sagaflow.instance_id": instance_id,
         }
         return self._span(
-            f"handle {event_type}", instance_id, self._trace.SpanKind.CONSUMER, attributes
+            f"handle {event_type}", instance_id, self._trace.SpanKind.CONSUMER, attributes, trace
         )
 
     def dispatching(
         self, command: object, meta: DispatchMeta
     ) -> AbstractContextManager[object] | None:
-        """A span around the dispatcher call for `command`."""
+        """A span around the dispatcher call for `command`, continuing `meta.trace`."""
         command_type = type(command).__name__
         instance_id = meta.id.partition(".")[0]
         attributes = {
@@ -205,7 +291,11 @@ class OpenTelemetryHooks(Hooks):
             "sagaflow.instance_id": instance_id,
         }
         return self._span(
-            f"dispatch {command_type}", instance_id, self._trace.SpanKind.PRODUCER, attributes
+            f"dispatch {command_type}",
+            instance_id,
+            self._trace.SpanKind.PRODUCER,
+            attributes,
+            meta.trace,
         )
 
     def handler_retry(self, saga: str, key: str, event: object, attempt: int, error: str) -> None:
@@ -248,3 +338,23 @@ class OpenTelemetryHooks(Hooks):
         """Record a committed batch's size and commit duration."""
         self._batch_size.record(size)
         self._commit_duration.record(seconds)
+
+    def rows_counted(self, counts: RowCounts) -> None:
+        """Keep the counts for the gauges' next reading."""
+        self._counts = counts
+
+    def _observe_instances(self, options: CallbackOptions) -> Iterable[Observation]:
+        counts = self._counts
+        if counts is None:
+            return []
+        return [
+            self._observation(n, {"sagaflow.status": status})
+            for status, n in sorted(counts.instances.items())
+        ]
+
+    def _observer(self, field: str) -> Any:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            counts = self._counts
+            return [] if counts is None else [self._observation(getattr(counts, field))]
+
+        return observe

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import settings
 
-# The suite lives outside test modules: let pytest explain its failed asserts too.
-pytest.register_assert_rewrite("store_conformance")
+# The conformance suites live in the package: let pytest explain their failed asserts too.
+pytest.register_assert_rewrite("sagaflow.testing.conformance")
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -459,6 +459,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             retry=RetryPolicy(max_attempts=3, initial_delay=0.01, max_delay=0.05),
             shards=4,
             max_batch=args.max_batch,
+            outbox_capacity=args.outbox_capacity,
         )
         async with runtime:
             print("STARTED", flush=True)
@@ -494,6 +495,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pace", type=float, default=0.0, metavar="SECONDS")
     parser.add_argument("--crash", default=None, metavar="POINT:K")
     parser.add_argument("--max-batch", type=int, default=16, metavar="N")
+    parser.add_argument(
+        "--outbox-capacity",
+        type=int,
+        default=int(os.environ.get("CRASH_OUTBOX_CAPACITY", "4096")),
+        metavar="N",
+        help="Runtime(outbox_capacity=); default $CRASH_OUTBOX_CAPACITY or 4096",
+    )
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     return parser.parse_args(argv)
 

@@ -19,6 +19,7 @@ PUBLIC_MODULES = [
     "sagaflow.redis",
     "sagaflow.stores",
     "sagaflow.testing",
+    "sagaflow.testing.conformance",
     "sagaflow.typing",
 ]
 PACKAGE_DIR = pathlib.Path(sagaflow.__file__).parent

@@ -196,6 +196,7 @@ def test_instances_json_has_the_records_ages_and_pending_rows(db: Path, url: str
                         "type_name": "ops_sagas.Expired",
                         "seq": s["seq"],
                         "attempts": 0,
+                        "trace": None,
                     }
                     for s in next(x for x in listed if x["key"] == r.key)["schedules"]
                 ],
@@ -210,6 +211,7 @@ def test_instances_json_has_the_records_ages_and_pending_rows(db: Path, url: str
                         "attempts": o.attempts,
                         "due": o.due,
                         "error": o.error,
+                        "trace": None,
                     }
                     for o in mine
                 ],

@@ -32,6 +32,10 @@ import psycopg
 import pytest
 from _postgres_server import pg_schema, postgres_dsn  # noqa: F401
 from cluster_worker import HOT_KEYS, failing, order_id
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from sagaflow import (
     CommandFailed,
@@ -46,6 +50,7 @@ from sagaflow import (
     on,
 )
 from sagaflow.exceptions import ConflictError, StoreError
+from sagaflow.otel import OpenTelemetryHooks
 from sagaflow.stores import (
     Changes,
     InstanceRecord,
@@ -57,6 +62,7 @@ from sagaflow.stores import (
     ScheduleRecord,
 )
 from sagaflow.stores import _postgres as postgres_module
+from sagaflow.stores._claims import InboxRecord
 from sagaflow.stores._postgres_cluster import FAILED_LEASES
 
 pytestmark = pytest.mark.postgres
@@ -729,6 +735,122 @@ async def test_a_version_1_schema_is_migrated_for_cluster_mode(
         await store.close()
     version = execute(postgres_dsn, f'SELECT value FROM "{pg_schema}".meta')
     assert version == [(str(postgres_module.SCHEMA_VERSION),)]
+
+
+@pytest.mark.anyio
+async def test_a_version_3_schema_gains_traces_and_keeps_its_rows(
+    postgres_dsn: str,  # noqa: F811
+    pg_schema: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Version 4 adds a trace column to the outbox, the schedules and the inbox: rows
+    written before have none; new ones keep theirs through every read and claim."""
+    old = make_store(postgres_dsn, pg_schema)
+    with monkeypatch.context() as patch:
+        patch.setattr(postgres_module, "SCHEMA_VERSION", 3)
+        patch.setattr(postgres_module, "_MIGRATIONS", postgres_module._MIGRATIONS[:3])
+        await old.open()
+        await old.close()
+    # What sagaflow's version 3 wrote (its statements know no `trace` column).
+    s = f'"{pg_schema}"'
+    execute(
+        postgres_dsn,
+        f"INSERT INTO {s}.outbox (id, saga, key, seq, kind, type_name, payload, attempts, due) "
+        "VALUES ('c1', 'counter', 'a', 1, 'send', 'test_cluster.Cmd', '{}', 0, 0)",
+    )
+    execute(
+        postgres_dsn,
+        f"INSERT INTO {s}.schedules (id, saga, key, name, due, to_self, type_name, payload, "
+        "seq, attempts) VALUES ('s1', 'counter', 'a', 'wake', 1, true, 'test_cluster.Wake', "
+        "'{}', 0, 0)",
+    )
+    execute(
+        postgres_dsn,
+        f"INSERT INTO {s}.inbox (saga, key, event_id, generated, type_name, payload, "
+        "created_at) VALUES ('counter', 'a', 'e1', false, 'test_cluster.Bump', '{}', 1)",
+    )
+    trace = '{"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}'
+
+    store = make_store(postgres_dsn, pg_schema)
+    await store.open()
+    try:
+        await store.commit(
+            Changes(
+                outbox_adds=[OutboxRecord("c2", "counter", "b", 1, "send", "T", "{}", trace=trace)],
+                schedule_puts=[
+                    ScheduleRecord("s2", "counter", "b", "w", 1.0, True, "T", "{}", trace=trace)
+                ],
+            )
+        )
+        await store.put_inbox([InboxRecord(0, "counter", "b", "e2", False, "T", "{}", 2.0, trace)])
+        now = time.time()
+        commands = await store.claim_commands("me", now, 5, sagas=["counter"], mine=[])
+        schedules = await store.claim_schedules("me", now, 5, sagas=["counter"])
+        inbox = await store.claim_inbox("me", now, 5, sagas=["counter"], mine=[])
+    finally:
+        await store.close()
+
+    assert sorted((c.row.id, c.row.trace) for c in commands) == [("c1", None), ("c2", trace)]
+    assert [(r.id, r.trace) for r in schedules] == [("s1", None), ("s2", trace)]
+    assert [(r.event_id, r.trace) for r in inbox] == [("e1", None), ("e2", trace)]
+    version = execute(postgres_dsn, f"SELECT value FROM {s}.meta")
+    assert version == [(str(postgres_module.SCHEMA_VERSION),)]
+
+
+@pytest.mark.anyio
+async def test_the_publishers_trace_crosses_the_inbox_to_handler_timer_and_command(
+    postgres_dsn: str,  # noqa: F811
+    pg_schema: str,  # noqa: F811
+) -> None:
+    """In cluster mode the trace travels in the inbox row, the outbox rows and the
+    schedules: one trace shows the request, both handlings and every dispatch, whichever
+    runtime took each part."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    hooks = OpenTelemetryHooks(tracer_provider=provider, propagator=TraceContextTextMapPropagator())
+    log = Log()
+    async with cluster(postgres_dsn, pg_schema, log, count=2, hooks=hooks) as runtimes:
+        with provider.get_tracer("app").start_as_current_span("request") as request:
+            await runtimes[0].publish(Go("k"))
+        with anyio.fail_after(30):
+            while "woken #1" not in log.events:
+                await anyio.sleep(0.02)
+        await settle(runtimes)
+
+    spans = exporter.get_finished_spans()
+    trace_id = request.get_span_context().trace_id
+    assert {s.context.trace_id for s in spans if s.context} == {trace_id}
+    names = {s.name: s for s in spans}
+    assert sorted(s.name for s in spans) == [
+        "dispatch Cmd",
+        "dispatch Cmd",
+        "dispatch Cmd",
+        "dispatch Cmd",
+        "handle Go",
+        "handle Wake",
+        "request",
+    ]
+    go, wake = names["handle Go"].context, names["handle Wake"].context
+    assert go is not None and wake is not None
+    parents = [s.parent.span_id if s.parent else None for s in spans if s.name != "request"]
+    # first, second and the scheduled command come of Go's handling, woken of Wake's.
+    assert sorted(parents, key=str) == sorted(
+        [
+            request.get_span_context().span_id,
+            go.span_id,
+            go.span_id,
+            go.span_id,
+            go.span_id,
+            wake.span_id,
+        ],
+        key=str,
+    )
+    by_label = {c.label: m.trace for c, m, _ in log.calls}
+    assert set(by_label) == {"first", "second", "scheduled", "woken"}
+    assert all(
+        t is not None and t["traceparent"][3:35] == f"{trace_id:032x}" for t in by_label.values()
+    )
 
 
 def test_listener_errors_never_show_the_password() -> None:

@@ -357,6 +357,34 @@ def test_sigkill_at_random_moments_loses_and_repeats_nothing(tmp_path: Path) -> 
     assert interrupted >= 3, f"only {interrupted} of 5 kills interrupted the worker"
 
 
+@pytest.mark.parametrize(
+    ("point", "backend"),
+    [("after-commit", "asyncio"), ("mid-dispatch", "trio"), ("compensation", "asyncio")],
+)
+def test_sigkill_at_chosen_points_with_a_tiny_outbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str, backend: str
+) -> None:
+    """The chosen points again, with room for two commands in memory (the rest are read
+    back from the store): killed three times, the worker still produces the model."""
+    monkeypatch.setenv("CRASH_OUTBOX_CAPACITY", "2")
+    for k in ROUNDS[point]:
+        crash_at(tmp_path, backend=backend, point=point, k=k)
+    summary = finish(tmp_path, backend=backend)
+    check_invariants(tmp_path / "dispatch.log", ORDERS, summary)
+
+
+def test_sigkill_with_a_tiny_outbox_loses_and_repeats_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for two commands in memory, nearly every command waits in the store and
+    is read back a page at a time, and completed instances end through the store: five
+    kills at random moments, then a clean run, and the log still matches the model."""
+    monkeypatch.setenv("CRASH_OUTBOX_CAPACITY", "2")
+    # 80 orders trickle in for longer than five kills can take: every kill interrupts.
+    interrupted = random_kills(tmp_path, kills=5, seed=20261207, orders=80)
+    assert interrupted >= 3, f"only {interrupted} of 5 kills interrupted the worker"
+
+
 @pytest.mark.soak
 @pytest.mark.skipif(os.environ.get("SAGAFLOW_SOAK") != "1", reason="set SAGAFLOW_SOAK=1")
 def test_sigkill_soak(tmp_path: Path) -> None:

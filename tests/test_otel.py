@@ -35,6 +35,12 @@ from sagaflow import CommandFailed, Compensate, Complete, Send
 from sagaflow.otel import OpenTelemetryHooks, instance_trace_id
 
 ALWAYS = 1_000
+GAUGES = {
+    "sagaflow.instances",
+    "sagaflow.outbox.depth",
+    "sagaflow.schedules.due",
+    "sagaflow.dead_letters.kept",
+}
 
 
 @pytest.fixture
@@ -142,11 +148,27 @@ async def test_every_handler_and_dispatcher_call_is_a_span_in_the_instances_trac
     ]
     assert {s.attributes["sagaflow.instance_id"] for s in spans} == {instance_id}  # type: ignore[index]
     assert {s.context.trace_id for s in spans if s.context} == {instance_trace_id(instance_id)}
-    parents = {(p.trace_id, p.span_id, p.is_remote) for s in spans if (p := s.parent)}
-    assert len(parents) == 1
-    (parent,) = parents
-    assert parent[0] == instance_trace_id(instance_id)
-    assert parent[2] is True
+    # Handlings of published events hang under the instance's (unrecorded) root; each
+    # dispatch, and the CommandFailed of a command, under the handling that produced it.
+    parents = [(p.trace_id, p.span_id, p.is_remote) for s in spans if (p := s.parent)]
+    root, started, finished = parents[0], spans[0].context, spans[5].context
+    assert started is not None and finished is not None
+    under_started = (started.trace_id, started.span_id, True)
+    under_finished = (finished.trace_id, finished.span_id, True)
+    assert parents == [
+        root,
+        under_started,
+        under_started,
+        root,
+        root,
+        root,
+        under_finished,
+        under_finished,
+        under_finished,
+        under_finished,
+    ]
+    assert root[0] == instance_trace_id(instance_id)
+    assert root[2] is True
     assert [e.name for e in spans[1].events] == ["exception"]
     assert spans[3].status.description == "ValueError: not yet"
     commands = [s.attributes["sagaflow.command_id"] for s in spans if s.name == "dispatch Cmd"]  # type: ignore[index]
@@ -158,12 +180,29 @@ async def test_every_handler_and_dispatcher_call_is_a_span_in_the_instances_trac
 async def test_without_a_trace_per_instance_spans_link_to_it(
     exporter: InMemorySpanExporter, reader: InMemoryMetricReader
 ) -> None:
+    """Each handling of a published event starts a trace; what it produced (dispatches,
+    the CommandFailed of its command) continues it; every span links to the instance."""
     instance_id, _ = await run_scenario(make_hooks(exporter, reader, trace_per_instance=False))
 
-    spans = exporter.get_finished_spans()
+    spans = sorted(exporter.get_finished_spans(), key=lambda s: s.start_time or 0)
     assert len(spans) == 10
-    assert all(s.parent is None for s in spans)
-    assert len({s.context.trace_id for s in spans if s.context}) == 10
+    roots = [i for i, s in enumerate(spans) if s.parent is None]
+    assert roots == [0, 3, 4, 5]
+    traces = [s.context.trace_id for s in spans if s.context]
+    started, touched_1, touched_2, finished = (traces[i] for i in roots)
+    assert traces == [
+        started,
+        started,
+        started,
+        touched_1,
+        touched_2,
+        finished,
+        finished,
+        finished,
+        finished,
+        finished,
+    ]
+    assert len(set(traces)) == 4
     assert {tuple(link.context.trace_id for link in s.links) for s in spans} == {
         (instance_trace_id(instance_id),)
     }
@@ -190,7 +229,7 @@ async def test_retries_dead_letters_unmatched_events_and_batches_are_measured(
     counters = sorted(
         (name, sorted(attributes.items()), point.value)
         for name, attributes, point in points
-        if not isinstance(point, HistogramDataPoint)
+        if not isinstance(point, HistogramDataPoint) and name not in GAUGES
     )
     assert counters == [
         (

@@ -70,3 +70,28 @@ async def test_a_sweep_that_read_a_row_before_its_delivery_does_not_dispatch_it_
         await h.runtime.drain()
 
     assert (recorder.labels(), await store.list_outbox()) == (["c1"], [])
+
+
+@pytest.mark.anyio
+async def test_commands_of_an_aborted_instance_are_not_retried() -> None:
+    """An operator aborts an instance whose command backs off in the runtime's memory:
+    before its next attempt the runtime sees the row is gone, and drops it."""
+    from sagas_for_tests import SAGA
+
+    from sagaflow import Admin, RetryPolicy
+
+    def script(state: Any, event: Any) -> Any:
+        return Send(Cmd(event.key, "x"))
+
+    recorder = Recorder({"x": 1_000})
+    patient = RetryPolicy(max_attempts=1_000, initial_delay=1, max_delay=1, jitter=False)
+    async with running(scripted_registry(script), recorder=recorder, retry=patient) as h:
+        await h.runtime.publish(Started("k"))
+        await h.advance(1.5)  # the first attempt and one retry failed
+        assert recorder.labels() == ["x", "x"]
+
+        await Admin(h.store, clock=h.clock).abort(SAGA, "k")
+        for _ in range(5):
+            await h.advance(1)
+
+        assert (recorder.labels(), h.runtime.statistics().outbox_depth) == (["x", "x"], 0)

@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
+from _postgres_server import pg_schema, postgres_dsn  # noqa: F401
 from sagas_for_tests import (
     T0,
     Cmd,
@@ -85,9 +86,17 @@ class PagedOnly(MemoryStore):
         return found
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    yield PagedOnly() if request.param == "memory" else SQLiteStore(tmp_path / "s.db")
+    if request.param == "memory":
+        yield PagedOnly()
+    elif request.param == "sqlite":
+        yield SQLiteStore(tmp_path / "s.db")
+    else:
+        from sagaflow.stores import PostgresStore
+
+        dsn = request.getfixturevalue("postgres_dsn")
+        yield PostgresStore(dsn, schema=request.getfixturevalue("pg_schema"))
 
 
 async def outbox_size(store: Store) -> int:
@@ -228,3 +237,22 @@ async def test_an_instance_with_more_commands_than_the_capacity_keeps_their_orde
 async def test_outbox_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError, match="outbox_capacity"):
         Runtime(scripted_registry(), store=MemoryStore(), dispatch=Downstream(), outbox_capacity=0)
+
+
+def test_the_outage_benchmark_runs_and_delivers_every_command() -> None:
+    """The short form of `benchmarks/outage.py` (its figures are measured elsewhere)."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "outage.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--commands", "300", "--capacity", "16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (result["ok"], result["commands"], result["delivered"]) == (True, 300, 300)

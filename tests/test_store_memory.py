@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from store_conformance import StoreConformance, instance
 
 from sagaflow.stores import Changes, InstanceWrite, MemoryStore, Store
+from sagaflow.testing.conformance import StoreConformance, instance
 
 
 class TestMemoryStore(StoreConformance):

@@ -19,15 +19,6 @@ import attrs
 import psycopg
 import pytest
 from _postgres_server import pg_schema, postgres_dsn  # noqa: F401
-from store_conformance import (
-    SAGA,
-    StoreConformance,
-    create,
-    instance,
-    outbox_row,
-    scan_pages,
-    schedule,
-)
 
 from sagaflow.exceptions import ConflictError, SchemaVersionError, StoreError
 from sagaflow.stores import (
@@ -41,6 +32,15 @@ from sagaflow.stores import (
 )
 from sagaflow.stores._claims import InboxRecord
 from sagaflow.stores._postgres import SCHEMA_VERSION, PostgresStore, redact_dsn
+from sagaflow.testing.conformance import (
+    SAGA,
+    ClusterStoreConformance,
+    create,
+    instance,
+    outbox_row,
+    scan_pages,
+    schedule,
+)
 
 SECRET = "s3cr3t-Pa55"
 
@@ -69,8 +69,9 @@ async def pg_store(postgres_dsn: str, pg_schema: str) -> AsyncIterator[PostgresS
 
 
 @pytest.mark.postgres
-class TestPostgresStore(StoreConformance):
-    """The conformance suite on a fresh schema per test."""
+class TestPostgresStore(ClusterStoreConformance):
+    """The conformance suites (of stores and of cluster stores) on a fresh schema per
+    test."""
 
     @pytest.fixture
     async def store(self, pg_store: PostgresStore) -> AsyncIterator[Store]:

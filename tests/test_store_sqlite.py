@@ -10,14 +10,6 @@ from pathlib import Path
 import anyio
 import attrs
 import pytest
-from store_conformance import (
-    SAGA,
-    StoreConformance,
-    dead_letter,
-    instance,
-    outbox_row,
-    schedule,
-)
 
 from sagaflow.exceptions import ConflictError, SchemaVersionError, StoreError
 from sagaflow.stores import (
@@ -34,6 +26,15 @@ from sagaflow.stores import (
 )
 from sagaflow.stores import _sqlite as sqlite_module
 from sagaflow.stores._sqlite import SCHEMA_VERSION
+from sagaflow.testing.conformance import (
+    SAGA,
+    TRACE,
+    StoreConformance,
+    dead_letter,
+    instance,
+    outbox_row,
+    schedule,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -306,7 +307,54 @@ async def test_a_version_2_file_records_state_versions_and_timer_names(tmp_path:
     await store.close()
 
     assert found == ([attrs.evolve(instance(), state_version=1)], [letter])
-    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [("3",)]
+    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
+
+
+def _v3(record: object) -> tuple[object, ...]:
+    """The columns of an outbox row or schedule in schema 3 (no `trace`)."""
+    values = attrs.astuple(record)
+    assert values[-1] is None  # the trace, added in schema 4
+    return values[:-1]
+
+
+async def test_a_version_3_file_keeps_its_rows_and_gains_traces(tmp_path: Path) -> None:
+    """Version 4 adds `outbox.trace` and `schedules.trace`: commands and schedules
+    written before it have no trace, new ones keep theirs."""
+    path = tmp_path / "v3.db"
+    with pytest.MonkeyPatch.context() as version_3:
+        version_3.setattr(sqlite_module, "_MIGRATIONS", sqlite_module._MIGRATIONS[:2])
+        version_3.setattr(sqlite_module, "SCHEMA_VERSION", 3)
+        store = SQLiteStore(path)
+        await store.open()
+        await store.close()
+    # Rows as the schema 3 code writes them.
+    query(path, "INSERT INTO outbox VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", *_v3(outbox_row("c1")))
+    query(
+        path,
+        "INSERT INTO schedules VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        *_v3(schedule("s1", due=5.0)),
+    )
+    columns_before = [row[1] for row in query(path, "PRAGMA table_info(outbox)")]
+
+    store = SQLiteStore(path)
+    await store.open()
+    await store.commit(
+        Changes(
+            outbox_adds=[outbox_row("c2", seq=2, trace=TRACE)],
+            schedule_puts=[schedule("s2", due=6.0, trace=TRACE)],
+        )
+    )
+    found = (await store.list_outbox(), await store.due_schedules(10.0, 10))
+    await store.close()
+
+    assert "trace" not in columns_before
+    assert found == (
+        [outbox_row("c1"), outbox_row("c2", seq=2, trace=TRACE)],
+        [schedule("s1", due=5.0), schedule("s2", due=6.0, trace=TRACE)],
+    )
+    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [("4",)]
 
 
 async def test_a_version_1_file_gets_the_index_of_unusual_statuses(
@@ -336,8 +384,10 @@ async def test_a_version_1_file_gets_the_index_of_unusual_statuses(
     await store.close()
 
     plan = query(path, "EXPLAIN QUERY PLAN " + statements[0])
-    assert (indexes_before, SCHEMA_VERSION) == ([], 3)
-    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [("3",)]
+    assert indexes_before == []
+    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
     assert found == ([completing], [instance()])
     assert "INDEX instances_unusual (status=?)" in plan[0][-1]
 
@@ -459,6 +509,37 @@ async def test_an_empty_file_is_refused_unless_asked_to_create_a_store(tmp_path:
         "the path (or restore the copy it should be); to start a new store in it, pass "
         "SQLiteStore(..., create=True) or delete the file"
     )
+    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
+
+
+async def test_a_new_store_file_appears_only_with_its_schema(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that dies while creating a store (here: the schema fails half-way, as a
+    kill would stop it) leaves no empty file that the next start would refuse; a stray
+    file of a dead creator is removed by the next creation."""
+    path = tmp_path / "new.db"
+    stray = tmp_path / "new.db.creating-999999999"  # no such process
+    stray.write_bytes(b"")
+
+    def dies(store: SQLiteStore, conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        raise KeyboardInterrupt  # stands for the kill: nothing after this runs
+
+    with monkeypatch.context() as patched:
+        patched.setattr(SQLiteStore, "_migrate", dies)
+        with pytest.raises(KeyboardInterrupt):
+            await SQLiteStore(path).open()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm"))) == [
+        "new.db"
+    ]
     assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [
         (str(SCHEMA_VERSION),)
     ]

@@ -5,13 +5,14 @@ Nothing here runs; the `assert_type` calls are checked by mypy only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, assert_type
 
 import attrs
 
 from sagaflow import (
+    Admin,
     CommandFailed,
     Compensate,
     Complete,
@@ -19,14 +20,16 @@ from sagaflow import (
     Registry,
     RetryPolicy,
     Runtime,
+    SagaState,
     Schedule,
     Send,
+    StatePage,
     Statistics,
     Unschedule,
     correlate,
     on,
 )
-from sagaflow.stores import MemoryStore, SQLiteStore, Store
+from sagaflow.stores import MemoryStore, RowCounts, SQLiteStore, Store
 from sagaflow.testing import Scenario, SyncScenario, VirtualClock
 from sagaflow.typing import Action
 
@@ -98,6 +101,7 @@ assert_type(Schedule(PaymentTimedOut("o"), after=5).after, float)
 async def dispatch(command: object, meta: DispatchMeta) -> None:
     assert_type(meta.id, str)
     assert_type(meta.attempt, int)
+    assert_type(meta.trace, Mapping[str, str] | None)
 
 
 async def accepted(command: object, meta: DispatchMeta) -> bool:
@@ -118,3 +122,16 @@ async def run() -> None:
     with SyncScenario(OrderSaga, state=Order) as sync:
         sync.when(OrderPlaced("o-3", 5))
     MemoryStore()
+
+
+async def read(store: Store) -> None:
+    admin = Admin(store, registry=registry)
+    found = await admin.state("OrderSaga", "o-1", Order)
+    assert_type(found, SagaState[Order])
+    assert_type(found.state, Order)
+    assert_type(await admin.state("OrderSaga", "o-1"), SagaState[Any])
+    page = await admin.states("OrderSaga", Order, after=None, limit=10)
+    assert_type(page, StatePage[Order])
+    assert_type(page.items, tuple[SagaState[Order], ...])
+    assert_type(page.next, str | None)
+    assert_type(await admin.count_rows(), RowCounts)

@@ -2,11 +2,14 @@
 
 `MemoryStore` keeps everything in the process; `SQLiteStore` is the embedded durable
 default; `PostgresStore` (extra `sagaflow[postgres]`) lets many processes share one
-database. All implement the `Store` protocol.
+database. All implement the `Store` protocol; `PostgresStore` also the `ClusterStore`
+protocol that `Runtime(cluster=True)` needs. `sagaflow.testing.conformance` checks a
+store of your own against them.
 """
 
 from typing import TYPE_CHECKING
 
+from ._claims import ClaimedCommand, ClusterStore, InboxRecord, Listener, Settled
 from ._memory import MemoryStore
 from ._protocol import (
     ACTIVE,
@@ -23,6 +26,7 @@ from ._protocol import (
     OutboxRecord,
     OutboxUpdate,
     PendingCommand,
+    RowCounts,
     ScheduleDelete,
     ScheduleRecord,
     Store,
@@ -47,11 +51,15 @@ __all__ = [
     "COMPENSATION_FAILED",
     "COMPLETING",
     "Changes",
+    "ClaimedCommand",
+    "ClusterStore",
     "DeadLetter",
     "DedupMark",
+    "InboxRecord",
     "InstanceDelete",
     "InstanceRecord",
     "InstanceWrite",
+    "Listener",
     "LoadRequest",
     "Loaded",
     "MemoryStore",
@@ -59,8 +67,10 @@ __all__ = [
     "OutboxUpdate",
     "PendingCommand",
     "PostgresStore",
+    "RowCounts",
     "SQLiteStore",
     "ScheduleDelete",
     "ScheduleRecord",
+    "Settled",
     "Store",
 ]

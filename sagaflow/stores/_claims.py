@@ -38,6 +38,8 @@ class InboxRecord:
         type_name: The event's stable type name.
         payload: The event as JSON text.
         created_at: Wall-clock seconds when it was published.
+        trace: The trace context current where it was published, as JSON text, or
+            `None`.
     """
 
     pos: int
@@ -48,6 +50,7 @@ class InboxRecord:
     type_name: str
     payload: str
     created_at: float
+    trace: str | None = None
 
 
 @attrs.frozen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from collections.abc import Collection, Mapping
 from typing import Any, TypeVar
 
@@ -19,7 +20,9 @@ from ._protocol import (
     LoadRequest,
     OutboxRecord,
     PendingCommand,
+    RowCounts,
     ScheduleRecord,
+    row_counts,
 )
 
 __all__ = ["MemoryStore"]
@@ -395,6 +398,13 @@ class MemoryStore:
             (d for d in self._dead.values() if saga is None or d.saga == saga),
             key=lambda d: (d.failed_at, d.id),
         )
+
+    async def count_rows(self, *, now: float) -> RowCounts:
+        """How many rows of each kind the store holds (see `Store.count_rows`)."""
+        await anyio.lowlevel.checkpoint()
+        statuses = Counter(r.status for r in self._instances.values())
+        due = sum(1 for s in self._schedules.values() if s.due <= now)
+        return row_counts(statuses, len(self._outbox), len(self._schedules), due, len(self._dead))
 
 
 def _page(rows: Mapping[Any, _R], after: Any, limit: int) -> list[_R]:

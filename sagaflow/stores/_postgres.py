@@ -38,7 +38,9 @@ from ._protocol import (
     LoadRequest,
     OutboxRecord,
     PendingCommand,
+    RowCounts,
     ScheduleRecord,
+    row_counts,
 )
 
 try:
@@ -129,7 +131,7 @@ def redact_dsn(dsn: str) -> str:
 
 # -- schema
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The newest schema version this sagaflow writes; stored in the `meta` table."""
 
 # Each step migrates from the version equal to its index to the next one. `{s}` is the
@@ -233,6 +235,13 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE {s}.instances ADD COLUMN state_version integer NOT NULL DEFAULT 1",
         "ALTER TABLE {s}.dead_letters ADD COLUMN name text",
     ),
+    # 3 -> 4: commands, schedules and inbox events keep the trace context they were
+    # produced or published in (JSON text; NULL when the hooks capture no trace).
+    (
+        "ALTER TABLE {s}.outbox ADD COLUMN trace text",
+        "ALTER TABLE {s}.schedules ADD COLUMN trace text",
+        "ALTER TABLE {s}.inbox ADD COLUMN trace text",
+    ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -242,8 +251,8 @@ _INSTANCE = (
     "saga, key, version, status, state, instance_id, created_at, updated_at, last_event, "
     "completed, state_version"
 )
-_OUTBOX = "id, saga, key, seq, kind, type_name, payload, attempts, due, error"
-_SCHEDULE = "id, saga, key, name, due, to_self, type_name, payload, seq, attempts"
+_OUTBOX = "id, saga, key, seq, kind, type_name, payload, attempts, due, error, trace"
+_SCHEDULE = "id, saga, key, name, due, to_self, type_name, payload, seq, attempts, trace"
 _DEAD = "id, saga, key, kind, type_name, payload, error, attempts, failed_at, seq, name"
 _TEXTS2 = "unnest(%b::text[], %b::text[])"
 
@@ -309,11 +318,12 @@ _SQL = {
     "put_schedules": (
         f"INSERT INTO {{s}}.schedules ({_SCHEDULE}) "
         "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::float8[], "
-        "%b::bool[], %b::text[], %b::text[], %b::int8[], %b::int4[]) "
+        "%b::bool[], %b::text[], %b::text[], %b::int8[], %b::int4[], %b::text[]) "
         "ON CONFLICT (saga, key, name) DO UPDATE SET id = excluded.id, due = excluded.due, "
         "to_self = excluded.to_self, type_name = excluded.type_name, "
         "payload = excluded.payload, seq = excluded.seq, attempts = excluded.attempts, "
-        "pos = excluded.pos, lease_owner = NULL, lease_expires = NULL"
+        "trace = excluded.trace, pos = excluded.pos, lease_owner = NULL, "
+        "lease_expires = NULL"
     ),
     # -- commit: outbox
     "clear_outbox": (
@@ -324,11 +334,12 @@ _SQL = {
     "add_outbox": (
         f"INSERT INTO {{s}}.outbox ({_OUTBOX}) "
         "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::int8[], %b::text[], "
-        "%b::text[], %b::text[], %b::int4[], %b::float8[], %b::text[]) "
+        "%b::text[], %b::text[], %b::int4[], %b::float8[], %b::text[], %b::text[]) "
         "ON CONFLICT (id) DO UPDATE SET saga = excluded.saga, key = excluded.key, "
         "seq = excluded.seq, kind = excluded.kind, type_name = excluded.type_name, "
         "payload = excluded.payload, attempts = excluded.attempts, due = excluded.due, "
-        "error = excluded.error, failed = false, lease_owner = NULL, lease_expires = NULL"
+        "error = excluded.error, trace = excluded.trace, failed = false, "
+        "lease_owner = NULL, lease_expires = NULL"
     ),
     "update_outbox": (
         "UPDATE {s}.outbox t SET attempts = u.attempts, due = u.due, error = u.error, "
@@ -389,6 +400,13 @@ _SQL = {
             ("instances", ""),
         )
     ),
+    "count_rows": (
+        "SELECT 'i', status, count(*) FROM {s}.instances GROUP BY status "
+        "UNION ALL SELECT 'o', NULL, count(*) FROM {s}.outbox "
+        "UNION ALL SELECT 's', NULL, count(*) FROM {s}.schedules "
+        "UNION ALL SELECT 'd', NULL, count(*) FROM {s}.schedules WHERE due <= %s "
+        "UNION ALL SELECT 'l', NULL, count(*) FROM {s}.dead_letters"
+    ),
     "list_instances": f"SELECT {_INSTANCE} FROM {{s}}.instances",
     "list_outbox": f"SELECT {_OUTBOX} FROM {{s}}.outbox",
     # The outbox rows of the instances after (%s, %s), by instance and seq, with their
@@ -423,7 +441,7 @@ _SQL = {
         "UPDATE {s}.outbox t SET lease_owner = %(owner)s, lease_expires = %(expires)s "
         "FROM picked WHERE t.id = picked.id "
         "RETURNING t.id, t.saga, t.key, t.seq, t.kind, t.type_name, t.payload, t.attempts, "
-        "t.due, t.error"
+        "t.due, t.error, t.trace"
     ),
     "release_outbox": (
         "UPDATE {s}.outbox SET lease_owner = NULL, lease_expires = NULL "
@@ -441,7 +459,7 @@ _SQL = {
         "FROM picked WHERE t.saga = picked.saga AND t.key = picked.key "
         "AND t.name = picked.name "
         "RETURNING t.id, t.saga, t.key, t.name, t.due, t.to_self, t.type_name, t.payload, "
-        "t.seq, t.attempts"
+        "t.seq, t.attempts, t.trace"
     ),
     "release_schedules": (
         "UPDATE {s}.schedules SET lease_owner = NULL, lease_expires = NULL "
@@ -904,6 +922,7 @@ class PostgresStore(ClusterMethods):
                     s.payload,
                     s.seq,
                     s.attempts,
+                    s.trace,
                 )
                 for s in puts
             ]
@@ -927,6 +946,7 @@ class PostgresStore(ClusterMethods):
                     o.attempts,
                     float(o.due),
                     o.error,
+                    o.trace,
                 )
                 for o in adds
             ]
@@ -1142,6 +1162,19 @@ class PostgresStore(ClusterMethods):
         params = [*(after or ()), limit]
         suffix = f"{where} ORDER BY {key} LIMIT %s"
         return lambda pool: self._select(pool, cls, "scan rows", name, params, suffix)
+
+    async def count_rows(self, *, now: float) -> RowCounts:
+        """How many rows of each kind the store holds, in one statement (see
+        `Store.count_rows`); it counts every instance row, so call it seldom."""
+
+        def query(pool: _Pool) -> RowCounts:
+            with self._translate("count rows"), pool.connection() as conn:
+                rows = conn.execute(self._sql["count_rows"], (now,)).fetchall()
+            statuses = {status: n for kind, status, n in rows if kind == "i"}
+            totals = {kind: n for kind, _, n in rows if kind != "i"}
+            return row_counts(statuses, totals["o"], totals["s"], totals["d"], totals["l"])
+
+        return await self._run(query)
 
     async def list_schedules(
         self, *, saga: str | None = None, key: str | None = None

@@ -58,10 +58,11 @@ _LOCKED = "unnest(%(lsaga)s::text[], %(lkey)s::text[]) AS l(saga, key)"
 _OTHERS = "p.lease_owner <> %(owner)s AND p.lease_expires > %(now)s"
 _CLAIMED_OUTBOX = (
     "RETURNING u.id, u.saga, u.key, u.seq, u.kind, u.type_name, u.payload, u.attempts, "
-    "u.due, u.error, u.failed"
+    "u.due, u.error, u.trace, u.failed"
 )
 _CLAIMED_INBOX = (
-    "RETURNING u.pos, u.saga, u.key, u.event_id, u.generated, u.type_name, u.payload, u.created_at"
+    "RETURNING u.pos, u.saga, u.key, u.event_id, u.generated, u.type_name, u.payload, "
+    "u.created_at, u.trace"
 )
 
 
@@ -188,7 +189,7 @@ CLUSTER_SQL = {
         "FROM picked WHERE u.saga = picked.saga AND u.key = picked.key "
         "AND u.name = picked.name "
         "RETURNING u.id, u.saga, u.key, u.name, u.due, u.to_self, u.type_name, u.payload, "
-        "u.seq, u.attempts"
+        "u.seq, u.attempts, u.trace"
     ),
     "next_claimable_due": (
         "SELECT t.due FROM {s}.schedules t WHERE t.saga = ANY(%(sagas)s::text[])"
@@ -196,11 +197,11 @@ CLUSTER_SQL = {
     ),
     "put_inbox": (
         "INSERT INTO {s}.inbox (saga, key, event_id, generated, type_name, payload, "
-        "created_at) SELECT saga, key, event_id, generated, type_name, payload, created_at "
-        "FROM unnest(%(saga)s::text[], %(key)s::text[], "
+        "created_at, trace) SELECT saga, key, event_id, generated, type_name, payload, "
+        "created_at, trace FROM unnest(%(saga)s::text[], %(key)s::text[], "
         "%(event_id)s::text[], %(generated)s::bool[], %(type_name)s::text[], "
-        "%(payload)s::text[], %(created_at)s::float8[]) WITH ORDINALITY "
-        "AS r(saga, key, event_id, generated, type_name, payload, created_at, n) "
+        "%(payload)s::text[], %(created_at)s::float8[], %(trace)s::text[]) WITH ORDINALITY "
+        "AS r(saga, key, event_id, generated, type_name, payload, created_at, trace, n) "
         "ORDER BY n RETURNING pos"
     ),
     "ack_inbox": (
@@ -215,11 +216,11 @@ CLUSTER_SQL = {
     ),
     "pending_inbox": "SELECT pos FROM {s}.inbox WHERE pos = ANY(%(positions)s::int8[])",
     "list_inbox": (
-        "SELECT pos, saga, key, event_id, generated, type_name, payload, created_at "
+        "SELECT pos, saga, key, event_id, generated, type_name, payload, created_at, trace "
         "FROM {s}.inbox ORDER BY pos"
     ),
     "scan_inbox": (
-        "SELECT pos, saga, key, event_id, generated, type_name, payload, created_at "
+        "SELECT pos, saga, key, event_id, generated, type_name, payload, created_at, trace "
         "FROM {s}.inbox WHERE pos > %(after)s ORDER BY pos LIMIT %(limit)s"
     ),
     "renew_commands": (
@@ -376,7 +377,7 @@ class ClusterMethods:
             return self._claim_rows(cur, "outbox", params, mine)
 
         found = await self._run(lambda pool: self._transaction(pool, "claim commands", claim))
-        claimed = [ClaimedCommand(OutboxRecord(*row[:10]), row[10]) for row in found]
+        claimed = [ClaimedCommand(OutboxRecord(*row[:11]), row[11]) for row in found]
         return sorted(claimed, key=lambda c: (c.row.saga, c.row.key, c.row.seq))
 
     async def settle_commands(
@@ -545,6 +546,7 @@ class ClusterMethods:
             "type_name": [r.type_name for r in rows],
             "payload": [r.payload for r in rows],
             "created_at": [float(r.created_at) for r in rows],
+            "trace": [r.trace for r in rows],
         }
 
         def put(cur: _Cursor) -> list[int]:

@@ -6,7 +6,7 @@ JSON text with a stable type name, so a store never imports user classes.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -26,6 +26,7 @@ __all__ = [
     "OutboxRecord",
     "OutboxUpdate",
     "PendingCommand",
+    "RowCounts",
     "ScheduleDelete",
     "ScheduleRecord",
     "Store",
@@ -86,6 +87,8 @@ class OutboxRecord:
         attempts: Failed attempts so far.
         due: Not to be dispatched before this wall-clock time (retry backoff).
         error: The last error, if an attempt failed.
+        trace: The trace context of the handling that produced the command, as JSON
+            text (a carrier such as `{"traceparent": "..."}`), or `None`.
     """
 
     id: str
@@ -98,6 +101,7 @@ class OutboxRecord:
     attempts: int = 0
     due: float = 0.0
     error: str | None = None
+    trace: str | None = None
 
 
 @attrs.frozen
@@ -137,6 +141,8 @@ class ScheduleRecord:
         seq: Orders schedules that fall due at the same time.
         attempts: Failed deliveries so far (a `to_self` handler that raised); each
             failure moves `due` back by the retry policy's delay.
+        trace: The trace context of the handling that scheduled it, as JSON text, or
+            `None`; the handling or the dispatch it leads to continues that trace.
     """
 
     id: str
@@ -149,6 +155,7 @@ class ScheduleRecord:
     payload: str
     seq: int = 0
     attempts: int = 0
+    trace: str | None = None
 
 
 @attrs.frozen
@@ -195,6 +202,35 @@ class DedupMark:
     key: str
     event_id: str
     expires_at: float
+
+
+@attrs.frozen
+class RowCounts:
+    """How many rows a store holds: the backlog of every runtime that shares it.
+
+    Attributes:
+        instances: Instances by status: `"active"`, `"completing"` and
+            `"compensation_failed"` always (0 when there are none), and any other
+            status found.
+        outbox: Commands waiting to be dispatched or retried (or held).
+        schedules: Pending schedules.
+        due_schedules: Pending schedules due at the time asked about, or earlier.
+        dead_letters: Dead letters kept.
+    """
+
+    instances: Mapping[str, int] = attrs.field(hash=False)
+    outbox: int
+    schedules: int
+    due_schedules: int
+    dead_letters: int
+
+
+def row_counts(
+    statuses: Mapping[str, int], outbox: int, schedules: int, due: int, dead: int
+) -> RowCounts:
+    """A `RowCounts` with the three statuses always present (for stores)."""
+    instances = {ACTIVE: 0, COMPLETING: 0, COMPENSATION_FAILED: 0, **statuses}
+    return RowCounts(instances, outbox, schedules, due, dead)
 
 
 @attrs.frozen
@@ -424,4 +460,13 @@ class Store(Protocol):
 
     async def list_dead_letters(self, *, saga: str | None = None) -> list[DeadLetter]:
         """Dead letters, oldest first."""
+        ...
+
+    async def count_rows(self, *, now: float) -> RowCounts:
+        """How many instances (by status), outbox rows, schedules (and of them, due at
+        `now` or earlier) and dead letters the store holds, read in one go.
+
+        For gauges: it may scan tables, so it is called every few seconds, never per
+        event.
+        """
         ...

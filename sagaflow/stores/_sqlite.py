@@ -8,6 +8,7 @@ a row, so nothing here crosses to a thread per row.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import urllib.parse
@@ -32,7 +33,9 @@ from ._protocol import (
     LoadRequest,
     OutboxRecord,
     PendingCommand,
+    RowCounts,
     ScheduleRecord,
+    row_counts,
 )
 
 __all__ = ["SQLiteStore"]
@@ -95,8 +98,15 @@ def _record_versions(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE dead_letters ADD COLUMN name TEXT")
 
 
+def _carry_traces(conn: sqlite3.Connection) -> None:
+    """Version 4: commands and schedules keep the trace context of the handling that
+    produced them (JSON text; NULL when the runtime's hooks capture no trace)."""
+    conn.execute("ALTER TABLE outbox ADD COLUMN trace TEXT")
+    conn.execute("ALTER TABLE schedules ADD COLUMN trace TEXT")
+
+
 # `_MIGRATIONS[n - 1]` turns schema version n into n + 1, inside the opening transaction.
-_MIGRATIONS: tuple[_Migration, ...] = (_index_unusual_statuses, _record_versions)
+_MIGRATIONS: tuple[_Migration, ...] = (_index_unusual_statuses, _record_versions, _carry_traces)
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
 """The schema version this sagaflow writes."""
 
@@ -386,6 +396,10 @@ class SQLiteStore:
         rows = await self._run(_fetch, sql, args)
         return [DeadLetter(**dict(zip(_DEAD, row, strict=True))) for row in rows]
 
+    async def count_rows(self, *, now: float) -> RowCounts:
+        """How many rows of each kind the store holds (see `Store.count_rows`)."""
+        return await self._run(_count_rows, now)
+
     async def _run(self, fn: Callable[[sqlite3.Connection, *_Ts], _T], *args: *_Ts) -> _T:
         """Run `fn(connection, *args)` in a worker thread, one call at a time."""
         conn, limiter = self._conn, self._limiter
@@ -397,6 +411,8 @@ class SQLiteStore:
             raise StoreError(f"SQLite store {self._path!r} failed: {exc}") from exc
 
     def _connect(self) -> sqlite3.Connection:
+        if self._migrates and self._path != ":memory:" and not os.path.exists(self._path):
+            self._create_atomically()
         # Without migrating, nothing may be created either: not even an empty file.
         path = self._path
         self._was_empty = os.path.isfile(path) and os.path.getsize(path) == 0
@@ -429,6 +445,41 @@ class SQLiteStore:
             conn.close()
             raise
         return conn
+
+    def _create_atomically(self) -> None:
+        """Create a new store file with its schema, all at once.
+
+        The schema is written into a file beside it, which then takes the store's name:
+        a process killed while creating a store leaves no file (or an empty one that
+        would be refused) behind, only a stray `.creating-<pid>` file that the next
+        creation removes.
+        """
+        directory, name = os.path.split(os.path.abspath(self._path))
+        if not os.path.isdir(directory):
+            return  # opening it says so
+        prefix = f"{name}.creating-"
+        for stray in os.listdir(directory or "."):
+            pid = stray[len(prefix) :]
+            if stray.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(directory, stray))
+        creating = os.path.join(directory, f"{prefix}{os.getpid()}")
+        try:
+            conn = sqlite3.connect(creating, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                self._was_empty = False
+                _transaction(conn, self._migrate)
+            finally:
+                conn.close()  # the last connection: SQLite folds the WAL into the file
+            os.link(creating, self._path)  # fails if another process created it first
+        except FileExistsError:
+            pass  # it did: open theirs
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot create SQLite store {self._path!r}: {exc}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(creating)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         """Create the schema in a new file, or bring an older one up to date."""
@@ -577,6 +628,19 @@ def _load(conn: sqlite3.Connection, request: LoadRequest) -> Loaded:
     return Loaded(instances=instances, marks=marks, schedule_ids=schedule_ids)
 
 
+def _count_rows(conn: sqlite3.Connection, now: float) -> RowCounts:
+    conn.execute("BEGIN")  # one snapshot for the counts
+    try:
+        statuses = dict(conn.execute("SELECT status, count(*) FROM instances GROUP BY status"))
+        outbox = _scalar(conn, "SELECT count(*) FROM outbox")
+        schedules = _scalar(conn, "SELECT count(*) FROM schedules")
+        due = conn.execute("SELECT count(*) FROM schedules WHERE due <= ?", (now,)).fetchone()[0]
+        dead = _scalar(conn, "SELECT count(*) FROM dead_letters")
+    finally:
+        conn.execute("COMMIT")
+    return row_counts(statuses, outbox, schedules, due, dead)
+
+
 def _lookup(
     conn: sqlite3.Connection, sql: str, keys: Sequence[tuple[Any, ...]], *extra: Any
 ) -> Iterator[Any]:
@@ -689,3 +753,14 @@ def _schedule(row: Sequence[Any]) -> ScheduleRecord:
     fields = dict(zip(_SCHEDULE, row, strict=True))
     fields["to_self"] = bool(fields["to_self"])
     return ScheduleRecord(**fields)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs (one we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True

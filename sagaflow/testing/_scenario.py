@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar, overload
@@ -54,7 +54,15 @@ class _Watch(Hooks):
         # what is left failed for good.
         self.failures: dict[tuple[str, str], tuple[object, Exception]] = {}
 
-    def handling(self, saga: str, key: str, event: object, instance_id: str) -> _Catch:
+    def handling(
+        self,
+        saga: str,
+        key: str,
+        event: object,
+        instance_id: str,
+        *,
+        trace: Mapping[str, str] | None = None,
+    ) -> _Catch:
         return _Catch(self, (saga, key), event)
 
     def handler_retry(self, saga: str, key: str, event: object, attempt: int, error: str) -> None:

@@ -1,202 +1,64 @@
-"""The behaviour every `Store` must show, as a reusable test class.
-
-A store's test module subclasses `StoreConformance` and provides a `store` fixture that
-yields an opened, empty store and closes it afterwards:
-
-```python
-class TestMyStore(StoreConformance):
-    @pytest.fixture
-    async def store(self) -> AsyncIterator[Store]:
-        store = MyStore()
-        await store.open()
-        yield store
-        await store.close()
-```
-
-Every test runs on asyncio and trio (the `anyio_backend` fixture of `conftest.py`).
-"""
+"""`StoreConformance`: the behaviour every `Store` must show."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import importlib.util
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.to_thread
+import attrs
 import pytest
 
-from sagaflow.exceptions import ConflictError
-from sagaflow.stores import (
+from ...exceptions import ConflictError
+from ...stores import (
     ACTIVE,
     COMPENSATION_FAILED,
     COMPLETING,
     Changes,
-    DeadLetter,
     DedupMark,
     InstanceDelete,
-    InstanceRecord,
     InstanceWrite,
     Loaded,
     LoadRequest,
-    OutboxRecord,
     OutboxUpdate,
     PendingCommand,
+    RowCounts,
     ScheduleDelete,
-    ScheduleRecord,
     Store,
 )
+from ._records import (
+    SAGA,
+    TRACE,
+    create,
+    dead_letter,
+    empty_loaded,
+    everything,
+    everything_once,
+    instance,
+    outbox_row,
+    scan_pages,
+    schedule,
+)
 
-__all__ = ["StoreConformance"]
-
-SAGA = "OrderSaga"
-
-
-def instance(
-    key: str = "k1",
-    *,
-    saga: str = SAGA,
-    version: int = 1,
-    status: str = ACTIVE,
-    state: str = '{"status": "new", "amount": 0}',
-    last_event: str | None = "shop.OrderPlaced",
-    completed: bool = False,
-) -> InstanceRecord:
-    """An instance record with every field set."""
-    return InstanceRecord(
-        saga=saga,
-        key=key,
-        version=version,
-        status=status,
-        state=state,
-        instance_id=f"{saga}/{key}/i{version}",
-        created_at=1000.5,
-        updated_at=1000.5 + version,
-        last_event=last_event,
-        completed=completed,
-    )
-
-
-def outbox_row(
-    id: str,
-    *,
-    saga: str = SAGA,
-    key: str = "k1",
-    seq: int = 1,
-    kind: str = "send",
-    attempts: int = 0,
-    due: float = 0.0,
-    error: str | None = None,
-) -> OutboxRecord:
-    """An outbox row with a payload derived from its id."""
-    return OutboxRecord(
-        id=id,
-        saga=saga,
-        key=key,
-        seq=seq,
-        kind=kind,
-        type_name="shop.ReserveStock",
-        payload=f'{{"command": "{id}"}}',
-        attempts=attempts,
-        due=due,
-        error=error,
-    )
-
-
-def schedule(
-    id: str,
-    *,
-    saga: str = SAGA,
-    key: str = "k1",
-    name: str | None = None,
-    due: float = 10.0,
-    to_self: bool = False,
-    seq: int = 0,
-    attempts: int = 0,
-) -> ScheduleRecord:
-    """A schedule named after its id unless `name` is given."""
-    return ScheduleRecord(
-        id=id,
-        saga=saga,
-        key=key,
-        name=id if name is None else name,
-        due=due,
-        to_self=to_self,
-        type_name="shop.PaymentTimedOut",
-        payload=f'{{"schedule": "{id}"}}',
-        seq=seq,
-        attempts=attempts,
-    )
-
-
-def dead_letter(
-    id: str,
-    *,
-    saga: str = SAGA,
-    key: str = "k1",
-    failed_at: float = 50.0,
-    kind: str = "send",
-    seq: int = 0,
-) -> DeadLetter:
-    """A dead letter with every field set."""
-    return DeadLetter(
-        id=id,
-        saga=saga,
-        key=key,
-        kind=kind,
-        type_name="shop.CapturePayment",
-        payload=f'{{"dead": "{id}"}}',
-        error="ConnectionError: payment gateway down",
-        attempts=5,
-        failed_at=failed_at,
-        seq=seq,
-    )
-
-
-def create(*records: InstanceRecord) -> Changes:
-    """Changes that create `records` as new instances."""
-    return Changes(writes=[InstanceWrite(r, expected_version=0) for r in records])
-
-
-def empty_loaded() -> Loaded:
-    """What `load` answers when nothing asked for is there."""
-    return Loaded(instances={}, marks=set(), schedule_ids=set())
-
-
-async def everything(store: Store) -> tuple[Any, ...]:
-    """Every listing of `store`, to check that a commit changed nothing."""
-    return (
-        await store.list_instances(),
-        await store.list_outbox(),
-        await store.list_schedules(),
-        await store.list_dead_letters(),
-        await store.next_due(),
-    )
-
-
-async def scan_pages(
-    scan: Callable[..., Awaitable[list[Any]]], last: Callable[[Any], Any], *, limit: int
-) -> list[list[Any]]:
-    """Every page of a `scan_*` method, each read after the last key of the one before."""
-    pages: list[list[Any]] = []
-    after = None
-    while rows := await scan(after=after, limit=limit):
-        pages.append(rows)
-        after = last(rows[-1])
-    return pages
-
-
-def everything_once() -> Changes:
-    """One row of every kind."""
-    return Changes(
-        writes=[InstanceWrite(instance(), expected_version=0)],
-        schedule_puts=[schedule("s1")],
-        outbox_adds=[outbox_row("c1")],
-        dead_letters=[dead_letter("d1")],
-    )
+_BACKENDS = ["asyncio", *(["trio"] if importlib.util.find_spec("trio") else [])]
 
 
 @pytest.mark.anyio
 class StoreConformance:
     """Tests of the `Store` protocol; subclasses provide the `store` fixture."""
+
+    @pytest.fixture(params=_BACKENDS)
+    def anyio_backend(self, request: pytest.FixtureRequest) -> str:
+        """Every test runs on each installed backend: asyncio, and trio if installed."""
+        return str(request.param)
+
+    @pytest.fixture
+    async def store(self) -> AsyncIterator[Store]:
+        """An opened, empty store, closed after the test: subclasses provide it."""
+        raise NotImplementedError("subclass StoreConformance and define the `store` fixture")
+        yield  # pragma: no cover - a generator fixture
 
     # -- basics
 
@@ -1131,3 +993,67 @@ class StoreConformance:
         assert await store.list_outbox() == [row]
         assert await store.list_schedules() == [timer]
         assert await store.list_dead_letters() == [dead]
+
+    # -- trace contexts
+
+    async def test_the_trace_of_commands_and_schedules_is_kept(self, store: Store) -> None:
+        """Every read of outbox rows and schedules gives their trace back; an update of
+        a failed attempt keeps it; a replacing row brings its own."""
+        other = TRACE.replace("b7ad6b7169203331", "00f067aa0ba902b7")
+        rows = [outbox_row("c1", trace=TRACE), outbox_row("c2", seq=2)]
+        timers = [schedule("t1", due=5.0, trace=TRACE), schedule("t2", due=6.0)]
+        await store.commit(Changes(outbox_adds=rows, schedule_puts=timers))
+        await store.commit(Changes(outbox_updates=[OutboxUpdate("c1", 1, 3.0, "E: x")]))
+        await store.commit(Changes(outbox_adds=[outbox_row("c2", seq=2, trace=other)]))
+
+        failed = outbox_row("c1", attempts=1, due=3.0, error="E: x", trace=TRACE)
+        replaced = outbox_row("c2", seq=2, trace=other)
+        assert await store.list_outbox() == [failed, replaced]
+        assert await store.scan_outbox(limit=10) == [failed, replaced]
+        assert await store.list_schedules() == timers
+        assert await store.scan_schedules(limit=10) == timers
+        assert await store.due_schedules(10.0, 10) == timers
+
+    # -- counting rows
+
+    async def test_a_fresh_store_counts_no_rows(self, store: Store) -> None:
+        counts = await store.count_rows(now=100.0)
+
+        assert counts == RowCounts(
+            instances={ACTIVE: 0, COMPLETING: 0, COMPENSATION_FAILED: 0},
+            outbox=0,
+            schedules=0,
+            due_schedules=0,
+            dead_letters=0,
+        )
+
+    async def test_rows_are_counted_by_kind_and_instances_by_status(self, store: Store) -> None:
+        """Schedules due at `now` exactly count as due."""
+        await store.commit(
+            Changes(
+                writes=[
+                    InstanceWrite(instance("a"), 0),
+                    InstanceWrite(instance("b"), 0),
+                    InstanceWrite(instance("c", status=COMPLETING, completed=True), 0),
+                    InstanceWrite(instance("d", saga="Other", status=COMPENSATION_FAILED), 0),
+                ],
+                outbox_adds=[outbox_row("c1"), outbox_row("c2", seq=2), outbox_row("c3", key="b")],
+                schedule_puts=[schedule("s1", due=10.0), schedule("s2", due=20.0)],
+                dead_letters=[dead_letter("d1")],
+            )
+        )
+
+        counts = [await store.count_rows(now=now) for now in (9.0, 10.0, 99.0)]
+
+        expected = RowCounts(
+            instances={ACTIVE: 2, COMPLETING: 1, COMPENSATION_FAILED: 1},
+            outbox=3,
+            schedules=2,
+            due_schedules=0,
+            dead_letters=1,
+        )
+        assert counts == [
+            expected,
+            attrs.evolve(expected, due_schedules=1),
+            attrs.evolve(expected, due_schedules=2),
+        ]
