@@ -107,7 +107,9 @@ async def worker(args: argparse.Namespace) -> None:
         await anyio.to_thread.run_sync(sys.stdin.readline)  # GO
         async with anyio.create_task_group() as tg:
             tg.start_soon(stop_on_stdin)
-            count = await runtime.run(source, id=source.event_id, ack=source.ack)
+            count = await runtime.run(
+                source, id=source.event_id, trace=source.trace, ack=source.ack
+            )
             tg.cancel_scope.cancel()
     client.close()
     print(json.dumps({"consumed": count}), flush=True)

@@ -157,7 +157,7 @@ async def main(url: str) -> None:
 async def consume(runtime: Runtime, source: Any) -> None:
     """Feed one stream to the runtime, acknowledging each entry after its commit."""
     async with source:
-        await runtime.run(source, id=source.event_id, ack=source.ack)
+        await runtime.run(source, id=source.event_id, trace=source.trace, ack=source.ack)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ client = redis.Redis.from_url("redis://localhost:6379/0")
 dispatch = RedisStreamDispatcher(client, registry, stream={ReserveStock: "stock"})
 async with Runtime(registry, store=store, dispatch=dispatch) as runtime:
     async with RedisStreamSource(client, registry, stream="orders", group="sagas") as source:
-        await runtime.run(source, id=source.event_id, ack=source.ack)
+        await runtime.run(source, id=source.event_id, trace=source.trace, ack=source.ack)
 ```
 
 The wire format (one stream entry per message; field names and values are UTF-8 text):
@@ -24,8 +24,9 @@ The wire format (one stream entry per message; field names and values are UTF-8 
   event's dedup id, and when it is missing, `"{stream}:{entry id}"`.
 - `saga`, `key`, `kind` (dispatcher only): the saga and instance that sent the command,
   and `"send"` or `"compensate"`.
-- `traceparent`, `tracestate` (dispatcher only, when the command carries trace context):
-  W3C trace context.
+- `traceparent`, `tracestate`: W3C trace context. The dispatcher writes the command's
+  (`DispatchMeta.trace`), when it has one; the source hands an event's on to the runtime
+  (`run(trace=source.trace)`), so the handler's span and the commands continue it.
 
 Both ends use the synchronous `redis` client in worker threads (`anyio.to_thread`), as
 the stores do with their drivers: so they work on asyncio and on trio alike (the `redis`
@@ -82,6 +83,9 @@ def encode_entry(registry: Registry, message: object, *, id: str | None = None) 
     return fields
 
 
+_TRACE_FIELDS = ("traceparent", "tracestate")
+
+
 def _text(value: Any) -> str:
     """A reply's text: bytes unless the client was made with `decode_responses=True`."""
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
@@ -103,12 +107,14 @@ class _Entry:
     entry_id: str
     event: Any
     event_id: str
+    trace: dict[str, str] | None
 
 
 class RedisStreamSource:
     """Events from a Redis stream through a consumer group, for `Runtime.run`.
 
-    Use it as an async context manager and pass its `event_id` and `ack` to `run`:
+    Use it as an async context manager and pass its `event_id`, `trace` and `ack` to
+    `run`:
     each entry is acknowledged (`XACK`) only once its event is committed (or was a
     duplicate, unmatched or dead-lettered in the store), so a process that dies loses
     nothing: its pending entries are read again by a consumer of the same name when it
@@ -268,13 +274,25 @@ class RedisStreamSource:
         Raises:
             RuntimeError: `event` is not the event this source gave last.
         """
+        return self._last_entry(event, "event_id").event_id
+
+    def _last_entry(self, event: object, method: str) -> _Entry:
         last = self._last
         if last is None or last.event is not event:
             raise RuntimeError(
-                f"{self!r}: event_id() is for the event the source gave last; pass it "
-                "as run(source, id=source.event_id, ...)"
+                f"{self!r}: {method}() is for the event the source gave last; pass it "
+                f"as run(source, id=source.event_id, trace=source.trace, ack=source.ack)"
             )
-        return last.event_id
+        return last
+
+    def trace(self, event: object) -> dict[str, str] | None:
+        """The trace context of the event just taken (for `run(trace=...)`): the
+        entry's `traceparent` and `tracestate` fields, or `None` without them.
+
+        Raises:
+            RuntimeError: `event` is not the event this source gave last.
+        """
+        return self._last_entry(event, "trace").trace
 
     async def ack(self, consumed: list[Consumed]) -> None:
         """Acknowledge the entries of events `run` is done with (for `run(ack=...)`).
@@ -292,7 +310,8 @@ class RedisStreamSource:
             if entry is None or entry.event is not done.event:
                 raise RuntimeError(
                     f"{self!r}: ack() got an event this source did not give next; one "
-                    "source serves one run(source, id=source.event_id, ack=source.ack)"
+                    "source serves one run(source, id=source.event_id, trace=source.trace, "
+                    "ack=source.ack)"
                 )
             ids.append(entry.entry_id)
         if ids:
@@ -397,7 +416,8 @@ class RedisStreamSource:
                 dead.append((entry_id, fields, str(exc), times))
                 continue
             event_id = fields.get("id") or f"{self.stream}:{entry_id}"
-            self._buffer.append(_Entry(entry_id, event, event_id))
+            trace = {k: fields[k] for k in _TRACE_FIELDS if fields.get(k)} or None
+            self._buffer.append(_Entry(entry_id, event, event_id, trace))
             self._held.add(entry_id)
         if dead:
             await self._call(self._dead_letter, dead)
@@ -563,7 +583,7 @@ class RedisStreamDispatcher:
         """The entry fields of `command` (see the module's wire format)."""
         fields = encode_entry(self._registry, command, id=meta.id)
         fields.update(saga=meta.saga, key=meta.key, kind=meta.kind)
-        fields.update(_trace_fields(getattr(meta, "trace", None)))
+        fields.update(_trace_fields(meta.trace))
         return fields
 
     async def __call__(self, command: object, meta: DispatchMeta) -> None:
@@ -621,20 +641,9 @@ class _Append:
     error: Exception | None = None
 
 
-def _trace_fields(trace: object) -> dict[str, str]:
-    """The W3C trace context fields of a command's trace context, if it has one: a
-    `traceparent` string, or a mapping of carrier fields (`traceparent`, `tracestate`)."""
-    if trace is None:
+def _trace_fields(trace: Mapping[str, str] | None) -> dict[str, str]:
+    """The W3C trace context fields (`traceparent`, `tracestate`) of a command's trace
+    carrier, if it has one."""
+    if not trace:
         return {}
-    if isinstance(trace, str):
-        return {"traceparent": trace} if trace else {}
-    if isinstance(trace, Mapping):
-        return {
-            str(k): str(v) for k, v in trace.items() if k in ("traceparent", "tracestate") and v
-        }
-    fields = {}
-    for name in ("traceparent", "tracestate"):
-        value = getattr(trace, name, None)
-        if value:
-            fields[name] = str(value)
-    return fields
+    return {k: v for k, v in trace.items() if k in _TRACE_FIELDS and v}

@@ -136,7 +136,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 # committed.
                 async with source:
                     try:
-                        await runtime.run(source, id=source.event_id, ack=source.ack)
+                        await runtime.run(
+                            source, id=source.event_id, trace=source.trace, ack=source.ack
+                        )
                         break
                     except ConflictError:
                         gave_up += 1  # hot keys: a batch lost too many races

@@ -86,7 +86,7 @@ async def consume(
         if len(acked) >= expected:
             source.stop()
 
-    await runtime.run(source, id=source.event_id, ack=ack)
+    await runtime.run(source, id=source.event_id, trace=source.trace, ack=ack)
     return acked
 
 
@@ -138,6 +138,30 @@ async def test_events_flow_in_and_commands_flow_out_acknowledged_after_commit(
     assert sorted(
         (registry.serializer.decode(f["type"], f["data"]) for f in written), key=repr
     ) == [Notify("a", 12), Notify("a", 5), Notify("b", 1)]
+
+
+async def test_the_trace_context_of_an_entry_reaches_the_commands_it_caused(
+    redis_client: Any,  # noqa: F811
+    stream_name: str,  # noqa: F811
+) -> None:
+    """`traceparent`/`tracestate` of an event entry go with the event (`run(trace=...)`)
+    into the outbox and onto the command's entry."""
+    registry = make_registry()
+    stream, out = f"{stream_name}:in", f"{stream_name}:out"
+    traced = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    redis_client.xadd(stream, {**encode_entry(registry, Deposited("a", 1)), **traced})
+    redis_client.xadd(stream, encode_entry(registry, Deposited("b", 1)))
+    dispatch = RedisStreamDispatcher(redis_client, registry, stream=out)
+    with anyio.fail_after(30):
+        async with (
+            Runtime(registry, store=MemoryStore(), dispatch=dispatch) as runtime,
+            RedisStreamSource(redis_client, registry, stream=stream, group="g") as source,
+        ):
+            await consume(runtime, source, 2)
+            await runtime.drain()
+
+    written = {f["key"]: f.get("traceparent") for f in map(fields_of, redis_client.xrange(out))}
+    assert written == {"a": traced["traceparent"], "b": None}
 
 
 async def test_an_entry_without_an_id_is_deduplicated_by_its_entry_id(
@@ -465,6 +489,8 @@ async def test_the_source_must_be_open_and_serve_one_run(
         await source.__anext__()
     with pytest.raises(RuntimeError, match="event_id\\(\\) is for the event the source gave"):
         source.event_id(Deposited("a", 1))
+    with pytest.raises(RuntimeError, match="trace\\(\\) is for the event the source gave"):
+        source.trace(Deposited("a", 1))
     with pytest.raises(RuntimeError, match="ack\\(\\) got an event this source did not give"):
         await source.ack([Consumed(Deposited("a", 1), None, Outcome.COMMITTED)])
 
@@ -481,18 +507,6 @@ def test_source_options_are_checked(redis_client: Any) -> None:  # noqa: F811
 
 
 # -- the dispatcher ---------------------------------------------------------------------
-
-
-@attrs.frozen
-class TracedMeta:
-    """Dispatch metadata with trace context, as a runtime that traces hands it over."""
-
-    id: str
-    saga: str
-    key: str
-    attempt: int
-    kind: str
-    trace: Any
 
 
 META = DispatchMeta(id="i-1.2.0", saga="accounts", key="a", attempt=1, kind="compensate")
@@ -532,10 +546,6 @@ def test_a_wrong_route_is_refused_at_once(route: Any) -> None:
     [
         (None, {}),
         (
-            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-            {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
-        ),
-        (
             {"traceparent": "00-a-b-01", "tracestate": "k=v", "baggage": "x"},
             {"traceparent": "00-a-b-01", "tracestate": "k=v"},
         ),
@@ -546,8 +556,7 @@ def test_entry_fields_carry_id_type_json_origin_and_trace_context(
 ) -> None:
     registry = make_registry()
     dispatch = RedisStreamDispatcher(None, registry, stream="s")  # type: ignore[arg-type]
-    meta: Any = META if trace is None else TracedMeta(**attrs.asdict(META), trace=trace)
-    assert dispatch.fields(Audit("a", 3), meta) == {
+    assert dispatch.fields(Audit("a", 3), attrs.evolve(META, trace=trace)) == {
         "id": "i-1.2.0",
         "type": registry.serializer.name_of(Audit),
         "data": '{"account": "a", "total": 3}',
