@@ -205,6 +205,9 @@ class RedisStreamSource:
         self._stopped = False
         self._reading: anyio.CancelScope | None = None
         self._limiter: anyio.CapacityLimiter | None = None
+        # Claims and acknowledgements one at a time: a claim that ran while an entry
+        # was being acknowledged would hand it out again.
+        self._claims: anyio.Lock | None = None
         self._tg: anyio.abc.TaskGroup | None = None
 
     def __repr__(self) -> str:
@@ -217,6 +220,7 @@ class RedisStreamSource:
         if self._tg is not None:
             raise RuntimeError(f"{self!r} is already open")
         self._limiter = anyio.CapacityLimiter(3)
+        self._claims = anyio.Lock()
         self._stopped = False
         self._history, self._history_from = True, "0"
         self._buffer.clear()
@@ -315,9 +319,11 @@ class RedisStreamSource:
                 )
             ids.append(entry.entry_id)
         if ids:
-            await self._call(self._client.xack, self.stream, self.group, *ids)
-            # Only now: until acknowledged, a claim may still find them pending.
-            self._held.difference_update(ids)
+            assert self._claims is not None
+            async with self._claims:
+                await self._call(self._client.xack, self.stream, self.group, *ids)
+                # Only now: until acknowledged, a claim may still find them pending.
+                self._held.difference_update(ids)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -348,9 +354,12 @@ class RedisStreamSource:
         now = anyio.current_time()
         if now >= self._next_claim:
             self._next_claim = now + max(self._claim_idle_ms / 1000 / 2, 0.05)
-            claimed = await self._call(self._autoclaim)
+            assert self._claims is not None
+            async with self._claims:
+                claimed = await self._call(self._autoclaim)
+                if claimed:
+                    await self._take(claimed, counted=True)
             if claimed:
-                await self._take(claimed, counted=True)
                 return
         if self._stopped:
             return
