@@ -15,12 +15,14 @@ import attrs
 
 from ._check import CheckReport, check
 from ._clock import SystemClock
-from ._registry import Registry, SagaSpec
+from ._registry import TOMBSTONE_RETENTION, Registry, SagaSpec
 from .exceptions import ConflictError, DeadLetterError
 from .stores._protocol import (
+    ABORTED,
     ACTIVE,
     COMPENSATE,
     COMPENSATION_FAILED,
+    COMPLETED,
     COMPLETING,
     Changes,
     DeadLetter,
@@ -32,6 +34,8 @@ from .stores._protocol import (
     RowCounts,
     ScheduleRecord,
     Store,
+    Tombstone,
+    TombstoneWrite,
 )
 from .typing import Clock
 
@@ -129,6 +133,11 @@ class StatePage(Generic[S]):
 
 def _seconds(value: timedelta | float) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as `timedelta` shows them, to the second: `"6 days, 23:59:30"`."""
+    return str(timedelta(seconds=round(max(seconds, 0.0))))
 
 
 def _owner(command_id: str) -> str:
@@ -231,10 +240,15 @@ class Admin:
         schedules, outbox, letters = await self._pending(saga, key)
         if record is None:
             left = f"; {len(letters)} dead letter(s) of it remain" if letters else ""
-            raise DeadLetterError(
-                f"no instance of saga {saga!r} has key {key!r} (it never started, or it "
-                f"ended or was aborted){left}"
-            )
+            tombstones = await self._store.list_tombstones(saga=saga, key=key)
+            if tombstones and tombstones[0].expires_at >= now:
+                t = tombstones[0]
+                how = "completed" if t.ended == COMPLETED else f"was {t.ended}"
+                ended = f"it {how} {_duration(now - t.ended_at)} ago; its tombstone counts "
+                ended += f"for {_duration(t.expires_at - now)} more"
+            else:
+                ended = "it never started, or it ended or was aborted"
+            raise DeadLetterError(f"no instance of saga {saga!r} has key {key!r} ({ended}){left}")
         return self._info(record, schedules, outbox, letters, now)
 
     @overload
@@ -379,8 +393,9 @@ class Admin:
         The pre-deploy check: run it with the code about to be deployed (its registry)
         against the store in use. Every instance state (through its saga's upcasters,
         from the version it was written at), outbox command, scheduled message, dead
-        letter (event or command) and, on a store shared in cluster mode, inbox event
-        is decoded exactly as a runtime would decode it. Each row is ok, would be
+        letter (event or command), final state kept in a tombstone for `late=True`
+        handlers and, on a store shared in cluster mode, inbox event is decoded exactly
+        as a runtime would decode it. Each row is ok, would be
         upcast (written at an older version, and the whole upcaster chain succeeds), or
         would fail: it cannot be decoded (a renamed or removed field with no upcaster,
         a JSON value that is not an object, a type name not on the allow-list), an
@@ -645,6 +660,12 @@ class Admin:
         command of it that it holds in memory and that is due now; one waiting there for a
         retry is dropped before its next attempt.
 
+        In the same commit the instance leaves an `"aborted"` tombstone (without its
+        state) for its saga's `tombstone_retention` (7 days when the `Admin` has no
+        registry or the saga is not registered in it): meanwhile its events are
+        reported as unmatched, saying it was aborted, no `late=True` handler runs for
+        it, and a start event does not start the key again unless the saga reuses keys.
+
         Returns:
             The instance as it was just before it was deleted.
 
@@ -656,7 +677,10 @@ class Admin:
             info = await self.show(saga, key)
             try:
                 await self._store.commit(
-                    Changes(deletes=[InstanceDelete(saga, key, info.record.version)])
+                    Changes(
+                        deletes=[InstanceDelete(saga, key, info.record.version)],
+                        tombstones=self._aborted(info.record),
+                    )
                 )
             except ConflictError:
                 if attempt == _RACES:
@@ -675,6 +699,28 @@ class Admin:
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- helpers -------------------------------------------------------------------
+
+    def _aborted(self, record: InstanceRecord) -> list[TombstoneWrite]:
+        """The tombstone an aborted instance leaves, if its saga keeps any."""
+        spec = None if self._registry is None else self._registry.sagas.get(record.saga)
+        retention = (
+            TOMBSTONE_RETENTION.total_seconds() if spec is None else spec.tombstone_retention
+        )
+        if not retention:
+            return []
+        now = self._clock.now()
+        tombstone = Tombstone(
+            record.saga,
+            record.key,
+            ABORTED,
+            now,
+            now + retention,
+            record.instance_id,
+            record.version,
+            None,
+            record.state_version,
+        )
+        return [TombstoneWrite(tombstone)]
 
     def _spec(self, saga: str, state_type: type[Any] | None, method: str) -> SagaSpec:
         if self._registry is None:

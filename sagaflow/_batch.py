@@ -25,12 +25,14 @@ from ._hooks import capture, handling_span
 from ._outbox import error_text
 from ._records import Outcome, Unmatched
 from ._registry import RECORD_FIELDS, HandlerSpec, SagaSpec
+from ._replies import reply_suffix
 from ._sync import Ack
 from .exceptions import ActionError, DecodeError, SerializationError
 from .stores._protocol import (
     ACTIVE,
     COMPENSATE,
     COMPENSATION_FAILED,
+    COMPLETED,
     COMPLETING,
     SEND,
     Changes,
@@ -45,6 +47,8 @@ from .stores._protocol import (
     OutboxUpdate,
     ScheduleDelete,
     ScheduleRecord,
+    Tombstone,
+    TombstoneWrite,
 )
 
 if TYPE_CHECKING:
@@ -110,6 +114,9 @@ class _Work:
         "spec",
         "start_version",
         "state",
+        "tomb_dirty",
+        "tomb_version",
+        "tombstone",
     )
 
     def __init__(
@@ -136,6 +143,11 @@ class _Work:
         self.became_completing = False
         self.handler_error: str | None = None
         self.puts: list[str] | None = None  # schedule names put in this batch
+        # A finished instance: its tombstone (as loaded: `tomb_version`), updated by
+        # the late events handled in this batch (`tomb_dirty`).
+        self.tombstone: Tombstone | None = None
+        self.tomb_version = 0
+        self.tomb_dirty = False
 
     def put(self, name: str) -> None:
         if self.puts is None:
@@ -229,6 +241,9 @@ class Batch:
                     w.broken = exc
                     w.corrupt = exc.field in RECORD_FIELDS
                     log.error("%s", exc, extra={"saga": ref[0], "key": ref[1]})
+            for ref, tombstone in self.loaded.tombstones.items():
+                w = self.work[ref]
+                w.tombstone, w.tomb_version = tombstone, tombstone.version
 
         for item, w in zip(self.items, works, strict=True):
             if w.blocked:
@@ -236,9 +251,10 @@ class Batch:
             elif w.deleted:
                 self.again.append(item)
             elif item.kind == EVENT:
-                if self._admit(w, item):
-                    assert item.handler is not None
-                    applied = await self._handle(w, item, item.handler, item.event, True)
+                handler = self._admit(w, item)
+                if handler is not None:
+                    late = handler.late
+                    applied = await self._handle(w, item, handler, item.event, not late, late=late)
                     if applied and item.event_id is not None:
                         self._applied(w, item.event_id)
             elif item.kind == FIRE:
@@ -250,31 +266,82 @@ class Batch:
 
     # -- items ---------------------------------------------------------------------
 
-    def _admit(self, w: _Work, item: Item) -> bool:
-        """Whether the event goes to its handler; if not, settle it here (a plain
-        function, so the common path awaits only the handling itself)."""
-        assert item.handler is not None
+    def _admit(self, w: _Work, item: Item) -> HandlerSpec | None:
+        """The handler the event goes to; if none, settle it here (a plain function,
+        so the common path awaits only the handling itself)."""
+        handler = item.handler
+        assert handler is not None
         if item.event_id is not None:
             mark = (w.spec.name, w.key, item.event_id)
             if mark in self.marks or (self.loaded is not None and mark in self.loaded.marks):
                 self.shard.counters.events_duplicate += 1
                 item.outcome = _DUPLICATE
                 self.done.append(item)
-                return False
+                return None
         if w.broken is not None:
             self._dead_event(w, item, str(w.broken))
-            return False
-        if w.record is None:
-            if not item.handler.start:
+            return None
+        record = w.record
+        if record is None:
+            if w.tombstone is not None:
+                return self._after_end(w, item, w.tombstone)
+            if not handler.start:
                 self._unmatched(item, "no live instance and the handler is not start=True")
-                return False
-        elif w.record.status == COMPLETING:
-            self._unmatched(item, "the instance has completed")
-            return False
-        elif w.record.status == COMPENSATION_FAILED:
+                return None
+        elif record.status == COMPLETING:
+            late = w.spec.late_handler_for(type(item.event))
+            if late is None:
+                self._unmatched(item, "the instance has completed", COMPLETED)
+            return late
+        elif record.status == COMPENSATION_FAILED:
             self._dead_event(w, item, "the instance's compensation failed; retry or abort it first")
-            return False
-        return True
+            return None
+        elif handler.late:
+            self._unmatched(
+                item,
+                f"only a late=True handler takes {type(item.event).__name__}, and the "
+                "instance has not completed",
+            )
+            return None
+        return handler
+
+    def _after_end(self, w: _Work, item: Item, tombstone: Tombstone) -> HandlerSpec | None:
+        """The handler an event for a finished instance goes to, if any: a start handler
+        of a saga that reuses keys, or a late handler with the final state."""
+        handler = item.handler
+        assert handler is not None
+        spec = w.spec
+        if handler.start and spec.reuse_keys:
+            return handler
+        late = spec.late_handler_for(type(item.event))
+        if tombstone.ended != COMPLETED:
+            reason = f"the instance was {tombstone.ended} by an operator"
+        elif late is not None and tombstone.state is not None:
+            if w.state is None:
+                try:
+                    w.state = spec.load_state(
+                        self.shard.serializer, w.key, tombstone.state, tombstone.state_version
+                    )
+                except DecodeError as exc:
+                    self._dead_event(w, item, str(exc))
+                    return None
+            return late
+        elif late is not None:
+            reason = (
+                "the instance has completed, and its tombstone holds no final state for "
+                f"the late=True handler {late.method} (the saga had no late handler when "
+                "the instance ended)"
+            )
+        elif handler.start:
+            reason = (
+                f"the instance has completed, and saga {spec.name!r} does not reuse keys: "
+                "a start event does not begin a new instance for a finished key while its "
+                "tombstone counts (register the saga with reuse_keys=True to allow it)"
+            )
+        else:
+            reason = "the instance has completed"
+        self._unmatched(item, reason, tombstone.ended)
+        return None
 
     def _applied(self, w: _Work, event_id: str) -> None:
         """An event with an id was applied: remember it (dedup)."""
@@ -373,7 +440,8 @@ class Batch:
         else:
             self.done.append(item)
             if w.record is None:
-                error = f"{error}; the instance is gone"
+                ended = "gone" if w.tombstone is None else f"{w.tombstone.ended}"
+                error = f"{error}; the instance is {ended}"
         self.outbox_deletes.append(row.id)
         w.failed = row
         if row.kind == COMPENSATE or not usable or handler is None or w.handler_error:
@@ -414,18 +482,34 @@ class Batch:
         *,
         fire: ScheduleRecord | None = None,
         failure: bool = False,
+        late: bool = False,
     ) -> bool:
-        """Run a handler on the working copy; returns whether its result was applied."""
+        """Run a handler on the working copy; returns whether its result was applied.
+
+        With `late`, the handler gets the state of an instance that has completed, read
+        only: its live record (completing), or else its tombstone.
+        """
         shard = self.shard
         spec = w.spec
         record = w.record
+        tombstone = None
         if record is None:
-            state = spec.new_state()
-            record = InstanceRecord(
-                spec.name, w.key, 0, ACTIVE, "", _instance_id(self.now), self.now, self.now
-            )
+            if late:
+                tombstone = w.tombstone
+                assert tombstone is not None
+                record = _from_tombstone(tombstone)
+                state = w.state
+            else:
+                # A key reused after a finished instance goes on from its last version,
+                # so that the new commands sort after the late ones of the old.
+                first = 0 if w.tombstone is None else w.tombstone.version
+                record = InstanceRecord(
+                    spec.name, w.key, first, ACTIVE, "", _instance_id(self.now), self.now, self.now
+                )
+                state = spec.new_state()
         else:
             state = w.state
+        frozen = shard.serializer.dumps(state, spec.state_name) if late else None
         version = record.version + 1
         hooks = shard.hooks
         # The trace this event carries (a due timer's or a failed command's for those);
@@ -452,7 +536,9 @@ class Batch:
                     if handler.is_async:
                         result = await self._call(result, handler, event, w.key)
                     trace = capture(hooks) or trace
-            record = self._apply(w, record, state, result, version, allow_schedule, event, trace)
+            record = self._apply(
+                w, record, state, result, version, allow_schedule, event, trace, frozen
+            )
         except _Rejected as exc:
             self._restore(w)
             cause = exc.__cause__ or exc
@@ -503,9 +589,19 @@ class Batch:
             w.blocked = True
             self.deferred.append((item, due))
             return False
+        if tombstone is not None:
+            w.tombstone = attrs.evolve(tombstone, version=record.version)
+            w.tomb_dirty = True
+            self.handled += 1
+            item.outcome = _COMMITTED
+            self.done.append(item)
+            return True
         w.record = record
         w.state = state
         w.dirty = True
+        if late and w.rows:
+            # Commands added to a completing instance: it ends once they are out too.
+            w.became_completing = True
         if w.became_completing and not w.rows and not shard.outbox.has_pending((spec.name, w.key)):
             w.deleted = True  # nothing left to dispatch: the instance ends now
         self.handled += 1
@@ -530,6 +626,10 @@ class Batch:
         if w.record is not None:
             w.state = w.spec.load_state(
                 self.shard.serializer, w.key, w.record.state, w.record.state_version
+            )
+        elif w.tombstone is not None and w.tombstone.state is not None:
+            w.state = w.spec.load_state(
+                self.shard.serializer, w.key, w.tombstone.state, w.tombstone.state_version
             )
 
     def _give_up(
@@ -560,16 +660,22 @@ class Batch:
         allow_schedule: bool,
         event: Any,
         trace: str | None,
+        frozen: str | None = None,
     ) -> InstanceRecord:
         """Turn a handler's result into outbox rows and schedule changes.
 
+        `frozen` is the state's JSON before a late handler ran: it may not change.
+
         Raises:
             _Rejected: The result cannot be applied (not an action, a Schedule where
-                none is allowed, a value that cannot be serialized).
+                none is allowed, a value that cannot be serialized, an action or a
+                state change a late handler may not make).
         """
         spec, key = w.spec, w.key
         ser = self.shard.serializer
         prefix = f"{record.instance_id}.{version}."
+        # Command ids of sagas that correlate replies say which instance sent them.
+        suffix = reply_suffix(spec.name, key) if spec.replies else None
         base = version << _SEQ_BITS
         rows, commands = w.rows, w.commands
         first_row = len(rows)  # rows of earlier events of this batch stay
@@ -595,7 +701,9 @@ class Batch:
                         type_name, payload = encode(command)
                         rows.append(
                             OutboxRecord(
-                                prefix + str(outputs),
+                                prefix + str(outputs)
+                                if suffix is None
+                                else _id(prefix, outputs, suffix),
                                 spec.name,
                                 key,
                                 base | outputs,
@@ -608,6 +716,8 @@ class Batch:
                         commands.append(command)
                         outputs += 1
                 elif cls is Schedule:
+                    if frozen is not None:
+                        raise self._reject(w, event, _late_only(cls))
                     if not allow_schedule or complete or record.completed:
                         raise self._reject(
                             w, event, "Schedule cannot be returned by a completing instance"
@@ -620,7 +730,7 @@ class Batch:
                             "which this saga has no handler for",
                         )
                     type_name, payload = encode(action.message)
-                    sid = prefix + str(outputs)
+                    sid = prefix + str(outputs) if suffix is None else _id(prefix, outputs, suffix)
                     schedule = ScheduleRecord(
                         sid,
                         spec.name,
@@ -639,10 +749,14 @@ class Batch:
                         schedule_ops = []
                     schedule_ops.append((schedule.name, schedule))
                 elif cls is Unschedule:
+                    if frozen is not None:
+                        raise self._reject(w, event, _late_only(cls))
                     if schedule_ops is None:
                         schedule_ops = []
                     schedule_ops.append((action.name, None))
                 elif cls is Complete:
+                    if frozen is not None:
+                        raise self._reject(w, event, _late_only(cls))
                     if scheduled:
                         raise self._reject(
                             w, event, "Schedule cannot be returned together with Complete"
@@ -653,6 +767,13 @@ class Batch:
             if outputs > _MAX_OUTPUTS:
                 raise self._reject(w, event, f"more than {_MAX_OUTPUTS} commands at once")
             state_json = ser.dumps(state, spec.state_name)
+            if frozen is not None and state_json != frozen:
+                raise self._reject(
+                    w,
+                    event,
+                    "a late=True handler gets the final state read-only, but this one "
+                    "changed it (the instance has completed: nothing would keep the change)",
+                )
         except SerializationError as exc:
             del rows[first_row:], commands[first_row:]
             raise self._reject(w, event, str(exc))  # noqa: B904 - the ActionError is its cause
@@ -702,8 +823,8 @@ class Batch:
 
     # -- outcomes ------------------------------------------------------------------
 
-    def _unmatched(self, item: Item, reason: str) -> None:
-        self.unmatched.append(Unmatched(item.event, item.saga.name, item.key, reason))
+    def _unmatched(self, item: Item, reason: str, ended: str | None = None) -> None:
+        self.unmatched.append(Unmatched(item.event, item.saga.name, item.key, reason, ended))
         item.outcome = _UNMATCHED
         self.done.append(item)
 
@@ -767,15 +888,28 @@ class Batch:
         writes: list[InstanceWrite] = []
         deletes: list[InstanceDelete] = []
         outbox_adds: list[OutboxRecord] = []
+        tombstones: list[TombstoneWrite] = []
+        tombstone_deletes: list[Ref] = []
         commands = self.commands
         for w in self.work.values():
-            if w.record is None:
+            record = w.record
+            if record is None:
+                if w.tomb_dirty:  # late events of a finished instance
+                    assert w.tombstone is not None
+                    tombstones.append(TombstoneWrite(w.tombstone, w.tomb_version))
+                    if w.rows:
+                        outbox_adds += w.rows
+                        commands += w.commands
                 continue
             if w.deleted:
                 if w.start_version:
                     deletes.append(InstanceDelete(w.spec.name, w.key, w.start_version))
+                if w.spec.tombstone_retention:
+                    tombstones.append(TombstoneWrite(self._tombstone(w.spec, record)))
             elif w.dirty:
-                writes.append(InstanceWrite(w.record, w.start_version))
+                writes.append(InstanceWrite(record, w.start_version))
+                if not w.start_version and w.tombstone is not None:
+                    tombstone_deletes.append((w.spec.name, w.key))  # the key starts again
                 if w.rows:
                     outbox_adds += w.rows
                     commands += w.commands
@@ -797,6 +931,22 @@ class Batch:
             outbox_updates=self.carried[1],
             dead_letters=self.dead,
             marks=list(self.marks.values()),
+            tombstone_deletes=tombstone_deletes,
+            tombstones=tombstones,
+        )
+
+    def _tombstone(self, spec: SagaSpec, record: InstanceRecord) -> Tombstone:
+        """What a completed instance leaves: its final state only for late handlers."""
+        return Tombstone(
+            spec.name,
+            record.key,
+            COMPLETED,
+            self.now,
+            self.now + spec.tombstone_retention,
+            record.instance_id,
+            record.version,
+            record.state if spec.late_handlers else None,
+            record.state_version,
         )
 
     def publish(self) -> None:
@@ -863,6 +1013,35 @@ def _instance_id(now: float) -> str:
     together in the stores' indexes (like a UUIDv7) instead of at random pages.
     """
     return f"{max(0, int(now * 1000)):012x}{os.urandom(10).hex()}"
+
+
+def _id(prefix: str, n: int, suffix: str) -> str:
+    """A command or schedule id of a saga that correlates replies."""
+    return f"{prefix}{n}{suffix}"
+
+
+def _from_tombstone(tombstone: Tombstone) -> InstanceRecord:
+    """The finished instance as its tombstone remembers it, for a late handler."""
+    return InstanceRecord(
+        tombstone.saga,
+        tombstone.key,
+        tombstone.version,
+        COMPLETING,
+        tombstone.state or "",
+        tombstone.instance_id,
+        tombstone.ended_at,
+        tombstone.ended_at,
+        None,
+        True,
+        tombstone.state_version,
+    )
+
+
+def _late_only(cls: type) -> str:
+    return (
+        f"a late=True handler may return Send and Compensate only, not {cls.__name__}: "
+        "the instance has completed"
+    )
 
 
 _ACTIONS = frozenset((Send, Schedule, Unschedule, Compensate, Complete))

@@ -1,9 +1,11 @@
 """The pre-deploy check: decode every stored row with the current code, changing nothing.
 
 `Admin.check` and `sagaflow check` page through every table of a store (instances,
-outbox, schedules, dead letters and, in cluster mode, the inbox) with the stores'
-`scan_*` methods and decode each row exactly as a runtime would: states through their
-saga's upcasters, messages through the serializer's allow-list and upcasters. Each row
+outbox, schedules, dead letters, tombstones and, in cluster mode, the inbox) with the
+stores' `scan_*` methods and decode each row exactly as a runtime would: states through
+their saga's upcasters (the final states tombstones keep too, for the sagas whose
+`late=True` handlers would read them), messages through the serializer's allow-list and
+upcasters. Each row
 is ok, would be upcast, or would fail; the report counts them by kind of row, saga,
 type and version, and lists the rows that would fail.
 """
@@ -19,7 +21,7 @@ from ._registry import Registry, SagaSpec
 from ._serialization import split_type_name
 from .exceptions import DecodeError, UnknownTypeError
 from .stores._claims import ClusterStore
-from .stores._protocol import InstanceRecord, Store
+from .stores._protocol import InstanceRecord, Store, Tombstone
 
 __all__ = [
     "DEAD_LETTER",
@@ -29,6 +31,7 @@ __all__ = [
     "OUTBOX",
     "SCHEDULE",
     "STATE",
+    "TOMBSTONE",
     "UPCAST",
     "CheckFailure",
     "CheckGroup",
@@ -37,14 +40,16 @@ __all__ = [
 ]
 
 STATE, OUTBOX, SCHEDULE, DEAD_LETTER, INBOX = "state", "outbox", "schedule", "dead_letter", "inbox"
+TOMBSTONE = "tombstone"
 OK, UPCAST, FAIL = "ok", "upcast", "fail"
-_WHAT_ORDER = {w: i for i, w in enumerate((STATE, OUTBOX, SCHEDULE, DEAD_LETTER, INBOX))}
+_WHAT_ORDER = {w: i for i, w in enumerate((STATE, OUTBOX, SCHEDULE, DEAD_LETTER, TOMBSTONE, INBOX))}
 _OUTCOME_ORDER = {OK: 0, UPCAST: 1, FAIL: 2}
 _LABELS = {
     STATE: "state",
     OUTBOX: "command",
     SCHEDULE: "schedule",
     DEAD_LETTER: "dead letter",
+    TOMBSTONE: "tombstone state",
     INBOX: "inbox event",
 }
 
@@ -75,8 +80,9 @@ class CheckGroup:
     """The rows of one kind, saga, type and version that had the same outcome.
 
     Attributes:
-        what: The kind of row: `"state"`, `"outbox"`, `"schedule"`, `"dead_letter"` or
-            `"inbox"`.
+        what: The kind of row: `"state"`, `"outbox"`, `"schedule"`, `"dead_letter"`,
+            `"tombstone"` (the final state a finished instance keeps for late handlers)
+            or `"inbox"`.
         saga: The registered saga the rows belong to (rows stored under one of its
             aliases count as its own); for rows of a saga that is not registered, the
             name they are stored under.
@@ -205,6 +211,21 @@ class _Checker:
         else:
             self.tally.add((*group, OK if version == spec.version else UPCAST))
 
+    def tombstone(self, t: Tombstone) -> None:
+        """A final state kept for late handlers; others are never decoded, so skipped
+        (so are those of sagas that are gone: no event can reach them)."""
+        spec = self.spec(t.saga)
+        if t.state is None or spec is None or not spec.late_handlers:
+            return
+        group = (TOMBSTONE, spec.name, spec.state_name, t.state_version)
+        try:
+            spec.load_state(self.registry.serializer, t.key, t.state, t.state_version)
+        except DecodeError as exc:
+            failure = CheckFailure(t.saga, t.key, t.instance_id, str(exc))
+            self.tally.add((*group, FAIL), failure)
+        else:
+            self.tally.add((*group, OK if t.state_version == spec.version else UPCAST))
+
     def message(
         self, what: str, saga: str, key: str, id: str, type_name: str, payload: str
     ) -> None:
@@ -257,6 +278,9 @@ async def check(store: Store, registry: Registry, *, page: int, listed: int | No
     async for letters in _pages(store.scan_dead_letters, lambda d: d.id, page):
         for d in letters:
             checker.message(DEAD_LETTER, d.saga, d.key, d.id, d.type_name, d.payload)
+    async for tombstones in _pages(store.scan_tombstones, lambda t: (t.saga, t.key), page):
+        for t in tombstones:
+            checker.tombstone(t)
     if isinstance(store, ClusterStore):
         async for inbox in _pages(store.scan_inbox, lambda i: i.pos, page):
             for i in inbox:

@@ -455,6 +455,8 @@ async def _find(admin: Admin, saga: str, key: str) -> InstanceInfo:
     try:
         return await admin.show(saga, key)
     except DeadLetterError as exc:
+        if await admin.store.list_tombstones(saga=saga, key=key):
+            raise  # it says how and when the instance ended
         unknown = await _unknown_saga(admin, saga)
         if unknown is None:
             raise

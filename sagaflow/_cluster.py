@@ -560,7 +560,13 @@ class Cluster:
                     self.outbox.lost(lost)
                 # Instances completed in a process that died after dispatching their
                 # last command but before ending them.
-                await self.store.finish_completed(None, sagas=sagas, limit=_FINISH_PAGE)
+                await self.store.finish_completed(
+                    None,
+                    sagas=sagas,
+                    limit=_FINISH_PAGE,
+                    now=self.clock.now(),
+                    tombstones=self.registry.tombstone_policies(),
+                )
             except Exception as exc:  # noqa: BLE001 - try again next time
                 log.error("could not renew leases: %s", error_text(exc))
 

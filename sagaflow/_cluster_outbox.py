@@ -362,7 +362,13 @@ class ClusterOutbox(OutboxCore):
                 self._gave_up([u.id for u in failed], settled.failed)
                 check = sorted(finish.union(settled.instances))
                 if check:
-                    await self.store.finish_completed(check, sagas=self.sagas, limit=len(check))
+                    await self.store.finish_completed(
+                        check,
+                        sagas=self.sagas,
+                        limit=len(check),
+                        now=self.clock.now(),
+                        tombstones=self.registry.tombstone_policies(),
+                    )
                 failures = 0
                 if delivered or released:
                     self._claim.poke()  # rows behind them may be free now

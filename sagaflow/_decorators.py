@@ -63,6 +63,7 @@ class HandlerMark:
     start: bool
     internal: bool
     retry: RetryPolicy | None = None
+    late: bool = False
 
 
 @attrs.frozen
@@ -70,6 +71,7 @@ class CorrelateMark:
     """What `@correlate` recorded on a method; empty `types` means every handled type."""
 
     types: tuple[type, ...]
+    reply: bool = False
 
 
 # One overload per number of event types lets the type checker tie the handler's event
@@ -82,6 +84,7 @@ def on(
     start: bool = ...,
     internal: bool = ...,
     retry: RetryPolicy | None = ...,
+    late: bool = ...,
 ) -> HandlerDecorator[E1]: ...
 @overload
 def on(
@@ -92,6 +95,7 @@ def on(
     start: bool = ...,
     internal: bool = ...,
     retry: RetryPolicy | None = ...,
+    late: bool = ...,
 ) -> HandlerDecorator[E1 | E2]: ...
 @overload
 def on(
@@ -103,6 +107,7 @@ def on(
     start: bool = ...,
     internal: bool = ...,
     retry: RetryPolicy | None = ...,
+    late: bool = ...,
 ) -> HandlerDecorator[E1 | E2 | E3]: ...
 @overload
 def on(
@@ -115,6 +120,7 @@ def on(
     start: bool = ...,
     internal: bool = ...,
     retry: RetryPolicy | None = ...,
+    late: bool = ...,
 ) -> HandlerDecorator[E1 | E2 | E3 | E4]: ...
 @overload
 def on(
@@ -128,6 +134,7 @@ def on(
     start: bool = ...,
     internal: bool = ...,
     retry: RetryPolicy | None = ...,
+    late: bool = ...,
 ) -> HandlerDecorator[E1 | E2 | E3 | E4 | E5]: ...
 @overload
 def on(
@@ -142,6 +149,7 @@ def on(
     start: bool = ...,
     internal: bool = ...,
     retry: RetryPolicy | None = ...,
+    late: bool = ...,
 ) -> HandlerDecorator[E1 | E2 | E3 | E4 | E5 | E6]: ...
 @overload
 def on(
@@ -149,12 +157,14 @@ def on(
     start: bool = ...,
     internal: bool = ...,
     retry: RetryPolicy | None = ...,
+    late: bool = ...,
 ) -> Callable[[HandlerT], HandlerT]: ...
 def on(
     *types: type,
     start: bool = False,
     internal: bool = False,
     retry: RetryPolicy | None = None,
+    late: bool = False,
 ) -> Any:
     """Mark a saga method as the handler of one or more event types.
 
@@ -173,6 +183,12 @@ def on(
             published events of these types are not routed to it.
         retry: How often to try the handler when it raises, instead of the runtime's
             policy.
+        late: The handler takes these events when they arrive for an instance that has
+            completed (while it drains its outbox, or from its tombstone afterwards). It
+            gets the final state, read-only, and may return `Send` and `Compensate`
+            only (a cancellation of something that came too late, say). A type may have
+            a handler for live instances and a `late=True` one besides. See the how-to
+            "Finished instances and late events".
 
     Returns:
         A decorator that returns the method unchanged.
@@ -182,7 +198,7 @@ def on(
     for t in types:
         if not isinstance(t, type):
             raise TypeError(f"@on() takes event classes, got {t!r}")
-    mark = HandlerMark(types=types, start=start, internal=internal, retry=retry)
+    mark = HandlerMark(types=types, start=start, internal=internal, retry=retry, late=late)
 
     def decorate(fn: F) -> F:
         marks: tuple[HandlerMark, ...] = getattr(fn, HANDLER_ATTR, ())
@@ -193,27 +209,47 @@ def on(
 
 
 @overload
-def correlate(*types: type) -> Callable[[CorrelateT], CorrelateT]: ...
+def correlate(*types: type, reply: bool = ...) -> Callable[[CorrelateT], CorrelateT]: ...
 @overload
 def correlate(fn: CorrelateT, /) -> CorrelateT: ...
-def correlate(*args: Any) -> Any:
+def correlate(*args: Any, reply: bool = False) -> Any:
     """Mark a saga method as the function that maps an event to an instance key.
 
     Bare (`@correlate`) it applies to every event type the saga handles; called
     (`@correlate(A, B)`) to those types only. It is called as `fn(self, event)` and
     returns the key (`str`) or `None` when the event is not for this saga; a type
     checker rejects a correlate function annotated to return anything else.
+
+    With `reply=True` the listed types are replies to commands the saga sent, and the
+    function returns the **command id** the reply answers (the `meta.id` its receiver
+    was given) instead of a key: the runtime finds the instance from it, no business
+    key needed. Only the commands of sagas that declare such a function carry their
+    saga and key in their id. See the how-to "Handling replies".
+
+    Raises:
+        TypeError: Something other than event classes was given, or `reply=True`
+            without the reply types.
     """
     if len(args) == 1 and callable(args[0]) and not isinstance(args[0], type):
+        if reply:
+            raise TypeError(_REPLY_TYPES)
         setattr(args[0], CORRELATE_ATTR, CorrelateMark(types=()))
         return args[0]
     for t in args:
         if not isinstance(t, type):
             raise TypeError(f"@correlate() takes event classes, got {t!r}")
-    mark = CorrelateMark(types=tuple(args))
+    if reply and not args:
+        raise TypeError(_REPLY_TYPES)
+    mark = CorrelateMark(types=tuple(args), reply=reply)
 
     def decorate(fn: CorrelateT) -> CorrelateT:
         setattr(fn, CORRELATE_ATTR, mark)
         return fn
 
     return decorate
+
+
+_REPLY_TYPES = (
+    "@correlate(reply=True) needs the reply event types it applies to, e.g. "
+    "@correlate(PaymentReply, reply=True)"
+)

@@ -659,9 +659,13 @@ class Outbox(OutboxCore):
                 return
             if queue and queue[0] is entry:
                 queue.popleft()
-                self._depth -= 1
-                self._deletes.append(row.id)  # not cached: a commit may take the list
-                self._mark_dirty()
+            elif entry in queue:  # an operator's retry went in front of it meanwhile
+                queue.remove(entry)
+            else:
+                continue  # dropped meanwhile (the instance was deleted)
+            self._depth -= 1
+            self._deletes.append(row.id)  # not cached: a commit may take the list
+            self._mark_dirty()
         self._busy.discard(ref)
         if queue is None or queue or self._queues.get(ref) is not queue:
             return

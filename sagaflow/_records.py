@@ -17,7 +17,9 @@ class DispatchMeta:
 
     Attributes:
         id: The command id, stable and unique: the same on every attempt and after a restart,
-            so receivers can deduplicate.
+            so receivers can deduplicate. A reply names the command it answers by this id:
+            for a saga that correlates replies (`@correlate(..., reply=True)`) the id also
+            encodes the saga and the key, so the reply needs nothing else.
         saga: The name of the saga that produced the command.
         key: The instance key.
         attempt: 1 for the first call, 2 for the first retry, and so on.
@@ -47,13 +49,18 @@ class Unmatched:
         key: The key the saga's correlate function returned, or `None` when no saga
             handles the event's type.
         reason: Why: no live instance and the handler is not `start=True`, the instance
-            has completed, or no saga handles this type.
+            has completed (or was aborted), or no saga handles this type.
+        ended: How the instance ended, when the event came after its end: `"completed"`
+            or `"aborted"` (its tombstone says so; see the how-to "Finished instances and
+            late events"). `None` for any other reason, a key that never had an
+            instance included.
     """
 
     event: object
     saga: str | None
     key: str | None
     reason: str
+    ended: str | None = None
 
 
 class Outcome(enum.StrEnum):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping
+from datetime import timedelta
 from typing import Any, TypeVar, overload
 
 import attrs
@@ -11,15 +12,25 @@ import attrs
 from ._actions import CommandFailed
 from ._decorators import CORRELATE_ATTR, HANDLER_ATTR, CorrelateMark, HandlerMark
 from ._evolution import UPCAST_ATTR, Upcaster, check_chain
+from ._replies import ReplyCorrelate
 from ._retry import RetryPolicy
 from ._serialization import Serializer
 from .exceptions import DecodeError, RegistrationError, RegistrationErrors, SerializationError
-from .stores._protocol import ACTIVE, COMPENSATION_FAILED, COMPLETING, InstanceRecord
+from .stores._protocol import (
+    ACTIVE,
+    COMPENSATION_FAILED,
+    COMPLETING,
+    InstanceRecord,
+    TombstonePolicy,
+)
 
 __all__ = ["HandlerSpec", "Registry", "SagaSpec", "Target"]
 
 C = TypeVar("C", bound=type)
 S = TypeVar("S")
+
+TOMBSTONE_RETENTION = timedelta(days=7)
+"""How long a finished instance's tombstone counts unless its saga says otherwise."""
 
 
 @attrs.frozen
@@ -34,6 +45,7 @@ class HandlerSpec:
     is_async: bool
     fn: Callable[[Any, Any], Any] = attrs.field(repr=False)
     retry: RetryPolicy | None = None
+    late: bool = False
 
 
 @attrs.define(eq=False)
@@ -52,9 +64,18 @@ class SagaSpec:
     """`{n: fn}`: turns stored state JSON of version n into n + 1."""
     aliases: tuple[str, ...] = ()
     """Older names of the saga: their stored rows are taken over when a runtime starts."""
+    late_handlers: dict[type, HandlerSpec] = attrs.field(factory=dict, repr=False)
+    """The `late=True` handlers: for events that arrive after the instance completed."""
+    tombstone_retention: float = TOMBSTONE_RETENTION.total_seconds()
+    """Seconds a finished instance's tombstone counts; 0 keeps none."""
+    reuse_keys: bool = False
+    """A start event for a tombstoned key starts a new instance."""
+    replies: bool = False
+    """Some correlate function takes replies by command id: command ids name the instance."""
     _handler_cache: dict[type, HandlerSpec | None] = attrs.field(
         factory=dict, init=False, repr=False
     )
+    _late_cache: dict[type, HandlerSpec | None] = attrs.field(factory=dict, init=False, repr=False)
     state_name: str = attrs.field(init=False, repr=False)
     """How errors about the state name it (the state class's qualified name)."""
 
@@ -75,6 +96,26 @@ class SagaSpec:
                 break
         self._handler_cache[event_type] = found
         return found
+
+    def late_handler_for(self, event_type: type) -> HandlerSpec | None:
+        """The most specific `late=True` handler of `event_type`, if any."""
+        try:
+            return self._late_cache[event_type]
+        except KeyError:
+            pass
+        found = None
+        if self.late_handlers:
+            for base in event_type.__mro__:
+                found = self.late_handlers.get(base)
+                if found is not None:
+                    break
+        self._late_cache[event_type] = found
+        return found
+
+    @property
+    def tombstone_policy(self) -> TombstonePolicy:
+        """What its finished instances leave: for how long, and whether with the state."""
+        return TombstonePolicy(self.tombstone_retention, bool(self.late_handlers))
 
     def correlate_for(self, event_type: type) -> Callable[[Any], Any] | None:
         """The correlate function that applies to `event_type`, if any."""
@@ -219,6 +260,8 @@ class Registry:
         name: str | None = None,
         version: int = 1,
         aliases: Iterable[str] = (),
+        tombstone_retention: timedelta | float = TOMBSTONE_RETENTION,
+        reuse_keys: bool = False,
     ) -> Callable[[C], C]:
         """Class decorator: instantiate the class with no arguments and register it.
 
@@ -230,6 +273,10 @@ class Registry:
                 `@upcast` function on the class.
             aliases: Names the saga was stored under before (a renamed saga); a runtime
                 takes their rows over when it starts.
+            tombstone_retention: How long a finished instance leaves a tombstone (a
+                `timedelta` or seconds; 0 for none), see `register`.
+            reuse_keys: Let a start event begin a new instance for a key whose
+                tombstone still counts, see `register`.
 
         Returns:
             A decorator that registers the class and returns it unchanged.
@@ -244,7 +291,15 @@ class Registry:
                     f"({exc}); create it yourself and call registry.register(obj, state=...)",
                     saga=name or cls.__name__,
                 ) from exc
-            self.register(obj, state=state, name=name, version=version, aliases=aliases)
+            self.register(
+                obj,
+                state=state,
+                name=name,
+                version=version,
+                aliases=aliases,
+                tombstone_retention=tombstone_retention,
+                reuse_keys=reuse_keys,
+            )
             return cls
 
         return decorate
@@ -257,6 +312,8 @@ class Registry:
         name: str | None = None,
         version: int = 1,
         aliases: Iterable[str] = (),
+        tombstone_retention: timedelta | float = TOMBSTONE_RETENTION,
+        reuse_keys: bool = False,
     ) -> S:
         """Register a saga object (so it can carry collaborators).
 
@@ -268,6 +325,15 @@ class Registry:
                 `@upcast` function on the class.
             aliases: Names the saga was stored under before (a renamed saga); a runtime
                 takes their rows over when it starts.
+            tombstone_retention: How long a finished instance (completed, or aborted by
+                an operator) leaves a tombstone behind: a `timedelta` or seconds, 7 days
+                by default, 0 for none. While it counts, an event for its key is
+                reported as unmatched with how the instance ended, a start event does
+                not start the key again (unless `reuse_keys`), and `late=True` handlers
+                get the final state. Keep it at least as long as late events can come.
+            reuse_keys: A start event for a key whose tombstone still counts starts a
+                new instance (the tombstone goes). Off by default: a finished key stays
+                finished for `tombstone_retention`.
 
         Returns:
             `obj`, unchanged.
@@ -304,8 +370,25 @@ class Registry:
             elif alias in self._aliases:
                 problem(f"alias {alias!r} is already an alias of saga {self._aliases[alias]!r}")
         upcasters: dict[int, Upcaster] = {}
+        retention = (
+            tombstone_retention.total_seconds()
+            if isinstance(tombstone_retention, timedelta)
+            else tombstone_retention
+        )
+        if (
+            isinstance(retention, bool)
+            or not isinstance(retention, int | float)
+            or not 0 <= retention < float("inf")
+        ):
+            problem(
+                f"tombstone_retention={tombstone_retention!r} must be a timedelta or a "
+                "number of seconds, 0 (keep no tombstones) or more"
+            )
+            retention = 0.0
 
         handlers: dict[type, HandlerSpec] = {}
+        late_handlers: dict[type, HandlerSpec] = {}
+        replies: set[type] = set()  # the types correlated by command id
         correlates: dict[type, Callable[[Any], Any]] = {}
         default_correlate: Callable[[Any], Any] | None = None
         marked = False  # some @on handler was declared, even a broken one
@@ -351,10 +434,14 @@ class Registry:
                     if default_correlate is not None:
                         problem(f"two bare @correlate functions; {attr_name} is the second")
                     default_correlate = bound
+                if cmark.reply:
+                    bound = ReplyCorrelate(bound, frozenset((name, *aliases)))
                 for t in cmark.types:
                     if t in correlates:
                         problem(f"two correlate functions for {t.__qualname__}")
                     correlates[t] = bound
+                    if cmark.reply:
+                        replies.add(t)
                 continue
             if arity != 3 and not (varargs and arity <= 3):
                 problem(f"handler {attr_name} must take (self, state, event), {_takes(arity)}")
@@ -362,16 +449,31 @@ class Registry:
             for mark in hmarks:
                 if mark.start and mark.internal:
                     problem(f"handler {attr_name} cannot be both start=True and internal=True")
+                if mark.late and (mark.start or mark.internal):
+                    problem(
+                        f"handler {attr_name} cannot be late=True and "
+                        f"{'start' if mark.start else 'internal'}=True: a late handler takes "
+                        "events for instances that have completed"
+                    )
+                    continue
+                table = late_handlers if mark.late else handlers
                 for t in mark.types:
-                    if t in handlers:
+                    if t in table:
                         problem(
-                            f"two handlers for {t.__qualname__}: {handlers[t].method} "
-                            f"and {attr_name}; one type has one handler per saga"
+                            f"two {'late=True ' if mark.late else ''}handlers for "
+                            f"{t.__qualname__}: {table[t].method} and {attr_name}; one type "
+                            "has one handler per saga (and one late=True handler besides)"
                         )
                         continue
                     if issubclass(t, CommandFailed) and mark.start:
                         problem(f"handler {attr_name}: CommandFailed cannot start an instance")
-                    handlers[t] = HandlerSpec(
+                    if issubclass(t, CommandFailed) and mark.late:
+                        problem(
+                            f"handler {attr_name}: CommandFailed cannot be late=True; a "
+                            "command of a late handler that fails for good is a dead letter"
+                        )
+                        continue
+                    table[t] = HandlerSpec(
                         saga=name,
                         method=attr_name,
                         types=mark.types,
@@ -380,6 +482,7 @@ class Registry:
                         is_async=inspect.iscoroutinefunction(fn),
                         fn=bound,
                         retry=mark.retry,
+                        late=mark.late,
                     )
 
         if not marked:
@@ -396,18 +499,35 @@ class Registry:
             version=version,
             upcasters=upcasters,
             aliases=aliases,
+            late_handlers=late_handlers,
+            tombstone_retention=float(retention),
+            reuse_keys=reuse_keys,
+            replies=bool(replies),
         )
         for msg in check_chain(f"saga {name!r}", version, upcasters):
             problems.append(RegistrationError(msg, saga=name))
-        for t, h in handlers.items():
+        for t, h in [*handlers.items(), *late_handlers.items()]:
             if h.internal or issubclass(t, CommandFailed):
                 continue
-            if spec.correlate_for(t) is None:
+            correlate = spec.correlate_for(t)
+            if correlate is None:
                 problem(
                     f"handled event type {t.__qualname__} ({h.method}) has no correlate "
                     "function: add a bare @correlate, list the type in @correlate(...), "
                     "or mark the handler internal=True if it only gets to_self schedules"
                 )
+            elif h.start and isinstance(correlate, ReplyCorrelate):
+                problem(
+                    f"handler {h.method} is start=True, but {t.__qualname__} is correlated "
+                    "as a reply (reply=True): a reply answers a command of an instance "
+                    "that exists already; start it with an event that carries its key"
+                )
+        if late_handlers and not retention:
+            methods = ", ".join(sorted({h.method for h in late_handlers.values()}))
+            problem(
+                f"late=True handlers ({methods}) need the final state that tombstones "
+                "keep, but tombstone_retention is 0"
+            )
         problems.extend(self._check_state(name, state))
 
         if problems:
@@ -416,7 +536,7 @@ class Registry:
             raise RegistrationErrors(f"saga {name!r} has {len(problems)} problems", problems)
 
         try:
-            for t in handlers:
+            for t in [*handlers, *late_handlers]:
                 if not issubclass(t, CommandFailed):
                     self._serializer.register_handled(t)
         except SerializationError as exc:
@@ -424,7 +544,7 @@ class Registry:
         self._serializer.allow(
             {
                 c.__module__.split(".")[0]
-                for c in (cls, state, *handlers)
+                for c in (cls, state, *handlers, *late_handlers)
                 if c.__module__ != "builtins"
             }
         )
@@ -552,7 +672,8 @@ class Registry:
             self._routes[event_type] = ()
             return ()
         for spec in self._sagas.values():
-            handler = spec.handler_for(event_type)
+            # A type only a late=True handler takes is routed too: the batch decides.
+            handler = spec.handler_for(event_type) or spec.late_handler_for(event_type)
             if handler is not None and not handler.internal:
                 correlate = spec.correlate_for(event_type)
                 assert correlate is not None  # checked at registration
@@ -560,6 +681,10 @@ class Registry:
         routes = tuple(found)
         self._routes[event_type] = routes
         return routes
+
+    def tombstone_policies(self) -> dict[str, TombstonePolicy]:
+        """What each saga's finished instances leave behind, by saga name."""
+        return {name: spec.tombstone_policy for name, spec in self._sagas.items()}
 
     def get(self, name: str) -> SagaSpec:
         """The saga registered under `name`.

@@ -22,6 +22,7 @@ from ._intake import Intake
 from ._outbox import Counters, Outbox, checked_dispatcher, error_text
 from ._records import Unmatched
 from ._registry import Registry, SagaSpec
+from ._replies import ReplyCorrelate
 from ._report import call_hook, unmatched
 from ._retry import RetryPolicy
 from ._shard import Shard
@@ -648,8 +649,12 @@ class Runtime:
 
         Off the hot path: only for events that no saga took.
         """
-        if self._registry.routes(type(event)):
-            return  # every correlate function returned None: not for these sagas
+        routes = self._registry.routes(type(event))
+        if routes:
+            # Every correlate function returned None: not for these sagas, unless it is
+            # a reply whose command id none of them made.
+            self._unknown_reply(event, routes)
+            return
         problem = _not_a_message(event, self._registry)
         if problem is not None:
             raise MessageError(
@@ -662,6 +667,24 @@ class Runtime:
             self._counters,
             self._on_unmatched,
             self._hooks,
+        )
+
+    def _unknown_reply(self, event: object, routes: tuple[Any, ...]) -> None:
+        """Report a reply whose command id no saga that correlates it by id made."""
+        sagas = [spec.name for spec, _, fn in routes if isinstance(fn, ReplyCorrelate)]
+        ids = {fn.fn(event) for _, _, fn in routes if isinstance(fn, ReplyCorrelate)}
+        ids.discard(None)
+        if not ids:
+            return
+        shown = ", ".join(map(repr, sorted(map(str, ids))))
+        reason = (
+            f"its command id {shown} names no instance of saga(s) "
+            f"{', '.join(map(repr, sagas))}, which correlate {type(event).__name__} as a "
+            "reply: it must be the `meta.id` a command of one of them was dispatched with"
+        )
+        saga = sagas[0] if len(sagas) == 1 else None
+        unmatched(
+            [Unmatched(event, saga, None, reason)], self._counters, self._on_unmatched, self._hooks
         )
 
     def _unrouted_reason(self, cls: type) -> str:

@@ -84,6 +84,7 @@ from sagaflow.stores import (
     PendingCommand,
     ScheduleRecord,
     SQLiteStore,
+    Tombstone,
 )
 
 POINTS = (
@@ -359,6 +360,16 @@ class CrashingStore:
         self, *, saga: str | None = None, key: str | None = None
     ) -> list[OutboxRecord]:
         return await self.inner.list_outbox(saga=saga, key=key)
+
+    async def scan_tombstones(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[Tombstone]:
+        return await self.inner.scan_tombstones(after=after, limit=limit)
+
+    async def list_tombstones(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[Tombstone]:
+        return await self.inner.list_tombstones(saga=saga, key=key)
 
     async def pending_commands(
         self,

@@ -189,10 +189,11 @@ class NoFailureHandlerSaga:
         return self.script(state, event)
 
 
-def scripted_registry(script: Script = nothing, *, name: str = SAGA) -> Registry:
-    """A registry with one `ScriptedSaga` running `script`, registered as `name`."""
+def scripted_registry(script: Script = nothing, *, name: str = SAGA, **options: Any) -> Registry:
+    """A registry with one `ScriptedSaga` running `script`, registered as `name` (with
+    more `Registry.register` options, such as `reuse_keys`)."""
     registry = Registry()
-    registry.register(ScriptedSaga(script), state=Log, name=name)
+    registry.register(ScriptedSaga(script), state=Log, name=name, **options)
     return registry
 
 

@@ -21,9 +21,10 @@ import pytest
 from _postgres_server import pg_schema, postgres_dsn  # noqa: F401
 from test_cli import cli
 
-from sagaflow import Admin, CheckFailure, CheckGroup, CheckReport
+from sagaflow import Admin, CheckFailure, CheckGroup, CheckReport, Registry, correlate, on, upcast
 from sagaflow._cli import check_json
 from sagaflow.stores import (
+    Changes,
     DeadLetter,
     InstanceRecord,
     MemoryStore,
@@ -31,6 +32,8 @@ from sagaflow.stores import (
     ScheduleRecord,
     SQLiteStore,
     Store,
+    Tombstone,
+    TombstoneWrite,
 )
 from sagaflow.stores import _sqlite as sqlite_module
 from sagaflow.testing.conformance import everything
@@ -305,6 +308,79 @@ async def test_pages_of_any_size_give_the_same_report(store: Store, page: int) -
     assert await Admin(store, registry=check_sagas.registry).check(page=page) == EXPECTED
 
 
+def _late_registry() -> Registry:
+    """Saga `Orders` of `check_sagas` with a late handler, and `Plain`, without one."""
+    registry = Registry()
+
+    @registry.saga(state=check_sagas.Order, name="Orders", version=3)
+    class LateOrderSaga:
+        add_currency = upcast(1)(staticmethod(check_sagas.add_currency))
+
+        @upcast(2)
+        @staticmethod
+        def rename_count(data: dict[str, Any]) -> dict[str, Any]:
+            return {**{k: v for k, v in data.items() if k != "count"}, "total": data["count"]}
+
+        @correlate
+        def order_id(self, event: check_sagas.Started) -> str:
+            return event.order_id
+
+        @on(check_sagas.Started, start=True)
+        def started(self, order: check_sagas.Order, event: check_sagas.Started) -> None: ...
+
+        @on(check_sagas.Started, late=True)
+        def again(self, order: check_sagas.Order, event: check_sagas.Started) -> None: ...
+
+    @registry.saga(state=check_sagas.Order, name="Plain")
+    class PlainSaga:
+        @correlate
+        def order_id(self, event: check_sagas.Started) -> str:
+            return event.order_id
+
+        @on(check_sagas.Started, start=True)
+        def started(self, order: check_sagas.Order, event: check_sagas.Started) -> None: ...
+
+    return registry
+
+
+@pytest.mark.anyio
+async def test_final_states_kept_for_late_handlers_are_checked(store: Store) -> None:
+    """Only the states a late handler would read: tombstones without a state, of a saga
+    without late handlers, or of a saga that is gone are never decoded."""
+
+    def kept(saga: str, key: str, state: str | None, version: int = 3) -> TombstoneWrite:
+        return TombstoneWrite(
+            Tombstone(saga, key, "completed", 1.0, 9e9, f"i-{key}", 2, state, version)
+        )
+
+    good = '{"status": "done", "total": 5, "currency": "EUR"}'
+    await store.commit(
+        Changes(
+            tombstones=[
+                kept("Orders", "ok", good),
+                kept("Orders", "v1", '{"status": "done", "count": 5}', 1),
+                kept("Orders", "bad", '{"status": "done", "bogus": 1}'),
+                kept("Orders", "no-state", None),
+                kept("Plain", "p1", '{"bogus": 1}'),
+                kept("Gone", "g1", '{"bogus": 1}'),
+            ]
+        )
+    )
+
+    report = await Admin(store, registry=_late_registry()).check()
+
+    assert [
+        (g.what, g.saga, g.type_name, g.version, g.outcome, g.count) for g in report.groups
+    ] == [
+        ("tombstone", "Orders", "Order", 1, "upcast", 1),
+        ("tombstone", "Orders", "Order", 3, "ok", 1),
+        ("tombstone", "Orders", "Order", 3, "fail", 1),
+    ]
+    (failure,) = report.failures
+    assert (failure.saga, failure.key, failure.id) == ("Orders", "bad", "i-bad")
+    assert "'bogus'" in failure.error
+
+
 @attrs.define(eq=False)
 class CountingStore(MemoryStore):
     """Records how many rows each scan call returned."""
@@ -335,6 +411,13 @@ class CountingStore(MemoryStore):
         self.reads.append(("dead letters", after, len(rows)))
         return rows
 
+    async def scan_tombstones(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[Tombstone]:
+        rows = await super().scan_tombstones(after=after, limit=limit)
+        self.reads.append(("tombstones", after, len(rows)))
+        return rows
+
 
 @pytest.mark.anyio
 async def test_rows_are_read_in_pages_each_after_the_last_key_of_the_one_before() -> None:
@@ -355,6 +438,7 @@ async def test_rows_are_read_in_pages_each_after_the_last_key_of_the_one_before(
         ("schedules", ("Removed", "r1", "s-orphan"), 0),
         ("dead letters", None, 3),
         ("dead letters", "d-send", 0),
+        ("tombstones", None, 0),
     ]
 
 

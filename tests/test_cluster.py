@@ -69,6 +69,7 @@ pytestmark = pytest.mark.postgres
 
 SECRET = "s3cr3t-Pa55"
 LEASE = 1.0  # seconds: short, so that take-overs happen within a test
+WAKE_AFTER = 0.3  # seconds until `Go` wakes its instance, which then completes
 POLL = 0.1
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay=0.01, max_delay=0.02, jitter=False)
 
@@ -167,7 +168,7 @@ class CounterSaga:
             Send(Cmd(event.key, "first")),
             Send(Cmd(event.key, "second")),
             Schedule(Cmd(event.key, "scheduled"), after=0.2, name="cmd"),
-            Schedule(Wake(event.key), after=0.3, name="wake", to_self=True),
+            Schedule(Wake(event.key), after=WAKE_AFTER, name="wake", to_self=True),
         ]
 
     @on(Wake)
@@ -237,9 +238,8 @@ async def cluster(
                 registry,
                 store=make_store(dsn, schema, **store_options),
                 dispatch=log.dispatcher(i),
-                retry=FAST_RETRY,
                 cluster=True,
-                **options,
+                **{"retry": FAST_RETRY, **options},
             )
             runtimes.append(await stack.enter_async_context(runtime))
         with anyio.fail_after(30):
@@ -379,17 +379,22 @@ async def test_a_hot_instance_fed_by_run_everywhere_settles_races_by_version(
 async def test_schedules_fire_once_in_a_cluster_and_completed_instances_end(
     postgres_dsn: str,  # noqa: F811
     pg_schema: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Scheduled commands go out once and scheduled events are handled once, whichever
     runtime claims them; each instance completes and is deleted once its commands went
     out, though another runtime may have dispatched them."""
+    # `scheduled` (0.2 s) must fire before the wake-up completes the instance, which
+    # drops pending schedules: with 0.3 s, a process stalled on a loaded machine let
+    # another one's wake-up come first (and `scheduled` was rightly dropped).
+    monkeypatch.setattr(sys.modules[__name__], "WAKE_AFTER", 2.0)
     log = Log()
     keys = [f"g{i}" for i in range(20)]
     async with cluster(postgres_dsn, pg_schema, log, count=3) as runtimes:
         async with anyio.create_task_group() as tg:
             for i, key in enumerate(keys):
                 tg.start_soon(runtimes[i % 3].publish, Go(key))
-        await anyio.sleep(0.4)
+        await anyio.sleep(2.1)
         with anyio.fail_after(60):
             while await runtimes[0].store.list_instances():
                 await settle(runtimes)
@@ -407,9 +412,13 @@ async def test_schedules_fire_once_in_a_cluster_and_completed_instances_end(
 async def test_a_command_that_fails_for_good_holds_its_instance_until_handled(
     postgres_dsn: str,  # noqa: F811
     pg_schema: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`first` fails three times; `second` waits until `CommandFailed` was handled (in
     whichever runtime), and what that handler sent goes after it."""
+    # The wake-up (which completes the instance) must not come while the test looks,
+    # however slowly a loaded machine gets there.
+    monkeypatch.setattr(sys.modules[__name__], "WAKE_AFTER", 3600.0)
     log = Log(failing={"first"})
     async with cluster(postgres_dsn, pg_schema, log, count=2) as runtimes:
         await runtimes[0].publish(Go("f1"))
@@ -1196,3 +1205,39 @@ async def test_an_ack_from_a_process_whose_lease_was_taken_over_deletes_nothing(
 
     assert [r.pos for r in taken] == [pos]
     assert (after_stale_ack, marks, after_ack) == ([(pos, "other")], [("made-up",)], [])
+
+
+@pytest.mark.anyio
+async def test_a_process_holds_at_most_its_outbox_capacity_during_an_outage(
+    postgres_dsn: str,  # noqa: F811
+    pg_schema: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the downstream down, each process claims at most `outbox_capacity` commands;
+    the others wait in the store, and all go out once it is back."""
+    monkeypatch.setattr(sys.modules[__name__], "WAKE_AFTER", 3600.0)
+    down = {"first", "second", "scheduled"}
+    log = Log(failing=down)
+    held: list[int] = []
+    patient = RetryPolicy(max_attempts=1_000, initial_delay=0.01, max_delay=0.05, jitter=False)
+    async with cluster(
+        postgres_dsn, pg_schema, log, count=2, outbox_capacity=3, retry=patient
+    ) as runtimes:
+        for i in range(10):
+            await runtimes[i % 2].publish(Go(f"o{i}"))
+        with anyio.fail_after(60):
+            while len(log.calls) < 30:  # failed attempts: the outage goes on a while
+                held.extend(r.statistics().outbox_depth for r in runtimes)
+                await anyio.sleep(0.01)
+        held.extend(r.statistics().outbox_depth for r in runtimes)
+        down.clear()  # the downstream is back
+        with anyio.fail_after(60):
+            while await runtimes[0].store.list_outbox():
+                await settle(runtimes)
+                await anyio.sleep(0.05)
+        # A row leaves the outbox only once its dispatch succeeded (none gave up).
+        dead = await runtimes[0].store.list_dead_letters()
+
+    assert (max(held) <= 3, dead) == (True, [])
+    tried = {(c.key, c.label) for c, _, _ in log.calls}
+    assert tried == {(f"o{i}", x) for i in range(10) for x in ("first", "second", "scheduled")}

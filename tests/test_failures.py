@@ -1122,5 +1122,5 @@ async def test_events_unmatched_while_completing_are_reported_not_applied() -> N
         await h.runtime.publish(Finished("k", "again"))
 
         assert h.unmatched == [
-            Unmatched(Finished("k", "again"), SAGA, "k", "the instance has completed")
+            Unmatched(Finished("k", "again"), SAGA, "k", "the instance has completed", "completed")
         ]

@@ -54,6 +54,7 @@ from sagaflow.exceptions import RuntimeClosedError
 from sagaflow.stores import InstanceRecord, MemoryStore, ScheduleRecord
 
 NO_INSTANCE = "no live instance and the handler is not start=True"
+COMPLETED = "the instance has completed"
 
 
 def _clock() -> VirtualClock:
@@ -687,22 +688,26 @@ async def test_complete_without_outstanding_commands_deletes_the_instance_at_onc
         await h.runtime.publish(Touched("k"))
         await h.advance(60)
 
-        assert h.unmatched == [Unmatched(Touched("k"), SAGA, "k", NO_INSTANCE)]
+        assert h.unmatched == [Unmatched(Touched("k"), SAGA, "k", COMPLETED, "completed")]
         assert h.dispatched.labels() == ["start"]
 
 
 @pytest.mark.anyio
-async def test_a_start_event_after_completion_starts_a_new_incarnation() -> None:
-    async with running(scripted_registry(_complete_on_finish())) as h:
+async def test_a_start_event_after_completion_starts_a_new_incarnation_with_reuse_keys() -> None:
+    """The new incarnation's versions go on from the last one of the finished instance,
+    so its commands sort after any late commands of the old one."""
+    async with running(scripted_registry(_complete_on_finish(), reuse_keys=True)) as h:
         await h.runtime.publish(Started("k", "1"))
         await h.runtime.drain()
         (first,) = await h.records()
         await h.runtime.publish(Finished("k"))
+        (tombstone,) = await h.store.list_tombstones()
         await h.runtime.publish(Started("k", "2"))
         await h.runtime.drain()
 
         (second,) = await h.records()
-        assert (second.state, second.version) == ('{"seen": ["Started:2"]}', 1)
+        assert (tombstone.version, await h.store.list_tombstones()) == (2, [])
+        assert (second.state, second.version) == ('{"seen": ["Started:2"]}', 3)
         assert second.instance_id != first.instance_id
         ids = [m.id for _, m in h.dispatched.calls]
         assert len(set(ids)) == 2
@@ -745,8 +750,8 @@ async def test_complete_drops_schedules_at_once_and_takes_no_more_events() -> No
         await h.runtime.publish(Started("k", "again"))
         await h.runtime.drain()
         assert h.unmatched == [
-            Unmatched(Touched("k"), SAGA, "k", "the instance has completed"),
-            Unmatched(Started("k", "again"), SAGA, "k", "the instance has completed"),
+            Unmatched(Touched("k"), SAGA, "k", COMPLETED, "completed"),
+            Unmatched(Started("k", "again"), SAGA, "k", COMPLETED, "completed"),
         ]
         assert await h.summary() == {"k": ("completing", ["Started", "Finished"])}
 
@@ -847,8 +852,11 @@ async def test_events_without_id_are_never_deduplicated() -> None:
 
 @pytest.mark.anyio
 async def test_dedup_outlives_a_completed_instance_until_the_retention_passes() -> None:
+    """Without tombstones (retention 0), the dedup mark alone keeps a redelivered start
+    event from starting a completed key again, for `dedup_retention`."""
     script = lambda state, event: Complete() if isinstance(event, Finished) else None  # noqa: E731
-    async with running(scripted_registry(script), dedup_retention=timedelta(hours=1)) as h:
+    registry = scripted_registry(script, tombstone_retention=0)
+    async with running(registry, dedup_retention=timedelta(hours=1)) as h:
         await h.runtime.publish(Started("k"), id="start-1")
         await h.runtime.publish(Finished("k"), id="finish-1")
         assert await h.records() == []

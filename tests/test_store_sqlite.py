@@ -164,6 +164,7 @@ async def test_a_new_file_gets_the_current_schema_version(tmp_path: Path) -> Non
         ("meta",),
         ("outbox",),
         ("schedules",),
+        ("tombstones",),
     ]
 
 
@@ -354,7 +355,9 @@ async def test_a_version_3_file_keeps_its_rows_and_gains_traces(tmp_path: Path) 
         [outbox_row("c1"), outbox_row("c2", seq=2, trace=TRACE)],
         [schedule("s1", due=5.0), schedule("s2", due=6.0, trace=TRACE)],
     )
-    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [("4",)]
+    assert query(path, "SELECT value FROM meta WHERE name = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
 
 
 async def test_a_version_1_file_gets_the_index_of_unusual_statuses(

@@ -72,10 +72,20 @@ class Keys:
     async def awaited(self, event: Placed) -> str:
         return event.order_id
 
+    @correlate(Paid, Cancelled, reply=True)
+    def answers(self, event: Paid | Cancelled) -> str:
+        """A reply's correlate function returns the command id it answers."""
+        return event.order_id
+
+    @correlate(Paid, reply=True)  # type: ignore[type-var]
+    def reply_number(self, event: Paid) -> int:
+        return len(event.order_id)
+
 
 # Correlate functions keep their exact signature.
 order_id: Callable[[Keys, Placed | Paid], str] = Keys.order_id
 assert_type(Keys().maybe(Paid("o")), str | None)
+assert_type(Keys().answers(Cancelled("o")), str)
 
 
 class Results:
@@ -161,6 +171,14 @@ class Events:
     def seven(self, order: Order, event: str) -> None:
         """Past six types only the shape and result are checked."""
 
+    @on(Paid, Cancelled, late=True)
+    def too_late(self, order: Order, event: Paid | Cancelled) -> Send[Ship]:
+        return Send(Ship(event.order_id))
+
+    @on(Paid, late=True)  # type: ignore[arg-type]
+    def late_wrong_event(self, order: Order, event: Placed) -> None:
+        pass
+
     @on(CommandFailed)
     def failed(self, order: Order, event: CommandFailed[Ship]) -> Compensate:
         assert_type(event.command, Ship)
@@ -191,6 +209,7 @@ class Events:
 # event parameter is typed as the `@on` types.
 assert_type(Events.placed, Callable[[Events, Order, Placed], None])
 assert_type(Events().placed(Order(), Placed("o")), None)
+assert_type(Events().too_late(Order(), Paid("o")), Send[Ship])
 assert_type(Results().one(Order(), Placed("o")), Send[Ship])
 assert_type(Results().listed(Order(), Placed("o")), list[Action])
 seven: Callable[[Order, str], None] = Events().seven

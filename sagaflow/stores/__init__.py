@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING
 from ._claims import ClaimedCommand, ClusterStore, InboxRecord, Listener, Settled
 from ._memory import MemoryStore
 from ._protocol import (
+    ABORTED,
     ACTIVE,
     COMPENSATION_FAILED,
+    COMPLETED,
     COMPLETING,
     Changes,
     DeadLetter,
@@ -30,6 +32,9 @@ from ._protocol import (
     ScheduleDelete,
     ScheduleRecord,
     Store,
+    Tombstone,
+    TombstonePolicy,
+    TombstoneWrite,
 )
 from ._sqlite import SQLiteStore
 
@@ -47,8 +52,10 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "ABORTED",
     "ACTIVE",
     "COMPENSATION_FAILED",
+    "COMPLETED",
     "COMPLETING",
     "Changes",
     "ClaimedCommand",
@@ -73,4 +80,7 @@ __all__ = [
     "ScheduleRecord",
     "Settled",
     "Store",
+    "Tombstone",
+    "TombstonePolicy",
+    "TombstoneWrite",
 ]

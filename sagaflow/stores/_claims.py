@@ -13,12 +13,12 @@ anyone may. Owners renew the leases of rows they still work on.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import attrs
 
-from ._protocol import OutboxRecord, OutboxUpdate, ScheduleRecord, Store
+from ._protocol import OutboxRecord, OutboxUpdate, ScheduleRecord, Store, TombstonePolicy
 
 __all__ = ["ClaimedCommand", "ClusterStore", "InboxRecord", "Listener", "Settled"]
 
@@ -147,9 +147,17 @@ class ClusterStore(Store, Protocol):
         ...
 
     async def finish_completed(
-        self, refs: Sequence[_Ref] | None, *, sagas: Sequence[str], limit: int
+        self,
+        refs: Sequence[_Ref] | None,
+        *,
+        sagas: Sequence[str],
+        limit: int,
+        now: float,
+        tombstones: Mapping[str, TombstonePolicy],
     ) -> list[_Ref]:
-        """Delete completing instances (of `refs`, or any) that have no outbox row left.
+        """Delete completing instances (of `refs`, or any) that have no outbox row left,
+        each leaving a `"completed"` tombstone as its saga's policy in `tombstones` says,
+        in the same transaction.
 
         Returns the instances deleted.
         """

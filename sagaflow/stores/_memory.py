@@ -22,12 +22,14 @@ from ._protocol import (
     PendingCommand,
     RowCounts,
     ScheduleRecord,
+    Tombstone,
     row_counts,
 )
 
 __all__ = ["MemoryStore"]
 
 _R = TypeVar("_R")
+_PURGE = 256  # expired tombstones a commit removes, plus twice those it writes
 _Ref = tuple[str, str]
 _ScheduleKey = tuple[str, str, str]
 
@@ -54,6 +56,11 @@ class MemoryStore:
     _next_token: int = attrs.field(default=0, init=False)
     _dead: dict[str, DeadLetter] = attrs.field(factory=dict, init=False)
     _marks: dict[tuple[str, str, str], float] = attrs.field(factory=dict, init=False)
+    _tombstones: dict[_Ref, Tombstone] = attrs.field(factory=dict, init=False)
+    # (expires_at, ref): purged in expiry order by commits that write tombstones; an
+    # entry whose tombstone was replaced or deleted meanwhile is skipped.
+    _expiry: list[tuple[float, _Ref]] = attrs.field(factory=list, init=False)
+    _now: float | None = attrs.field(default=None, init=False)
     _loads: int = attrs.field(default=0, init=False)
 
     async def open(self) -> None:
@@ -65,17 +72,25 @@ class MemoryStore:
         await anyio.lowlevel.checkpoint()
 
     async def load(self, request: LoadRequest) -> Loaded:
-        """Read instances, unexpired dedup marks and pending schedule ids."""
+        """Read instances (or their unexpired tombstones), unexpired dedup marks and
+        pending schedule ids."""
         await anyio.lowlevel.checkpoint()
-        instances = {
-            ref: self._instances[ref] for ref in request.instances if ref in self._instances
-        }
-        marks = {m for m in request.marks if self._marks.get(m, float("-inf")) >= request.now}
+        now = request.now
+        self._now = now if self._now is None else max(self._now, now)
+        instances: dict[_Ref, InstanceRecord] = {}
+        tombstones: dict[_Ref, Tombstone] = {}
+        for ref in request.instances:
+            record = self._instances.get(ref)
+            if record is not None:
+                instances[ref] = record
+            elif (t := self._tombstones.get(ref)) is not None and t.expires_at >= now:
+                tombstones[ref] = t
+        marks = {m for m in request.marks if self._marks.get(m, float("-inf")) >= now}
         ids = {i for i in request.schedule_ids if i in self._schedule_ids}
         self._loads += 1
         if self._loads % 4096 == 0:
-            self._marks = {m: t for m, t in self._marks.items() if t >= request.now}
-        return Loaded(instances=instances, marks=marks, schedule_ids=ids)
+            self._marks = {m: t for m, t in self._marks.items() if t >= now}
+        return Loaded(instances=instances, marks=marks, schedule_ids=ids, tombstones=tombstones)
 
     async def commit(self, changes: Changes) -> None:
         """Apply `changes` atomically; raise `ConflictError` on a version mismatch."""
@@ -92,6 +107,14 @@ class MemoryStore:
                 self._outbox.pop(oid, None)
         for w in changes.writes:
             self._instances[(w.record.saga, w.record.key)] = w.record
+        for ref in changes.tombstone_deletes:
+            self._tombstones.pop(ref, None)
+        for t in changes.tombstones:
+            ref = (t.tombstone.saga, t.tombstone.key)
+            self._tombstones[ref] = t.tombstone
+            heapq.heappush(self._expiry, (t.tombstone.expires_at, ref))
+        if changes.tombstones:
+            self._purge(_PURGE + 2 * len(changes.tombstones))
         for ref in changes.schedule_clears:
             self._clear_schedules(ref)
         for sd in changes.schedule_deletes:
@@ -149,7 +172,25 @@ class MemoryStore:
             if current != expected:
                 conflicts[ref] = None
             versions[ref] = after
+        tombstones = self._tombstones
+        gone = set(changes.tombstone_deletes)
+        for t in changes.tombstones:
+            ref = (t.tombstone.saga, t.tombstone.key)
+            if t.expected_version:
+                stored = None if ref in gone else tombstones.get(ref)
+                if stored is None or stored.version != t.expected_version:
+                    conflicts[ref] = None
         return list(conflicts)
+
+    def _purge(self, limit: int) -> None:
+        """Drop up to `limit` tombstones that expired before the latest load's time."""
+        expiry, now = self._expiry, self._now
+        while expiry and limit and now is not None and expiry[0][0] < now:
+            expires_at, ref = heapq.heappop(expiry)
+            tombstone = self._tombstones.get(ref)
+            if tombstone is not None and tombstone.expires_at == expires_at:
+                del self._tombstones[ref]
+                limit -= 1
 
     def _put_schedule(self, s: ScheduleRecord) -> None:
         skey = (s.saga, s.key, s.name)
@@ -319,6 +360,11 @@ class MemoryStore:
         for mark in [m for m in self._marks if m[0] == old and m[1] not in taken]:
             if (new, *mark[1:]) not in self._marks:
                 self._marks[(new, *mark[1:])] = self._marks.pop(mark)
+        for ref in [r for r in self._tombstones if r[0] == old and r[1] not in taken]:
+            if (new, ref[1]) not in self._tombstones:
+                tombstone = self._tombstones.pop(ref)
+                self._tombstones[(new, ref[1])] = attrs.evolve(tombstone, saga=new)
+                heapq.heappush(self._expiry, (tombstone.expires_at, (new, ref[1])))
         moved = [ref for ref in self._instances if ref[0] == old and ref[1] not in taken]
         for ref in moved:
             self._instances[(new, ref[1])] = attrs.evolve(self._instances.pop(ref), saga=new)
@@ -377,6 +423,13 @@ class MemoryStore:
         await anyio.lowlevel.checkpoint()
         return _page(self._dead, after, limit)
 
+    async def scan_tombstones(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[Tombstone]:
+        """Up to `limit` tombstones ordered by `(saga, key)`, those after `after` only."""
+        await anyio.lowlevel.checkpoint()
+        return _page(self._tombstones, after, limit)
+
     async def list_schedules(
         self, *, saga: str | None = None, key: str | None = None
     ) -> list[ScheduleRecord]:
@@ -397,6 +450,20 @@ class MemoryStore:
         return sorted(
             (d for d in self._dead.values() if saga is None or d.saga == saga),
             key=lambda d: (d.failed_at, d.id),
+        )
+
+    async def list_tombstones(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[Tombstone]:
+        """Tombstones, optionally of one saga or key, ordered by saga and key."""
+        await anyio.lowlevel.checkpoint()
+        return sorted(
+            (
+                t
+                for t in self._tombstones.values()
+                if (saga is None or t.saga == saga) and (key is None or t.key == key)
+            ),
+            key=lambda t: (t.saga, t.key),
         )
 
     async def count_rows(self, *, now: float) -> RowCounts:

@@ -40,6 +40,8 @@ from ._protocol import (
     PendingCommand,
     RowCounts,
     ScheduleRecord,
+    Tombstone,
+    TombstoneWrite,
     row_counts,
 )
 
@@ -131,7 +133,7 @@ def redact_dsn(dsn: str) -> str:
 
 # -- schema
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """The newest schema version this sagaflow writes; stored in the `meta` table."""
 
 # Each step migrates from the version equal to its index to the next one. `{s}` is the
@@ -242,6 +244,23 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE {s}.schedules ADD COLUMN trace text",
         "ALTER TABLE {s}.inbox ADD COLUMN trace text",
     ),
+    # 4 -> 5: finished instances leave a tombstone for a while (how and when they ended,
+    # the final state for sagas with late handlers); expired ones are purged by expiry.
+    (
+        """CREATE TABLE {s}.tombstones (
+            saga text COLLATE "C" NOT NULL,
+            key text COLLATE "C" NOT NULL,
+            ended text NOT NULL,
+            ended_at double precision NOT NULL,
+            expires_at double precision NOT NULL,
+            instance_id text NOT NULL,
+            version bigint NOT NULL,
+            state text,
+            state_version integer NOT NULL,
+            PRIMARY KEY (saga, key)
+        )""",
+        "CREATE INDEX tombstones_expires ON {s}.tombstones (expires_at)",
+    ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -254,6 +273,11 @@ _INSTANCE = (
 _OUTBOX = "id, saga, key, seq, kind, type_name, payload, attempts, due, error, trace"
 _SCHEDULE = "id, saga, key, name, due, to_self, type_name, payload, seq, attempts, trace"
 _DEAD = "id, saga, key, kind, type_name, payload, error, attempts, failed_at, seq, name"
+_TOMBSTONE = "saga, key, ended, ended_at, expires_at, instance_id, version, state, state_version"
+_TOMBSTONE_TYPES = (
+    "%b::text[], %b::text[], %b::text[], %b::float8[], %b::float8[], %b::text[], "
+    "%b::int8[], %b::text[], %b::int4[]"
+)
 _TEXTS2 = "unnest(%b::text[], %b::text[])"
 
 # `{s}` is the quoted schema name; column lists are spliced in now.
@@ -264,8 +288,17 @@ _SQL = {
         "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
     ),
     # -- load
+    # An instance, or else its unexpired tombstone, in one statement: the common case
+    # (the instance exists) pays one more index probe, not one more round trip.
     "load_instances": (
-        f"SELECT {_INSTANCE} FROM {{s}}.instances JOIN {_TEXTS2} AS r(saga, key) USING (saga, key)"
+        "SELECT r.saga, r.key, i.version, i.status, i.state, i.instance_id, i.created_at, "
+        "i.updated_at, i.last_event, i.completed, i.state_version, t.ended, t.ended_at, "
+        "t.expires_at, t.instance_id, t.version, t.state, t.state_version "
+        f"FROM {_TEXTS2} AS r(saga, key) "
+        "LEFT JOIN {s}.instances i ON i.saga = r.saga AND i.key = r.key "
+        "LEFT JOIN {s}.tombstones t ON i.saga IS NULL AND t.saga = r.saga AND t.key = r.key "
+        "AND t.expires_at >= %b::float8 "
+        "WHERE i.saga IS NOT NULL OR t.saga IS NOT NULL"
     ),
     "load_marks": (
         "SELECT saga, key, event_id FROM {s}.dedup_marks "
@@ -304,6 +337,31 @@ _SQL = {
         "SELECT * FROM unnest(%b::text[], %b::text[], %b::int8[], %b::text[], %b::text[], "
         "%b::text[], %b::float8[], %b::float8[], %b::text[], %b::bool[], %b::int4[]) "
         "ON CONFLICT (saga, key) DO NOTHING RETURNING saga, key"
+    ),
+    # -- commit: tombstones
+    "delete_tombstones": (
+        f"DELETE FROM {{s}}.tombstones t USING {_TEXTS2} AS d(saga, key) "
+        "WHERE t.saga = d.saga AND t.key = d.key"
+    ),
+    "put_tombstones": (
+        f"INSERT INTO {{s}}.tombstones ({_TOMBSTONE}) SELECT * FROM unnest({_TOMBSTONE_TYPES}) "
+        "ON CONFLICT (saga, key) DO UPDATE SET ended = excluded.ended, "
+        "ended_at = excluded.ended_at, expires_at = excluded.expires_at, "
+        "instance_id = excluded.instance_id, version = excluded.version, "
+        "state = excluded.state, state_version = excluded.state_version"
+    ),
+    "update_tombstones": (
+        "UPDATE {s}.tombstones t SET ended = u.ended, ended_at = u.ended_at, "
+        "expires_at = u.expires_at, instance_id = u.instance_id, version = u.version, "
+        "state = u.state, state_version = u.state_version "
+        f"FROM unnest({_TOMBSTONE_TYPES}, %b::int8[]) AS u({_TOMBSTONE}, expected) "
+        "WHERE t.saga = u.saga AND t.key = u.key AND t.version = u.expected "
+        "RETURNING t.saga, t.key"
+    ),
+    # Bounded: a commit that writes tombstones drops at most this many expired ones.
+    "purge_tombstones": (
+        "DELETE FROM {s}.tombstones WHERE (saga, key) IN (SELECT saga, key FROM "
+        "{s}.tombstones WHERE expires_at < %s ORDER BY expires_at LIMIT %s)"
     ),
     # -- commit: schedules
     "clear_schedules": (
@@ -397,6 +455,11 @@ _SQL = {
                 " AND NOT EXISTS (SELECT FROM {s}.dedup_marks x WHERE x.saga = %(new)s "
                 "AND x.key = t.key AND x.event_id = t.event_id)",
             ),
+            (
+                "tombstones",
+                " AND NOT EXISTS (SELECT FROM {s}.tombstones x WHERE x.saga = %(new)s "
+                "AND x.key = t.key)",
+            ),
             ("instances", ""),
         )
     ),
@@ -427,6 +490,7 @@ _SQL = {
     ),
     "list_schedules": f"SELECT {_SCHEDULE} FROM {{s}}.schedules",
     "list_dead_letters": f"SELECT {_DEAD} FROM {{s}}.dead_letters",
+    "list_tombstones": f"SELECT {_TOMBSTONE} FROM {{s}}.tombstones",
     # -- leases (PostgreSQL only)
     "claim_outbox": (
         "WITH picked AS ("
@@ -471,6 +535,10 @@ _SQL = {
 
 # Marks expire but are not deleted by reads; every this many loads one also prunes them.
 _PRUNE_EVERY = 1024
+# Every this many commits that write tombstones, one drops expired ones: this many, plus
+# twice as many as were written since the last such drop.
+_PURGE_EVERY = 16
+_PURGE = 256
 # Deadlocks and serialization failures abort a commit before anything is applied, so it is
 # simply run again, this many times at most.
 _TRANSIENT_ATTEMPTS = 3
@@ -499,6 +567,25 @@ def _instance_row(r: InstanceRecord) -> tuple[Any, ...]:
         r.completed,
         r.state_version,
     )
+
+
+def _tombstone_row(t: Tombstone) -> tuple[Any, ...]:
+    """The columns of `t`, in the order of `_TOMBSTONE`."""
+    return (
+        t.saga,
+        t.key,
+        t.ended,
+        float(t.ended_at),
+        float(t.expires_at),
+        t.instance_id,
+        t.version,
+        t.state,
+        t.state_version,
+    )
+
+
+def _tombstone_ref(write: TombstoneWrite) -> _Ref:
+    return (write.tombstone.saga, write.tombstone.key)
 
 
 def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
@@ -592,6 +679,9 @@ class PostgresStore(ClusterMethods):
     _pool: _Pool | None = attrs.field(default=None, init=False)
     _limiter: anyio.CapacityLimiter | None = attrs.field(default=None, init=False)
     _loads: int = attrs.field(default=0, init=False)
+    _now: float | None = attrs.field(default=None, init=False)
+    _purge_in: int = attrs.field(default=0, init=False)
+    _tombstones_put: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         redacted, secrets = _redact(self._dsn)
@@ -803,7 +893,9 @@ class PostgresStore(ClusterMethods):
     # -- the store protocol
 
     async def load(self, request: LoadRequest) -> Loaded:
-        """Read instances, unexpired dedup marks and pending schedule ids in one go."""
+        """Read instances (or their unexpired tombstones), unexpired dedup marks and
+        pending schedule ids in one go."""
+        self._now = request.now if self._now is None else max(self._now, request.now)
         self._loads += 1
         prune = self._loads % _PRUNE_EVERY == 0
         if not (prune or request.instances or request.marks or request.schedule_ids):
@@ -814,13 +906,18 @@ class PostgresStore(ClusterMethods):
     def _load_sync(self, pool: _Pool, request: LoadRequest, prune: bool) -> Loaded:
         sql = self._sql
         instances: dict[_Ref, InstanceRecord] = {}
+        tombstones: dict[_Ref, Tombstone] = {}
         marks: set[tuple[str, str, str]] = set()
         schedule_ids: set[str] = set()
         with self._translate("load"), pool.connection() as conn:
             if request.instances:
-                with conn.cursor(row_factory=class_row(InstanceRecord)) as cur:
-                    cur.execute(sql["load_instances"], _columns(request.instances))
-                    instances = {(r.saga, r.key): r for r in cur}
+                params = [*_columns(request.instances), float(request.now)]
+                for row in conn.execute(sql["load_instances"], params):
+                    ref = (row[0], row[1])
+                    if row[2] is not None:
+                        instances[ref] = InstanceRecord(*row[:11])
+                    else:
+                        tombstones[ref] = Tombstone(*ref, *row[11:])
             if request.marks:
                 params = [*_columns(request.marks), request.now]
                 rows = conn.execute(sql["load_marks"], params).fetchall()
@@ -832,7 +929,9 @@ class PostgresStore(ClusterMethods):
                 schedule_ids = {sid for (sid,) in rows}
             if prune:
                 conn.execute(sql["prune_marks"], (request.now,))
-        return Loaded(instances=instances, marks=marks, schedule_ids=schedule_ids)
+        return Loaded(
+            instances=instances, marks=marks, schedule_ids=schedule_ids, tombstones=tombstones
+        )
 
     async def commit(self, changes: Changes) -> None:
         """Apply `changes` in one transaction (all or nothing).
@@ -898,8 +997,13 @@ class PostgresStore(ClusterMethods):
                 if _write_ref(w) not in done or _write_ref(w) in seen:
                     conflicts.add(_write_ref(w))
                 seen.add(_write_ref(w))
+        if ch.tombstone_deletes:
+            cur.execute(sql["delete_tombstones"], _columns(sorted(set(ch.tombstone_deletes))))
+        if ch.tombstones:
+            conflicts.update(self._write_tombstones(cur, ch.tombstones))
         if conflicts:
             order = [_write_ref(w) for w in ch.writes] + [_ref(d) for d in ch.deletes]
+            order += [_tombstone_ref(t) for t in ch.tombstones]
             raise ConflictError(list(dict.fromkeys(r for r in order if r in conflicts)))
 
         gone_refs = sorted({_ref(d) for d in deletes})
@@ -982,6 +1086,32 @@ class PostgresStore(ClusterMethods):
             rows = [(m.saga, m.key, m.event_id, float(m.expires_at)) for m in marks]
             cur.execute(sql["put_marks"], _columns(rows))
 
+    def _write_tombstones(
+        self, cur: psycopg.Cursor[TupleRow], writes: Sequence[TombstoneWrite]
+    ) -> set[_Ref]:
+        """Put and update tombstones (see `TombstoneWrite`); returns the conflicts."""
+        sql = self._sql
+        conflicts: set[_Ref] = set()
+        puts = _last_by([t for t in writes if not t.expected_version], _tombstone_ref)
+        updates = _last_by([t for t in writes if t.expected_version], _tombstone_ref)
+        if updates:
+            rows = [(*_tombstone_row(t.tombstone), t.expected_version) for t in updates]
+            cur.execute(sql["update_tombstones"], _columns(rows))
+            done = {(saga, key) for saga, key in cur.fetchall()}
+            conflicts.update(_tombstone_ref(t) for t in updates if _tombstone_ref(t) not in done)
+        if puts:
+            rows = [_tombstone_row(t.tombstone) for t in puts]
+            cur.execute(sql["put_tombstones"], _columns(rows))
+            # Expired tombstones never count again: drop some, faster than they come,
+            # every few commits (a statement is a round trip).
+            self._tombstones_put += len(puts)
+            self._purge_in -= 1
+            if self._now is not None and self._purge_in < 0:
+                limit = _PURGE + 2 * self._tombstones_put
+                cur.execute(sql["purge_tombstones"], (self._now, limit))
+                self._tombstones_put, self._purge_in = 0, _PURGE_EVERY - 1
+        return conflicts
+
     async def next_due(self, *, sagas: Collection[str] | None = None) -> float | None:
         """The earliest due time of any pending schedule (of `sagas`, if given), or `None`."""
         among = None if sagas is None else list(sagas)
@@ -1063,6 +1193,7 @@ class PostgresStore(ClusterMethods):
             "list_outbox": OutboxRecord,
             "list_schedules": ScheduleRecord,
             "list_dead_letters": DeadLetter,
+            "list_tombstones": Tombstone,
         }[name]
         wanted = {column: value for column, value in filters.items() if value is not None}
         where = " AND ".join(f"{column} = %s" for column in wanted)
@@ -1153,6 +1284,12 @@ class PostgresStore(ClusterMethods):
         key = None if after is None else (after,)
         return await self._run(self._scan(DeadLetter, "list_dead_letters", "id", key, limit))
 
+    async def scan_tombstones(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[Tombstone]:
+        """Up to `limit` tombstones ordered by `(saga, key)`, those after `after` only."""
+        return await self._run(self._scan(Tombstone, "list_tombstones", "saga, key", after, limit))
+
     def _scan(
         self, cls: type[T], name: str, key: str, after: Sequence[str] | None, limit: int
     ) -> Callable[[_Pool], list[T]]:
@@ -1190,6 +1327,15 @@ class PostgresStore(ClusterMethods):
         """Dead letters, oldest first."""
         found: list[DeadLetter] = await self._run(
             self._listing("list_dead_letters", {"saga": saga}, "failed_at, pos")
+        )
+        return found
+
+    async def list_tombstones(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[Tombstone]:
+        """Tombstones, optionally of one saga or key, ordered by saga and key."""
+        found: list[Tombstone] = await self._run(
+            self._listing("list_tombstones", {"saga": saga, "key": key}, "saga, key")
         )
         return found
 

@@ -12,7 +12,7 @@ import hashlib
 import select
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -23,7 +23,7 @@ from psycopg.rows import TupleRow
 
 from ..exceptions import StoreError
 from ._claims import ClaimedCommand, InboxRecord, Settled
-from ._protocol import OutboxRecord, OutboxUpdate, ScheduleRecord
+from ._protocol import OutboxRecord, OutboxUpdate, ScheduleRecord, TombstonePolicy
 
 if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool
@@ -42,6 +42,8 @@ FAILED_LEASES = 5
 # Deadlocks and serialization failures abort a transaction before anything is applied,
 # so it is simply run again, this many times at most.
 _TRANSIENT_ATTEMPTS = 3
+# Expired tombstones a cleanup drops, plus twice the tombstones it leaves.
+_PURGE = 256
 
 # Cluster mode (see `sagaflow.stores._claims`). An instance's outbox and inbox rows stay
 # in one owner's hands: its first row is claimed when nobody holds it, the rows behind
@@ -169,11 +171,31 @@ CLUSTER_SQL = {
         " AND NOT EXISTS (SELECT FROM {s}.outbox o WHERE o.saga = i.saga AND o.key = i.key)"
         " ORDER BY i.saga, i.key LIMIT %(limit)s FOR UPDATE OF i SKIP LOCKED"
     ),
+    # The instances end and leave their tombstones in one statement (per-saga retention
+    # and whether the final state is kept come as arrays); a key reused in between
+    # replaces an older tombstone.
     "finish": (
-        f"DELETE FROM {{s}}.instances i USING {_MINE}"
+        "WITH gone AS ("
+        f" DELETE FROM {{s}}.instances i USING {_MINE}"
         " WHERE i.saga = m.saga AND i.key = m.key AND i.status = 'completing'"
         " AND NOT EXISTS (SELECT FROM {s}.outbox o WHERE o.saga = i.saga AND o.key = i.key)"
-        " RETURNING i.saga, i.key"
+        " RETURNING i.saga, i.key, i.instance_id, i.version, i.state, i.state_version),"
+        " kept AS ("
+        " INSERT INTO {s}.tombstones (saga, key, ended, ended_at, expires_at, instance_id,"
+        " version, state, state_version)"
+        " SELECT g.saga, g.key, 'completed', %(now)s::float8, %(now)s::float8 + p.retention,"
+        " g.instance_id, g.version, CASE WHEN p.keep THEN g.state END, g.state_version FROM gone g"
+        " JOIN unnest(%(psaga)s::text[], %(pretention)s::float8[], %(pkeep)s::bool[])"
+        " AS p(saga, retention, keep) ON p.saga = g.saga WHERE p.retention > 0"
+        " ON CONFLICT (saga, key) DO UPDATE SET ended = excluded.ended,"
+        " ended_at = excluded.ended_at, expires_at = excluded.expires_at,"
+        " instance_id = excluded.instance_id, version = excluded.version,"
+        " state = excluded.state, state_version = excluded.state_version)"
+        " SELECT saga, key FROM gone"
+    ),
+    "finish_purge": (
+        "DELETE FROM {s}.tombstones WHERE (saga, key) IN (SELECT saga, key FROM"
+        " {s}.tombstones WHERE expires_at < %(now)s ORDER BY expires_at LIMIT %(limit)s)"
     ),
     "finish_schedules": (
         f"DELETE FROM {{s}}.schedules t USING {_MINE} WHERE t.saga = m.saga AND t.key = m.key"
@@ -446,18 +468,29 @@ class ClusterMethods:
         return await self._run(lambda pool: self._transaction(pool, "settle commands", settle))
 
     async def finish_completed(
-        self, refs: Sequence[_Ref] | None, *, sagas: Sequence[str], limit: int
+        self,
+        refs: Sequence[_Ref] | None,
+        *,
+        sagas: Sequence[str],
+        limit: int,
+        now: float,
+        tombstones: Mapping[str, TombstonePolicy],
     ) -> list[_Ref]:
-        """Delete completing instances that have no outbox row left.
+        """Delete completing instances that have no outbox row left, leaving tombstones.
 
         A completed instance ends once its last command is dispatched, possibly by
         another process than the one that completed it: whoever dispatched it calls this.
         Instances locked by a commit under way are skipped (a later call gets them).
+        In the same transaction, each instance leaves a tombstone (`"completed"`, at
+        `now`) as its saga's policy says, and a bounded number of expired tombstones is
+        purged.
 
         Args:
             refs: The instances to look at, or `None` for any (up to `limit`).
             sagas: With `refs=None`, look at instances of these sagas only.
             limit: With `refs=None`, the most instances to delete.
+            now: Wall-clock seconds: when they ended.
+            tombstones: Each saga's tombstone policy; a saga missing here leaves none.
 
         Returns:
             The instances deleted, sorted.
@@ -466,6 +499,13 @@ class ClusterMethods:
             await anyio.lowlevel.checkpoint()
             return []
         sql = self._sql
+        names = sorted(tombstones)
+        policies = {
+            "now": now,
+            "psaga": names,
+            "pretention": [float(tombstones[n].retention) for n in names],
+            "pkeep": [tombstones[n].keep_state for n in names],
+        }
 
         def finish(cur: _Cursor) -> list[_Ref]:
             if refs is None:
@@ -476,10 +516,12 @@ class ClusterMethods:
             candidates = [(saga, key) for saga, key in cur.fetchall()]
             if not candidates:
                 return []
-            cur.execute(sql["finish"], _arrays(candidates))
+            cur.execute(sql["finish"], {**_arrays(candidates), **policies})
             gone = sorted((saga, key) for saga, key in cur.fetchall())
             if gone:
                 cur.execute(sql["finish_schedules"], _arrays(gone))
+                purge = {"now": now, "limit": _PURGE + 2 * len(gone)}
+                cur.execute(sql["finish_purge"], purge)
             return gone
 
         return await self._run(lambda pool: self._transaction(pool, "finish instances", finish))

@@ -12,8 +12,10 @@ from typing import Protocol, runtime_checkable
 import attrs
 
 __all__ = [
+    "ABORTED",
     "ACTIVE",
     "COMPENSATION_FAILED",
+    "COMPLETED",
     "COMPLETING",
     "Changes",
     "DeadLetter",
@@ -30,6 +32,9 @@ __all__ = [
     "ScheduleDelete",
     "ScheduleRecord",
     "Store",
+    "Tombstone",
+    "TombstonePolicy",
+    "TombstoneWrite",
 ]
 
 ACTIVE = "active"
@@ -42,6 +47,11 @@ COMPENSATION_FAILED = "compensation_failed"
 SEND = "send"
 COMPENSATE = "compensate"
 
+COMPLETED = "completed"
+"""How an instance ended (`Tombstone.ended`): it completed and its outbox drained."""
+ABORTED = "aborted"
+"""How an instance ended (`Tombstone.ended`): an operator aborted it (`Admin.abort`)."""
+
 
 @attrs.frozen
 class InstanceRecord:
@@ -50,7 +60,8 @@ class InstanceRecord:
     Attributes:
         saga: The saga's name.
         key: The correlation key.
-        version: Incremented by every write; 1 for a new instance.
+        version: Incremented by every write; 1 for a new instance (one more than its
+            tombstone's for a key that starts again after a finished instance).
         status: `"active"`, `"completing"` or `"compensation_failed"`.
         state: The state as JSON text.
         instance_id: Unique per incarnation of `(saga, key)`; command ids derive from it.
@@ -205,6 +216,63 @@ class DedupMark:
 
 
 @attrs.frozen
+class Tombstone:
+    """What is left of a finished instance, for a while: its key is not started again,
+    and a late event for it is reported as such (or handled by a `late=True` handler).
+
+    Attributes:
+        saga: The saga's name.
+        key: The instance key.
+        ended: How it ended: `"completed"` or `"aborted"`.
+        ended_at: Wall-clock seconds when it ended.
+        expires_at: Wall-clock seconds after which it no longer counts and may be purged.
+        instance_id: The finished incarnation's id (command ids derive from it).
+        version: The instance's last version; every late event handled bumps it, so the
+            commands of late handlers get ids and an order of their own.
+        state: The final state as JSON text, kept only for sagas with `late=True`
+            handlers (`None` otherwise).
+        state_version: The saga's state version `state` was written at.
+    """
+
+    saga: str
+    key: str
+    ended: str
+    ended_at: float
+    expires_at: float
+    instance_id: str
+    version: int
+    state: str | None = None
+    state_version: int = 1
+
+
+@attrs.frozen
+class TombstoneWrite:
+    """Put a tombstone.
+
+    `expected_version` 0 puts it whatever is stored for its key (it is written with the
+    delete of its instance, which is version-checked itself); any other value updates
+    the stored tombstone only if it is at that version (a late event was handled).
+    """
+
+    tombstone: Tombstone
+    expected_version: int = 0
+
+
+@attrs.frozen
+class TombstonePolicy:
+    """How one saga's finished instances are remembered.
+
+    Attributes:
+        retention: Seconds a tombstone counts; 0 keeps none.
+        keep_state: Keep the final state in the tombstone (the saga has `late=True`
+            handlers).
+    """
+
+    retention: float
+    keep_state: bool = False
+
+
+@attrs.frozen
 class RowCounts:
     """How many rows a store holds: the backlog of every runtime that shares it.
 
@@ -256,7 +324,8 @@ class Changes:
 
     A store applies, in this order: instance deletes (with their schedules and outbox
     rows; deleting an absent instance with `expected_version` 0 only drops those),
-    instance writes, schedule clears (all schedules of an instance), schedule deletes,
+    instance writes, tombstone deletes (`(saga, key)` pairs whose key starts again),
+    tombstone writes, schedule clears (all schedules of an instance), schedule deletes,
     schedule puts (replacing the same `(saga, key, name)`, or the same id), outbox
     deletes, outbox adds (replacing the same id), outbox updates (a no-op for a missing
     row), dead-letter deletes, dead-letter adds and dedup marks. Every `expected_version`
@@ -277,6 +346,8 @@ class Changes:
     dead_letter_deletes: Sequence[str] = ()
     dead_letters: Sequence[DeadLetter] = ()
     marks: Sequence[DedupMark] = ()
+    tombstone_deletes: Sequence[tuple[str, str]] = ()
+    tombstones: Sequence[TombstoneWrite] = ()
 
     def __bool__(self) -> bool:
         return any(
@@ -292,6 +363,8 @@ class Changes:
                 self.dead_letter_deletes,
                 self.dead_letters,
                 self.marks,
+                self.tombstone_deletes,
+                self.tombstones,
             )
         )
 
@@ -301,10 +374,11 @@ class LoadRequest:
     """What a batch needs to read before it runs its handlers.
 
     Attributes:
-        instances: `(saga, key)` pairs to load.
+        instances: `(saga, key)` pairs to load, with their unexpired tombstones.
         marks: `(saga, key, event_id)` triples to look up among unexpired dedup marks.
         schedule_ids: Ids of schedules about to fire, to check they are still pending.
-        now: Wall-clock seconds; marks that expired before it do not count.
+        now: Wall-clock seconds; marks and tombstones that expired before it do not
+            count.
     """
 
     instances: Sequence[tuple[str, str]] = ()
@@ -315,11 +389,16 @@ class LoadRequest:
 
 @attrs.frozen
 class Loaded:
-    """The answer to a `LoadRequest`; missing instances are simply absent."""
+    """The answer to a `LoadRequest`; missing instances are simply absent.
+
+    `tombstones` holds the unexpired tombstones of the requested instances (a key that
+    has an instance has none).
+    """
 
     instances: dict[tuple[str, str], InstanceRecord]
     marks: set[tuple[str, str, str]]
     schedule_ids: set[str]
+    tombstones: dict[tuple[str, str], Tombstone] = attrs.field(factory=dict)
 
 
 @runtime_checkable
@@ -328,8 +407,8 @@ class Store(Protocol):
 
     Every method may be called from any task; a store serializes what it must. Blocking
     drivers run their calls in worker threads (`anyio.to_thread`), so a store works on
-    asyncio and trio alike. The conformance suite in the repository's
-    `tests/store_conformance.py` pins the behaviour every store must show. Listings
+    asyncio and trio alike. The conformance suite `sagaflow.testing.conformance`
+    pins the behaviour every store must show. Listings
     and `due_schedules` break ties by id, so their order is deterministic. A commit
     cancelled while its worker thread runs may still have been applied.
     """
@@ -343,7 +422,8 @@ class Store(Protocol):
         ...
 
     async def load(self, request: LoadRequest) -> Loaded:
-        """Read instances, dedup marks and pending schedule ids in one go."""
+        """Read instances (or their tombstones), dedup marks and pending schedule ids in
+        one go."""
         ...
 
     async def commit(self, changes: Changes) -> None:
@@ -375,9 +455,9 @@ class Store(Protocol):
     async def rename_saga(self, old: str, new: str) -> int:
         """Move the rows of saga `old` to saga `new` in one transaction (a renamed saga).
 
-        Instances, schedules, outbox rows, dead letters and dedup marks move, key by key,
-        except the keys that already have an instance under `new`: those stay under
-        `old`. Idempotent.
+        Instances, schedules, outbox rows, dead letters, dedup marks and tombstones move,
+        key by key, except the keys that already have an instance under `new`: those
+        stay under `old` (so does a tombstone whose key `new` has one of). Idempotent.
 
         Returns:
             How many instances moved.
@@ -452,6 +532,12 @@ class Store(Protocol):
         """Up to `limit` dead letters ordered by id, those after `after` only."""
         ...
 
+    async def scan_tombstones(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[Tombstone]:
+        """Up to `limit` tombstones ordered by `(saga, key)`, those after `after` only."""
+        ...
+
     async def list_schedules(
         self, *, saga: str | None = None, key: str | None = None
     ) -> list[ScheduleRecord]:
@@ -460,6 +546,15 @@ class Store(Protocol):
 
     async def list_dead_letters(self, *, saga: str | None = None) -> list[DeadLetter]:
         """Dead letters, oldest first."""
+        ...
+
+    async def list_tombstones(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[Tombstone]:
+        """Tombstones, optionally of one saga or key, ordered by saga and key.
+
+        Expired tombstones that were not purged yet are listed too (see `expires_at`).
+        """
         ...
 
     async def count_rows(self, *, now: float) -> RowCounts:

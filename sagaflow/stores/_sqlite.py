@@ -35,6 +35,7 @@ from ._protocol import (
     PendingCommand,
     RowCounts,
     ScheduleRecord,
+    Tombstone,
     row_counts,
 )
 
@@ -105,8 +106,26 @@ def _carry_traces(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE schedules ADD COLUMN trace TEXT")
 
 
+def _add_tombstones(conn: sqlite3.Connection) -> None:
+    """Version 5: finished instances leave a tombstone for a while (how and when they
+    ended, the final state for sagas with late handlers); expired ones are purged by
+    their expiry time."""
+    conn.execute(
+        """CREATE TABLE tombstones (
+        saga TEXT NOT NULL, key TEXT NOT NULL, ended TEXT NOT NULL, ended_at REAL NOT NULL,
+        expires_at REAL NOT NULL, instance_id TEXT NOT NULL, version INTEGER NOT NULL,
+        state TEXT, state_version INTEGER NOT NULL, PRIMARY KEY (saga, key)) WITHOUT ROWID"""
+    )
+    conn.execute("CREATE INDEX tombstones_expiry ON tombstones (expires_at)")
+
+
 # `_MIGRATIONS[n - 1]` turns schema version n into n + 1, inside the opening transaction.
-_MIGRATIONS: tuple[_Migration, ...] = (_index_unusual_statuses, _record_versions, _carry_traces)
+_MIGRATIONS: tuple[_Migration, ...] = (
+    _index_unusual_statuses,
+    _record_versions,
+    _carry_traces,
+    _add_tombstones,
+)
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
 """The schema version this sagaflow writes."""
 
@@ -121,6 +140,7 @@ _OUTBOX = _names(OutboxRecord)
 _SCHEDULE = _names(ScheduleRecord)
 _DEAD = _names(DeadLetter)
 _MARK = _names(DedupMark)
+_TOMBSTONE = _names(Tombstone)
 _CHUNK = 300  # keys per lookup query: 3 * 300 variables stay under SQLite's old 999 limit
 _PURGE = 256  # expired marks removed per commit, plus twice the marks the commit adds
 
@@ -145,12 +165,15 @@ def _upsert(table: str, names: Sequence[str], key: Sequence[str]) -> str:
 
 
 _get_instance = attrgetter(*_INSTANCE)
+_get_tombstone = attrgetter(*_TOMBSTONE)
 _STATEMENTS: tuple[tuple[str, str, Callable[[Any], tuple[Any, ...]]], ...] = (
     # (Changes attribute, statement, parameters of one item), in the documented order.
     ("deletes", "DELETE FROM instances WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
     ("deletes", "DELETE FROM schedules WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
     ("deletes", "DELETE FROM outbox WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
     ("writes", _upsert("instances", _INSTANCE, ("saga", "key")), lambda w: _get_instance(w.record)),
+    ("tombstone_deletes", "DELETE FROM tombstones WHERE saga = ? AND key = ?", tuple),
+    ("tombstones", _insert("tombstones", _TOMBSTONE), lambda t: _get_tombstone(t.tombstone)),
     ("schedule_clears", "DELETE FROM schedules WHERE saga = ? AND key = ?", tuple),
     (
         "schedule_deletes",
@@ -396,6 +419,21 @@ class SQLiteStore:
         rows = await self._run(_fetch, sql, args)
         return [DeadLetter(**dict(zip(_DEAD, row, strict=True))) for row in rows]
 
+    async def scan_tombstones(
+        self, *, after: tuple[str, str] | None = None, limit: int
+    ) -> list[Tombstone]:
+        """Up to `limit` tombstones ordered by `(saga, key)`, those after `after` only."""
+        scan = _scan("tombstones", _TOMBSTONE, ("saga", "key"), after, limit)
+        return [Tombstone(*row) for row in await self._run(_fetch, *scan)]
+
+    async def list_tombstones(
+        self, *, saga: str | None = None, key: str | None = None
+    ) -> list[Tombstone]:
+        """Tombstones, optionally of one saga or key, ordered by saga and key."""
+        where, args = _where(saga=saga, key=key)
+        sql = f"SELECT {_columns(_TOMBSTONE)} FROM tombstones{where} ORDER BY saga, key"
+        return [Tombstone(*row) for row in await self._run(_fetch, sql, args)]
+
     async def count_rows(self, *, now: float) -> RowCounts:
         """How many rows of each kind the store holds (see `Store.count_rows`)."""
         return await self._run(_count_rows, now)
@@ -580,6 +618,12 @@ def _commit(conn: sqlite3.Connection, changes: Changes, now: float | None) -> No
                 "FROM marks WHERE expires_at < ? LIMIT ?)",
                 (now, _PURGE + 2 * len(changes.marks)),
             )
+            if changes.tombstones:  # the same for tombstones, when some come
+                conn.execute(
+                    "DELETE FROM tombstones WHERE (saga, key) IN (SELECT saga, key "
+                    "FROM tombstones WHERE expires_at < ? LIMIT ?)",
+                    (now, _PURGE + 2 * len(changes.tombstones)),
+                )
 
     _transaction(conn, apply)
 
@@ -595,8 +639,6 @@ def _conflicts(conn: sqlite3.Connection, changes: Changes) -> list[_Ref]:
         ((w.record.saga, w.record.key), w.expected_version, w.record.version)
         for w in changes.writes
     ]
-    if not checks:
-        return []
     refs = list(dict.fromkeys(ref for ref, _, _ in checks))
     sql = "SELECT i.saga, i.key, i.version FROM {values} CROSS JOIN instances AS i "
     sql += "ON i.saga = v.column1 AND i.key = v.column2"
@@ -606,6 +648,17 @@ def _conflicts(conn: sqlite3.Connection, changes: Changes) -> list[_Ref]:
         if versions.get(ref, 0) != expected:
             conflicts[ref] = None
         versions[ref] = after
+    updates = [t for t in changes.tombstones if t.expected_version]
+    if updates:
+        gone = set(changes.tombstone_deletes)
+        refs = list(dict.fromkeys((t.tombstone.saga, t.tombstone.key) for t in updates))
+        sql = "SELECT t.saga, t.key, t.version FROM {values} CROSS JOIN tombstones AS t "
+        sql += "ON t.saga = v.column1 AND t.key = v.column2"
+        stored = {(s, k): v for s, k, v in _lookup(conn, sql, refs)}
+        for t in updates:
+            ref = (t.tombstone.saga, t.tombstone.key)
+            if ref in gone or stored.get(ref) != t.expected_version:
+                conflicts[ref] = None
     return list(conflicts)
 
 
@@ -614,8 +667,15 @@ def _load(conn: sqlite3.Connection, request: LoadRequest) -> Loaded:
     try:
         sql = f"SELECT {_columns(_INSTANCE)} FROM {{values}} CROSS JOIN instances AS i "
         sql += "ON i.saga = v.column1 AND i.key = v.column2"
-        records = map(_instance, _lookup(conn, sql, list(dict.fromkeys(request.instances))))
-        instances = {(r.saga, r.key): r for r in records}
+        refs = list(dict.fromkeys(request.instances))
+        instances = {(r.saga, r.key): r for r in map(_instance, _lookup(conn, sql, refs))}
+        tombstones: dict[_Ref, Tombstone] = {}
+        if len(instances) < len(refs):
+            sql = f"SELECT {_columns(_TOMBSTONE)} FROM {{values}} CROSS JOIN tombstones AS t "
+            sql += "ON t.saga = v.column1 AND t.key = v.column2 WHERE t.expires_at >= ?"
+            missing = [ref for ref in refs if ref not in instances]
+            for row in _lookup(conn, sql, missing, request.now):
+                tombstones[(row[0], row[1])] = Tombstone(*row)
         sql = "SELECT m.saga, m.key, m.event_id FROM {values} CROSS JOIN marks AS m "
         sql += "ON m.saga = v.column1 AND m.key = v.column2 AND m.event_id = v.column3 "
         sql += "WHERE m.expires_at >= ?"
@@ -625,7 +685,9 @@ def _load(conn: sqlite3.Connection, request: LoadRequest) -> Loaded:
         schedule_ids = {row[0] for row in _lookup(conn, sql, ids)}
     finally:
         conn.execute("COMMIT")
-    return Loaded(instances=instances, marks=marks, schedule_ids=schedule_ids)
+    return Loaded(
+        instances=instances, marks=marks, schedule_ids=schedule_ids, tombstones=tombstones
+    )
 
 
 def _count_rows(conn: sqlite3.Connection, now: float) -> RowCounts:
@@ -691,6 +753,11 @@ _RENAMES = tuple(
             "marks",
             " AND NOT EXISTS (SELECT 1 FROM marks AS m WHERE m.saga = ?2 "
             "AND m.key = marks.key AND m.event_id = marks.event_id)",
+        ),
+        (
+            "tombstones",
+            " AND NOT EXISTS (SELECT 1 FROM tombstones AS t WHERE t.saga = ?2 "
+            "AND t.key = tombstones.key)",
         ),
         ("instances", ""),
     )

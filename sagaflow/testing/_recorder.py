@@ -10,7 +10,7 @@ import attrs
 from .. import DispatchMeta
 from .._outbox import error_text
 
-__all__ = ["Dispatched", "Match", "Recorder"]
+__all__ = ["Dispatched", "Match", "Recorder", "matches"]
 
 Match: TypeAlias = "type | Callable[[Any], bool]"
 """Which commands a failure applies to: a class (its instances and subclasses' instances)
@@ -41,11 +41,14 @@ class _Rule:
     remaining: int | None
 
     def applies(self, command: object) -> bool:
-        if self.remaining == 0:
-            return False
-        if isinstance(self.match, type):
-            return isinstance(command, self.match)
-        return bool(self.match(command))
+        return self.remaining != 0 and matches(self.match, command)
+
+
+def matches(match: Match, command: object) -> bool:
+    """Whether `command` is an instance of the class `match`, or `match(command)` holds."""
+    if isinstance(match, type):
+        return isinstance(command, match)
+    return bool(match(command))
 
 
 @attrs.define(eq=False)
@@ -67,6 +70,23 @@ class Recorder:
     def delivered(self) -> list[object]:
         """The commands whose dispatch succeeded, in order."""
         return [c.command for c in self._calls if c.error is None]
+
+    def command_id(self, match: Match) -> str:
+        """The id of the last dispatched command that `match` matches: what a reply to
+        it names (`@correlate(Reply, reply=True)` returns it from the reply).
+
+        Args:
+            match: A command class, or a predicate called with each command.
+
+        Raises:
+            LookupError: No dispatched command matches.
+        """
+        for call in reversed(self._calls):
+            if matches(match, call.command):
+                return call.meta.id
+        shown = ", ".join(sorted({type(c.command).__name__ for c in self._calls})) or "none"
+        what = match.__qualname__ if isinstance(match, type) else repr(match)
+        raise LookupError(f"no dispatched command matches {what} (dispatched: {shown})")
 
     def fail(
         self, match: Match, *, error: Exception | None = None, times: int | None = None

@@ -304,6 +304,27 @@ class Scenario(Checks[S]):
         """
         self._recorder.fail(match, error=error, times=times)
 
+    def command_id(self, match: Match) -> str:
+        """The id of the last command the scenario dispatched that `match` matches, in
+        any step (those of `given` included): build a reply to it with this id.
+
+        ```python
+        await scenario.given(OrderPlaced("o-1", 120))
+        await scenario.when(ChargeResult(scenario.command_id(ChargeCard), "ch-1"))
+        ```
+
+        Args:
+            match: A command class, or a predicate called with each command.
+
+        Raises:
+            AssertionError: No dispatched command matches.
+        """
+        __tracebackhide__ = True
+        try:
+            return self._recorder.command_id(match)
+        except LookupError as exc:
+            self._fail(str(exc))
+
     async def given(self, *events: object) -> None:
         """Deliver events that happened before the test, one after another.
 

@@ -131,6 +131,12 @@ class SyncScenario(Checks[S]):
         """Make the dispatch of matching commands fail (see `Scenario.fail`)."""
         self._scenario.fail(match, error=error, times=times)
 
+    def command_id(self, match: Match) -> str:
+        """The id of the last dispatched command `match` matches (see
+        `Scenario.command_id`)."""
+        __tracebackhide__ = True
+        return self._scenario.command_id(match)
+
     def given(self, *events: object) -> None:
         """Deliver events that happened before the test (see `Scenario.given`)."""
         __tracebackhide__ = True

@@ -2,7 +2,7 @@
 
 `StoreConformance` pins the `Store` protocol: atomic commits and their order of
 application, optimistic versions, schedules by due time, dedup marks, listings, keyset
-scans, row counts, trace contexts. `ClusterStoreConformance` adds the `ClusterStore`
+scans, row counts, trace contexts, tombstones. `ClusterStoreConformance` adds the `ClusterStore`
 protocol that `Runtime(cluster=True)` needs: the shared inbox, commands and schedules
 claimed with leases, settling, the end of completed instances, and wake-ups. sagaflow's
 own stores run these suites; a store of your own runs them the same way.
@@ -31,7 +31,7 @@ runs on asyncio and, when trio is installed, on trio (override the class's
 `anyio_backend` fixture to choose). For pytest's detailed assertion messages, register the
 module for assertion rewriting before it is imported, in `conftest.py`:
 `pytest.register_assert_rewrite("sagaflow.testing.conformance")`. The record factories
-(`instance`, `outbox_row`, `schedule`, `dead_letter`, `inbox_row`, ...) help write more
+(`instance`, `outbox_row`, `schedule`, `dead_letter`, `inbox_row`, `tombstone`, ...) help write more
 tests of your own in the same terms.
 """
 
@@ -47,6 +47,7 @@ from ._records import (
     outbox_row,
     scan_pages,
     schedule,
+    tombstone,
 )
 from ._store import StoreConformance
 
@@ -63,4 +64,5 @@ __all__ = [
     "outbox_row",
     "scan_pages",
     "schedule",
+    "tombstone",
 ]

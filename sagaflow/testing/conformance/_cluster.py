@@ -8,6 +8,7 @@ import attrs
 
 from ...stores import (
     COMPENSATION_FAILED,
+    COMPLETED,
     COMPLETING,
     Changes,
     ClaimedCommand,
@@ -19,6 +20,9 @@ from ...stores import (
     OutboxUpdate,
     Settled,
     Store,
+    Tombstone,
+    TombstonePolicy,
+    TombstoneWrite,
 )
 from ._records import SAGA, TRACE, inbox_row, instance, outbox_row, scan_pages, schedule
 from ._store import StoreConformance
@@ -202,14 +206,59 @@ class ClusterStoreConformance(StoreConformance):
             )
         )
 
+        policies = {SAGA: TombstonePolicy(60.0, keep_state=True)}
         ended = await store.finish_completed(
-            [(SAGA, "done"), (SAGA, "waiting")], sagas=[SAGA], limit=10
+            [(SAGA, "done"), (SAGA, "waiting")],
+            sagas=[SAGA],
+            limit=10,
+            now=_NOW,
+            tombstones=policies,
         )
-        again = await store.finish_completed(None, sagas=[SAGA], limit=10)
+        again = await store.finish_completed(
+            None, sagas=[SAGA], limit=10, now=_NOW, tombstones=policies
+        )
 
         assert (ended, again) == ([(SAGA, "done")], [])
         assert [r.key for r in await store.list_instances()] == ["active", "waiting"]
         assert await store.list_schedules() == []
+        assert await store.list_tombstones() == [
+            Tombstone(SAGA, "done", COMPLETED, _NOW, _NOW + 60.0, done.instance_id, 1, done.state)
+        ]
+
+    async def test_completed_instances_leave_tombstones_as_their_saga_says(
+        self, store: ClusterStore
+    ) -> None:
+        """The final state only for sagas that keep it, nothing for a retention of 0 or
+        a saga without a policy; an older tombstone of the key is replaced."""
+        finished = [
+            instance(key, saga=saga, version=3, status=COMPLETING, completed=True)
+            for saga in ("Keep", "Plain", "None", "Unknown")
+            for key in ("k1",)
+        ]
+        stale = Tombstone("Plain", "k1", "aborted", 1.0, 2.0, "old", 9)
+        await store.commit(
+            Changes(
+                writes=[InstanceWrite(r, 0) for r in finished],
+                tombstones=[TombstoneWrite(stale)],
+            )
+        )
+        sagas = ["Keep", "Plain", "None", "Unknown"]
+        policies = {
+            "Keep": TombstonePolicy(10.0, keep_state=True),
+            "Plain": TombstonePolicy(20.0),
+            "None": TombstonePolicy(0.0, keep_state=True),
+        }
+
+        ended = await store.finish_completed(
+            None, sagas=sagas, limit=10, now=_NOW, tombstones=policies
+        )
+
+        assert ended == sorted((s, "k1") for s in sagas)
+        keep, plain = finished[0], finished[1]
+        assert await store.list_tombstones() == [
+            Tombstone("Keep", "k1", COMPLETED, _NOW, _NOW + 10.0, keep.instance_id, 3, keep.state),
+            Tombstone("Plain", "k1", COMPLETED, _NOW, _NOW + 20.0, plain.instance_id, 3),
+        ]
 
     # -- schedules
 

@@ -16,6 +16,7 @@ from ...stores import (
     OutboxRecord,
     ScheduleRecord,
     Store,
+    Tombstone,
 )
 
 SAGA = "OrderSaga"
@@ -126,6 +127,29 @@ def dead_letter(
         attempts=5,
         failed_at=failed_at,
         seq=seq,
+    )
+
+
+def tombstone(
+    key: str = "k1",
+    *,
+    saga: str = SAGA,
+    ended: str = "completed",
+    expires_at: float = 1000.0,
+    version: int = 2,
+    state: str | None = '{"status": "done"}',
+) -> Tombstone:
+    """A tombstone with every field set."""
+    return Tombstone(
+        saga=saga,
+        key=key,
+        ended=ended,
+        ended_at=40.25,
+        expires_at=expires_at,
+        instance_id=f"{saga}/{key}/i1",
+        version=version,
+        state=state,
+        state_version=3,
     )
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from ...exceptions import ConflictError
 from ...stores import (
+    ABORTED,
     ACTIVE,
     COMPENSATION_FAILED,
     COMPLETING,
@@ -27,6 +28,8 @@ from ...stores import (
     RowCounts,
     ScheduleDelete,
     Store,
+    Tombstone,
+    TombstoneWrite,
 )
 from ._records import (
     SAGA,
@@ -40,6 +43,7 @@ from ._records import (
     outbox_row,
     scan_pages,
     schedule,
+    tombstone,
 )
 
 _BACKENDS = ["asyncio", *(["trio"] if importlib.util.find_spec("trio") else [])]
@@ -993,6 +997,163 @@ class StoreConformance:
         assert await store.list_outbox() == [row]
         assert await store.list_schedules() == [timer]
         assert await store.list_dead_letters() == [dead]
+
+    # -- tombstones
+
+    async def test_a_tombstone_is_written_with_the_delete_of_its_instance(
+        self, store: Store
+    ) -> None:
+        await store.commit(Changes(writes=[InstanceWrite(instance(version=2), 0)]))
+        gone = tombstone(version=2, state='{"status": "paid"}')
+
+        await store.commit(
+            Changes(deletes=[InstanceDelete(SAGA, "k1", 2)], tombstones=[TombstoneWrite(gone)])
+        )
+
+        loaded = await store.load(LoadRequest(instances=[(SAGA, "k1"), (SAGA, "k2")], now=50.0))
+        assert loaded == Loaded(
+            instances={}, marks=set(), schedule_ids=set(), tombstones={(SAGA, "k1"): gone}
+        )
+        assert await store.list_tombstones() == [gone]
+
+    async def test_a_tombstone_is_not_written_when_the_delete_conflicts(self, store: Store) -> None:
+        await store.commit(create(instance(version=3)))
+
+        with pytest.raises(ConflictError) as caught:
+            await store.commit(
+                Changes(
+                    deletes=[InstanceDelete(SAGA, "k1", 2)],
+                    tombstones=[TombstoneWrite(tombstone(version=2))],
+                )
+            )
+
+        assert caught.value.instances == ((SAGA, "k1"),)
+        assert await store.list_tombstones() == []
+        assert await store.list_instances() == [instance(version=3)]
+
+    async def test_a_key_with_an_instance_loads_no_tombstone(self, store: Store) -> None:
+        await store.commit(create(instance()))
+        await store.commit(Changes(tombstones=[TombstoneWrite(tombstone())]))
+
+        loaded = await store.load(LoadRequest(instances=[(SAGA, "k1")], now=50.0))
+
+        assert loaded == Loaded(
+            instances={(SAGA, "k1"): instance()}, marks=set(), schedule_ids=set()
+        )
+
+    async def test_a_tombstone_counts_until_it_expires(self, store: Store) -> None:
+        await store.commit(Changes(tombstones=[TombstoneWrite(tombstone(expires_at=100.0))]))
+
+        async def load_at(now: float) -> dict[tuple[str, str], Tombstone]:
+            return (await store.load(LoadRequest(instances=[(SAGA, "k1")], now=now))).tombstones
+
+        assert await load_at(100.0) == {(SAGA, "k1"): tombstone(expires_at=100.0)}
+        assert await load_at(100.5) == {}
+
+    async def test_a_tombstone_update_checks_the_version_it_expects(self, store: Store) -> None:
+        await store.commit(Changes(tombstones=[TombstoneWrite(tombstone(version=4))]))
+        later = tombstone(version=5)
+
+        await store.commit(
+            Changes(tombstones=[TombstoneWrite(later, 4)], outbox_adds=[outbox_row("late")])
+        )
+        with pytest.raises(ConflictError) as stale:
+            await store.commit(
+                Changes(
+                    tombstones=[TombstoneWrite(tombstone(version=5), 4)],
+                    outbox_adds=[outbox_row("lost")],
+                )
+            )
+        with pytest.raises(ConflictError) as missing:
+            await store.commit(Changes(tombstones=[TombstoneWrite(tombstone("k9", version=2), 1)]))
+
+        assert (stale.value.instances, missing.value.instances) == (
+            ((SAGA, "k1"),),
+            ((SAGA, "k9"),),
+        )
+        assert await store.list_tombstones() == [later]
+        assert [o.id for o in await store.list_outbox()] == ["late"]
+
+    async def test_a_tombstone_put_replaces_the_one_of_its_key(self, store: Store) -> None:
+        await store.commit(Changes(tombstones=[TombstoneWrite(tombstone(version=9))]))
+        again = tombstone(version=3, ended=ABORTED, state=None)
+
+        await store.commit(Changes(tombstones=[TombstoneWrite(again)]))
+
+        assert await store.list_tombstones() == [again]
+
+    async def test_a_key_started_again_drops_its_tombstone_in_the_same_commit(
+        self, store: Store
+    ) -> None:
+        await store.commit(Changes(tombstones=[TombstoneWrite(tombstone(version=2))]))
+        restarted = instance(version=3)
+
+        await store.commit(
+            Changes(writes=[InstanceWrite(restarted, 0)], tombstone_deletes=[(SAGA, "k1")])
+        )
+
+        loaded = await store.load(LoadRequest(instances=[(SAGA, "k1")], now=50.0))
+        assert loaded == Loaded(
+            instances={(SAGA, "k1"): restarted}, marks=set(), schedule_ids=set()
+        )
+        assert await store.list_tombstones() == []
+
+    async def test_tombstone_deletes_apply_before_tombstone_writes(self, store: Store) -> None:
+        await store.commit(Changes(tombstones=[TombstoneWrite(tombstone(version=2))]))
+        fresh = tombstone(version=7)
+
+        await store.commit(
+            Changes(tombstone_deletes=[(SAGA, "k1")], tombstones=[TombstoneWrite(fresh)])
+        )
+
+        assert await store.list_tombstones() == [fresh]
+
+    async def test_commits_that_write_tombstones_purge_expired_ones(self, store: Store) -> None:
+        old = [tombstone(f"old{i}", expires_at=10.0 + i) for i in range(20)]
+        await store.commit(Changes(tombstones=[TombstoneWrite(t) for t in old]))
+        await store.load(LoadRequest(now=100.0))  # the stores' notion of now
+        fresh = tombstone("new", expires_at=500.0)
+
+        await store.commit(Changes(tombstones=[TombstoneWrite(fresh)]))
+
+        assert await store.list_tombstones() == [fresh]
+
+    async def test_list_tombstones_filters_and_orders_by_saga_and_key(self, store: Store) -> None:
+        rows = [tombstone("b"), tombstone("a"), tombstone("a", saga="Other")]
+        await store.commit(Changes(tombstones=[TombstoneWrite(t) for t in rows]))
+
+        assert await store.list_tombstones() == [rows[1], rows[0], rows[2]]
+        assert await store.list_tombstones(saga=SAGA) == [rows[1], rows[0]]
+        assert await store.list_tombstones(saga=SAGA, key="b") == [rows[0]]
+        assert await store.list_tombstones(key="a") == [rows[1], rows[2]]
+
+    async def test_rename_saga_moves_tombstones_except_keys_the_new_name_has(
+        self, store: Store
+    ) -> None:
+        await store.commit(create(instance("live", saga="New")))
+        old = [tombstone(k, saga="Old", version=2) for k in ("a", "b", "live")]
+        kept = tombstone("b", saga="New", version=8)
+        await store.commit(Changes(tombstones=[TombstoneWrite(t) for t in [*old, kept]]))
+
+        await store.rename_saga("Old", "New")
+
+        assert await store.list_tombstones() == [
+            attrs.evolve(old[0], saga="New"),
+            kept,
+            old[1],
+            old[2],
+        ]
+
+    async def test_scan_tombstones_pages_by_saga_and_key(self, store: Store) -> None:
+        rows = [tombstone(k, saga=s) for s in ("B", "A") for k in ("k2", "k1", "k3")]
+        await store.commit(Changes(tombstones=[TombstoneWrite(t) for t in rows]))
+
+        pages = await scan_pages(store.scan_tombstones, lambda t: (t.saga, t.key), limit=4)
+
+        assert [[(t.saga, t.key) for t in page] for page in pages] == [
+            [("A", "k1"), ("A", "k2"), ("A", "k3"), ("B", "k1")],
+            [("B", "k2"), ("B", "k3")],
+        ]
 
     # -- trace contexts
 
