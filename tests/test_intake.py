@@ -16,6 +16,7 @@ import pytest
 from sagas_for_tests import (
     T0,
     Cmd,
+    Finished,
     Log,
     ScriptedSaga,
     Started,
@@ -24,7 +25,7 @@ from sagas_for_tests import (
     scripted_registry,
 )
 
-from sagaflow import Consumed, Outcome, Registry, Send
+from sagaflow import Complete, Consumed, Outcome, Registry, Send, correlate, on
 from sagaflow.exceptions import MessageError, RuntimeClosedError
 from sagaflow.stores import Changes, MemoryStore
 
@@ -360,3 +361,36 @@ async def test_a_runtime_that_stops_under_an_acknowledged_run_ends_it_unacknowle
 
     assert acks.flat() == [(events[0], C)]
     assert [type(e) for e in errors] == [RuntimeClosedError]
+
+
+class LateSaga:
+    """Completes on `Finished`; a `Touched` that comes later goes to a late handler."""
+
+    @correlate
+    def key(self, event: Started | Touched | Finished) -> str:
+        return event.key
+
+    @on(Started, start=True)
+    def started(self, state: Log, event: Started) -> None:
+        state.seen.append("started")
+
+    @on(Finished)
+    def finished(self, state: Log, event: Finished) -> Complete:
+        return Complete()
+
+    @on(Touched, late=True)
+    def late(self, state: Log, event: Touched) -> Send[Cmd]:
+        return Send(Cmd(event.key, f"late {len(state.seen)}"))
+
+
+async def test_a_late_event_taken_by_a_late_handler_is_committed_else_unmatched() -> None:
+    registry = Registry()
+    registry.register(LateSaga(), state=Log, name="late")
+    acks = Acks()
+    events = [Started("a"), Finished("a"), Touched("a", "1"), Started("a")]
+    async with running(registry) as h:
+        await h.runtime.run(_aiter(*events), ack=acks)
+        await h.runtime.drain()
+
+    assert acks.flat() == [(events[0], C), (events[1], C), (events[2], C), (events[3], U)]
+    assert h.dispatched.labels() == ["late 1"]
