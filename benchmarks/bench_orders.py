@@ -6,6 +6,7 @@ received exactly the expected commands and that no state or schedule is left.
 
     python benchmarks/bench_orders.py --store memory --n 20000 --w 1000
     python benchmarks/bench_orders.py --store sqlite --backend trio
+    python benchmarks/bench_orders.py --ack      # run(source, ack=...): acknowledged
 
 The workload module is `_workload.py` next to this file; $SAGAFLOW_BENCH_DIR (or
 ../shared/bench next to the repository), when it holds one, takes precedence.
@@ -36,6 +37,7 @@ import _workload as wl  # noqa: E402
 from sagaflow import (  # noqa: E402
     Compensate,
     Complete,
+    Consumed,
     DispatchMeta,
     Registry,
     Runtime,
@@ -113,6 +115,18 @@ class Recorder:
             self.sent.append(command)
 
 
+class Acks:
+    """An `ack` for `run`: counts the events acknowledged and the calls."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.calls = 0
+
+    async def __call__(self, consumed: list[Consumed]) -> None:
+        self.calls += 1
+        self.count += len(consumed)
+
+
 async def events(n: int, w: int) -> AsyncIterator[Any]:
     for event in wl.stream(n, w):
         yield event
@@ -155,10 +169,12 @@ async def main(args: argparse.Namespace) -> None:
             if args.gc == "off":
                 gc.disable()
             rss_start = wl.peak_rss_mib()
-            t0 = time.perf_counter()
-            count = await runtime.run(events(n, w))
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            acks = Acks() if args.ack else None
+            count = await runtime.run(events(n, w), ack=acks)
             await runtime.drain()
             seconds = time.perf_counter() - t0
+            cpu_seconds = time.process_time() - cpu0
             peak = wl.peak_rss_mib()
             stats = runtime.statistics()
             left = await store.list_instances(limit=5)
@@ -167,6 +183,8 @@ async def main(args: argparse.Namespace) -> None:
     problems = wl.check_commands(n, recorder)
     if count != wl.total_events(n):
         problems.append(f"consumed {count} events, expected {wl.total_events(n)}")
+    if acks is not None and acks.count != count:
+        problems.append(f"acknowledged {acks.count} events of {count}")
     if stats.events_handled != wl.total_events(n):
         problems.append(f"handled {stats.events_handled} events")
     if left:
@@ -186,13 +204,15 @@ async def main(args: argparse.Namespace) -> None:
         ok=not problems,
         problems=problems,
         backend=args.backend,
-        feed="Runtime.run(async generator)",
+        feed="Runtime.run(async generator" + (", ack=...)" if args.ack else ")"),
+        ack_calls=None if acks is None else acks.calls,
         commands=recorder.count if args.discard else len(recorder.sent),
         batches=stats.batches_committed,
         shards=args.shards,
         gc=args.gc,
         synchronous=args.sync if args.store == "sqlite" else None,
         rss_start_mib=round(rss_start, 1),
+        cpu_seconds=round(cpu_seconds, 4),
     )
     if problems:
         raise SystemExit(1)
@@ -219,6 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="SQLite: normal = SQLiteStore(power_safe=False), as limit_sqlite's default",
     )
     p.add_argument("--discard", action="store_true", help="count commands, don't keep them")
+    p.add_argument("--ack", action="store_true", help="run(source, ack=...): acknowledge events")
     return p.parse_args(argv)
 
 

@@ -22,7 +22,7 @@ from ._clock import SystemClock
 from ._decorators import correlate, on
 from ._evolution import upcast
 from ._hooks import Hooks
-from ._records import DispatchMeta, Unmatched
+from ._records import Consumed, DispatchMeta, Outcome, Unmatched
 from ._registry import Registry
 from ._retry import RetryPolicy
 from ._runtime import Runtime, Statistics
@@ -42,10 +42,12 @@ __all__ = [
     "CommandFailed",
     "Compensate",
     "Complete",
+    "Consumed",
     "DispatchMeta",
     "Dissociate",
     "Hooks",
     "InstanceInfo",
+    "Outcome",
     "Registry",
     "RetryPolicy",
     "Runtime",

@@ -33,7 +33,7 @@ from ._associations import Fanout, Lookup, resolve
 from ._calls import call
 from ._hooks import capture, handling_span
 from ._outbox import error_text
-from ._records import Unmatched
+from ._records import Outcome, Unmatched
 from ._registry import RECORD_FIELDS, HandlerSpec, SagaSpec
 from ._replies import reply_suffix
 from ._sync import Ack
@@ -80,6 +80,13 @@ __all__ = [
 log = logging.getLogger("sagaflow.runtime")
 
 EVENT, FIRE, FAILED, FINALIZE, VIA, IF_ASSOCIATED = range(6)
+# Outcomes as plain names: set once per event on the hot path.
+_COMMITTED, _DUPLICATE, _UNMATCHED, _DEAD_LETTERED = (
+    Outcome.COMMITTED,
+    Outcome.DUPLICATE,
+    Outcome.UNMATCHED,
+    Outcome.DEAD_LETTERED,
+)
 _SEQ_BITS = 16
 _MAX_OUTPUTS = 1 << _SEQ_BITS
 Ref = tuple[str, str]
@@ -107,6 +114,8 @@ class Item:
     row: OutboxRecord | None = None
     attempts: int = 0
     retry: bool = False
+    outcome: Outcome = _COMMITTED
+    """How an event was settled by the batch that committed it (for `run(ack=...)`)."""
     trace: str | None = None
     """The trace context the event was published in (`Hooks.capture_trace`), as text."""
     fanout: Fanout | None = None
@@ -431,6 +440,7 @@ class Batch:
             mark = (w.spec.name, w.key, item.event_id)
             if mark in self.marks or (self.loaded is not None and mark in self.loaded.marks):
                 self.shard.counters.events_duplicate += 1
+                item.outcome = _DUPLICATE
                 self.done.append(item)
                 return None
         if w.broken is not None:
@@ -749,6 +759,7 @@ class Batch:
             w.tombstone = attrs.evolve(tombstone, version=record.version)
             w.tomb_dirty = True
             self.handled += 1
+            item.outcome = _COMMITTED
             self.done.append(item)
             return True
         w.record = record
@@ -760,6 +771,7 @@ class Batch:
         if w.became_completing and not w.rows and not shard.outbox.has_pending((spec.name, w.key)):
             w.deleted = True  # nothing left to dispatch: the instance ends now
         self.handled += 1
+        item.outcome = _COMMITTED
         self.done.append(item)
         return True
 
@@ -993,6 +1005,7 @@ class Batch:
 
     def _unmatched(self, item: Item, reason: str, ended: str | None = None) -> None:
         self.unmatched.append(Unmatched(item.event, item.saga.name, item.key, reason, ended))
+        item.outcome = _UNMATCHED
         self.done.append(item)
 
     def _dead_event(
@@ -1012,6 +1025,7 @@ class Batch:
             error,
             item.attempts + 1 if attempts is None else attempts,
         )
+        item.outcome = _DEAD_LETTERED
         self.done.append(item)
 
     def _dead(
@@ -1137,6 +1151,8 @@ class Batch:
             shard.activity.begin(made)
             if item.ack is not None:
                 item.ack.pending += made
+            if not found and not made:
+                item.outcome = _UNMATCHED  # none of this shard's instances is associated
             assert item.fanout is not None
             if item.fanout.looked(found, waiting):
                 self.unmatched.append(
@@ -1193,7 +1209,7 @@ class Batch:
             report.call_hook(shard.hooks.batch_committed, len(self.items), self.commit_seconds)
         for item in self.done:
             if item.ack is not None:
-                item.ack.done()
+                item.ack.settle(item.outcome)
         shard.activity.end(len(self.done))
         for item, due in self.deferred:
             shard.defer(item, due)

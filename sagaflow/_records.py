@@ -1,12 +1,14 @@
-"""Immutable records the runtime hands out: dispatch metadata, unmatched events."""
+"""Immutable records the runtime hands out: dispatch metadata, unmatched events, what
+became of a consumed event."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 
 import attrs
 
-__all__ = ["DispatchMeta", "Unmatched"]
+__all__ = ["Consumed", "DispatchMeta", "Outcome", "Unmatched"]
 
 
 @attrs.frozen
@@ -61,3 +63,38 @@ class Unmatched:
     key: str | None
     reason: str
     ended: str | None = None
+
+
+class Outcome(enum.StrEnum):
+    """What became of an event `Runtime.run` consumed, once nothing of it can be lost.
+
+    When an event reached several instances, the outcome says the most important thing
+    that happened to it: `DEAD_LETTERED` before `COMMITTED` before `DUPLICATE` before
+    `UNMATCHED`.
+    """
+
+    COMMITTED = "committed"
+    """Its effects (state, commands, schedules, dedup mark) are committed."""
+    DUPLICATE = "duplicate"
+    """Its id was already applied: nothing was done again."""
+    UNMATCHED = "unmatched"
+    """It reached no instance: no saga handles its type, every correlate function
+    returned `None`, or no live instance took it (see `on_unmatched`)."""
+    DEAD_LETTERED = "dead_lettered"
+    """Its handler kept failing, or its effects could not be stored: it is kept as a
+    dead letter in the store, where an operator can retry it (see `Admin`)."""
+
+
+@attrs.frozen
+class Consumed:
+    """An event `Runtime.run(source, ack=...)` consumed and is done with.
+
+    Attributes:
+        event: The event, as the source gave it.
+        id: Its dedup id (from `run(id=...)`), or `None`.
+        outcome: What became of it.
+    """
+
+    event: object
+    id: str | None
+    outcome: Outcome

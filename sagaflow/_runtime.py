@@ -19,6 +19,7 @@ from ._calls import interrupt_in, seconds
 from ._clock import SystemClock
 from ._cluster import Cluster, ClusterOutbox, cluster_store
 from ._hooks import Hooks, capture, trace_text, wants_counts
+from ._intake import Intake
 from ._outbox import Counters, Outbox, checked_dispatcher, error_text
 from ._records import Unmatched
 from ._registry import HandlerSpec, Registry, SagaSpec, Via
@@ -35,7 +36,7 @@ from .stores._protocol import (
     ScheduleRecord,
     Store,
 )
-from .typing import Clock, Dispatch
+from .typing import Acknowledge, Clock, Dispatch
 
 __all__ = ["Runtime", "Statistics"]
 
@@ -579,6 +580,7 @@ class Runtime:
         *,
         id: Callable[[Any], str | None] | None = None,
         trace: Callable[[Any], Mapping[str, str] | None] | None = None,
+        ack: Acknowledge | None = None,
     ) -> int:
         """Feed events from an async iterable or anyio receive stream.
 
@@ -588,6 +590,20 @@ class Runtime:
         is not a message stops the run with `MessageError` (after the events consumed
         before it are committed).
 
+        With `ack`, the run tells you which consumed events are done, so that a broker
+        message is acknowledged (or an offset committed) only once nothing of it can
+        be lost: `ack` is called with a list of `Consumed` records (event, id,
+        `Outcome`), the next events in consumption order whose effects are committed
+        or that were duplicates, unmatched or dead-lettered. Calls come one at a time
+        from a task of the run, in batches (whatever is done by then), and are awaited
+        if `ack` returns an awaitable; an event whose handler waits for a retry holds
+        back the acknowledgement of the events consumed after it. An event that
+        cannot be committed (the store fails, the runtime stops) ends the run with its
+        error once the events before it are acknowledged: it and the events after it
+        are never acknowledged, so a broker delivers them again (with an `id`, none is
+        applied twice). If `ack` raises, the run stops consuming and raises it. The
+        run returns once every consumed event was acknowledged.
+
         Args:
             source: Events, e.g. a `MemoryObjectReceiveStream` or an async generator.
             id: Returns the dedup id of an event (or `None`), like `publish(id=...)`.
@@ -595,6 +611,8 @@ class Runtime:
                 `{"traceparent": ...}` read from a broker message's headers), or `None`.
                 Without it, each event keeps the trace current in the task calling
                 `run` when it is consumed, if the hooks capture traces.
+            ack: Called as `ack(consumed)` with the events that are done, in order
+                (see above); an `async def` function or a plain one.
 
         `id` and `trace` are called with each event as it is consumed, before the next
         one is taken from `source`, so they may answer from the message it came in.
@@ -603,43 +621,103 @@ class Runtime:
             How many events were consumed.
 
         Raises:
-            RuntimeClosedError: The runtime is not running.
+            RuntimeClosedError: The runtime is not running (or stopped during an
+                acknowledged run).
             MessageError: `source` gave something that is not a message.
         """
         self._check_running()
-        ack = Ack(1, poison_raises=False)  # held open until the source is exhausted
-        count = 0
-        activity = self._activity
-        hooks = self._hooks
+        if ack is not None:
+            return await self._run_acked(source, id, trace, ack)
+        ack_all = Ack(1, poison_raises=False)  # held open until the source is exhausted
         try:
-            async for event in source:
-                count += 1
-                event_id = id(event) if id is not None else None
-                if trace is not None:
-                    carried = trace_text(trace(event))
-                else:
-                    carried = None if hooks is None else capture(hooks)
-                targets = self._targets(event)
-                if not targets:
-                    self._not_routed(event, "run")
-                for target in targets:
-                    for shard, item in self._items(event, target, event_id, ack, carried):
-                        ack.pending += 1
-                        activity.begin()
-                        mailbox = shard.mailbox
-                        if len(mailbox) < mailbox.limit:
-                            mailbox.put_unbounded(item)  # room: no need to suspend
-                        else:
-                            await mailbox.put(item)
+            count = await self._feed(source, id, trace, ack_all)
         except Exception:
             # The source failed: what it gave before is committed before its error
             # surfaces. Cancelled or interrupted, `run` does not wait: the shards may
             # be stopping too, and what was not committed was never acknowledged.
-            ack.pending -= 1
-            await ack.wait()
+            ack_all.pending -= 1
+            await ack_all.wait()
             raise
-        ack.pending -= 1
-        await ack.wait()
+        ack_all.pending -= 1
+        await ack_all.wait()
+        return count
+
+    async def _run_acked(
+        self,
+        source: AsyncIterable[Any],
+        id: Callable[[Any], str | None] | None,
+        trace: Callable[[Any], Mapping[str, str] | None] | None,
+        ack: Acknowledge,
+    ) -> int:
+        """`run` with acknowledgements: one `Tracker` per event, settled in order."""
+        # Room for the events in the mailboxes and as many again under way or waiting
+        # for their acknowledgement.
+        intake = Intake(ack, limit=2 * sum(s.mailbox.limit for s in self._shards))
+        count = 0
+        failure: Exception | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(intake.deliver)
+                with intake.consuming:
+                    try:
+                        count = await self._feed(source, id, trace, intake)
+                    except Exception as exc:  # noqa: BLE001 - raised once the rest is acked
+                        failure = exc
+                intake.close()
+        except BaseExceptionGroup as group:
+            interrupt = interrupt_in(group)
+            if interrupt is None:
+                raise
+            raise interrupt from None
+        if intake.error is not None:
+            raise intake.error
+        if failure is not None:
+            raise failure
+        return count
+
+    async def _feed(
+        self,
+        source: AsyncIterable[Any],
+        id: Callable[[Any], str | None] | None,
+        trace: Callable[[Any], Mapping[str, str] | None] | None,
+        sink: Ack | Intake,
+    ) -> int:
+        """Route the events of `source` to the shards' mailboxes, each with its id and
+        trace, counted down on one `Ack` (plain `run`) or tracked one by one by the
+        `Intake` (`run(ack=...)`). Returns how many events were consumed."""
+        count = 0
+        activity = self._activity
+        hooks = self._hooks
+        intake = sink if type(sink) is Intake else None
+        shards = len(self._shards)
+        async for event in source:
+            count += 1
+            event_id = id(event) if id is not None else None
+            if trace is not None:
+                carried = trace_text(trace(event))
+            else:
+                carried = None if hooks is None else capture(hooks)
+            targets = self._targets(event)
+            if not targets:
+                self._not_routed(event, "run")
+            # One item per target, or one per shard for a target routed via an association.
+            items = sum(1 if target[3] is None else shards for target in targets)
+            ack: Ack
+            if intake is None:
+                ack = cast(Ack, sink)
+                ack.pending += items
+            else:
+                ack = intake.track(event, event_id, items)
+            for target in targets:
+                for shard, item in self._items(event, target, event_id, ack, carried):
+                    activity.begin()
+                    mailbox = shard.mailbox
+                    if len(mailbox) < mailbox.limit:
+                        mailbox.put_unbounded(item)  # room: no need to suspend
+                    else:
+                        await mailbox.put(item)
+            if intake is not None and intake.full():
+                await intake.room()
         return count
 
     def _not_routed(self, event: object, via: str) -> None:

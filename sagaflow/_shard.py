@@ -24,6 +24,7 @@ from ._associations import AssociationCache, resolve
 from ._batch import EVENT, IF_ASSOCIATED, VIA, Batch, Item, Ref
 from ._calls import Interrupt
 from ._hooks import Hooks
+from ._intake import Tracker
 from ._outbox import Counters, Outbox, error_text
 from ._records import Unmatched
 from ._retry import RetryPolicy
@@ -126,8 +127,9 @@ class Shard:
     def _abandon(self) -> None:
         """Fail the publishers of the items this stopped shard still has.
 
-        Only `publish` and `run` wait on a plain `Ack`; due schedules and cluster inbox
-        rows are in the store and are taken up again by the next start.
+        Only `publish` and `run` wait on a plain `Ack` (or a `Tracker`, for `run(ack=...)`);
+        due schedules and cluster inbox rows are in the store and are taken up again by
+        the next start.
         """
         items = [*self._current, *self.mailbox.take(len(self.mailbox)), *self._deferred]
         for held in self._held.values():
@@ -139,7 +141,7 @@ class Shard:
             "is applied at most once)"
         )
         for item in items:
-            if type(item.ack) is Ack:
+            if type(item.ack) is Ack or type(item.ack) is Tracker:
                 item.ack.done(error)
 
     def _expand(self, items: list[Item]) -> list[Item]:

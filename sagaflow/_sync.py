@@ -9,6 +9,7 @@ from typing import Generic, TypeVar
 import anyio
 import attrs
 
+from ._records import Outcome
 from .typing import Clock
 
 __all__ = ["Ack", "Activity", "Mailbox", "Wakeup"]
@@ -70,6 +71,10 @@ class Ack:
     def poisoned(self, error: BaseException, dead_lettered: bool) -> None:
         """A target could not be stored; it was dead-lettered if `dead_lettered`."""
         self.done(error if self.poison_raises or not dead_lettered else None)
+
+    def settle(self, outcome: Outcome) -> None:
+        """A target is done without error; `outcome` says how (`run(ack=...)` asks)."""
+        self.done()
 
     def done(self, error: BaseException | None = None) -> None:
         if error is not None and self.error is None:

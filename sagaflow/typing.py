@@ -1,6 +1,7 @@
 """Protocols and type aliases for the parts of sagaflow you can plug in.
 
 - `Dispatch`: what `Runtime(dispatch=...)` calls for every command.
+- `Acknowledge`: what `Runtime.run(source, ack=...)` calls with the events it is done with.
 - `Clock`: what `Runtime(clock=...)` reads time and waits through.
 - `Store`: where a runtime keeps its data (see `sagaflow.stores`).
 - `Action` and `HandlerResult`: what an `@on` handler returns, for annotating handlers
@@ -9,14 +10,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from ._actions import Action, HandlerResult
-from ._records import DispatchMeta
+from ._records import Consumed, DispatchMeta
 from .stores._protocol import Store
 
-__all__ = ["Action", "Clock", "Dispatch", "DispatchMeta", "HandlerResult", "Store"]
+__all__ = ["Acknowledge", "Action", "Clock", "Dispatch", "DispatchMeta", "HandlerResult", "Store"]
+
+
+Acknowledge = Callable[[list[Consumed]], Awaitable[object] | None]
+"""What `Runtime.run(source, ack=...)` calls: `ack(consumed)` with the next events it is
+done with, in consumption order; awaited if it returns an awaitable."""
 
 
 class Dispatch(Protocol):

@@ -16,6 +16,7 @@ PUBLIC_MODULES = [
     "sagaflow",
     "sagaflow.exceptions",
     "sagaflow.otel",
+    "sagaflow.redis",
     "sagaflow.stores",
     "sagaflow.testing",
     "sagaflow.testing.conformance",

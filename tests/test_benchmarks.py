@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from _postgres_server import postgres_dsn  # noqa: F401
+from _redis_server import redis_url  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(os.environ.get("SAGAFLOW_BENCH_DIR", ROOT.parent / "shared" / "bench"))
@@ -118,3 +120,42 @@ def test_associations_measures_fan_out_and_routing_and_checks_the_results(tmp_pa
     ]
     assert "fan-out to 200 instances" in out
     assert out.count("by association (cached)") == 2
+
+
+def test_ack_overhead_compares_runs_with_and_without_acknowledgements(tmp_path: Path) -> None:
+    """The short form: one round per store, both kinds of run dispatch the right commands."""
+    out = _script("ack_overhead.py", "--rounds", "1", "--n", "300", "--w", "50", tmp_path=tmp_path)
+    rows = [line.split()[:3] for line in out.splitlines()[1:]]
+    assert rows == [
+        [store, clock, pick]
+        for store in ("memory", "sqlite")
+        for clock in ("wall", "cpu")
+        for pick in ("median", "best")
+    ]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("store", "processes"), [("sqlite", "1"), ("postgres", "2")])
+def test_redis_benchmark_runs_and_checks_every_command(
+    store: str,
+    processes: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """The short form of the Redis end-to-end run: one process on SQLite, two sharing
+    PostgreSQL in one consumer group."""
+    env = {"SAGAFLOW_REDIS_URL": request.getfixturevalue("redis_url")}
+    if store == "postgres":
+        env["SAGAFLOW_PG_DSN"] = request.getfixturevalue("postgres_dsn")
+    script = str(ROOT / "benchmarks" / "bench_redis.py")
+    done = subprocess.run(
+        [sys.executable, script, "--n", "300", "--store", store, "--processes", processes],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env, "BENCH_DATA_DIR": str(tmp_path)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (result["ok"], result["events"], result["processes"]) == (True, 300, int(processes))
