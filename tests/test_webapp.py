@@ -6,6 +6,7 @@ feed of its replies) on a SQLite file of the test's own, on asyncio and trio.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from _redis_server import redis_url, stream_name  # noqa: F401
 
 from sagaflow.stores import SQLiteStore
 
@@ -165,3 +167,61 @@ async def test_orders_are_listed_a_page_at_a_time(client: httpx.AsyncClient) -> 
 
     assert pages == [ids[0:2], ids[2:4], ids[4:]]
     assert (bad.status_code, bad.json()) == (422, {"error": "limit must be between 1 and 100"})
+
+
+@pytest.mark.redis
+async def test_payment_replies_travel_back_through_redis(
+    tmp_path: Path,
+    redis_url: str,  # noqa: F811
+    stream_name: str,  # noqa: F811
+) -> None:
+    """With `RedisPayments`, the charge goes out on a stream and the reply comes back on
+    another, read through the shop's consumer group and acknowledged after commit."""
+    redis_payments = pytest.importorskip("redis_payments")
+    commands, replies = f"{stream_name}:payments", f"{stream_name}:payment-replies"
+    channel = redis_payments.RedisPayments(redis_url, commands=commands, replies=replies)
+    app = shop.create_app(store=SQLiteStore(tmp_path / "shop.db"), payments=channel)
+    with anyio.fail_after(30):
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://s") as c,
+        ):
+            order_id = (await place(c, "r-1", {"amount": 120, "customer": "ada"})).json()[
+                "order_id"
+            ]
+            declined = (await place(c, "r-2", {"amount": 5000, "customer": "bo"})).json()
+            paid = await order_when(c, order_id, lambda o: o["status"] != "awaiting payment")
+            refused = await order_when(
+                c, declined["order_id"], lambda o: o["status"] != "awaiting payment"
+            )
+            while channel.client.xpending(replies, "shop")["pending"]:
+                await anyio.sleep(0.01)  # acknowledged once committed, just after
+            sent = [f for _, f in channel.client.xrange(commands)]
+            answered = [f for _, f in channel.client.xrange(replies)]
+
+    assert (paid["status"], paid["payment_id"]) == ("paid", "pay-1")
+    assert (refused["status"], refused["problem"]) == ("declined", "amount 5000 is over the limit")
+    assert [(f["type"], json.loads(f["data"])) for f in sent] == [
+        ("ChargePayment", {"order_id": order_id, "amount": 120}),
+        ("ChargePayment", {"order_id": declined["order_id"], "amount": 5000}),
+    ]
+    charge_ids = [f["id"] for f in sent]
+    assert sorted((f["type"], f["id"]) for f in answered) == sorted(
+        [
+            ("PaymentCaptured", f"payment:{charge_ids[0]}"),
+            ("PaymentDeclined", f"payment:{charge_ids[1]}"),
+        ]
+    )
+    assert app.state.shipped == [order_id]
+
+
+def test_the_app_uses_redis_when_shop_redis_url_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    redis_payments = pytest.importorskip("redis_payments")
+    monkeypatch.delenv("SHOP_REDIS_URL", raising=False)
+    assert type(shop.default_payments()) is shop.SimulatedPayments
+
+    monkeypatch.setenv("SHOP_REDIS_URL", "redis://example:6379/3")
+    channel = shop.default_payments()
+
+    assert type(channel) is redis_payments.RedisPayments
+    assert channel.url == "redis://example:6379/3"

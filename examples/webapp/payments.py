@@ -5,7 +5,8 @@
 `channel.replies()` yields to `runtime.run`. `SimulatedPayments` is a payment service
 simulated in this process, so the example runs with nothing to install. With a broker,
 `send` appends the command to a stream that the real payment service reads, and
-`replies` reads the stream its replies go to (see the README).
+`replies` reads the stream its replies go to: `redis_payments.RedisPayments` does so
+through Redis Streams (see the README).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import anyio
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from sagaflow import DispatchMeta
+from sagaflow import Consumed, DispatchMeta
 
 
 @attrs.frozen
@@ -80,19 +81,49 @@ class PaymentChannel(Protocol):
         """The payment service's replies, to feed to `runtime.run`."""
         ...
 
+    async def ack(self, consumed: list[Consumed]) -> None:
+        """Acknowledge replies whose effects are committed (`runtime.run(ack=...)`)."""
+        ...
 
-class SimulatedPayments:
-    """A payment service in this process: it charges up to `limit`, declines above.
 
-    Charges arrive through `send` and are worked on by a task of its own, as by a
-    separate service; each command id is charged once, so a redelivered command gets
-    the same reply again and no second charge.
+class PaymentService:
+    """The simulated payment service's books: it charges up to `limit`, declines above.
+
+    Each command id is charged once, so a redelivered command gets the same reply
+    again and no second charge.
     """
 
     def __init__(self, *, limit: int = 1000) -> None:
         self.limit = limit
         self.charged: dict[str, Reply] = {}
         """Every charge worked on, by command id."""
+
+    def answer(self, charge_id: str, charge: ChargePayment) -> Reply:
+        """The reply to the command `charge_id`: charged now, or the earlier reply."""
+        reply = self.charged.get(charge_id)
+        if reply is None:
+            reply = self._charge(charge_id, charge)
+            self.charged[charge_id] = reply
+        return reply
+
+    def _charge(self, charge_id: str, charge: ChargePayment) -> Reply:
+        if charge.amount > self.limit:
+            return PaymentDeclined(
+                charge.order_id, charge_id, f"amount {charge.amount} is over the limit"
+            )
+        return PaymentCaptured(charge.order_id, charge_id, f"pay-{len(self.charged) + 1}")
+
+
+class SimulatedPayments(PaymentService):
+    """A payment service in this process (see `PaymentService`).
+
+    Charges arrive through `send` and are worked on by a task of its own, as by a
+    separate service; replies come back through a memory stream, so there is nothing
+    to acknowledge.
+    """
+
+    def __init__(self, *, limit: int = 1000) -> None:
+        super().__init__(limit=limit)
         self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> Self:
@@ -115,21 +146,13 @@ class SimulatedPayments:
     def replies(self) -> AsyncIterator[Reply]:
         return self._replies
 
+    async def ack(self, consumed: list[Consumed]) -> None:
+        pass  # a memory stream keeps nothing to acknowledge
+
     async def _serve(
         self,
         incoming: MemoryObjectReceiveStream[tuple[str, ChargePayment]],
         answers: MemoryObjectSendStream[Reply],
     ) -> None:
         async for charge_id, charge in incoming:
-            reply = self.charged.get(charge_id)
-            if reply is None:
-                reply = self._charge(charge_id, charge)
-                self.charged[charge_id] = reply
-            await answers.send(reply)
-
-    def _charge(self, charge_id: str, charge: ChargePayment) -> Reply:
-        if charge.amount > self.limit:
-            return PaymentDeclined(
-                charge.order_id, charge_id, f"amount {charge.amount} is over the limit"
-            )
-        return PaymentCaptured(charge.order_id, charge_id, f"pay-{len(self.charged) + 1}")
+            await answers.send(self.answer(charge_id, charge))

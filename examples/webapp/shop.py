@@ -195,6 +195,16 @@ async def list_orders(request: Request) -> JSONResponse:
     return JSONResponse({"orders": [order_json(o) for o in page.items], "next": page.next})
 
 
+def default_payments() -> PaymentChannel:
+    """`RedisPayments` on `$SHOP_REDIS_URL` if it is set, else `SimulatedPayments`."""
+    url = os.environ.get("SHOP_REDIS_URL")
+    if not url:
+        return SimulatedPayments()
+    from redis_payments import RedisPayments
+
+    return RedisPayments(url)
+
+
 def create_app(
     *,
     store: Store | None = None,
@@ -203,8 +213,9 @@ def create_app(
     clock: Clock | None = None,
 ) -> Starlette:
     """The shop: a runtime on `store` (SQLite `$SHOP_DB`, default `shop.db`) that
-    talks to `payments` (simulated in this process by default)."""
-    channel = SimulatedPayments() if payments is None else payments
+    talks to `payments` (by default through Redis Streams if `$SHOP_REDIS_URL` is set,
+    else simulated in this process)."""
+    channel = default_payments() if payments is None else payments
     shipped: list[str] = []
 
     async def dispatch(command: object, meta: DispatchMeta) -> None:
@@ -225,8 +236,9 @@ def create_app(
         async with channel, runtime, anyio.create_task_group() as tg:
             app.state.runtime = runtime
             app.state.admin = Admin(runtime.store, registry=registry)
-            # The payment service's replies, applied once each (by reply id).
-            tg.start_soon(lambda: runtime.run(channel.replies(), id=reply_id))
+            # The payment service's replies, applied once each (by reply id), each
+            # acknowledged to the channel once its effects are committed.
+            tg.start_soon(lambda: runtime.run(channel.replies(), id=reply_id, ack=channel.ack))
             yield
             tg.cancel_scope.cancel()
 
