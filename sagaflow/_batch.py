@@ -123,6 +123,22 @@ class Item:
     """`VIA`: keys of the instances that got an `IF_ASSOCIATED` item behind their retry
     before the batch (`Shard._expand`)."""
 
+    def for_instance(self, kind: int, key: str) -> Item:
+        """The event of this `VIA` item for one instance: an `EVENT` to handle now, or
+        an `IF_ASSOCIATED` to decide when its turn comes (it keeps the fan-out tally)."""
+        fanout = self.fanout if kind == IF_ASSOCIATED else None
+        return Item(
+            kind,
+            self.saga,
+            key,
+            self.event,
+            self.handler,
+            self.event_id,
+            self.ack,
+            trace=self.trace,
+            fanout=fanout,
+        )
+
 
 class _Work:
     """The working copy of one instance during a batch (a plain class: made per event)."""
@@ -353,19 +369,7 @@ class Batch:
             }
             waiting |= blocked
         for key in sorted(blocked):
-            self.held.append(
-                Item(
-                    IF_ASSOCIATED,
-                    item.saga,
-                    key,
-                    item.event,
-                    item.handler,
-                    item.event_id,
-                    item.ack,
-                    trace=item.trace,
-                    fanout=f,
-                )
-            )
+            self.held.append(item.for_instance(IF_ASSOCIATED, key))
         made = len(blocked)
         found = 0
         for key in targets:
@@ -373,16 +377,7 @@ class Batch:
                 continue
             found += 1
             w = self.work[(f.saga, key)]
-            one = Item(
-                EVENT,
-                item.saga,
-                key,
-                item.event,
-                item.handler,
-                item.event_id,
-                item.ack,
-                trace=item.trace,
-            )
+            one = item.for_instance(EVENT, key)
             made += 1
             handler = self._admit(w, one)
             if handler is not None:

@@ -491,11 +491,6 @@ class Outbox(OutboxCore):
             raise ValueError("the outbox's capacity and page must be >= 1")
         self._pull = Wakeup(self.clock, self.sweep_interval, dirty=False)
 
-    @property
-    def spilled(self) -> bool:
-        """Whether the store may hold commands that are not in memory."""
-        return self._spilled
-
     def next_wakeup(self) -> float | None:
         """When the earliest retry (of a command or of a failed flush) falls due, `-inf`
         while the store must be read for commands that fit in memory now."""
@@ -522,7 +517,7 @@ class Outbox(OutboxCore):
         Rows that do not fit in memory stay in the store, to be read back later; so do
         the rows of an instance whose earlier rows are in the store only.
         """
-        known, queues = self._known, self._queues
+        known, queues, drained = self._known, self._queues, self._drained
         held, awaiting, busy = self._held, self._awaiting, self._busy
         self._generation += 1
         generation = self._generation
@@ -547,7 +542,8 @@ class Outbox(OutboxCore):
                 self._spill()
                 continue
             known.add(row.id)
-            self._drained.pop(ref, None)
+            if drained:  # empty unless commands were spilled: nothing to look up
+                drained.pop(ref, None)
             if commands is not None:
                 self._insert(queue, QueuedCommand(row, commands[i], True, generation))
             else:
@@ -843,11 +839,11 @@ class Outbox(OutboxCore):
                 self.release(ref)
         self._held.update(failed)
 
-    async def _read_pending(self) -> bool:
+    async def _read_pending(self) -> None:
         """Take the commands of instances not in memory, a page at a time, while they fit.
 
-        Reads on from where the last read stopped, so every instance gets its turn.
-        Returns whether the read went through to the end of the outbox.
+        Reads on from where the last read stopped (memory full, or a round through the
+        whole outbox done), so every instance gets its turn.
         """
         while True:
             if self._cursor is None:  # a new round through the outbox
@@ -855,7 +851,7 @@ class Outbox(OutboxCore):
                 self._cycle_later = math.inf
             room = self.capacity - self._depth
             if room <= 0:
-                return False
+                return
             generation = self._generation
             swept_away: set[str] = set()
             self._swept_away = swept_away  # rows whose deletion commits while we read
@@ -874,7 +870,7 @@ class Outbox(OutboxCore):
             for ref, rows in groups.items():
                 taken = self._take(ref, rows, swept_away, generation, cut=full and ref == last)
                 if taken is None:
-                    return False  # no room left: go on from here next time
+                    return  # no room left: go on from here next time
                 self._cursor = ref
             if not full:
                 self._cursor = None
@@ -883,7 +879,7 @@ class Outbox(OutboxCore):
                     self._pull.poke()  # commands spilled behind the read: read again
                 elif self._later == math.inf:
                     self._spilled = False  # memory holds every command now
-                return True
+                return
 
     def _take(
         self,

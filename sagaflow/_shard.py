@@ -175,18 +175,7 @@ class Shard:
         parked = []
         for (saga, key), held in self._held.items():
             if saga == fanout.saga:
-                one = Item(
-                    IF_ASSOCIATED,
-                    item.saga,
-                    key,
-                    item.event,
-                    item.handler,
-                    item.event_id,
-                    item.ack,
-                    trace=item.trace,
-                    fanout=fanout,
-                )
-                held.append(one)
+                held.append(item.for_instance(IF_ASSOCIATED, key))
                 parked.append(key)
         item.parked = tuple(parked)
         item.ack.pending += len(parked)
