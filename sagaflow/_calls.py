@@ -21,11 +21,12 @@ import math
 import types
 from collections.abc import Awaitable, Callable, Generator
 from datetime import timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import anyio
+import attrs
 
-__all__ = ["Interrupt", "call", "interrupt_in", "seconds"]
+__all__ = ["Interrupt", "Watch", "call", "interrupt_in", "seconds"]
 
 T = TypeVar("T")
 
@@ -47,8 +48,38 @@ def seconds(value: timedelta | float | None, name: str) -> float | None:
     return result
 
 
+@attrs.define(eq=False)
+class Watch:
+    """A cancel scope that a worker task keeps open across its calls, armed with a
+    call's time limit only while that call waits.
+
+    Entering and leaving a cancel scope costs more than many a call of a busy runtime
+    (a dispatcher that hands a command to a buffer), and a call that does not suspend
+    cannot be interrupted anyway. So a worker enters one scope for many calls (`run`),
+    and `call` sets its deadline once the call has suspended. When a limit passes, the
+    scope is cancelled: that call fails with `TimeoutError`, and the worker leaves the
+    scope and enters a new one before it awaits anything else (`expired`).
+    """
+
+    scope: anyio.CancelScope | None = None
+    expired: bool = False
+    """The scope was cancelled by a call's deadline: the worker must leave it now."""
+
+    async def run(self, body: Callable[[Watch], Awaitable[None]]) -> None:
+        """Run `body(self)` in a scope, again in a new scope each time a limit passed;
+        `body` returns once `expired` is set."""
+        while True:
+            self.expired = False
+            with anyio.CancelScope() as self.scope:
+                await body(self)
+
+
 async def call(
-    awaitable: Awaitable[T], timeout: float | None, what: Callable[[], str], option: str
+    awaitable: Awaitable[T],
+    timeout: float | None,
+    what: Callable[[], str],
+    option: str,
+    watch: Watch | None = None,
 ) -> T:
     """Await user code with a time limit.
 
@@ -57,6 +88,8 @@ async def call(
         timeout: Seconds, or `None` for no limit.
         what: Describes the call for an error message (called only on failure).
         option: The `Runtime` option that set `timeout`, named in the message.
+        watch: The calling worker's long-lived scope (see `Watch`); without one, the
+            call gets a cancel scope of its own.
 
     Raises:
         TimeoutError: The call took longer than `timeout`.
@@ -70,6 +103,16 @@ async def call(
             f"{what()} returned {awaitable!r}, which cannot be awaited: make it an "
             "`async def` function (or an object with `async def __call__`)"
         ) from None
+    if watch is not None and timeout is not None:
+        try:
+            first = steps.send(None)
+        except StopIteration as done:  # done without waiting: no deadline needed
+            return cast(T, done.value)
+        except Exception:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - re-raised, or as RuntimeError
+            _reraise(exc, what)
+        return await _watched(steps, first, timeout, what, option, watch)
     try:
         if timeout is None:  # no limit: no cancel scope either
             return cast(T, await _resume(steps, steps.send(None)))
@@ -85,20 +128,54 @@ async def call(
         return cast(T, done.value)
     except Exception:
         raise  # an ordinary failure: the caller counts it
-    except BaseException as exc:
-        if (
-            isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit)
-            or anyio.current_effective_deadline() == -math.inf  # the runtime is cancelled
-            or (isinstance(exc, BaseExceptionGroup) and interrupt_in(exc) is not None)
-        ):
-            raise
-        # A cancellation nobody asked for (or another loop's cancellation exception).
-        raise RuntimeError(
-            f"{what()} raised {type(exc).__name__} although the runtime was not cancelled "
-            "(did it await something that another task cancelled?)"
-        ) from exc
+    except BaseException as exc:  # noqa: BLE001 - re-raised, or as RuntimeError
+        _reraise(exc, what)
     # Only our own deadline ends the scope without a result or an exception.
     raise TimeoutError(f"{what()} timed out after {timeout:g} s ({option})")
+
+
+async def _watched(
+    steps: Generator[Any, Any, T],
+    first: Any,
+    timeout: float,
+    what: Callable[[], str],
+    option: str,
+    watch: Watch,
+) -> T:
+    """`call` in the worker's scope, for a call that suspended: armed with its deadline
+    until it returns."""
+    scope = watch.scope
+    assert scope is not None and not watch.expired
+    scope.deadline = anyio.current_time() + timeout
+    try:
+        return cast(T, await _resume(steps, first))
+    except Exception:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - re-raised, or as TimeoutError
+        if scope.cancel_called and not isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise TimeoutError(f"{what()} timed out after {timeout:g} s ({option})") from None
+        _reraise(exc, what)
+    finally:
+        if scope.cancel_called:
+            watch.expired = True
+        else:
+            scope.deadline = math.inf
+
+
+def _reraise(exc: BaseException, what: Callable[[], str]) -> NoReturn:
+    """Raise a `BaseException` out of user code on: itself when it stops the runtime (an
+    interrupt, or the runtime being cancelled), else a `RuntimeError` for a cancellation
+    nobody asked for (or another loop's cancellation exception)."""
+    if (
+        isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit)
+        or anyio.current_effective_deadline() == -math.inf  # the runtime is cancelled
+        or (isinstance(exc, BaseExceptionGroup) and interrupt_in(exc) is not None)
+    ):
+        raise exc
+    raise RuntimeError(
+        f"{what()} raised {type(exc).__name__} although the runtime was not cancelled "
+        "(did it await something that another task cancelled?)"
+    ) from exc
 
 
 @types.coroutine

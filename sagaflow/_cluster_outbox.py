@@ -21,6 +21,7 @@ import anyio.abc
 import anyio.lowlevel
 import attrs
 
+from ._calls import Watch
 from ._outbox import CommandQueue, OutboxCore, QueuedCommand, error_text
 from ._registry import Registry
 from ._sync import Wakeup
@@ -270,7 +271,7 @@ class ClusterOutbox(OutboxCore):
                 self._claim.poke()  # there may be more
                 self.announce()  # and other processes may help
 
-    async def _dispatch_head(self, ref: _Ref) -> None:
+    async def _dispatch_head(self, ref: _Ref, watch: Watch) -> None:
         queue = self._queues.get(ref)
         if ref in self._held:
             self._busy.discard(ref)
@@ -285,7 +286,7 @@ class ClusterOutbox(OutboxCore):
         if row.due > self.clock.now():
             self._dispatchers.retry_at(ref, row.due)  # claimed behind a row that backs off
             return
-        if not await self._attempt(ref, entry):
+        if not await self._attempt(ref, entry, watch):
             return
         self._delivered.append(row.id)
         self._mark_dirty()

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import attrs
 
-from ._calls import Interrupt, call
+from ._calls import Interrupt, Watch, call
 from ._clock import SystemClock
 from ._hooks import Hooks, trace_carrier, traced
 from ._records import DispatchMeta
@@ -157,6 +157,7 @@ async def call_dispatch(
     command: Any,
     meta: DispatchMeta,
     timeout: float | None,
+    watch: Watch | None = None,
 ) -> Any:
     """Call the dispatcher within `dispatch_timeout` (see `_calls.call`).
 
@@ -173,6 +174,7 @@ async def call_dispatch(
             f"(attempt {meta.attempt})"
         ),
         "dispatch_timeout",
+        watch,
     )
     if result is False:
         raise returned_false()
@@ -267,22 +269,30 @@ class Dispatchers:
         """When the earliest retry falls due, if one waits."""
         return self._retries[0][0] if self._retries else None
 
-    async def run(self, concurrency: int, dispatch: Callable[[_Ref], Awaitable[None]]) -> None:
-        """Run `concurrency` workers calling `dispatch(ref)`, and the retry timer."""
+    async def run(
+        self, concurrency: int, dispatch: Callable[[_Ref, Watch], Awaitable[None]]
+    ) -> None:
+        """Run `concurrency` workers calling `dispatch(ref, watch)`, and the retry timer.
+
+        Each worker keeps one cancel scope for its dispatcher calls (`Watch`); once a
+        call's deadline cancelled it, `dispatch` returns and the worker takes a new one.
+        """
         async with anyio.create_task_group() as tg:
             for _ in range(concurrency):
-                tg.start_soon(self._worker, dispatch)
+                tg.start_soon(Watch().run, functools.partial(self._worker, dispatch))
             tg.start_soon(self._retry_loop)
 
-    async def _worker(self, dispatch: Callable[[_Ref], Awaitable[None]]) -> None:
-        while True:
+    async def _worker(
+        self, dispatch: Callable[[_Ref, Watch], Awaitable[None]], watch: Watch
+    ) -> None:
+        while not watch.expired:
             while not self._ready:
                 if self._ready_event.is_set():
                     self._ready_event = anyio.Event()
                 await self._ready_event.wait()
             ref = self._ready.popleft()
             try:
-                await dispatch(ref)
+                await dispatch(ref, watch)
             except (KeyboardInterrupt, SystemExit) as exc:
                 raise Interrupt(exc) from None
             finally:
@@ -374,7 +384,7 @@ class OutboxCore:
             at = next(i for i, e in enumerate(queue) if e.row.seq > entry.row.seq)
             queue.insert(at, entry)
 
-    async def _attempt(self, ref: _Ref, entry: QueuedCommand) -> bool:
+    async def _attempt(self, ref: _Ref, entry: QueuedCommand, watch: Watch) -> bool:
         """Dispatch `entry` once; returns whether it went out.
 
         A failed attempt is counted, then retried later or given up (`_attempt_failed`);
@@ -391,13 +401,17 @@ class OutboxCore:
             meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind, trace)
             span = None if hooks is None else hooks.dispatching(entry.command, meta)
             if span is None:
-                await call_dispatch(self.dispatch, entry.command, meta, self.dispatch_timeout)
+                await call_dispatch(
+                    self.dispatch, entry.command, meta, self.dispatch_timeout, watch
+                )
             else:
                 assert hooks is not None
                 with span:
                     # The receiver continues the dispatch span: hand it its context.
                     meta = traced(hooks, meta)
-                    await call_dispatch(self.dispatch, entry.command, meta, self.dispatch_timeout)
+                    await call_dispatch(
+                        self.dispatch, entry.command, meta, self.dispatch_timeout, watch
+                    )
         except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
             self._attempt_failed(ref, entry, attempt, exc)
             return False
@@ -639,11 +653,14 @@ class Outbox(OutboxCore):
             tg.start_soon(self._pull_loop)
             task_status.started()
 
-    async def _dispatch_head(self, ref: _Ref) -> None:
+    async def _dispatch_head(self, ref: _Ref, watch: Watch) -> None:
         """Dispatch the instance's commands in order until its queue is empty or waits."""
         queue = self._queues.get(ref)
         held, awaiting = self._held, self._awaiting
         while queue and ref not in held and ref not in awaiting:
+            if watch.expired:  # (a call ended just as its deadline passed)
+                self._dispatchers.put([ref])  # the rest in the worker's next scope
+                return
             entry = queue[0]
             row = entry.row
             if row.due and row.due > self.clock.now():  # read back while it backs off
@@ -651,7 +668,7 @@ class Outbox(OutboxCore):
                 return
             if row.attempts and not await self._still_pending(ref, entry):
                 continue  # an operator aborted the instance meanwhile: it was dropped
-            if not await self._attempt(ref, entry):
+            if not await self._attempt(ref, entry, watch):
                 return
             if queue and queue[0] is entry:
                 queue.popleft()

@@ -584,3 +584,38 @@ async def test_calls_with_cancel_scopes_and_task_groups_of_their_own_run_normall
 
     assert calls == ["wait", "now", "wait"]
     assert summary == {"k": ("active", ["Started", "Touched:wait", "Touched:now", "Touched:wait"])}
+
+
+@pytest.mark.anyio
+async def test_a_dispatch_limit_is_armed_only_while_its_call_waits(store: Store) -> None:
+    """A dispatcher worker keeps one cancel scope for its calls and sets the
+    `dispatch_timeout` deadline once a call suspends: a call that has not waited yet sees
+    no deadline, one that waited sees it, and the next call on the same worker starts
+    without it again (it was taken off, so it cannot cut a later call short)."""
+    seen: list[tuple[str, bool, bool]] = []
+
+    class Probing(Recorder):
+        async def __call__(self, command: Any, meta: DispatchMeta) -> None:
+            # Only the test's own limit of an hour applies, or the 30 s of the dispatch.
+            before = anyio.current_effective_deadline() <= anyio.current_time() + 30
+            await anyio.sleep(0)
+            after = anyio.current_effective_deadline() <= anyio.current_time() + 30
+            seen.append((command.label, before, after))
+
+    def script(state: Log, event: Any) -> Any:
+        return Send(Cmd(event.key, event.tag)) if isinstance(event, Touched) else None
+
+    async with running(
+        scripted_registry(script),
+        store=store,
+        recorder=Probing(),
+        dispatch_concurrency=1,
+        dispatch_timeout=30,
+        timeout=3600,
+    ) as h:
+        await h.runtime.publish(Started("k"))
+        for tag in ("one", "two", "three"):
+            await h.runtime.publish(Touched("k", tag))
+        await h.runtime.drain()
+
+    assert seen == [("one", False, True), ("two", False, True), ("three", False, True)]
