@@ -25,10 +25,14 @@ T = TypeVar("T")
 
 
 def _to_seconds(after: timedelta | float) -> float:
-    seconds = after.total_seconds() if isinstance(after, timedelta) else float(after)
+    seconds = after.total_seconds() if type(after) is timedelta else _seconds(after)
     if not seconds >= 0:
         raise ValueError(f"Schedule(after={after!r}) must not be negative")
     return seconds
+
+
+def _seconds(after: timedelta | float) -> float:
+    return after.total_seconds() if isinstance(after, timedelta) else float(after)
 
 
 @attrs.frozen

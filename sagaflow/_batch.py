@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
+import random
 import time
 import uuid
 from collections.abc import Iterable
@@ -141,29 +141,25 @@ class Item:
 
 
 class _Work:
-    """The working copy of one instance during a batch (a plain class: made per event)."""
+    """The working copy of one instance during a batch (made per event: a plain class
+    whose instances set only what differs from the defaults below)."""
 
-    __slots__ = (
-        "became_completing",
-        "blocked",
-        "broken",
-        "commands",
-        "corrupt",
-        "deleted",
-        "dirty",
-        "failed",
-        "handler_error",
-        "key",
-        "puts",
-        "record",
-        "rows",
-        "spec",
-        "start_version",
-        "state",
-        "tomb_dirty",
-        "tomb_version",
-        "tombstone",
-    )
+    broken: DecodeError | None = None
+    corrupt = False  # the record itself (version, status) is unreadable
+    dirty = False
+    deleted = False
+    blocked = False
+    failed: OutboxRecord | None = None
+    became_completing = False
+    handler_error: str | None = None
+    puts: list[str] | None = None  # schedule names put in this batch
+    # A finished instance: its tombstone (as loaded: `tomb_version`), updated by the
+    # late events handled in this batch (`tomb_dirty`).
+    tombstone: Tombstone | None = None
+    tomb_version = 0
+    tomb_dirty = False
+    rows: list[OutboxRecord] | None = None  # the outbox rows it produced (`output`)
+    commands: list[Any] | None = None  # their commands, decoded
 
     def __init__(
         self,
@@ -178,22 +174,14 @@ class _Work:
         self.start_version = start_version
         self.record = record
         self.state = state
-        self.broken: DecodeError | None = None
-        self.corrupt = False  # the record itself (version, status) is unreadable
-        self.dirty = False
-        self.deleted = False
-        self.blocked = False
-        self.rows: list[OutboxRecord] = []
-        self.commands: list[Any] = []
-        self.failed: OutboxRecord | None = None
-        self.became_completing = False
-        self.handler_error: str | None = None
-        self.puts: list[str] | None = None  # schedule names put in this batch
-        # A finished instance: its tombstone (as loaded: `tomb_version`), updated by
-        # the late events handled in this batch (`tomb_dirty`).
-        self.tombstone: Tombstone | None = None
-        self.tomb_version = 0
-        self.tomb_dirty = False
+
+    def output(self) -> tuple[list[OutboxRecord], list[Any]]:
+        """The instance's own lists of outbox rows and their commands, made on first use."""
+        rows, commands = self.rows, self.commands
+        if rows is None or commands is None:
+            rows = self.rows = []
+            commands = self.commands = []
+        return rows, commands
 
     def put(self, name: str) -> None:
         if self.puts is None:
@@ -541,7 +529,8 @@ class Batch:
             self.schedule_ops[skey] = None
             version = w.record.version + 1
             command = message
-            w.rows.append(
+            rows, commands = w.output()
+            rows.append(
                 OutboxRecord(
                     s.id,
                     s.saga,
@@ -553,7 +542,7 @@ class Batch:
                     trace=s.trace,
                 )
             )
-            w.commands.append(command)
+            commands.append(command)
             w.record = attrs.evolve(w.record, version=version, updated_at=self.now)
             w.dirty = True
             self.done.append(item)
@@ -840,7 +829,7 @@ class Batch:
         # Command ids of sagas that correlate replies say which instance sent them.
         suffix = reply_suffix(spec.name, key) if spec.replies else None
         base = version << _SEQ_BITS
-        rows, commands = w.rows, w.commands
+        rows, commands = w.output()
         first_row = len(rows)  # rows of earlier events of this batch stay
         outputs = 0
         # (name, record or None for Unschedule), in the order the handler returned them
@@ -1072,7 +1061,7 @@ class Batch:
                 if w.tomb_dirty:  # late events of a finished instance
                     assert w.tombstone is not None
                     tombstones.append(TombstoneWrite(w.tombstone, w.tomb_version))
-                    if w.rows:
+                    if w.rows and w.commands:
                         outbox_adds += w.rows
                         commands += w.commands
                 continue
@@ -1085,7 +1074,7 @@ class Batch:
                 writes.append(InstanceWrite(record, w.start_version))
                 if not w.start_version and w.tombstone is not None:
                     tombstone_deletes.append((w.spec.name, w.key))  # the key starts again
-                if w.rows:
+                if w.rows and w.commands:
                     outbox_adds += w.rows
                     commands += w.commands
         self.outbox_adds = outbox_adds
@@ -1218,9 +1207,11 @@ def _instance_id(now: float) -> str:
     """A new incarnation's id: 32 hex digits, the creation time in milliseconds first.
 
     Command and schedule ids start with it, so rows created close together sit close
-    together in the stores' indexes (like a UUIDv7) instead of at random pages.
+    together in the stores' indexes (like a UUIDv7) instead of at random pages. The 80
+    random bits come from `random`, seeded from the system's entropy at start and again
+    in a forked child, which is unique enough and spares a system call per instance.
     """
-    return f"{max(0, int(now * 1000)):012x}{os.urandom(10).hex()}"
+    return f"{max(0, int(now * 1000)):012x}{random.getrandbits(80):020x}"
 
 
 def _id(prefix: str, n: int, suffix: str) -> str:

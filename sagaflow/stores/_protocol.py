@@ -2,6 +2,13 @@
 
 Stores see only plain records: states, events and commands arrive already encoded as
 JSON text with a stable type name, so a store never imports user classes.
+
+Records are values, compared and hashed by value, and nothing changes one once it is
+built (`attrs.evolve` makes a new one); a store must not either. The ones built for
+every event (instances, outbox rows, schedules, writes, tombstones) are nonetheless not
+`attrs.frozen`: a frozen class with slots sets each field through `object.__setattr__`,
+which makes it about four times as costly to build (940 against 230 ns for eleven
+fields, CPython 3.11), and the runtime builds several per event.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ ABORTED = "aborted"
 """How an instance ended (`Tombstone.ended`): an operator aborted it (`Admin.abort`)."""
 
 
-@attrs.frozen
+@attrs.define(unsafe_hash=True)  # not frozen: see the module's docstring
 class InstanceRecord:
     """One saga instance as stored.
 
@@ -88,7 +95,7 @@ class InstanceRecord:
     state_version: int = 1
 
 
-@attrs.frozen
+@attrs.define(unsafe_hash=True)  # not frozen: see the module's docstring
 class OutboxRecord:
     """A command waiting to be dispatched, in its instance's order.
 
@@ -116,7 +123,7 @@ class OutboxRecord:
     trace: str | None = None
 
 
-@attrs.frozen
+@attrs.define(unsafe_hash=True)  # not frozen: see the module's docstring
 class OutboxUpdate:
     """Record a failed attempt of an outbox row (a no-op if the row is gone)."""
 
@@ -140,7 +147,7 @@ class PendingCommand:
     status: str | None
 
 
-@attrs.frozen
+@attrs.define(unsafe_hash=True)  # not frozen: see the module's docstring
 class ScheduleRecord:
     """A durable timer of an instance; `(saga, key, name)` is unique.
 
@@ -170,7 +177,7 @@ class ScheduleRecord:
     trace: str | None = None
 
 
-@attrs.frozen
+@attrs.define(unsafe_hash=True)  # not frozen: see the module's docstring
 class ScheduleDelete:
     """Remove the schedule `(saga, key, name)` if present."""
 
@@ -206,7 +213,7 @@ class DeadLetter:
     name: str | None = None
 
 
-@attrs.frozen
+@attrs.define(unsafe_hash=True)  # not frozen: see the module's docstring
 class DedupMark:
     """Event `event_id` was applied to instance `(saga, key)`; forget it after `expires_at`."""
 
@@ -230,7 +237,7 @@ class Association:
     key: str
 
 
-@attrs.frozen
+@attrs.define(unsafe_hash=True)  # not frozen: see the module's docstring
 class Tombstone:
     """What is left of a finished instance, for a while: its key is not started again,
     and a late event for it is reported as such (or handled by a `late=True` handler).
@@ -260,7 +267,7 @@ class Tombstone:
     state_version: int = 1
 
 
-@attrs.frozen
+@attrs.define(unsafe_hash=True)  # not frozen: see the module's docstring
 class TombstoneWrite:
     """Put a tombstone.
 
@@ -316,7 +323,7 @@ def row_counts(
     return RowCounts(instances, outbox, schedules, due, dead)
 
 
-@attrs.frozen
+@attrs.define(unsafe_hash=True)  # not frozen: see the module's docstring
 class InstanceWrite:
     """Insert or update an instance; `expected_version` 0 means it must not exist yet."""
 
@@ -324,7 +331,7 @@ class InstanceWrite:
     expected_version: int
 
 
-@attrs.frozen
+@attrs.define(unsafe_hash=True)  # not frozen: see the module's docstring
 class InstanceDelete:
     """Delete an instance with its schedules, outbox rows and associations (dead letters
     stay)."""
