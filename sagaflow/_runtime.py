@@ -689,7 +689,10 @@ class Runtime:
         activity = self._activity
         hooks = self._hooks
         intake = sink if type(sink) is Intake else None
-        shards = len(self._shards)
+        all_shards = self._shards
+        shards = len(all_shards)
+        routes = self._registry.routes
+        ack: Ack
         async for event in source:
             count += 1
             event_id = id(event) if id is not None else None
@@ -697,12 +700,32 @@ class Runtime:
                 carried = trace_text(trace(event))
             else:
                 carried = None if hooks is None else capture(hooks)
+            route = routes(type(event))
+            if len(route) == 1 and type(route[0][2]) is not Via:
+                # The common case, spelled out: one saga, correlated by key.
+                spec, handler, correlate = route[0]
+                key = correlate(event)
+                if type(key) is str:
+                    if intake is None:
+                        ack = cast(Ack, sink)
+                        ack.pending += 1
+                    else:
+                        ack = intake.track(event, event_id, 1)
+                    item = Item(EVENT, spec, key, event, handler, event_id, ack, trace=carried)
+                    mailbox = all_shards[hash((spec.name, key)) % shards].mailbox  # shard_index
+                    activity.begin()
+                    if len(mailbox) < mailbox.limit:
+                        mailbox.put_unbounded(item)  # room: no need to suspend
+                    else:
+                        await mailbox.put(item)
+                    if intake is not None and intake.full():
+                        await intake.room()
+                    continue
             targets = self._targets(event)
             if not targets:
                 self._not_routed(event, "run")
             # One item per target, or one per shard for a target routed via an association.
             items = sum(1 if target[3] is None else shards for target in targets)
-            ack: Ack
             if intake is None:
                 ack = cast(Ack, sink)
                 ack.pending += items
