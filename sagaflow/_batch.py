@@ -829,7 +829,10 @@ class Batch:
         # Command ids of sagas that correlate replies say which instance sent them.
         suffix = reply_suffix(spec.name, key) if spec.replies else None
         base = version << _SEQ_BITS
-        rows, commands = w.output()
+        rows, commands = w.rows, w.commands
+        if rows is None or commands is None:  # (`_Work.output`, spelled out)
+            rows = w.rows = []
+            commands = w.commands = []
         first_row = len(rows)  # rows of earlier events of this batch stay
         outputs = 0
         # (name, record or None for Unschedule), in the order the handler returned them

@@ -351,6 +351,7 @@ class ClusterOutbox(OutboxCore):
             released, self._released = self._released, []
             finish, self._finish = self._finish, set()
             self._flush_event = anyio.Event()
+            self._flushing = False
             try:
                 settled = await self.store.settle_commands(
                     self.owner,

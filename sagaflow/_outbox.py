@@ -353,6 +353,8 @@ class OutboxCore:
     _awaiting: set[_Ref] = attrs.field(factory=set, init=False)
     _dispatchers: Dispatchers = attrs.field(init=False)
     _flush_event: anyio.Event = attrs.field(factory=anyio.Event, init=False)
+    _flushing: bool = attrs.field(default=False, init=False)
+    """`_flush_event` is set (read on every delivery: cheaper than asking it)."""
     _flush_retry: float | None = attrs.field(default=None, init=False)
     _depth: int = attrs.field(default=0, init=False)
 
@@ -370,7 +372,8 @@ class OutboxCore:
         self._dispatchers.put([ref])
 
     def _mark_dirty(self) -> None:
-        if not self._flush_event.is_set():
+        if not self._flushing:
+            self._flushing = True
             self.activity.begin()
             self._flush_event.set()
 
@@ -397,7 +400,7 @@ class OutboxCore:
             if not entry.decoded:
                 entry.command = self.serializer.decode(row.type_name, row.payload)
                 entry.decoded = True
-            trace = trace_carrier(row.trace)
+            trace = None if row.trace is None else trace_carrier(row.trace)
             meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind, trace)
             span = None if hooks is None else hooks.dispatching(entry.command, meta)
             if span is None:
@@ -559,9 +562,13 @@ class Outbox(OutboxCore):
             if drained:  # empty unless commands were spilled: nothing to look up
                 drained.pop(ref, None)
             if commands is not None:
-                self._insert(queue, QueuedCommand(row, commands[i], True, generation))
+                entry = QueuedCommand(row, commands[i], True, generation)
             else:
-                self._insert(queue, QueuedCommand(row, None, False, generation))
+                entry = QueuedCommand(row, None, False, generation)
+            if not queue or queue[-1].row.seq < row.seq:
+                queue.append(entry)  # (`_insert`'s common case)
+            else:
+                self._insert(queue, entry)
             self._depth += 1
         self._dispatchers.put(ready)
 
@@ -678,7 +685,8 @@ class Outbox(OutboxCore):
                 continue  # dropped meanwhile (the instance was deleted)
             self._depth -= 1
             self._deletes.append(row.id)  # not cached: a commit may take the list
-            self._mark_dirty()
+            if not self._flushing:
+                self._mark_dirty()
         self._busy.discard(ref)
         if queue is None or queue or self._queues.get(ref) is not queue:
             return
@@ -769,6 +777,7 @@ class Outbox(OutboxCore):
                 self._carried = anyio.Event()
                 await self._carried.wait()
             self._flush_event = anyio.Event()
+            self._flushing = False
             deletes, updates = self.take_records()
             if not deletes and not updates:
                 self.activity.end()

@@ -707,7 +707,7 @@ class Runtime:
                 key = correlate(event)
                 if type(key) is str:
                     if intake is None:
-                        ack = cast(Ack, sink)
+                        ack = sink  # type: ignore[assignment]
                         ack.pending += 1
                     else:
                         ack = intake.track(event, event_id, 1)
