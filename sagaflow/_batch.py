@@ -1155,19 +1155,24 @@ class Batch:
         if self.outbox_adds:
             # Before the per-instance calls below: they look at the instances' queues.
             outbox.add(self.outbox_adds, self.commands)
+        cache, cache_size = shard.cache, shard.cache_size
         for ref, w in self.work.items():
-            if w.deleted or w.record is None:
+            record = w.record
+            if w.deleted or record is None:
                 associations.forget(ref)  # (a stale lookup may have named a gone one)
             if w.deleted:
-                shard.cache.pop(ref, None)
+                cache.pop(ref, None)
                 outbox.forget(ref)
                 continue
-            if w.record is not None and w.broken is None:
-                if w.record.status == COMPENSATION_FAILED:
+            if record is not None and w.broken is None:
+                if record.status == COMPENSATION_FAILED:
                     # An operator resumes or aborts it in the store: always read it afresh.
-                    shard.cache.pop(ref, None)
-                else:
-                    shard.remember(ref, w.record, w.state)
+                    cache.pop(ref, None)
+                else:  # (`Shard.remember`, spelled out)
+                    cache[ref] = (record, w.state)
+                    cache.move_to_end(ref)
+                    if len(cache) > cache_size:
+                        cache.popitem(last=False)
             if w.failed is not None:
                 outbox.drop_head(ref, w.failed.id)
             if w.record is None:

@@ -152,21 +152,21 @@ def returned_false() -> DispatchError:
     )
 
 
-async def call_dispatch(
+def call_dispatch(
     dispatch: Callable[[Any, DispatchMeta], Any],
     command: Any,
     meta: DispatchMeta,
     timeout: float | None,
     watch: Watch | None = None,
-) -> Any:
-    """Call the dispatcher within `dispatch_timeout` (see `_calls.call`).
+) -> Awaitable[Any]:
+    """Call the dispatcher within `dispatch_timeout` (see `_calls.call`): the awaitable
+    of its result, which is `False` for a failed attempt (`returned_false`).
 
     Raises:
         TimeoutError: The call took longer than `timeout`.
         RuntimeError: The dispatcher raised a cancellation nobody asked for.
-        DispatchError: The dispatcher returned `False` (a failed attempt).
     """
-    result = await call(
+    return call(
         dispatch(command, meta),
         timeout,
         lambda: (
@@ -176,8 +176,6 @@ async def call_dispatch(
         "dispatch_timeout",
         watch,
     )
-    if result is False:
-        raise returned_false()
 
 
 def note_failure(
@@ -404,7 +402,7 @@ class OutboxCore:
             meta = DispatchMeta(row.id, row.saga, row.key, attempt, row.kind, trace)
             span = None if hooks is None else hooks.dispatching(entry.command, meta)
             if span is None:
-                await call_dispatch(
+                result = await call_dispatch(
                     self.dispatch, entry.command, meta, self.dispatch_timeout, watch
                 )
             else:
@@ -412,9 +410,11 @@ class OutboxCore:
                 with span:
                     # The receiver continues the dispatch span: hand it its context.
                     meta = traced(hooks, meta)
-                    await call_dispatch(
+                    result = await call_dispatch(
                         self.dispatch, entry.command, meta, self.dispatch_timeout, watch
                     )
+            if result is False:
+                raise returned_false()
         except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
             self._attempt_failed(ref, entry, attempt, exc)
             return False
