@@ -413,6 +413,9 @@ class OutboxCore:
                     result = await call_dispatch(
                         self.dispatch, entry.command, meta, self.dispatch_timeout, watch
                     )
+                    if result is False:
+                        # Inside the span, which sees it like a raised failure.
+                        raise returned_false()
             if result is False:
                 raise returned_false()
         except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
