@@ -91,7 +91,9 @@ class _Packed(MutableMapping[Any, _R], Generic[_R]):
 
 _MISSING: Any = object()
 # Where a field sits in a packed record's tuple.
-_VERSION = [f.name for f in attrs.fields(InstanceRecord)].index("version")
+_I_SAGA, _I_STATUS, _VERSION = (
+    [f.name for f in attrs.fields(InstanceRecord)].index(n) for n in ("saga", "status", "version")
+)
 _S_ID, _S_SAGA, _S_KEY, _S_NAME = (
     [f.name for f in attrs.fields(ScheduleRecord)].index(n) for n in ("id", "saga", "key", "name")
 )
@@ -477,11 +479,15 @@ class MemoryStore:
     ) -> list[InstanceRecord]:
         """Instances, optionally of one saga or status, ordered by saga and key."""
         await anyio.lowlevel.checkpoint()
+        # Filtered on the packed tuples: the runtime's sweep asks for the few instances
+        # of one status, and building every record to look at it cost a full pass.
+        make = InstanceRecord
         rows = sorted(
             (
-                r
-                for r in self._instances.values()
-                if (saga is None or r.saga == saga) and (status is None or r.status == status)
+                make(*row)
+                for row in self._instances.rows.values()
+                if (saga is None or row[_I_SAGA] == saga)
+                and (status is None or row[_I_STATUS] == status)
             ),
             key=lambda r: (r.saga, r.key),
         )
