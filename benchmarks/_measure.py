@@ -54,7 +54,9 @@ class GcCounter:
         """The figures for the report: allocations per event, collections per generation."""
         count1 = gc.get_count()[0]
         gc.callbacks.remove(self._callback)
-        collections = [s["collections"] - c0 for s, c0 in zip(gc.get_stats(), self._stats0)]
+        collections = [
+            s["collections"] - c0 for s, c0 in zip(gc.get_stats(), self._stats0, strict=True)
+        ]
         allocs = self._at_collections + count1 - self._count0
         return {
             "gc_tracked_allocs": allocs,

@@ -30,9 +30,8 @@ import gc
 import time
 from typing import Any
 
-import anyio
-
 import _workload as wl
+import anyio
 from _measure import GcCounter, LoopBlock
 
 

@@ -40,13 +40,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _workload as wl
 import anyio
 import anyio.to_thread
 import attrs
-from cattrs.preconf.json import make_converter
-
-import _workload as wl
 from _measure import GcCounter, LoopBlock
+from cattrs.preconf.json import make_converter
 
 CREATE = (
     "CREATE TABLE states (order_id TEXT PRIMARY KEY, data TEXT NOT NULL) WITHOUT ROWID",
@@ -194,7 +193,9 @@ class Orders:
         return txn, outgoing
 
 
-async def handle_all(args: argparse.Namespace, orders: Orders, recorder: Recorder, commit: Any) -> int:
+async def handle_all(
+    args: argparse.Namespace, orders: Orders, recorder: Recorder, commit: Any
+) -> int:
     """Handle the stream in batches: commit each, then send its commands."""
     handlers = orders.handlers
     send = recorder.send
@@ -217,7 +218,7 @@ async def handle_all(args: argparse.Namespace, orders: Orders, recorder: Recorde
             staged = 0
     if staged:
         await flush()
-    txn, outgoing = orders.take()  # the last sent commands' rows
+    txn, _ = orders.take()  # the last sent commands' rows (nothing new to send)
     await commit(txn)
     return handled
 
@@ -314,7 +315,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--w", type=int, default=1_000)
     p.add_argument("--batch", type=int, default=256, help="events per transaction")
     p.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
-    p.add_argument("--sync", choices=("normal", "full"), default="normal", help="PRAGMA synchronous")
+    p.add_argument(
+        "--sync", choices=("normal", "full"), default="normal", help="PRAGMA synchronous"
+    )
     p.add_argument("--inline", action="store_true", help="sqlite3 on the event loop's thread")
     p.add_argument("--gc", choices=("on", "off"), default="on", help="off: gc.disable()")
     p.add_argument("--discard", action="store_true", help="count commands, don't keep them")

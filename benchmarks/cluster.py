@@ -139,7 +139,11 @@ def measure(processes: int, args: argparse.Namespace, dsn: str) -> dict[str, Any
                     proc.kill()
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         summaries = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
-        sent = [item for k in range(processes) for item in json.loads(Path(f"{tmp}/{k}.json").read_text())]
+        sent = [
+            item
+            for k in range(processes)
+            for item in json.loads(Path(f"{tmp}/{k}.json").read_text())
+        ]
     sent.sort(key=lambda item: item[0])
     commands = [wl.COMMAND_BY_NAME[name](**fields) for _, name, fields in sent]
     problems = wl.verify_commands(args.n, commands)

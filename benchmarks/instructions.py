@@ -1,6 +1,6 @@
 """Instructions per event under callgrind: a figure that a busy machine does not blur.
 
-    python benchmarks/instructions.py                  # sagaflow and the baselines, memory and SQLite
+    python benchmarks/instructions.py      # sagaflow and the baselines, memory and SQLite
     python benchmarks/instructions.py --n0 300 --n1 900 --only "baseline memory"
     python benchmarks/instructions.py -- python benchmarks/bench_orders.py --store memory
 
