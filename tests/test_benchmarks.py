@@ -262,7 +262,7 @@ def test_scaling_prints_one_line_per_window(tmp_path: Path) -> None:
     assert [row[0] for row in rows] == ["50", "100"]
 
 
-def test_ablate_runs_every_variant_against_the_limit(tmp_path: Path) -> None:
+def test_ablate_runs_every_variant_against_the_baseline(tmp_path: Path) -> None:
     """The short form of the ablation: each variant still dispatches the expected commands,
     measured against the own baseline."""
     out = _run("ablate.py", "--rounds", "1", "--n", "300", "--w", "50", tmp_path=tmp_path)
