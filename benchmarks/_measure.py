@@ -18,18 +18,23 @@ much less), so a change can be judged by them when events/s is too noisy.
 - `LoopBlock`: a task that sleeps 1 ms in a loop (anyio, so asyncio and trio alike) and
   keeps the largest gap between falling asleep and waking up, minus the 1 ms: the longest
   time anything held the event loop during the run. The gap still open when the run ends
-  counts too, so a run that never lets the ticker in reports its whole length.
+  counts too, so a run that never lets the ticker in reports its whole length. The
+  ticker wakes on the wall clock: `instructions.py`, under which a program runs some 50
+  times slower, turns it off (`BENCH_LOOP_TICKER=off`, reported as null), lest its
+  wake-ups count as the program's instructions.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import time
 from typing import Any
 
 import anyio
 
 TICK = 0.001  # seconds the loop-block ticker sleeps
+TICKER = os.environ.get("BENCH_LOOP_TICKER", "on") != "off"
 
 
 class GcCounter:
@@ -82,6 +87,8 @@ class LoopBlock:
 
     async def tick(self) -> None:
         """Run until cancelled (start it in the task group that runs the benchmark)."""
+        if not TICKER:
+            return
         clock = time.perf_counter
         while True:
             self._asleep = clock()
@@ -93,6 +100,8 @@ class LoopBlock:
 
     def stop(self) -> dict[str, Any]:
         """The figure for the report (call it where the timed run ends)."""
+        if not TICKER:
+            return {"loop_block_max_ms": None}
         still_open = time.perf_counter() - self._asleep - TICK
         self.max_seconds = max(self.max_seconds, still_open)
         return {"loop_block_max_ms": round(self.max_seconds * 1000, 3)}

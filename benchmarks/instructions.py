@@ -6,7 +6,8 @@
 
 Each program runs twice under `valgrind --tool=callgrind`, with `--n N0` and `--n N1`
 orders appended to its command line (2,000 and 6,000 by default; W = 1,000), and with
-PYTHONHASHSEED=0 so that the runs repeat exactly. The startup (imports, opening the
+PYTHONHASHSEED=0 so that the runs repeat exactly (and BENCH_LOOP_TICKER=off: the
+loop-block ticker of `_measure.py` wakes on the wall clock, which callgrind slows down). The startup (imports, opening the
 store) costs the same in both runs, so the difference of the two totals over the
 difference of the events handled is what one event costs:
 
@@ -56,7 +57,7 @@ def callgrind(command: list[str], tmp: Path) -> tuple[int, dict[str, object]]:
         capture_output=True,
         text=True,
         check=False,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
+        env={**os.environ, "PYTHONHASHSEED": "0", "BENCH_LOOP_TICKER": "off"},
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
