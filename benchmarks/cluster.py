@@ -16,7 +16,8 @@ i.e. every event was handled and every command dispatched. Checked afterwards: t
 commands of all processes together, ordered by the time each was dispatched (one clock,
 one machine), are exactly the expected ones, per order and in order, none twice; and
 the processes handled as many events as the workload has. Prints one JSON line per
-process count, then the ratios to one process.
+run, then the medians of the rounds (`--rounds`, alternated) and their ratios to the
+first process count.
 
 On a machine with fewer cores than processes plus the server, the processes share the
 cores with PostgreSQL and each other, so the figures show the cost of coordination
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -176,16 +178,20 @@ def main(args: argparse.Namespace) -> None:
     dsn = os.environ.get("SAGAFLOW_PG_DSN")
     if not dsn:
         raise SystemExit("set SAGAFLOW_PG_DSN to a PostgreSQL database")
-    results = []
-    for processes in args.processes:
-        result = measure(processes, args, dsn)
-        print(json.dumps(result), flush=True)
-        results.append(result)
-    base = results[0]["events_per_s"]
-    for result in results:
-        rate = result["events_per_s"]
-        print(f"{result['processes']} process(es): {rate:>9,.0f} events/s, {rate / base:.2f}x")
-    if not all(result["ok"] for result in results):
+    rates: dict[int, list[float]] = {processes: [] for processes in args.processes}
+    ok = True
+    for _ in range(args.rounds):
+        for processes in args.processes:
+            result = measure(processes, args, dsn)
+            print(json.dumps(result), flush=True)
+            rates[processes].append(result["events_per_s"])
+            ok = ok and result["ok"]
+    median = {processes: statistics.median(values) for processes, values in rates.items()}
+    base = median[args.processes[0]]
+    print(f"medians of {args.rounds} alternated runs, N={args.n:,} W={args.w:,}")
+    for processes, rate in median.items():
+        print(f"{processes} process(es): {rate:>9,.0f} events/s, {rate / base:.2f}x")
+    if not ok:
         raise SystemExit(1)
 
 
@@ -193,6 +199,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("role", nargs="?", choices=("bench", "worker"), default="bench")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--rounds", type=int, default=1, help="alternated rounds (medians)")
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--w", type=int, default=1_000)
     parser.add_argument("--schema", help=argparse.SUPPRESS)
