@@ -7,9 +7,9 @@
 Each program runs twice under `valgrind --tool=callgrind`, with `--n N0` and `--n N1`
 orders appended to its command line (2,000 and 6,000 by default; W = 1,000), and with
 PYTHONHASHSEED=0 so that the runs repeat exactly (and BENCH_LOOP_TICKER=off: the
-loop-block ticker of `_measure.py` wakes on the wall clock, which callgrind slows down). The startup (imports, opening the
-store) costs the same in both runs, so the difference of the two totals over the
-difference of the events handled is what one event costs:
+loop-block ticker of `_measure.py` wakes on the wall clock, which callgrind slows down).
+The startup (imports, opening the store) costs the same in both runs, so the difference
+of the two totals over the difference of the events handled is what one event costs:
 
     instructions per event = (Ir(N1) - Ir(N0)) / (events(N1) - events(N0))
 
