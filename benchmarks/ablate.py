@@ -12,8 +12,8 @@ by round, with one part replaced in that process only:
 - `gc off`: the cyclic garbage collector is disabled during the run.
 
 These are analyses, not configurations: without its commit the run dispatches the same
-commands, but nothing is stored. The printed ratios are against `limit_memory.py
---feed stream`, run in the same rounds.
+commands, but nothing is stored. The printed ratios are against the hand-written
+`baseline_memory.py --feed stream`, run in the same rounds.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import runpy
 import statistics
 import sys
 
-from compare import BENCH_DIR, HERE, run
+from compare import HERE, run
 
 VARIANTS = {
     "as shipped": ([], ""),
@@ -71,19 +71,19 @@ def main() -> None:
     parser.add_argument("--w", type=int, default=1_000)
     args = parser.parse_args()
     size = ["--n", str(args.n), "--w", str(args.w)]
-    limit = [sys.executable, str(BENCH_DIR / "limit_memory.py"), *size, "--feed", "stream"]
+    baseline = [sys.executable, str(HERE / "baseline_memory.py"), *size, "--feed", "stream"]
     own = [sys.executable, __file__, "--bench", *size]
-    rates: dict[str, list[float]] = {name: [] for name in ["limit_memory", *VARIANTS]}
+    rates: dict[str, list[float]] = {name: [] for name in ["baseline_memory", *VARIANTS]}
     for round_ in range(args.rounds):
-        rates["limit_memory"].append(float(_run(limit)["events_per_s"]))
+        rates["baseline_memory"].append(float(_run(baseline)["events_per_s"]))
         for name, (options, parts) in VARIANTS.items():
             rates[name].append(float(_run([*own, *options], parts)["events_per_s"]))
         print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr)
     median = {name: statistics.median(values) for name, values in rates.items()}
     print(f"N={args.n} W={args.w}, MemoryStore, medians of {args.rounds} alternated runs")
-    print(f"{'run':24} {'events/s':>10} {'vs limit_memory':>16}")
+    print(f"{'run':24} {'events/s':>10} {'vs baseline':>16}")
     for name, rate in median.items():
-        print(f"{name:24} {rate:>10,.0f} {rate / median['limit_memory']:>16.2f}")
+        print(f"{name:24} {rate:>10,.0f} {rate / median['baseline_memory']:>16.2f}")
 
 
 if __name__ == "__main__":

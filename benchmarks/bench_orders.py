@@ -10,6 +10,25 @@ received exactly the expected commands and that no state or schedule is left.
 
 The workload module is `_workload.py` next to this file; $SAGAFLOW_BENCH_DIR (or
 ../shared/bench next to the repository), when it holds one, takes precedence.
+
+Besides events/s, the output carries figures that drift less than wall time on a busy
+machine (how they are measured: `_measure.py`'s docstring):
+
+- `gc_tracked_allocs_per_event`: net GC-tracked allocations per event, counted as
+  CPython counts them to start young collections (the count `gc.get_count()[0]` read
+  by a `gc.callback` as each collection starts, summed, plus the count at the end,
+  minus the count at the start);
+- `gc_collections`: the collections of each generation during the run;
+- `loop_block_max_ms`: the longest time the event loop was held, seen by a task that
+  sleeps 1 ms in a loop (asyncio and trio alike).
+
+The run uses the interpreter's default GC settings. Two process-wide tunings an
+application may choose are opt-in, and reported in the output:
+
+    python benchmarks/bench_orders.py --gc-threshold 10000   # gc.set_threshold(10000, ...)
+    python benchmarks/bench_orders.py --gc-freeze            # gc.freeze() after the setup
+
+For instructions per event (callgrind), see `instructions.py`.
 """
 
 from __future__ import annotations
@@ -33,6 +52,7 @@ BENCH_DIR = Path(os.environ.get("SAGAFLOW_BENCH_DIR", HERE.parent.parent / "shar
 sys.path.insert(0, str(BENCH_DIR))
 
 import _workload as wl  # noqa: E402
+from _measure import GcCounter, LoopBlock  # noqa: E402
 
 from sagaflow import (  # noqa: E402
     Compensate,
@@ -165,16 +185,26 @@ async def main(args: argparse.Namespace) -> None:
                 cache_size=args.cache,
             ),
         )
+        gc_counter, loop = GcCounter(), LoopBlock()
         async with runtime:
             if args.gc == "off":
                 gc.disable()
+            if args.gc_freeze:
+                gc.freeze()
             rss_start = wl.peak_rss_mib()
-            t0, cpu0 = time.perf_counter(), time.process_time()
             acks = Acks() if args.ack else None
-            count = await runtime.run(events(n, w), ack=acks)
-            await runtime.drain()
-            seconds = time.perf_counter() - t0
-            cpu_seconds = time.process_time() - cpu0
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(loop.tick)
+                gc_counter.start()
+                loop.start()
+                t0, cpu0 = time.perf_counter(), time.process_time()
+                count = await runtime.run(events(n, w), ack=acks)
+                await runtime.drain()
+                seconds = time.perf_counter() - t0
+                cpu_seconds = time.process_time() - cpu0
+                gc_figures = gc_counter.stop(count)
+                loop_figures = loop.stop()
+                tg.cancel_scope.cancel()
             peak = wl.peak_rss_mib()
             stats = runtime.statistics()
             left = await store.list_instances(limit=5)
@@ -213,6 +243,9 @@ async def main(args: argparse.Namespace) -> None:
         synchronous=args.sync if args.store == "sqlite" else None,
         rss_start_mib=round(rss_start, 1),
         cpu_seconds=round(cpu_seconds, 4),
+        gc_freeze=args.gc_freeze,
+        **gc_figures,
+        **loop_figures,
     )
     if problems:
         raise SystemExit(1)
@@ -233,6 +266,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--gc", choices=("on", "off"), default="on")
     p.add_argument(
+        "--gc-threshold",
+        type=int,
+        default=None,
+        help="opt-in: the young generation's GC threshold (gc.set_threshold), process-wide",
+    )
+    p.add_argument("--gc-freeze", action="store_true", help="opt-in: gc.freeze() after the setup")
+    p.add_argument(
         "--sync",
         choices=("normal", "full"),
         default="normal",
@@ -245,4 +285,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     a = parse_args()
+    if a.gc_threshold is not None:
+        gc.set_threshold(a.gc_threshold, *gc.get_threshold()[1:])
     anyio.run(main, a, backend=a.backend)
