@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import json.scanner
 import re
 import sys
 import typing
@@ -23,6 +22,7 @@ from cattrs.errors import IterableValidationError, IterableValidationNote
 from cattrs.preconf.json import JsonConverter, make_converter
 
 from ._evolution import Upcaster, UpcastFailure, check_chain, run_chain
+from ._json import Codec, default_codec
 from .exceptions import DecodeError, SerializationError, UnknownTypeError
 
 __all__ = ["Serializer", "default_type_name", "split_type_name"]
@@ -107,42 +107,6 @@ def _strict_converter() -> JsonConverter:
     return converter
 
 
-def _json_encoder() -> Callable[[Any], str]:
-    """`json.dumps` without its per-call set-up (the hot path encodes every state)."""
-    plain = json.JSONEncoder(ensure_ascii=False, check_circular=False)
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # pragma: no cover - only without CPython's C accelerator
-        return plain.encode
-    chunks = make(
-        None, plain.default, json.encoder.encode_basestring, None, ": ", ", ", False, False, True
-    )
-
-    def encode(value: Any) -> str:
-        return "".join(chunks(value, 0))
-
-    return encode
-
-
-def _json_decoder() -> Callable[[str], Any]:
-    """`json.loads` without its per-call checks (a state not in the cache is decoded on
-    every event); anything unusual goes to `json.loads` itself, for its result or error."""
-    scan: Callable[[str, int], tuple[Any, int]]
-    scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
-
-    def decode(text: str) -> Any:
-        if type(text) is str:
-            try:
-                value, end = scan(text, 0)
-            except StopIteration:  # no value at the start (whitespace, or not JSON)
-                pass
-            else:
-                if end == len(text):
-                    return value
-        return json.loads(text)
-
-    return decode
-
-
 def _is_message_class(obj: object) -> bool:
     return isinstance(obj, type) and (attrs.has(obj) or dataclasses.is_dataclass(obj))
 
@@ -191,8 +155,13 @@ class Serializer:
 
     _prefixes: set[str] = attrs.field(factory=set, alias="prefixes", converter=set)
     _converter: JsonConverter = attrs.field(factory=lambda: _strict_converter(), init=False)
-    _encode: Callable[[Any], str] = attrs.field(factory=lambda: _json_encoder(), init=False)
-    _decode: Callable[[str], Any] = attrs.field(factory=lambda: _json_decoder(), init=False)
+    _codec: Codec = attrs.field(factory=default_codec, init=False)
+    _encode: Callable[[Any], str] = attrs.field(
+        default=attrs.Factory(lambda self: self._codec.encode, takes_self=True), init=False
+    )
+    _decode: Callable[[str], Any] = attrs.field(
+        default=attrs.Factory(lambda self: self._codec.decode, takes_self=True), init=False
+    )
     _by_name: dict[str, type] = attrs.field(factory=dict, init=False)
     _encoders: dict[type, tuple[str, Callable[[Any], Any]]] = attrs.field(factory=dict, init=False)
     _hooks: dict[type, Callable[[Any], Any]] = attrs.field(factory=dict, init=False)
@@ -208,6 +177,11 @@ class Serializer:
     def converter(self) -> JsonConverter:
         """The cattrs converter sagaflow owns (never cattrs' global one)."""
         return self._converter
+
+    @property
+    def codec(self) -> str:
+        """The JSON codec in use: `"msgspec"` (the `fast` extra) or `"stdlib"`."""
+        return self._codec.name
 
     @property
     def prefixes(self) -> frozenset[str]:
