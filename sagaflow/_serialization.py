@@ -12,6 +12,7 @@ import dataclasses
 import json
 import re
 import sys
+import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -105,6 +106,74 @@ def _strict_converter() -> JsonConverter:
 
     converter.register_structure_hook_factory(_is_homogeneous_sequence, sequence)
     return converter
+
+
+_PLAIN = (str, int, bool, float)
+
+
+def _plain_field(hint: Any) -> tuple[type, bool] | None:
+    """`(type, may be None)` for a field typed `str`, `int`, `bool`, `float` or one of
+    them `| None`; `None` for any other type."""
+    if hint in _PLAIN:
+        return hint, False
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 2:
+        if args[1] is type(None) and args[0] in _PLAIN:
+            return args[0], True
+        if args[0] is type(None) and args[1] in _PLAIN:
+            return args[1], True
+    return None
+
+
+def _plain_structure(
+    cls: type, converter: JsonConverter, structure: Callable[[Any, Any], Any]
+) -> Callable[[Any, Any], Any]:
+    """`structure` (cattrs' hook for `cls`), with a shortcut for a flat attrs class
+    whose fields are all `str`, `int`, `bool`, `float` (or one of them `| None`).
+
+    The shortcut takes a dict with exactly the class's keys and values of exactly the
+    fields' types, which cattrs' strict hook would take unchanged, and builds the
+    instance directly; anything else (a missing or unknown key, an `int` for a `float`,
+    a wrong type) goes to `structure`, for its result or its error. A class with a hook
+    of its own, or fields with hooks of their own, keeps cattrs' hook alone.
+    """
+    generated = getattr(getattr(structure, "__code__", None), "co_filename", "")
+    if not attrs.has(cls) or not generated.startswith("<cattrs generated structure"):
+        return structure
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: cattrs decides
+        return structure
+    fields = []
+    for field in attrs.fields(cls):
+        plain = _plain_field(hints.get(field.name))
+        if plain is None or not field.init or field.alias != field.name:
+            return structure
+        hook = converter.get_structure_hook(plain[0])
+        if getattr(hook, "__qualname__", "") != "_exact.<locals>.structure":
+            return structure
+        fields.append((field.name, *plain))
+    checks = " and ".join(
+        f"(type(v{i}) is {kind.__name__}{f' or v{i} is None' if optional else ''})"
+        for i, (_, kind, optional) in enumerate(fields)
+    )
+    arguments = ", ".join(f"{name}=v{i}" for i, (name, _, _) in enumerate(fields))
+    source = "\n".join(
+        [
+            "def structure_plain(o, t):",
+            f"    if type(o) is dict and len(o) == {len(fields)}:",
+            "        try:",
+            *(f"            v{i} = o[{name!r}]" for i, (name, _, _) in enumerate(fields)),
+            "        except KeyError:",
+            "            return structure(o, t)",
+            f"        if {checks or 'True'}:",
+            f"            return cls({arguments})",
+            "    return structure(o, t)",
+        ]
+    )
+    namespace: dict[str, Any] = {"cls": cls, "structure": structure}
+    exec(compile(source, f"<sagaflow plain structure {cls.__qualname__}>", "exec"), namespace)
+    return namespace["structure_plain"]  # type: ignore[no-any-return]
 
 
 def _is_message_class(obj: object) -> bool:
@@ -439,7 +508,9 @@ class Serializer:
                 )
             structure = self._structurers.get(cls)
             if structure is None:
-                structure = self._structurers[cls] = self._converter.get_structure_hook(cls)
+                structure = self._structurers[cls] = _plain_structure(
+                    cls, self._converter, self._converter.get_structure_hook(cls)
+                )
             return structure(value, cls)  # type: ignore[no-any-return]
         except Exception as exc:
             if isinstance(exc, json.JSONDecodeError):

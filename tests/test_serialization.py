@@ -654,3 +654,59 @@ def test_a_sqlite_store_written_with_one_codec_is_read_by_the_other(
     read = run_worker("read", db, *(without if reader == "stdlib" else []))
 
     assert (wrote, read) == (f"wrote {writer}\n", f"ok {reader}\n")
+
+
+# -- the shortcut for flat classes -------------------------------------------------
+
+
+@attrs.frozen
+class Flat:
+    """A class the serializer decodes without cattrs when the JSON fits it exactly."""
+
+    name: str
+    count: int
+    ok: bool
+    ratio: float
+    note: str | None = None
+
+
+flat_payloads = st.dictionaries(
+    st.sampled_from(["name", "count", "ok", "ratio", "note", "other"]),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=3),
+    max_size=6,
+)
+
+
+@given(flat_payloads)
+def test_a_flat_class_decodes_exactly_as_cattrs_strict_hook_does(
+    data: dict[str, Any],
+) -> None:
+    """Right or wrong types, missing or unknown keys: the value, or a `DecodeError` where
+    cattrs' hook raises."""
+    serializer = rich_registry().serializer
+    hook = serializer.converter.get_structure_hook(Flat)
+    try:
+        expected: object = hook(data, Flat)
+    except Exception:  # noqa: BLE001 - any error of cattrs' is a decode error
+        expected = DecodeError
+
+    try:
+        got: object = serializer.loads(json.dumps(data), Flat, "Flat")
+    except DecodeError:
+        got = DecodeError
+
+    assert got == expected
+
+
+def test_a_flat_class_takes_the_shortcut_and_a_class_with_its_own_hook_does_not() -> None:
+    serializer = rich_registry().serializer
+    serializer.converter.register_structure_hook(
+        DataMessage, lambda data, cls: cls(data["name"].upper(), data["amount"])
+    )
+
+    flat = serializer.loads('{"name":"n","count":1,"ok":true,"ratio":0.5,"note":null}', Flat, "F")
+    data = serializer.loads('{"name":"n","amount":2}', DataMessage, "D")
+
+    assert (flat, data) == (Flat("n", 1, True, 0.5), DataMessage("N", 2))
+    hooks = [serializer._structurers[c].__name__ for c in (Flat, DataMessage)]
+    assert hooks == ["structure_plain", "<lambda>"]
