@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import json.scanner
 import re
 import sys
+import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -23,6 +23,7 @@ from cattrs.errors import IterableValidationError, IterableValidationNote
 from cattrs.preconf.json import JsonConverter, make_converter
 
 from ._evolution import Upcaster, UpcastFailure, check_chain, run_chain
+from ._json import Codec, default_codec
 from .exceptions import DecodeError, SerializationError, UnknownTypeError
 
 __all__ = ["Serializer", "default_type_name", "split_type_name"]
@@ -107,40 +108,72 @@ def _strict_converter() -> JsonConverter:
     return converter
 
 
-def _json_encoder() -> Callable[[Any], str]:
-    """`json.dumps` without its per-call set-up (the hot path encodes every state)."""
-    plain = json.JSONEncoder(ensure_ascii=False, check_circular=False)
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # pragma: no cover - only without CPython's C accelerator
-        return plain.encode
-    chunks = make(
-        None, plain.default, json.encoder.encode_basestring, None, ": ", ", ", False, False, True
+_PLAIN = (str, int, bool, float)
+
+
+def _plain_field(hint: Any) -> tuple[type, bool] | None:
+    """`(type, may be None)` for a field typed `str`, `int`, `bool`, `float` or one of
+    them `| None`; `None` for any other type."""
+    if hint in _PLAIN:
+        return hint, False
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 2:
+        if args[1] is type(None) and args[0] in _PLAIN:
+            return args[0], True
+        if args[0] is type(None) and args[1] in _PLAIN:
+            return args[1], True
+    return None
+
+
+def _plain_structure(
+    cls: type, converter: JsonConverter, structure: Callable[[Any, Any], Any]
+) -> Callable[[Any, Any], Any]:
+    """`structure` (cattrs' hook for `cls`), with a shortcut for a flat attrs class
+    whose fields are all `str`, `int`, `bool`, `float` (or one of them `| None`).
+
+    The shortcut takes a dict with exactly the class's keys and values of exactly the
+    fields' types, which cattrs' strict hook would take unchanged, and builds the
+    instance directly; anything else (a missing or unknown key, an `int` for a `float`,
+    a wrong type) goes to `structure`, for its result or its error. A class with a hook
+    of its own, or fields with hooks of their own, keeps cattrs' hook alone.
+    """
+    generated = getattr(getattr(structure, "__code__", None), "co_filename", "")
+    if not attrs.has(cls) or not generated.startswith("<cattrs generated structure"):
+        return structure
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation: cattrs decides
+        return structure
+    fields = []
+    for field in attrs.fields(cls):
+        plain = _plain_field(hints.get(field.name))
+        if plain is None or not field.init or field.alias != field.name:
+            return structure
+        hook = converter.get_structure_hook(plain[0])
+        if getattr(hook, "__qualname__", "") != "_exact.<locals>.structure":
+            return structure
+        fields.append((field.name, *plain))
+    checks = " and ".join(
+        f"(type(v{i}) is {kind.__name__}{f' or v{i} is None' if optional else ''})"
+        for i, (_, kind, optional) in enumerate(fields)
     )
-
-    def encode(value: Any) -> str:
-        return "".join(chunks(value, 0))
-
-    return encode
-
-
-def _json_decoder() -> Callable[[str], Any]:
-    """`json.loads` without its per-call checks (a state not in the cache is decoded on
-    every event); anything unusual goes to `json.loads` itself, for its result or error."""
-    scan: Callable[[str, int], tuple[Any, int]]
-    scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
-
-    def decode(text: str) -> Any:
-        if type(text) is str:
-            try:
-                value, end = scan(text, 0)
-            except StopIteration:  # no value at the start (whitespace, or not JSON)
-                pass
-            else:
-                if end == len(text):
-                    return value
-        return json.loads(text)
-
-    return decode
+    arguments = ", ".join(f"{name}=v{i}" for i, (name, _, _) in enumerate(fields))
+    source = "\n".join(
+        [
+            "def structure_plain(o, t):",
+            f"    if type(o) is dict and len(o) == {len(fields)}:",
+            "        try:",
+            *(f"            v{i} = o[{name!r}]" for i, (name, _, _) in enumerate(fields)),
+            "        except KeyError:",
+            "            return structure(o, t)",
+            f"        if {checks or 'True'}:",
+            f"            return cls({arguments})",
+            "    return structure(o, t)",
+        ]
+    )
+    namespace: dict[str, Any] = {"cls": cls, "structure": structure}
+    exec(compile(source, f"<sagaflow plain structure {cls.__qualname__}>", "exec"), namespace)
+    return namespace["structure_plain"]  # type: ignore[no-any-return]
 
 
 def _is_message_class(obj: object) -> bool:
@@ -191,8 +224,13 @@ class Serializer:
 
     _prefixes: set[str] = attrs.field(factory=set, alias="prefixes", converter=set)
     _converter: JsonConverter = attrs.field(factory=lambda: _strict_converter(), init=False)
-    _encode: Callable[[Any], str] = attrs.field(factory=lambda: _json_encoder(), init=False)
-    _decode: Callable[[str], Any] = attrs.field(factory=lambda: _json_decoder(), init=False)
+    _codec: Codec = attrs.field(factory=default_codec, init=False)
+    _encode: Callable[[Any], str] = attrs.field(
+        default=attrs.Factory(lambda self: self._codec.encode, takes_self=True), init=False
+    )
+    _decode: Callable[[str], Any] = attrs.field(
+        default=attrs.Factory(lambda self: self._codec.decode, takes_self=True), init=False
+    )
     _by_name: dict[str, type] = attrs.field(factory=dict, init=False)
     _encoders: dict[type, tuple[str, Callable[[Any], Any]]] = attrs.field(factory=dict, init=False)
     _hooks: dict[type, Callable[[Any], Any]] = attrs.field(factory=dict, init=False)
@@ -208,6 +246,11 @@ class Serializer:
     def converter(self) -> JsonConverter:
         """The cattrs converter sagaflow owns (never cattrs' global one)."""
         return self._converter
+
+    @property
+    def codec(self) -> str:
+        """The JSON codec in use: `"msgspec"` (the `fast` extra) or `"stdlib"`."""
+        return self._codec.name
 
     @property
     def prefixes(self) -> frozenset[str]:
@@ -465,7 +508,9 @@ class Serializer:
                 )
             structure = self._structurers.get(cls)
             if structure is None:
-                structure = self._structurers[cls] = self._converter.get_structure_hook(cls)
+                structure = self._structurers[cls] = _plain_structure(
+                    cls, self._converter, self._converter.get_structure_hook(cls)
+                )
             return structure(value, cls)  # type: ignore[no-any-return]
         except Exception as exc:
             if isinstance(exc, json.JSONDecodeError):

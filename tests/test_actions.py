@@ -8,6 +8,7 @@ from typing import Any
 
 import attrs
 import pytest
+from json_meaning import JsonText
 from sagas_for_tests import (
     SAGA,
     T0,
@@ -162,7 +163,7 @@ async def test_handler_returning_a_tuple_of_mixed_actions_applies_each() -> None
                 due=T0 + 10,
                 to_self=False,
                 type_name="sagas_for_tests.Cmd",
-                payload='{"key": "k", "label": "later"}',
+                payload=JsonText('{"key": "k", "label": "later"}'),
                 seq=(1 << 16) | 1,
             )
         ]
@@ -223,7 +224,7 @@ async def test_handler_returning_a_non_action_dead_letters_the_event(
                 key="k",
                 kind="event",
                 type_name="sagas_for_tests.Touched",
-                payload='{"key": "k", "tag": "bad"}',
+                payload=JsonText('{"key": "k", "tag": "bad"}'),
                 error=f"ActionError: saga 'S' key 'k' handling Touched: {complaint}",
                 attempts=1,
                 failed_at=T0,

@@ -15,6 +15,7 @@ import attrs
 import ops_sagas
 import pytest
 from _postgres_server import pg_schema, postgres_dsn  # noqa: F401
+from json_meaning import JsonText
 from ops_sagas import DAY, Services, prepare
 
 from sagaflow import Admin, RetryPolicy, Runtime
@@ -197,7 +198,7 @@ async def test_show_returns_one_instance_whole(admin: Admin, store: Store) -> No
         "order",
         "c1",
         "compensation_failed",
-        '{"status": "failed: Release"}',
+        JsonText('{"status": "failed: Release"}'),
     )
 
 
@@ -427,7 +428,7 @@ async def test_an_event_is_published_again_through_the_runtime(store: Store) -> 
         a1 = await record(store, "order", "a1")
         assert (a1.status, a1.state, a1.last_event, a1.updated_at) == (
             "active",
-            '{"status": "repaired"}',
+            JsonText('{"status": "repaired"}'),
             "ops_sagas.Broken",
             NOW,
         )

@@ -21,6 +21,7 @@ import anyio
 import ops_sagas
 import pytest
 from _postgres_server import pg_schema, postgres_dsn  # noqa: F401
+from json_meaning import JsonText
 from ops_sagas import Services, prepare
 
 import sagaflow
@@ -354,7 +355,7 @@ def test_show_prints_one_instance_whole(db: Path, url: str) -> None:
     outbox_headers = ["ID", "KIND", "TYPE", "ATTEMPTS", "NEXT", "PAYLOAD", "ERROR"]
     assert cells("\n".join(outbox_lines[1:-1]), outbox_headers) == [
         outbox_headers,
-        [refund.id, "compensate", "Refund", "0", "-", '{"key": "c1"}', "-"],
+        [refund.id, "compensate", "Refund", "0", "-", JsonText('{"key": "c1"}'), "-"],
     ]
     assert letters.startswith("dead letters\n")
     letter_headers = ["ID", "KIND", "TYPE", "ATTEMPTS", "FAILED", "ERROR"]

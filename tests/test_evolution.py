@@ -21,6 +21,7 @@ import pytest
 from _postgres_server import pg_schema, postgres_dsn  # noqa: F401
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from json_meaning import JsonText
 
 from sagaflow import (
     Admin,
@@ -465,7 +466,7 @@ def test_messages_are_stored_with_their_version_and_upcast_when_read() -> None:
 
     assert registry.serializer.encode(ShipV2("a", 1, "high")) == (
         "shop.Ship@2",
-        '{"key": "a", "n": 1, "priority": "high"}',
+        JsonText('{"key": "a", "n": 1, "priority": "high"}'),
     )
     assert load_message(registry, "test_evolution.Ship", {"key": "a", "n": 1}) == ShipV2(
         "a", 1, "normal"
@@ -774,6 +775,6 @@ def test_a_handled_event_type_can_get_a_stable_name_and_a_version(message_first:
     if not message_first:
         message()
 
-    assert registry.serializer.encode(Placed("a")) == ("Placed@2", '{"key": "a"}')
+    assert registry.serializer.encode(Placed("a")) == ("Placed@2", JsonText('{"key": "a"}'))
     assert load_message(registry, "test_evolution.Placed", {"key": "a"}) == Placed("a")
     assert load_message(registry, "Placed", {"key": "a"}) == Placed("a")

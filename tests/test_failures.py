@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import attrs
 import pytest
+from json_meaning import JsonText
 from sagas_for_tests import (
     SAGA,
     T0,
@@ -286,7 +287,7 @@ async def test_without_a_command_failed_handler_the_command_becomes_a_dead_lette
                 key="k",
                 kind="send",
                 type_name="sagas_for_tests.Cmd",
-                payload='{"key": "k", "label": "x"}',
+                payload=JsonText('{"key": "k", "label": "x"}'),
                 error="RuntimeError: boom x",
                 attempts=3,
                 failed_at=T0 + 3,
@@ -331,7 +332,7 @@ async def test_a_command_failed_handler_that_keeps_raising_leaves_a_dead_letter(
                 key="k",
                 kind="send",
                 type_name="sagas_for_tests.Cmd",
-                payload='{"key": "k", "label": "x"}',
+                payload=JsonText('{"key": "k", "label": "x"}'),
                 error="RuntimeError: boom x; then the CommandFailed handler failed: "
                 "KeyError: 'handler broke'",
                 attempts=2,
@@ -339,7 +340,7 @@ async def test_a_command_failed_handler_that_keeps_raising_leaves_a_dead_letter(
                 seq=1 << 16,
             )
         ]
-        assert (record.status, record.state) == ("active", '{"seen": ["Started"]}')
+        assert (record.status, record.state) == ("active", JsonText('{"seen": ["Started"]}'))
         assert h.dispatched.labels() == ["x", "x", "after"]
 
 
@@ -444,7 +445,7 @@ async def test_compensation_failing_for_good_stops_the_chain_and_keeps_the_insta
         iid = record.instance_id
         assert (record.status, record.state) == (
             COMPENSATION_FAILED,
-            '{"seen": ["Started", "Touched", "CommandFailed:u2:3"]}',
+            JsonText('{"seen": ["Started", "Touched", "CommandFailed:u2:3"]}'),
         )
         assert h.dispatched.labels() == ["u1", "u2", "u2", "u2"]
         assert await h.store.list_outbox() == [
@@ -455,7 +456,7 @@ async def test_compensation_failing_for_good_stops_the_chain_and_keeps_the_insta
                 seq=(2 << 16) | 2,
                 kind="compensate",
                 type_name="sagas_for_tests.Cmd",
-                payload='{"key": "k", "label": "u3"}',
+                payload=JsonText('{"key": "k", "label": "u3"}'),
             )
         ]
         assert await h.store.list_dead_letters() == [
@@ -465,7 +466,7 @@ async def test_compensation_failing_for_good_stops_the_chain_and_keeps_the_insta
                 key="k",
                 kind="compensate",
                 type_name="sagas_for_tests.Cmd",
-                payload='{"key": "k", "label": "u2"}',
+                payload=JsonText('{"key": "k", "label": "u2"}'),
                 error="RuntimeError: boom u2",
                 attempts=3,
                 failed_at=T0 + 3,
@@ -508,7 +509,9 @@ async def test_a_completed_instance_whose_compensation_fails_is_kept_not_deleted
             True,
             ["Started", "Finished", "CommandFailed:u1:3"],
         )
-        assert [o.payload for o in await h.store.list_outbox()] == ['{"key": "k", "label": "u2"}']
+        assert [o.payload for o in await h.store.list_outbox()] == [
+            JsonText('{"key": "k", "label": "u2"}')
+        ]
         assert [d.kind for d in await h.store.list_dead_letters()] == ["compensate"]
         assert h.dispatched.labels() == ["u1", "u1", "u1"]
 
@@ -643,7 +646,7 @@ async def test_raising_handler_is_retried_per_policy_then_dead_lettered() -> Non
                 key="k",
                 kind="event",
                 type_name="sagas_for_tests.Touched",
-                payload='{"key": "k", "tag": "bad"}',
+                payload=JsonText('{"key": "k", "tag": "bad"}'),
                 error="ValueError: nope bad",
                 attempts=3,
                 failed_at=T0 + 3,
@@ -793,7 +796,7 @@ async def test_to_self_handler_that_raises_is_retried_later_then_dead_lettered()
                 due=T0 + 11,
                 to_self=True,
                 type_name="sagas_for_tests.Ping",
-                payload='{"key": "k", "tag": "p"}',
+                payload=JsonText('{"key": "k", "tag": "p"}'),
                 seq=schedule.seq,
                 attempts=1,
             )
@@ -813,7 +816,7 @@ async def test_to_self_handler_that_raises_is_retried_later_then_dead_lettered()
                 key="k",
                 kind="event",
                 type_name="sagas_for_tests.Ping",
-                payload='{"key": "k", "tag": "p"}',
+                payload=JsonText('{"key": "k", "tag": "p"}'),
                 error="ValueError: ping failed",
                 attempts=3,
                 failed_at=T0 + 13,
@@ -892,7 +895,7 @@ async def test_state_that_cannot_be_decoded_dead_letters_the_event_and_keeps_the
                 key="good",
                 version=2,
                 status="active",
-                state='{"seen": ["Started", "Touched"]}',
+                state=JsonText('{"seen": ["Started", "Touched"]}'),
                 instance_id=(await h.records())[1].instance_id,
                 created_at=T0,
                 updated_at=T0,
@@ -929,7 +932,7 @@ async def test_a_due_schedule_of_an_undecodable_instance_is_kept_as_a_dead_lette
         assert [
             (d.saga, d.key, d.kind, d.type_name) for d in await h.store.list_dead_letters()
         ] == [(SAGA, "bad", "event", "sagas_for_tests.Ping")]
-        assert await h.records() == [_stored("bad", '{"seen": 5}')]
+        assert await h.records() == [_stored("bad", JsonText('{"seen": 5}'))]
 
 
 # -- a store that fails -----------------------------------------------------------------

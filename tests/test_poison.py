@@ -16,6 +16,7 @@ import anyio
 import attrs
 import pytest
 from _postgres_server import pg_schema, postgres_dsn  # noqa: F401
+from json_meaning import JsonText
 
 from sagaflow import Admin, DispatchMeta, Registry, Runtime, correlate, on
 from sagaflow.exceptions import UnstorableError
@@ -196,7 +197,7 @@ async def test_a_corrupt_instance_row_holds_only_that_instance(
 
     assert [(d.key, d.kind) for d in letters] == [("a", "event")]
     assert f"stored instance of saga 'counter' key 'a' has {shown}" in letters[0].error
-    assert counts == {"a": '{"count": 1}', "b": '{"count": 2}'}
+    assert counts == {"a": JsonText('{"count": 1}'), "b": JsonText('{"count": 2}')}
     # The pre-deploy check reads instance rows as the runtime does: it sees the same fault.
     (failure,) = report.failures
     assert (failure.key, report.failed) == ("a", 1)

@@ -17,6 +17,7 @@ import anyio
 import attrs
 import pytest
 from _redis_server import redis_client, redis_url, stream_name  # noqa: F401
+from json_meaning import JsonText
 
 from sagaflow import Consumed, DispatchMeta, Outcome, Registry, Runtime, Send, correlate, on
 from sagaflow.stores import MemoryStore
@@ -559,7 +560,7 @@ def test_entry_fields_carry_id_type_json_origin_and_trace_context(
     assert dispatch.fields(Audit("a", 3), attrs.evolve(META, trace=trace)) == {
         "id": "i-1.2.0",
         "type": registry.serializer.name_of(Audit),
-        "data": '{"account": "a", "total": 3}',
+        "data": JsonText('{"account": "a", "total": 3}'),
         "saga": "accounts",
         "key": "a",
         "kind": "compensate",

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import attrs
 import pytest
+from json_meaning import JsonText
 from sagas_for_tests import (
     SAGA,
     T0,
@@ -162,8 +163,8 @@ async def test_one_event_reaches_several_sagas_each_with_its_own_instance() -> N
 
         a, b = await h.records()
         assert [(r.saga, r.key, r.state) for r in (a, b)] == [
-            ("A", "k", '{"seen": ["Started"]}'),
-            ("B", "k", '{"seen": ["Started"]}'),
+            ("A", "k", JsonText('{"seen": ["Started"]}')),
+            ("B", "k", JsonText('{"seen": ["Started"]}')),
         ]
         assert a.instance_id != b.instance_id
         by_saga = sorted(h.dispatched.calls, key=lambda call: call[1].saga)
@@ -341,8 +342,8 @@ async def test_commands_are_dispatched_after_the_state_change_is_committed() -> 
         await runtime.drain()
 
     assert [(name, [r.state for r in records]) for name, records in seen_at_dispatch] == [
-        ("Started", ['{"seen": ["Started"]}']),
-        ("Touched", ['{"seen": ["Started", "Touched"]}']),
+        ("Started", [JsonText('{"seen": ["Started"]}')]),
+        ("Touched", [JsonText('{"seen": ["Started", "Touched"]}')]),
     ]
 
 
@@ -484,7 +485,7 @@ async def test_schedule_of_a_command_is_dispatched_when_due_with_the_schedule_id
             due=T0 + 30,
             to_self=False,
             type_name="sagas_for_tests.Cmd",
-            payload='{"key": "k", "label": "timeout"}',
+            payload=JsonText('{"key": "k", "label": "timeout"}'),
             seq=1 << 16,
         )
 
@@ -707,7 +708,7 @@ async def test_a_start_event_after_completion_starts_a_new_incarnation_with_reus
 
         (second,) = await h.records()
         assert (tombstone.version, await h.store.list_tombstones()) == (2, [])
-        assert (second.state, second.version) == ('{"seen": ["Started:2"]}', 3)
+        assert (second.state, second.version) == (JsonText('{"seen": ["Started:2"]}'), 3)
         assert second.instance_id != first.instance_id
         ids = [m.id for _, m in h.dispatched.calls]
         assert len(set(ids)) == 2
@@ -1059,7 +1060,9 @@ async def test_a_stopped_runtime_can_run_again_on_the_same_store() -> None:
     async with runtime:
         await runtime.publish(Touched("k"))
 
-    assert [r.state for r in await store.list_instances()] == ['{"seen": ["Started", "Touched"]}']
+    assert [r.state for r in await store.list_instances()] == [
+        JsonText('{"seen": ["Started", "Touched"]}')
+    ]
 
 
 @pytest.mark.anyio

@@ -20,6 +20,7 @@ import anyio
 import attrs
 import pytest
 from _postgres_server import pg_schema, postgres_dsn  # noqa: F401
+from json_meaning import JsonText
 
 from sagaflow import (
     Admin,
@@ -322,7 +323,7 @@ async def test_a_completed_instance_leaves_a_tombstone_and_its_events_are_report
         tombstone.ended_at + WEEK,
         instance_id(run, ReserveHotel),
         2,
-        '{"status": "confirmed", "hotel": "h1"}',  # the saga has late handlers
+        JsonText('{"status": "confirmed", "hotel": "h1"}'),  # the saga has late handlers
         1,
     )
     assert tombstone.ended_at <= ended
@@ -392,7 +393,7 @@ async def test_with_reuse_keys_a_start_event_starts_the_key_again(
     assert (record.status, record.version, record.state) == (
         "active",
         3,
-        '{"status": "booking", "hotel": ""}',
+        JsonText('{"status": "booking", "hotel": ""}'),
     )
     assert [type(c) for c in run.calls.commands()] == [ReserveHotel, ReserveHotel]
     assert run.unmatched == []
@@ -516,7 +517,10 @@ async def test_a_late_handler_gets_the_final_state_and_its_commands_go_out(
         (CancelHotel("t1", "h2", "confirmed"), f"{iid}.3.0", "Trip", "t1"),
         (Notify("t1", "refund after confirmed"), f"{iid}.4.0", "Trip", "t1"),
     ]
-    assert (tombstone.version, tombstone.state) == (4, '{"status": "confirmed", "hotel": "h1"}')
+    assert (tombstone.version, tombstone.state) == (
+        4,
+        JsonText('{"status": "confirmed", "hotel": "h1"}'),
+    )
     assert left == ([], [])
     assert (stats.events_duplicate, stats.events_unmatched, run.unmatched) == (1, 0, [])
 
@@ -547,7 +551,10 @@ async def test_a_late_handler_runs_while_the_instance_still_drains_its_outbox(
         CancelHotel("t1", "h2", "confirmed"),
     ]
     assert left == []
-    assert (tombstone.version, tombstone.state) == (3, '{"status": "confirmed", "hotel": "h1"}')
+    assert (tombstone.version, tombstone.state) == (
+        3,
+        JsonText('{"status": "confirmed", "hotel": "h1"}'),
+    )
 
 
 @pytest.mark.anyio
@@ -612,7 +619,10 @@ async def test_what_a_late_handler_may_not_do_dead_letters_its_event(
     assert [letter.error for letter in letters] == [
         f"ActionError: saga 'Trip' key 't1' handling HotelConfirmed: {error}"
     ] * 2
-    assert (tombstone.version, tombstone.state) == (2, '{"status": "confirmed", "hotel": "h1"}')
+    assert (tombstone.version, tombstone.state) == (
+        2,
+        JsonText('{"status": "confirmed", "hotel": "h1"}'),
+    )
     assert [type(c) for c in run.calls.commands()] == [ReserveHotel]
 
 
@@ -1037,7 +1047,7 @@ def _check_migrated_run(run: Run, tombstones: list[Tombstone]) -> None:
             T0 + WEEK,
             IID,
             3,
-            '{"status": "confirmed", "hotel": "h1"}',
+            JsonText('{"status": "confirmed", "hotel": "h1"}'),
             1,
         )
     ]
