@@ -18,12 +18,14 @@ from sagaflow.stores import (
     Changes,
     DeadLetter,
     DedupMark,
+    InstanceDelete,
     InstanceRecord,
     InstanceWrite,
     Loaded,
     LoadRequest,
     SQLiteStore,
     Store,
+    TombstoneWrite,
 )
 from sagaflow.stores import _sqlite as sqlite_module
 from sagaflow.stores._sqlite import SCHEMA_VERSION
@@ -31,10 +33,12 @@ from sagaflow.testing.conformance import (
     SAGA,
     TRACE,
     StoreConformance,
+    create,
     dead_letter,
     instance,
     outbox_row,
     schedule,
+    tombstone,
 )
 
 pytestmark = pytest.mark.anyio
@@ -146,6 +150,44 @@ async def test_two_stores_on_one_file_settle_races_by_version(tmp_path: Path) ->
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_commit_checks_versions_in_its_writes_and_reads_only_on_a_conflict(
+    tmp_path: Path,
+) -> None:
+    """The version check costs no statement of its own: a commit that does not
+    conflict runs no SELECT; one that does reads the versions once to name them."""
+    store = SQLiteStore(tmp_path / "sagas.db")
+    await store.open()
+    await store.commit(create(instance("a"), instance("b")))
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)  # type: ignore[union-attr]
+    good = Changes(
+        writes=[InstanceWrite(instance("a", version=2), 1), InstanceWrite(instance("c"), 0)],
+        deletes=[InstanceDelete(SAGA, "b", 1)],
+        tombstones=[TombstoneWrite(tombstone("b"))],
+    )
+    try:
+        await store.commit(good)
+        clean = [s.split()[0] for s in statements]
+        statements.clear()
+        with pytest.raises(ConflictError) as caught:
+            await store.commit(
+                Changes(
+                    writes=[
+                        InstanceWrite(instance("a", version=3), 2),
+                        InstanceWrite(instance("c", version=9), 8),
+                    ]
+                )
+            )
+        missed = [s.split()[0] for s in statements]
+    finally:
+        await store.close()
+
+    # The instance delete and its cascade, the update, the create, the tombstone put.
+    assert clean == ["BEGIN", *["DELETE"] * 4, "UPDATE", "INSERT", "INSERT", "COMMIT"]
+    assert caught.value.instances == ((SAGA, "c"),)
+    assert missed == ["BEGIN", "UPDATE", "UPDATE", "ROLLBACK", "BEGIN", "SELECT", "ROLLBACK"]
 
 
 async def test_a_new_file_gets_the_current_schema_version(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ import os
 import sqlite3
 import urllib.parse
 from collections.abc import Callable, Collection, Iterator, Sequence
-from operator import attrgetter
+from itertools import groupby
+from operator import attrgetter, itemgetter
 from typing import Any, TypeVar, TypeVarTuple
 
 import anyio
@@ -29,7 +30,9 @@ from ._protocol import (
     Changes,
     DeadLetter,
     DedupMark,
+    InstanceDelete,
     InstanceRecord,
+    InstanceWrite,
     Loaded,
     LoadRequest,
     OutboxRecord,
@@ -37,6 +40,7 @@ from ._protocol import (
     RowCounts,
     ScheduleRecord,
     Tombstone,
+    TombstoneWrite,
     row_counts,
 )
 
@@ -184,13 +188,16 @@ def _upsert(table: str, names: Sequence[str], key: Sequence[str]) -> str:
 
 _get_instance = attrgetter(*_INSTANCE)
 _get_tombstone = attrgetter(*_TOMBSTONE)
+_DELETE_INSTANCE = "DELETE FROM instances WHERE saga = ? AND key = ?"
+_PUT_INSTANCE = _upsert("instances", _INSTANCE, ("saga", "key"))
+_PUT_TOMBSTONE = _insert("tombstones", _TOMBSTONE)
 _STATEMENTS: tuple[tuple[str, str, Callable[[Any], tuple[Any, ...]]], ...] = (
     # (Changes attribute, statement, parameters of one item), in the documented order.
-    ("deletes", "DELETE FROM instances WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
+    ("deletes", _DELETE_INSTANCE, attrgetter("saga", "key")),
     ("deletes", "DELETE FROM schedules WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
     ("deletes", "DELETE FROM outbox WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
     ("deletes", "DELETE FROM associations WHERE saga = ? AND key = ?", attrgetter("saga", "key")),
-    ("writes", _upsert("instances", _INSTANCE, ("saga", "key")), lambda w: _get_instance(w.record)),
+    ("writes", _PUT_INSTANCE, lambda w: _get_instance(w.record)),
     (
         "association_deletes",
         "DELETE FROM associations WHERE saga = ? AND name = ? AND value = ? AND key = ?",
@@ -202,7 +209,7 @@ _STATEMENTS: tuple[tuple[str, str, Callable[[Any], tuple[Any, ...]]], ...] = (
         attrgetter(*_ASSOCIATION),
     ),
     ("tombstone_deletes", "DELETE FROM tombstones WHERE saga = ? AND key = ?", tuple),
-    ("tombstones", _insert("tombstones", _TOMBSTONE), lambda t: _get_tombstone(t.tombstone)),
+    ("tombstones", _PUT_TOMBSTONE, lambda t: _get_tombstone(t.tombstone)),
     ("schedule_clears", "DELETE FROM schedules WHERE saga = ? AND key = ?", tuple),
     (
         "schedule_deletes",
@@ -221,6 +228,52 @@ _STATEMENTS: tuple[tuple[str, str, Callable[[Any], tuple[Any, ...]]], ...] = (
     ("dead_letters", _insert("dead_letters", _DEAD), attrgetter(*_DEAD)),
     ("marks", _insert("marks", _MARK), attrgetter(*_MARK)),
 )
+
+
+def _update(table: str, names: Sequence[str]) -> tuple[str, Callable[[Any], tuple[Any, ...]]]:
+    """An update of the row of `table` with a record's key at an expected version (the
+    last parameter), and the other parameters of a record for it."""
+    values = [name for name in names if name not in ("saga", "key")]
+    sql = f"UPDATE {table} SET {', '.join(f'{name} = ?' for name in values)} "
+    return sql + "WHERE saga = ? AND key = ? AND version = ?", attrgetter(*values, "saga", "key")
+
+
+_UPDATE_INSTANCE, _get_update_instance = _update("instances", _INSTANCE)
+_UPDATE_TOMBSTONE, _get_update_tombstone = _update("tombstones", _TOMBSTONE)
+_INSERT_INSTANCE = _insert("instances", _INSTANCE).replace(" OR REPLACE", "")
+_INSERT_INSTANCE += " ON CONFLICT DO NOTHING"
+_DELETE_VERSION = "DELETE FROM instances WHERE saga = ? AND key = ? AND version = ?"
+_UNCHECKED = -1
+# A version-checked statement of one item: (statement, parameters, rows it changes
+# unless the version differs, or `_UNCHECKED`).
+_Checked = tuple[str, tuple[Any, ...], int]
+
+
+def _checked_delete(d: InstanceDelete) -> _Checked:
+    if d.expected_version:
+        return _DELETE_VERSION, (d.saga, d.key, d.expected_version), 1
+    # Expected to be absent: a row deleted all the same is a conflict.
+    return _DELETE_INSTANCE, (d.saga, d.key), 0
+
+
+def _checked_write(w: InstanceWrite) -> _Checked:
+    if w.expected_version:
+        return _UPDATE_INSTANCE, (*_get_update_instance(w.record), w.expected_version), 1
+    return _INSERT_INSTANCE, _get_instance(w.record), 1  # a new incarnation: absent
+
+
+def _checked_tombstone(t: TombstoneWrite) -> _Checked:
+    if t.expected_version:
+        return _UPDATE_TOMBSTONE, (*_get_update_tombstone(t.tombstone), t.expected_version), 1
+    return _PUT_TOMBSTONE, _get_tombstone(t.tombstone), _UNCHECKED
+
+
+# The statements of `_STATEMENTS` that check versions, by what checks them instead.
+_CHECKS: dict[str, Callable[[Any], _Checked]] = {
+    _DELETE_INSTANCE: _checked_delete,
+    _PUT_INSTANCE: _checked_write,
+    _PUT_TOMBSTONE: _checked_tombstone,
+}
 
 
 def _fspath(path: str | os.PathLike[str]) -> str:
@@ -650,30 +703,56 @@ def _transaction(conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], 
         raise
 
 
-def _commit(conn: sqlite3.Connection, changes: Changes, now: float | None) -> None:
-    def apply(conn: sqlite3.Connection) -> None:
-        conflicts = _conflicts(conn, changes)
-        if conflicts:
-            raise ConflictError(conflicts)
-        for attribute, sql, params in _STATEMENTS:
-            items: Sequence[Any] = getattr(changes, attribute)
-            if items:
-                conn.executemany(sql, map(params, items))
-        if now is not None:
-            # Expired marks never count again: drop some, at least as fast as they come.
-            conn.execute(
-                "DELETE FROM marks WHERE (saga, key, event_id) IN (SELECT saga, key, event_id "
-                "FROM marks WHERE expires_at < ? LIMIT ?)",
-                (now, _PURGE + 2 * len(changes.marks)),
-            )
-            if changes.tombstones:  # the same for tombstones, when some come
-                conn.execute(
-                    "DELETE FROM tombstones WHERE (saga, key) IN (SELECT saga, key "
-                    "FROM tombstones WHERE expires_at < ? LIMIT ?)",
-                    (now, _PURGE + 2 * len(changes.tombstones)),
-                )
+class _Missed(Exception):
+    """A version-checked write changed other rows than it does at the expected versions."""
 
-    _transaction(conn, apply)
+
+def _commit(conn: sqlite3.Connection, changes: Changes, now: float | None) -> None:
+    """Apply `changes` in one transaction, its writes checking the versions themselves.
+
+    A write at an expected version is an `UPDATE ... WHERE version = ?`, of a new
+    incarnation an insert of an absent row, so the usual commit reads nothing first.
+    Only when one misses is the transaction rolled back and the commit run again the
+    slow way: the versions are read first, which names the conflicts.
+    """
+    try:
+        _transaction(conn, lambda conn: _apply(conn, changes, now, checked=True))
+    except _Missed:
+        _transaction(conn, lambda conn: _apply(conn, changes, now, checked=False))
+
+
+def _apply(conn: sqlite3.Connection, changes: Changes, now: float | None, *, checked: bool) -> None:
+    """Write `changes`; `checked`: the writes check the versions (`_Missed` if one does
+    not match), else the versions are read first (`ConflictError` names the misses)."""
+    if not checked and (conflicts := _conflicts(conn, changes)):
+        raise ConflictError(conflicts)
+    for attribute, sql, params in _STATEMENTS:
+        items: Sequence[Any] = getattr(changes, attribute)
+        if not items:
+            continue
+        check = _CHECKS.get(sql) if checked else None
+        if check is None:
+            conn.executemany(sql, map(params, items))
+            continue
+        # Runs of one statement in the given order: each sees the rows of the last.
+        for (statement, rows), run in groupby(map(check, items), itemgetter(0, 2)):
+            args = [args for _, args, _ in run]
+            changed = conn.executemany(statement, args).rowcount
+            if rows != _UNCHECKED and changed != rows * len(args):
+                raise _Missed
+    if now is not None:
+        # Expired marks never count again: drop some, at least as fast as they come.
+        conn.execute(
+            "DELETE FROM marks WHERE (saga, key, event_id) IN (SELECT saga, key, event_id "
+            "FROM marks WHERE expires_at < ? LIMIT ?)",
+            (now, _PURGE + 2 * len(changes.marks)),
+        )
+        if changes.tombstones:  # the same for tombstones, when some come
+            conn.execute(
+                "DELETE FROM tombstones WHERE (saga, key) IN (SELECT saga, key "
+                "FROM tombstones WHERE expires_at < ? LIMIT ?)",
+                (now, _PURGE + 2 * len(changes.tombstones)),
+            )
 
 
 def _conflicts(conn: sqlite3.Connection, changes: Changes) -> list[_Ref]:
