@@ -165,6 +165,9 @@ _ASSOCIATION = _names(Association)
 _TOMBSTONE = _names(Tombstone)
 _CHUNK = 300  # keys per lookup query: 3 * 300 variables stay under SQLite's old 999 limit
 _PURGE = 256  # expired marks removed per commit, plus twice the marks the commit adds
+_SHORT = 4096  # rows of a load or commit that may run on the event loop's thread
+_CHECKPOINT_ROWS = 8192  # rows changed on the loop's thread between checkpoints
+_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _columns(names: Sequence[str]) -> str:
@@ -276,6 +279,14 @@ _CHECKS: dict[str, Callable[[Any], _Checked]] = {
 }
 
 
+def _size(changes: Changes) -> int:
+    """How many rows `changes` writes, about."""
+    return sum(len(getattr(changes, attribute)) for attribute in _ATTRIBUTES)
+
+
+_ATTRIBUTES = tuple(attrs.fields_dict(Changes))
+
+
 def _fspath(path: str | os.PathLike[str]) -> str:
     return os.fspath(path)
 
@@ -314,10 +325,13 @@ class SQLiteStore:
     _power_safe: bool = attrs.field(default=True, kw_only=True)
     _migrates: bool = attrs.field(default=True, kw_only=True, alias="migrate")
     _create: bool = attrs.field(default=False, kw_only=True, alias="create")
+    _inline: bool = attrs.field(default=True, kw_only=True)
     _was_empty: bool = attrs.field(default=False, init=False, repr=False)
     _conn: sqlite3.Connection | None = attrs.field(default=None, init=False, repr=False)
     _limiter: anyio.CapacityLimiter | None = attrs.field(default=None, init=False, repr=False)
     _now: float | None = attrs.field(default=None, init=False, repr=False)
+    _on_loop: bool = attrs.field(default=False, init=False, repr=False)
+    _unchecked: int = attrs.field(default=0, init=False, repr=False)
 
     def __repr__(self) -> str:
         return (
@@ -351,6 +365,9 @@ class SQLiteStore:
     async def load(self, request: LoadRequest) -> Loaded:
         """Read instances, unexpired dedup marks and pending schedule ids in one go."""
         self._now = request.now if self._now is None else max(self._now, request.now)
+        short = len(request.instances) + len(request.marks) + len(request.schedule_ids)
+        if short <= _SHORT:
+            return await self._run_short(_load, request)
         return await self._run(_load, request)
 
     async def commit(self, changes: Changes) -> None:
@@ -363,7 +380,10 @@ class SQLiteStore:
         if not changes:
             await anyio.lowlevel.checkpoint()
             return
-        await self._run(_commit, changes, self._now)
+        if _size(changes) <= _SHORT:
+            await self._run_short(_commit, changes, self._now)
+        else:
+            await self._run(_commit, changes, self._now)
 
     async def next_due(self, *, sagas: Collection[str] | None = None) -> float | None:
         """The earliest due time of any pending schedule (of `sagas`, if given), or `None`."""
@@ -545,9 +565,67 @@ class SQLiteStore:
         if conn is None or limiter is None:
             raise StoreError(f"SQLite store {self._path!r} is not open; call open() first")
         try:
-            return await anyio.to_thread.run_sync(fn, conn, *args, limiter=limiter)
+            if not self._on_loop:
+                return await anyio.to_thread.run_sync(fn, conn, *args, limiter=limiter)
+            return await anyio.to_thread.run_sync(self._patiently, fn, conn, *args, limiter=limiter)
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite store {self._path!r} failed: {exc}") from exc
+
+    def _patiently(
+        self, fn: Callable[[sqlite3.Connection, *_Ts], _T], conn: sqlite3.Connection, *args: *_Ts
+    ) -> _T:
+        """`fn(conn, *args)` in a worker thread of a store that runs short calls on the
+        loop's thread: waiting for other connections' locks, then checkpointing if due."""
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        try:
+            result = fn(conn, *args)
+            if self._unchecked >= _CHECKPOINT_ROWS:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                self._unchecked = 0
+            return result
+        finally:
+            conn.execute("PRAGMA busy_timeout = 0")
+
+    async def _run_short(self, fn: Callable[[sqlite3.Connection, *_Ts], _T], *args: *_Ts) -> _T:
+        """Run `fn(connection, *args)`, a short call, on the event loop's thread unless
+        another connection holds a lock it needs or a checkpoint is due (then in a
+        worker thread, as `_run` does).
+
+        On the loop's thread, a commit writes to the operating system's cache and does
+        not wait for the disk (`synchronous=NORMAL` in WAL mode flushes in checkpoints
+        only), nor for another connection (a zero busy timeout): it is shorter than a
+        thread's round trip.
+        """
+        conn, limiter = self._conn, self._limiter
+        if not self._on_loop or conn is None or limiter is None:
+            return await self._run(fn, *args)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        try:
+            limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            await limiter.acquire()  # a worker thread has the connection: wait for it
+        try:
+            if self._unchecked < _CHECKPOINT_ROWS:
+                before = conn.total_changes
+                try:
+                    result = fn(conn, *args)
+                except sqlite3.OperationalError as exc:
+                    if exc.sqlite_errorcode & 0xFF not in _BUSY:
+                        raise StoreError(f"SQLite store {self._path!r} failed: {exc}") from exc
+                    # Another connection holds a lock: wait for it in a thread.
+                except sqlite3.Error as exc:
+                    raise StoreError(f"SQLite store {self._path!r} failed: {exc}") from exc
+                else:
+                    self._unchecked += conn.total_changes - before
+                    return result
+            with anyio.CancelScope(shield=True):  # as `anyio.to_thread` does it
+                result = await anyio.to_thread.run_sync(self._patiently, fn, conn, *args)
+            return result
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite store {self._path!r} failed: {exc}") from exc
+        finally:
+            limiter.release()
+            await anyio.lowlevel.cancel_shielded_checkpoint()
 
     def _connect(self) -> sqlite3.Connection:
         if self._migrates and self._path != ":memory:" and not os.path.exists(self._path):
@@ -574,6 +652,10 @@ class SQLiteStore:
                 _transaction(conn, self._migrate)
             else:
                 self._require_current(conn)
+            self._on_loop = self._inline and not self._power_safe
+            if self._on_loop:  # a checkpoint or a wait would block the loop: threads do them
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
+                conn.execute("PRAGMA busy_timeout = 0")
         except sqlite3.Error as exc:
             conn.close()
             raise StoreError(
