@@ -686,13 +686,17 @@ def trace_threads(store: SQLiteStore) -> list[tuple[bool, str]]:
     return seen
 
 
-@pytest.mark.parametrize(("power_safe", "on_loop"), [(False, True), (True, False)])
-async def test_commits_and_loads_run_on_the_loop_unless_power_safe(
-    tmp_path: Path, power_safe: bool, on_loop: bool
+@pytest.mark.parametrize(
+    ("power_safe", "inline", "on_loop"),
+    [(False, True, True), (False, False, False), (True, True, False)],
+)
+async def test_commits_and_loads_run_on_the_loop_unless_power_safe_or_not_inline(
+    tmp_path: Path, power_safe: bool, inline: bool, on_loop: bool
 ) -> None:
     """Without a flush per commit, a commit is shorter than a thread's round trip; with
-    one (`power_safe=True`) it stays in a worker thread. Other calls always do."""
-    store = SQLiteStore(tmp_path / "sagas.db", power_safe=power_safe)
+    one (`power_safe=True`), or with `inline=False`, it stays in a worker thread. Other
+    calls always do."""
+    store = SQLiteStore(tmp_path / "sagas.db", power_safe=power_safe, inline=inline)
     await store.open()
     seen = trace_threads(store)
     try:
