@@ -776,3 +776,25 @@ async def test_a_commit_waits_for_another_connections_lock_in_a_thread(tmp_path:
     finally:
         other.close()
         await store.close()
+
+
+async def test_a_commit_too_long_for_the_loop_runs_in_a_thread_and_counts_to_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "_SHORT", 2)
+    monkeypatch.setattr(sqlite_module, "_CHECKPOINT_ROWS", 3)
+    store = SQLiteStore(tmp_path / "sagas.db", power_safe=False)
+    await store.open()
+    seen = trace_threads(store)
+    try:
+        await store.commit(create(instance("a"), instance("b"), instance("c")))
+    finally:
+        await store.close()
+
+    assert [(loop, sql) for loop, sql in seen if sql.split()[0] != "INSERT"] == [
+        (False, "PRAGMA busy_timeout = 5000"),
+        (False, "BEGIN IMMEDIATE"),
+        (False, "COMMIT"),
+        (False, "PRAGMA wal_checkpoint(PASSIVE)"),
+        (False, "PRAGMA busy_timeout = 0"),
+    ]

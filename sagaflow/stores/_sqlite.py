@@ -588,7 +588,9 @@ class SQLiteStore:
         loop's thread: waiting for other connections' locks, then checkpointing if due."""
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
         try:
+            before = conn.total_changes
             result = fn(conn, *args)
+            self._unchecked += conn.total_changes - before
             if self._unchecked >= _CHECKPOINT_ROWS:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                 self._unchecked = 0
