@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from contextlib import closing
 from pathlib import Path
@@ -18,12 +19,14 @@ from sagaflow.stores import (
     Changes,
     DeadLetter,
     DedupMark,
+    InstanceDelete,
     InstanceRecord,
     InstanceWrite,
     Loaded,
     LoadRequest,
     SQLiteStore,
     Store,
+    TombstoneWrite,
 )
 from sagaflow.stores import _sqlite as sqlite_module
 from sagaflow.stores._sqlite import SCHEMA_VERSION
@@ -31,10 +34,12 @@ from sagaflow.testing.conformance import (
     SAGA,
     TRACE,
     StoreConformance,
+    create,
     dead_letter,
     instance,
     outbox_row,
     schedule,
+    tombstone,
 )
 
 pytestmark = pytest.mark.anyio
@@ -52,6 +57,18 @@ class TestSQLiteStore(StoreConformance):
     @pytest.fixture
     async def store(self, tmp_path: Path) -> AsyncIterator[Store]:
         store = SQLiteStore(tmp_path / "sagas.db")
+        await store.open()
+        yield store
+        await store.close()
+
+
+class TestSQLiteStoreOnTheLoop(StoreConformance):
+    """The conformance suite with `power_safe=False`: loads and commits run on the event
+    loop's thread."""
+
+    @pytest.fixture
+    async def store(self, tmp_path: Path) -> AsyncIterator[Store]:
+        store = SQLiteStore(tmp_path / "sagas.db", power_safe=False)
         await store.open()
         yield store
         await store.close()
@@ -146,6 +163,44 @@ async def test_two_stores_on_one_file_settle_races_by_version(tmp_path: Path) ->
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_commit_checks_versions_in_its_writes_and_reads_only_on_a_conflict(
+    tmp_path: Path,
+) -> None:
+    """The version check costs no statement of its own: a commit that does not
+    conflict runs no SELECT; one that does reads the versions once to name them."""
+    store = SQLiteStore(tmp_path / "sagas.db")
+    await store.open()
+    await store.commit(create(instance("a"), instance("b")))
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)  # type: ignore[union-attr]
+    good = Changes(
+        writes=[InstanceWrite(instance("a", version=2), 1), InstanceWrite(instance("c"), 0)],
+        deletes=[InstanceDelete(SAGA, "b", 1)],
+        tombstones=[TombstoneWrite(tombstone("b"))],
+    )
+    try:
+        await store.commit(good)
+        clean = [s.split()[0] for s in statements]
+        statements.clear()
+        with pytest.raises(ConflictError) as caught:
+            await store.commit(
+                Changes(
+                    writes=[
+                        InstanceWrite(instance("a", version=3), 2),
+                        InstanceWrite(instance("c", version=9), 8),
+                    ]
+                )
+            )
+        missed = [s.split()[0] for s in statements]
+    finally:
+        await store.close()
+
+    # The instance delete and its cascade, the update, the create, the tombstone put.
+    assert clean == ["BEGIN", *["DELETE"] * 4, "UPDATE", "INSERT", "INSERT", "COMMIT"]
+    assert caught.value.instances == ((SAGA, "c"),)
+    assert missed == ["BEGIN", "UPDATE", "UPDATE", "ROLLBACK", "BEGIN", "SELECT", "ROLLBACK"]
 
 
 async def test_a_new_file_gets_the_current_schema_version(tmp_path: Path) -> None:
@@ -620,3 +675,126 @@ async def test_a_schema_3_file_gains_associations_and_keeps_every_row(tmp_path: 
         "c1",
     )
     assert "USING PRIMARY KEY (saga=? AND name=? AND value=?)" in plan[0][-1]
+
+
+def trace_threads(store: SQLiteStore) -> list[tuple[bool, str]]:
+    """`(on the calling thread, statement)` of each statement `store` runs from now on."""
+    caller = threading.get_ident()
+    seen: list[tuple[bool, str]] = []
+    trace = lambda sql: seen.append((threading.get_ident() == caller, sql))  # noqa: E731
+    store._conn.set_trace_callback(trace)  # type: ignore[union-attr]
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("power_safe", "inline", "on_loop"),
+    [(False, True, True), (False, False, False), (True, True, False)],
+)
+async def test_commits_and_loads_run_on_the_loop_unless_power_safe_or_not_inline(
+    tmp_path: Path, power_safe: bool, inline: bool, on_loop: bool
+) -> None:
+    """Without a flush per commit, a commit is shorter than a thread's round trip; with
+    one (`power_safe=True`), or with `inline=False`, it stays in a worker thread. Other
+    calls always do."""
+    store = SQLiteStore(tmp_path / "sagas.db", power_safe=power_safe, inline=inline)
+    await store.open()
+    seen = trace_threads(store)
+    try:
+        await store.load(LoadRequest(instances=[(SAGA, "k1")]))
+        await store.commit(create(instance()))
+        await store.list_instances()
+    finally:
+        await store.close()
+
+    # The load's statements, the commit's (with its purge of expired marks), the listing.
+    assert [(loop, sql.split()[0]) for loop, sql in seen if not sql.startswith("PRAGMA")] == [
+        *[(on_loop, "BEGIN"), (on_loop, "SELECT"), (on_loop, "SELECT"), (on_loop, "COMMIT")],
+        *[(on_loop, "BEGIN"), (on_loop, "INSERT"), (on_loop, "DELETE"), (on_loop, "COMMIT")],
+        (False, "SELECT"),
+    ]
+
+
+async def test_checkpoints_run_in_a_worker_thread_not_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "_CHECKPOINT_ROWS", 3)
+    path = tmp_path / "sagas.db"
+    store = SQLiteStore(path, power_safe=False)
+    await store.open()
+    seen = trace_threads(store)
+    try:
+        await store.commit(create(instance("a"), instance("b"), instance("c")))
+        await store.commit(create(instance("d")))  # a checkpoint is due: a thread does both
+        await store.commit(create(instance("e")))
+    finally:
+        await store.close()
+
+    assert [(loop, sql) for loop, sql in seen if sql.split()[0] != "INSERT"] == [
+        (True, "BEGIN IMMEDIATE"),
+        (True, "COMMIT"),
+        (False, "PRAGMA busy_timeout = 5000"),
+        (False, "BEGIN IMMEDIATE"),
+        (False, "COMMIT"),
+        (False, "PRAGMA wal_checkpoint(PASSIVE)"),
+        (False, "PRAGMA busy_timeout = 0"),
+        (True, "BEGIN IMMEDIATE"),
+        (True, "COMMIT"),
+    ]
+    assert [r.key for r in await reopened_instances(path)] == ["a", "b", "c", "d", "e"]
+
+
+async def reopened_instances(path: Path) -> list[InstanceRecord]:
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        return await store.list_instances()
+    finally:
+        await store.close()
+
+
+async def test_a_commit_waits_for_another_connections_lock_in_a_thread(tmp_path: Path) -> None:
+    """The loop never waits for a lock: a commit that finds the file locked by another
+    connection waits in a worker thread, and the loop runs on meanwhile."""
+    path = tmp_path / "sagas.db"
+    store = SQLiteStore(path, power_safe=False, busy_timeout=30.0)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    done = anyio.Event()
+
+    async def commit() -> None:
+        await store.commit(create(instance()))
+        done.set()
+
+    try:
+        other.execute("BEGIN IMMEDIATE")  # holds the write lock
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(commit)
+            await anyio.wait_all_tasks_blocked()  # the commit waits, the loop does not
+            waiting = (done.is_set(), store._limiter.borrowed_tokens)  # type: ignore[union-attr]
+            other.execute("ROLLBACK")
+        assert (waiting, await store.list_instances()) == ((False, 1), [instance()])
+    finally:
+        other.close()
+        await store.close()
+
+
+async def test_a_commit_too_long_for_the_loop_runs_in_a_thread_and_counts_to_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "_SHORT", 2)
+    monkeypatch.setattr(sqlite_module, "_CHECKPOINT_ROWS", 3)
+    store = SQLiteStore(tmp_path / "sagas.db", power_safe=False)
+    await store.open()
+    seen = trace_threads(store)
+    try:
+        await store.commit(create(instance("a"), instance("b"), instance("c")))
+    finally:
+        await store.close()
+
+    assert [(loop, sql) for loop, sql in seen if sql.split()[0] != "INSERT"] == [
+        (False, "PRAGMA busy_timeout = 5000"),
+        (False, "BEGIN IMMEDIATE"),
+        (False, "COMMIT"),
+        (False, "PRAGMA wal_checkpoint(PASSIVE)"),
+        (False, "PRAGMA busy_timeout = 0"),
+    ]

@@ -322,18 +322,16 @@ _SQL = {
     "load_schedule_ids": "SELECT DISTINCT id FROM {s}.schedules WHERE id = ANY(%b::text[])",
     "prune_marks": "DELETE FROM {s}.dedup_marks WHERE expires_at < %s",
     # -- commit: instances
-    "lock_instances": (
-        f"SELECT 1 FROM {{s}}.instances WHERE (saga, key) IN (SELECT * FROM {_TEXTS2}) "
-        "ORDER BY saga, key FOR UPDATE"
-    ),
     "delete_instances": (
         "DELETE FROM {s}.instances i "
         "USING unnest(%b::text[], %b::text[], %b::int8[]) AS d(saga, key, version) "
         "WHERE i.saga = d.saga AND i.key = d.key AND i.version = d.version "
         "RETURNING i.saga, i.key"
     ),
-    "existing_instances": (
-        f"SELECT saga, key FROM {{s}}.instances JOIN {_TEXTS2} AS r(saga, key) USING (saga, key)"
+    # Expected to be absent: a row deleted all the same is a conflict (rolled back).
+    "delete_absent_instances": (
+        f"DELETE FROM {{s}}.instances i USING {_TEXTS2} AS r(saga, key) "
+        "WHERE i.saga = r.saga AND i.key = r.key RETURNING i.saga, i.key"
     ),
     "update_instances": (
         "UPDATE {s}.instances i SET version = w.version, status = w.status, state = w.state, "
@@ -571,6 +569,26 @@ _SQL = {
     ),
     **CLUSTER_SQL,
 }
+
+
+def _locking(statement: str) -> str:
+    """`statement` (with a `WHERE`, then `RETURNING`) that first locks the instances of
+    its first two parameters, in one order.
+
+    Commits racing over the same instances then queue up instead of deadlocking. The
+    lock is a condition on no row, evaluated once before the statement reads any, so
+    the statement needs no round trip of its own for it.
+    """
+    head, returning = statement.split(" RETURNING ")
+    return (
+        "WITH locked AS MATERIALIZED (SELECT 1 FROM {s}.instances WHERE (saga, key) IN "
+        f"(SELECT * FROM {_TEXTS2}) ORDER BY saga, key FOR UPDATE) "
+        f"{head} AND (SELECT count(*) FROM locked) >= 0 RETURNING {returning}"
+    )
+
+
+_SQL["delete_instances_locking"] = _locking(_SQL["delete_instances"])
+_SQL["update_instances_locking"] = _locking(_SQL["update_instances"])
 
 # Marks expire but are not deleted by reads; every this many loads one also prunes them.
 _PRUNE_EVERY = 1024
@@ -1006,27 +1024,27 @@ class PostgresStore(ClusterMethods):
         updates = sorted((w for w in ch.writes if w.expected_version), key=_write_ref)
         inserts = sorted((w for w in ch.writes if not w.expected_version), key=_write_ref)
 
-        # Lock the rows this commit expects to exist in one order, so that commits racing
-        # over the same instances queue up instead of deadlocking.
+        # The first of these statements locks the rows this commit expects to exist.
         expected = {_ref(d) for d in deletes if d.expected_version}
         expected.update(_write_ref(w) for w in updates)
-        if expected:
-            cur.execute(sql["lock_instances"], _columns(sorted(expected)))
+        lock = _columns(sorted(expected)) if expected else []
 
         conflicts: set[_Ref] = set()
         if existing := [d for d in deletes if d.expected_version]:
             rows: list[tuple[Any, ...]] = [(d.saga, d.key, d.expected_version) for d in existing]
-            cur.execute(sql["delete_instances"], _columns(rows))
+            cur.execute(sql["delete_instances_locking"], [*lock, *_columns(rows)])
+            lock = []
             gone = {(saga, key) for saga, key in cur.fetchall()}
             conflicts.update(_ref(d) for d in existing if _ref(d) not in gone)
         if absent := [_ref(d) for d in deletes if not d.expected_version]:
-            cur.execute(sql["existing_instances"], _columns(absent))
+            cur.execute(sql["delete_absent_instances"], _columns(absent))
             conflicts.update((saga, key) for saga, key in cur.fetchall())
         if updates:
             rows = [
                 (*_write_ref(w), w.expected_version, *_instance_row(w.record)[2:]) for w in updates
             ]
-            cur.execute(sql["update_instances"], _columns(rows))
+            statement = sql["update_instances_locking" if lock else "update_instances"]
+            cur.execute(statement, [*lock, *_columns(rows)])
             done = {(saga, key) for saga, key in cur.fetchall()}
             conflicts.update(_write_ref(w) for w in updates if _write_ref(w) not in done)
         if inserts:

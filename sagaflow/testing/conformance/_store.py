@@ -260,6 +260,78 @@ class StoreConformance:
         )
         assert loaded_after == loaded_before
 
+    @pytest.mark.parametrize(
+        "conflicting",
+        [
+            pytest.param(InstanceWrite(instance("b", version=6), 5), id="stale-update"),
+            pytest.param(InstanceWrite(instance("b"), 0), id="create-existing"),
+            pytest.param(InstanceWrite(instance("none", version=2), 1), id="update-missing"),
+        ],
+    )
+    async def test_a_conflict_after_good_writes_undoes_them_and_names_only_itself(
+        self, store: Store, conflicting: InstanceWrite
+    ) -> None:
+        """Writes before the conflicting one (updates, a create, a delete, a tombstone
+        update) leave no trace, and the conflict names that one instance only."""
+        await store.commit(create(instance("a"), instance("b"), instance("c"), instance("d")))
+        await store.commit(Changes(tombstones=[TombstoneWrite(tombstone("t", version=4))]))
+        before = await everything(store)
+        tombstones_before = await store.list_tombstones()
+
+        with pytest.raises(ConflictError) as caught:
+            await store.commit(
+                Changes(
+                    deletes=[InstanceDelete(SAGA, "d", 1)],
+                    writes=[
+                        InstanceWrite(instance("a", version=2), 1),
+                        InstanceWrite(instance("new"), 0),
+                        conflicting,
+                        InstanceWrite(instance("c", version=2), 1),
+                    ],
+                    association_puts=[Association(SAGA, "customer", "c1", "a")],
+                    tombstones=[
+                        TombstoneWrite(tombstone("t", version=5), 4),
+                        TombstoneWrite(tombstone("d", version=1)),
+                    ],
+                    outbox_adds=[outbox_row("c-a", key="a")],
+                    marks=[DedupMark(SAGA, "a", "e1", expires_at=100.0)],
+                )
+            )
+
+        assert caught.value.instances == ((conflicting.record.saga, conflicting.record.key),)
+        assert await everything(store) == before
+        assert await store.list_tombstones() == tombstones_before
+        assert await store.list_associations() == []
+        loaded = await store.load(LoadRequest(marks=[(SAGA, "a", "e1")]))
+        assert loaded.marks == set()
+
+    async def test_a_tombstone_update_conflict_after_good_ones_names_only_its_key(
+        self, store: Store
+    ) -> None:
+        await store.commit(
+            Changes(
+                tombstones=[
+                    TombstoneWrite(tombstone("t1", version=4)),
+                    TombstoneWrite(tombstone("t2", version=4)),
+                ]
+            )
+        )
+        before = await store.list_tombstones()
+
+        with pytest.raises(ConflictError) as caught:
+            await store.commit(
+                Changes(
+                    tombstones=[
+                        TombstoneWrite(tombstone("t1", version=5), 4),
+                        TombstoneWrite(tombstone("t2", version=5), 3),
+                    ],
+                    writes=[InstanceWrite(instance("new"), 0)],
+                )
+            )
+
+        assert caught.value.instances == ((SAGA, "t2"),)
+        assert (await store.list_tombstones(), await store.list_instances()) == (before, [])
+
     async def test_the_store_keeps_working_after_a_conflict(self, store: Store) -> None:
         await store.commit(create(instance()))
         with pytest.raises(ConflictError):
