@@ -641,6 +641,9 @@ class Outbox(OutboxCore):
         if queue.partial:
             self._spill()  # its next rows are in the store: not empty yet
             self._completing.discard(ref)  # the read that takes them says if it completed
+            # ... or, when the page that cut it held its last rows, the next look for
+            # drained instances does (else a completed instance waits for ever).
+            self._finish_due = True
             self._pull.poke()
         elif self._spilled and self._depth <= self.capacity - min(self.page, self.capacity):
             self._pull.poke()  # room for a page of spilled commands

@@ -175,6 +175,64 @@ async def test_a_restart_reads_a_backlog_back_a_page_at_a_time(tmp_path: Path) -
     assert downstream.labels() == {key: ["a", "b", "c"] for key in KEYS}
 
 
+async def test_a_completed_instance_whose_rows_end_a_full_page_ends_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The read of a full page cuts its last instance's queue (more rows may follow on the
+    next page). When that instance completed and the page held all its rows, it has to
+    end once they went out: it once stayed `completing` for ever (found by killing the
+    demo)."""
+    page = 512  # the outbox reads pages of this many rows
+
+    def two_then_complete(state: Any, event: Any) -> Any:
+        if isinstance(event, Started):
+            return [Send(Cmd(event.key, "a")), Send(Cmd(event.key, "b"))]
+        if isinstance(event, Touched):
+            return Complete()
+        return None
+
+    path = tmp_path / "s.db"
+    clock = VirtualClock(start=T0)
+    downstream = Downstream()
+    options: dict[str, Any] = {"retry": PATIENT, "clock": clock}
+    live = [f"a{i:03}" for i in range(page // 2 - 1)]  # 2 rows each, then "z"'s 2 rows
+    async with running(
+        scripted_registry(two_then_complete),
+        store=SQLiteStore(path),  # type: ignore[arg-type]
+        recorder=downstream,  # type: ignore[arg-type]
+        **options,
+    ) as h:
+        for key in [*live, "z"]:
+            await h.runtime.publish(Started(key))
+        await h.runtime.publish(Touched("z"))  # completes with its two commands left
+        await h.advance(3)
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        assert await outbox_size(store) == page
+        assert [r.key for r in await store.list_instances(status="completing")] == ["z"]
+    finally:
+        await store.close()
+
+    downstream.down = False
+    store = SQLiteStore(path)
+    async with running(
+        scripted_registry(two_then_complete),
+        store=store,  # type: ignore[arg-type]
+        recorder=downstream,  # type: ignore[arg-type]
+        **options,
+    ) as h:
+        with anyio.fail_after(30):  # virtual time: sweeps included, an hour at most
+            for _ in range(3600):
+                if not await store.list_instances(status="completing"):
+                    break
+                await h.advance(1)
+        assert [r.key for r in await store.list_instances(status="completing")] == []
+        assert await outbox_size(store) == 0
+
+    assert downstream.labels()["z"] == ["a", "b"]
+
+
 async def test_commands_waiting_for_a_retry_in_the_store_are_read_back_when_due() -> None:
     """A previous run left every first command backing off; the next run holds one
     command at a time, skips the instances that are not due, and comes back for them."""
