@@ -503,6 +503,12 @@ class Outbox(OutboxCore):
     _cycle_later: float = attrs.field(default=math.inf, init=False)
     _later: float = attrs.field(default=math.inf, init=False)
     _finish_due: bool = attrs.field(default=False, init=False)
+    # Deletes of delivered commands are numbered as they are recorded, and known until
+    # committed: the look for drained instances waits for those recorded before it was
+    # asked for (`_finish_after`), or the store would still show their rows.
+    _delete_seq: int = attrs.field(default=0, init=False)
+    _uncommitted: dict[str, int] = attrs.field(factory=dict, init=False)
+    _finish_after: int = attrs.field(default=0, init=False)
     _drained: dict[_Ref, None] = attrs.field(factory=dict, init=False)
     _pull: Wakeup = attrs.field(init=False)
 
@@ -527,9 +533,24 @@ class Outbox(OutboxCore):
             return True
         if self._spilled and ref not in self._drained:
             # It may have commands in the store only: let the store tell, later.
-            self._finish_due = True
+            self._want_finish()
             return True
         return False
+
+    def _want_finish(self) -> None:
+        """Look for drained instances in the store once every delete recorded so far
+        is committed (a read before that would still see their rows, and miss them)."""
+        self._finish_due = True
+        self._finish_after = self._delete_seq
+
+    def _finish_ready(self) -> bool:
+        floor = min(self._uncommitted.values(), default=self._delete_seq)
+        return floor >= self._finish_after
+
+    def _record_delete(self, row_id: str) -> None:
+        self._deletes.append(row_id)
+        self._uncommitted[row_id] = self._delete_seq
+        self._delete_seq += 1
 
     def add(self, rows: list[OutboxRecord], commands: list[Any] | None = None) -> None:
         """Hand over committed rows, in their order; `commands` are their decoded values.
@@ -632,7 +653,7 @@ class Outbox(OutboxCore):
     def _forget_id(self, row_id: str) -> None:
         # The id stays known while its deletion waits for the flusher, so that a read
         # of the store meanwhile does not take the row for a new one.
-        self._deletes.append(row_id)
+        self._record_delete(row_id)
         self._mark_dirty()
 
     def _drop_queue(self, ref: _Ref, queue: CommandQueue) -> None:
@@ -643,7 +664,7 @@ class Outbox(OutboxCore):
             self._completing.discard(ref)  # the read that takes them says if it completed
             # ... or, when the page that cut it held its last rows, the next look for
             # drained instances does (else a completed instance waits for ever).
-            self._finish_due = True
+            self._want_finish()
             self._pull.poke()
         elif self._spilled and self._depth <= self.capacity - min(self.page, self.capacity):
             self._pull.poke()  # room for a page of spilled commands
@@ -690,7 +711,7 @@ class Outbox(OutboxCore):
             else:
                 continue  # dropped meanwhile (the instance was deleted)
             self._depth -= 1
-            self._deletes.append(row.id)  # not cached: a commit may take the list
+            self._record_delete(row.id)
             if not self._flushing:
                 self._mark_dirty()
         self._busy.discard(ref)
@@ -765,6 +786,11 @@ class Outbox(OutboxCore):
         self._known.difference_update(deletes)
         if self._swept_away is not None:
             self._swept_away.update(deletes)
+        uncommitted = self._uncommitted
+        for row_id in deletes:
+            uncommitted.pop(row_id, None)
+        if self._finish_due and self._finish_ready():
+            self._pull.poke()
 
     def give_back(self, deletes: list[str], updates: list[OutboxUpdate]) -> None:
         """The commit that took these records failed: they are pending again."""
@@ -853,7 +879,7 @@ class Outbox(OutboxCore):
             await self._read_pending()
             # Whether or not the read got through (memory may be full): an instance with
             # no command left in the store has none left at all (one in memory is skipped).
-            if self._finish_due:
+            if self._finish_due and self._finish_ready():
                 self._finish_due = False
                 await self._finish()
 
