@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 from _postgres_server import pg_schema, postgres_dsn  # noqa: F401
 from sagas_for_tests import (
@@ -26,7 +27,7 @@ from sagas_for_tests import (
 
 from sagaflow import Complete, DispatchMeta, RetryPolicy, Runtime, Send
 from sagaflow._clock import VirtualClock
-from sagaflow.stores import MemoryStore, PendingCommand, SQLiteStore, Store
+from sagaflow.stores import Changes, MemoryStore, PendingCommand, SQLiteStore, Store
 
 pytestmark = pytest.mark.anyio
 
@@ -231,6 +232,80 @@ async def test_a_completed_instance_whose_rows_end_a_full_page_ends_after_a_rest
         assert await outbox_size(store) == 0
 
     assert downstream.labels()["z"] == ["a", "b"]
+
+
+@attrs.define(eq=False)
+class HeldFlushes(MemoryStore):
+    """A memory store whose commits of delivered commands' deletes alone (the outbox's
+    own flushes) wait for `release` while `hold` is set; it counts its looks for
+    drained instances."""
+
+    hold: bool = False
+    held: anyio.Event = attrs.field(factory=anyio.Event)
+    release: anyio.Event = attrs.field(factory=anyio.Event)
+    looks: int = 0
+
+    async def commit(self, changes: Changes) -> None:
+        others = [
+            v for k, v in attrs.asdict(changes, recurse=False).items() if k != "outbox_deletes"
+        ]
+        if self.hold and changes.outbox_deletes and not any(others):
+            self.held.set()
+            await self.release.wait()
+        await super().commit(changes)
+
+    async def drained_instances(self, **options: Any) -> list[tuple[str, str]]:
+        self.looks += 1
+        return await super().drained_instances(**options)
+
+
+async def test_a_completed_instance_ends_once_its_last_delivered_command_is_deleted() -> None:
+    """The look for completed instances with no command left reads the store: made while
+    the deletion of x's delivered command was still on its way to the store, it saw that
+    command and passed x by, and nothing looked again (x stayed completing for ever)."""
+    store = HeldFlushes()
+    gate = anyio.Event()
+    sent: list[tuple[str, str]] = []
+
+    async def downstream(command: Cmd, meta: DispatchMeta) -> None:
+        sent.append((command.key, command.label))
+        if command.key == "y":
+            await gate.wait()
+
+    def one_then_complete(state: Any, event: Any) -> Any:
+        if isinstance(event, Started):
+            return Send(Cmd(event.key, "a"))
+        if isinstance(event, Touched):
+            return Complete()
+        return None
+
+    async with running(
+        scripted_registry(one_then_complete),
+        store=store,
+        recorder=downstream,  # type: ignore[arg-type]
+        outbox_capacity=1,
+    ) as h:
+        store.hold = True
+        await h.runtime.publish(Started("x"))
+        with anyio.fail_after(10):
+            await store.held.wait()  # x's command went out; its deletion waits
+        await h.runtime.publish(Started("y"))  # y's command holds the one place ...
+        await h.runtime.publish(Started("z"))  # ... so z's waits in the store only
+        await h.runtime.publish(Touched("x"))  # x completes: it may end once drained
+        await anyio.wait_all_tasks_blocked()
+        assert [r.key for r in await store.list_instances(status="completing")] == ["x"]
+
+        store.hold = False
+        store.release.set()
+        gate.set()
+        with anyio.fail_after(10):  # virtual time: an hour at most
+            for _ in range(720):
+                if not await store.list_instances(status="completing"):
+                    break
+                await h.advance(5)
+        assert await store.list_instances(status="completing") == []
+        assert store.looks  # x ended through the look, not by luck
+    assert sorted(sent) == [("x", "a"), ("y", "a"), ("z", "a")]
 
 
 async def test_commands_waiting_for_a_retry_in_the_store_are_read_back_when_due() -> None:
