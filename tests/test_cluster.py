@@ -248,6 +248,17 @@ async def cluster(
             yield runtimes
 
 
+def once_per_command(log: Log, cls: type) -> list[Any]:
+    """The commands of `cls` that went out, one per command id: a lease that ran out
+    while a stalled process was sending lets another process send it again (at least
+    once), with the same id. Two commands equal but for their id would both count."""
+    seen: dict[str, Any] = {}
+    for command, meta, _ in log.calls:
+        if isinstance(command, cls) and getattr(command, "label", None) not in log.failing:
+            seen.setdefault(meta.id, command)
+    return list(seen.values())
+
+
 async def settle(runtimes: list[Runtime]) -> None:
     """Drain every runtime until the schema's inbox and outbox are empty."""
     store = runtimes[0].store
@@ -334,7 +345,7 @@ async def test_a_hot_instance_loses_no_update_through_the_inbox(
         duplicates = sum(r.statistics().events_duplicate for r in runtimes)
 
     assert json.loads(record.state)["count"] == 120
-    bumped = log.ok(Bumped)
+    bumped = once_per_command(log, Bumped)
     assert sorted(b.count for b in bumped) == list(range(1, 121))
     assert sorted(b.tag for b in bumped) == sorted(f"{r}:{i}" for r in range(3) for i in range(40))
     assert duplicates == 3 * 14
@@ -373,7 +384,7 @@ async def test_a_hot_instance_fed_by_run_everywhere_settles_races_by_version(
         conflicts = sum(r.statistics().conflicts for r in runtimes)
 
     assert json.loads(record.state)["count"] == 120
-    assert sorted(b.count for b in log.ok(Bumped)) == list(range(1, 121))
+    assert sorted(b.count for b in once_per_command(log, Bumped)) == list(range(1, 121))
     assert conflicts > 0  # the races did happen
 
 
