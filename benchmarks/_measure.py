@@ -22,6 +22,8 @@ much less), so a change can be judged by them when events/s is too noisy.
   ticker wakes on the wall clock: `instructions.py`, under which a program runs some 50
   times slower, turns it off (`BENCH_LOOP_TICKER=off`, reported as null), lest its
   wake-ups count as the program's instructions.
+- `Recorder`: the hand-written baselines' dispatcher (sagaflow's runs have their own in
+  `bench_orders.py`), kept here so that both baselines record commands alike.
 """
 
 from __future__ import annotations
@@ -105,3 +107,20 @@ class LoopBlock:
         still_open = time.perf_counter() - self._asleep - TICK
         self.max_seconds = max(self.max_seconds, still_open)
         return {"loop_block_max_ms": round(self.max_seconds * 1000, 3)}
+
+
+class Recorder:
+    """The baselines' dispatcher: keeps every command (or, with --discard, only counts them)."""
+
+    def __init__(self, discard: bool) -> None:
+        self.sent: list[Any] = []
+        self.count = 0
+        if discard:
+            del self.sent
+            self.send = self._count  # type: ignore[method-assign]
+
+    async def send(self, command: Any) -> None:
+        self.sent.append(command)
+
+    async def _count(self, command: Any) -> None:
+        self.count += 1

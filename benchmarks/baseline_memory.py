@@ -32,7 +32,7 @@ from typing import Any
 
 import _workload as wl
 import anyio
-from _measure import GcCounter, LoopBlock
+from _measure import GcCounter, LoopBlock, Recorder
 
 
 class Order:
@@ -43,23 +43,6 @@ class Order:
     def __init__(self, status: str, amount: int) -> None:
         self.status = status
         self.amount = amount
-
-
-class Recorder:
-    """The dispatcher: keeps every command (or, with --discard, only counts them)."""
-
-    def __init__(self, discard: bool) -> None:
-        self.sent: list[Any] = []
-        self.count = 0
-        if discard:
-            del self.sent
-            self.send = self._count  # type: ignore[method-assign]
-
-    async def send(self, command: Any) -> None:
-        self.sent.append(command)
-
-    async def _count(self, command: Any) -> None:
-        self.count += 1
 
 
 class Orders:

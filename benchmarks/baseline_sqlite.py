@@ -44,7 +44,7 @@ import _workload as wl
 import anyio
 import anyio.to_thread
 import attrs
-from _measure import GcCounter, LoopBlock
+from _measure import GcCounter, LoopBlock, Recorder
 from cattrs.preconf.json import make_converter
 
 CREATE = (
@@ -69,23 +69,6 @@ class Order:
 
     status: str
     amount: int
-
-
-class Recorder:
-    """The dispatcher: keeps every command (or, with --discard, only counts them)."""
-
-    def __init__(self, discard: bool) -> None:
-        self.sent: list[Any] = []
-        self.count = 0
-        if discard:
-            del self.sent
-            self.send = self._count  # type: ignore[method-assign]
-
-    async def send(self, command: Any) -> None:
-        self.sent.append(command)
-
-    async def _count(self, command: Any) -> None:
-        self.count += 1
 
 
 class Transaction:
