@@ -405,6 +405,8 @@ class OutboxCore:
                 result = await call_dispatch(
                     self.dispatch, entry.command, meta, self.dispatch_timeout, watch
                 )
+                if result is False:
+                    raise returned_false()
             else:
                 assert hooks is not None
                 with span:
@@ -413,11 +415,8 @@ class OutboxCore:
                     result = await call_dispatch(
                         self.dispatch, entry.command, meta, self.dispatch_timeout, watch
                     )
-                    if result is False:
-                        # Inside the span, which sees it like a raised failure.
+                    if result is False:  # inside the span: it sees a raised failure
                         raise returned_false()
-            if result is False:
-                raise returned_false()
         except Exception as exc:  # noqa: BLE001 - any failure of the dispatcher counts
             self._attempt_failed(ref, entry, attempt, exc)
             return False

@@ -328,10 +328,8 @@ _SQL = {
         "WHERE i.saga = d.saga AND i.key = d.key AND i.version = d.version "
         "RETURNING i.saga, i.key"
     ),
-    # Expected to be absent: a row deleted all the same is a conflict (rolled back).
-    "delete_absent_instances": (
-        f"DELETE FROM {{s}}.instances i USING {_TEXTS2} AS r(saga, key) "
-        "WHERE i.saga = r.saga AND i.key = r.key RETURNING i.saga, i.key"
+    "existing_instances": (
+        f"SELECT saga, key FROM {{s}}.instances JOIN {_TEXTS2} AS r(saga, key) USING (saga, key)"
     ),
     "update_instances": (
         "UPDATE {s}.instances i SET version = w.version, status = w.status, state = w.state, "
@@ -1037,7 +1035,7 @@ class PostgresStore(ClusterMethods):
             gone = {(saga, key) for saga, key in cur.fetchall()}
             conflicts.update(_ref(d) for d in existing if _ref(d) not in gone)
         if absent := [_ref(d) for d in deletes if not d.expected_version]:
-            cur.execute(sql["delete_absent_instances"], _columns(absent))
+            cur.execute(sql["existing_instances"], _columns(absent))
             conflicts.update((saga, key) for saga, key in cur.fetchall())
         if updates:
             rows = [
